@@ -1,38 +1,132 @@
 """The validated shape of ``graven.yaml``.
 
 Pure data: no I/O here. ``graven.spec.loader`` turns YAML into these models and maps
-validation errors back to file:line and key path.
+validation errors back to file:line and key path; ``graven.spec.schema`` publishes
+them as JSON Schema, so every constraint written here reaches editors too.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import shlex
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from graven.model import HealthCheck, ServiceConfig, is_valid_name
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+DURATION_PATTERN = r"^\d+(\.\d+)?(ms|s|m|h)?$"
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
 
 
 def parse_duration(value: Any) -> float:
     """Seconds from ``2``, ``2.5``, ``"500ms"``, ``"2s"``, ``"1m"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
-    if isinstance(value, int | float):
+    # pydantic reports ValueError as a validation error (TypeError would escape it),
+    # and YAML's true/false are not durations.
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
+    # YAML spells infinity '.inf'; a timeout that never fires is a hang, not a setting.
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration such as 2s or 500ms, got {value!r}")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "description": "Seconds."},
+                {
+                    "type": "string",
+                    "pattern": DURATION_PATTERN,
+                    "description": "A number with an optional unit: ms, s, m or h.",
+                },
+            ]
+        }
+    ),
+]
+
+
+def _check_name(name: str) -> str:
+    if not is_valid_name(name):
+        raise ValueError(
+            "expected a name of lowercase letters, digits and '-' starting with a letter"
+            f" (at most 63 characters), got {name!r}"
+        )
+    return name
+
+
+# Image, service and target names end up in instance ids and DNS labels.
+Name = Annotated[
+    str, AfterValidator(_check_name), WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})
+]
+
+
+def _check_env_name(name: str) -> str:
+    if not _ENV_NAME_RE.match(name):
+        raise ValueError(
+            "expected an environment variable name of letters, digits and '_'"
+            f" not starting with a digit, got {name!r}"
+        )
+    return name
+
+
+def _env_values(v: Any) -> Any:
+    # Programs read the environment as text; accept the numbers and booleans YAML
+    # produces for unquoted values rather than make users quote every one.
+    if isinstance(v, dict):
+        out: dict[Any, Any] = {}
+        for k, val in v.items():
+            if isinstance(val, bool):
+                out[k] = "true" if val else "false"
+            elif isinstance(val, int | float):
+                out[k] = str(val)
+            else:
+                out[k] = val
+        return out
+    return v
+
+
+EnvName = Annotated[
+    str,
+    AfterValidator(_check_env_name),
+    WithJsonSchema({"type": "string", "pattern": ENV_NAME_PATTERN}),
+]
+EnvMap = Annotated[
+    dict[EnvName, str],
+    BeforeValidator(_env_values),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": ENV_NAME_PATTERN},
+            "additionalProperties": {"type": ["string", "number", "boolean"]},
+        }
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -40,6 +134,16 @@ class _Strict(BaseModel):
 
 
 # --- recipe steps ---------------------------------------------------------------------
+
+
+def _image_path(v: str) -> str:
+    if not v.startswith("/"):
+        raise ValueError(f"expected an absolute path inside the image, got {v!r}")
+    if ".." in v.split("/"):
+        raise ValueError(f"path must not contain '..', got {v!r}")
+    if "\x00" in v:
+        raise ValueError(f"path must not contain a NUL character, got {v!r}")
+    return v
 
 
 class CopyStep(_Strict):
@@ -57,6 +161,8 @@ class CopyStep(_Strict):
             raise ValueError(f"copy source must be a relative path inside the project, got {v!r}")
         if ".." in v.replace("\\", "/").split("/"):
             raise ValueError(f"copy source must not leave the project with '..', got {v!r}")
+        if "\x00" in v:
+            raise ValueError(f"copy source must not contain a NUL character, got {v!r}")
         return v
 
     @field_validator("to")
@@ -74,18 +180,13 @@ class RunStep(_Strict):
 class EnvStep(_Strict):
     """Set environment variables for later steps and for instances."""
 
-    env: dict[str, str] = Field(description="Variables to set.")
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _stringify(cls, v: Any) -> Any:
-        return _env_values(v)
+    env: EnvMap = Field(description="Variables to set.")
 
 
 class WorkdirStep(_Strict):
     """Set the working directory for later steps and for instances."""
 
-    workdir: str
+    workdir: str = Field(description="Absolute path inside the image.")
 
     @field_validator("workdir")
     @classmethod
@@ -93,17 +194,36 @@ class WorkdirStep(_Strict):
         return _image_path(v)
 
 
+def _split_command(v: Any) -> Any:
+    # Shell-style quoting, so `python3 -c "print(1)"` stays three arguments.
+    if isinstance(v, str):
+        try:
+            return shlex.split(v)
+        except ValueError as exc:
+            raise ValueError(f"expected a command line, got {v!r}: {exc}") from None
+    return v
+
+
+Command = Annotated[
+    list[str],
+    BeforeValidator(_split_command),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "description": "Split like a shell would."},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ]
+        }
+    ),
+]
+
+
 class EntrypointStep(_Strict):
     """The command an instance runs."""
 
-    entrypoint: list[str] = Field(min_length=1)
-
-    @field_validator("entrypoint", mode="before")
-    @classmethod
-    def _split(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return v.split()
-        return v
+    entrypoint: Command = Field(
+        min_length=1, description="Program and arguments, as a list or one command line."
+    )
 
 
 Step = CopyStep | RunStep | EnvStep | WorkdirStep | EntrypointStep
@@ -114,55 +234,43 @@ STEP_KINDS: dict[str, type[_Strict]] = {
     "workdir": WorkdirStep,
     "entrypoint": EntrypointStep,
 }
+STEP_KIND_ERROR = "step_kind"
 
 
-def _image_path(v: str) -> str:
-    if not v.startswith("/"):
-        raise ValueError(f"expected an absolute path inside the image, got {v!r}")
-    if ".." in v.split("/"):
-        raise ValueError(f"path must not contain '..', got {v!r}")
-    return v
+def step_kind(value: Any) -> str | None:
+    """The kind of a step (its one key out of ``STEP_KINDS``), or None if not exactly one."""
+    if isinstance(value, dict):
+        kinds = [k for k in value if k in STEP_KINDS]
+        return kinds[0] if len(kinds) == 1 else None
+    for kind, cls in STEP_KINDS.items():
+        if isinstance(value, cls):
+            return kind
+    return None
 
 
-def _env_values(v: Any) -> Any:
-    if isinstance(v, dict):
-        out: dict[str, Any] = {}
-        for k, val in v.items():
-            if isinstance(val, bool):
-                out[k] = "true" if val else "false"
-            elif isinstance(val, int | float):
-                out[k] = str(val)
-            else:
-                out[k] = val
-        return out
-    return v
+# A tagged union rather than trying each step model in turn: errors then come from
+# the one model the user meant, located under that step, never from all five.
+_TaggedStep = Annotated[
+    Annotated[CopyStep, Tag("copy")]
+    | Annotated[RunStep, Tag("run")]
+    | Annotated[EnvStep, Tag("env")]
+    | Annotated[WorkdirStep, Tag("workdir")]
+    | Annotated[EntrypointStep, Tag("entrypoint")],
+    Discriminator(
+        step_kind,
+        custom_error_type=STEP_KIND_ERROR,
+        custom_error_message="each step needs exactly one of " + ", ".join(STEP_KINDS),
+    ),
+]
 
 
 class Recipe(_Strict):
     """How to bake one image."""
 
     base: Literal["scratch"] = Field(default="scratch", description="Base image.")
-    steps: list[Step] = Field(min_length=1)
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _pick_step_kind(cls, v: Any) -> Any:
-        if not isinstance(v, list):
-            return v
-        out: list[Any] = []
-        for item in v:
-            if isinstance(item, dict):
-                kinds = [k for k in item if k in STEP_KINDS]
-                if len(kinds) != 1:
-                    raise ValueError(
-                        "each step needs exactly one of "
-                        + ", ".join(STEP_KINDS)
-                        + f"; got keys {sorted(map(str, item))}"
-                    )
-                out.append(STEP_KINDS[kinds[0]].model_validate(item))
-            else:
-                out.append(item)
-        return out
+    steps: list[_TaggedStep] = Field(
+        min_length=1, description="Applied in order; each has exactly one kind."
+    )
 
     @model_validator(mode="after")
     def _has_entrypoint(self) -> Recipe:
@@ -175,18 +283,30 @@ class Recipe(_Strict):
 
 
 class HealthSpec(_Strict):
-    path: str = Field(default="/healthz", pattern=r"^/")
-    interval: Duration = Field(default=1.0, gt=0)
-    timeout: Duration = Field(default=1.0, gt=0)
-    healthy_threshold: int = Field(default=1, ge=1, le=100)
-    unhealthy_threshold: int = Field(default=3, ge=1, le=100)
+    """How graven decides an instance may receive traffic."""
+
+    path: str = Field(default="/healthz", pattern=r"^/", description="HTTP path probed with GET.")
+    interval: Duration = Field(default=1.0, gt=0, description="Time between probes.")
+    timeout: Duration = Field(default=1.0, gt=0, description="Budget of one probe.")
+    healthy_threshold: int = Field(
+        default=1, ge=1, le=100, description="Successes in a row to become healthy."
+    )
+    unhealthy_threshold: int = Field(
+        default=3, ge=1, le=100, description="Failures in a row to become unhealthy."
+    )
     start_timeout: Duration = Field(default=30.0, gt=0, description="Budget to become healthy.")
 
 
 class StrategySpec(_Strict):
-    type: Literal["rolling"] = "rolling"
-    max_surge: int = Field(default=1, ge=0)
-    max_unavailable: int = Field(default=0, ge=0)
+    """How a rollout replaces instances."""
+
+    type: Literal["rolling"] = Field(default="rolling", description="Rollout strategy.")
+    max_surge: int = Field(
+        default=1, ge=0, le=100, description="Instances allowed above 'replicas' during a rollout."
+    )
+    max_unavailable: int = Field(
+        default=0, ge=0, le=100, description="Instances allowed below 'replicas' during a rollout."
+    )
 
     @model_validator(mode="after")
     def _progress_possible(self) -> StrategySpec:
@@ -199,19 +319,18 @@ class ServiceSpec(_Strict):
     """Desired state of one service."""
 
     image: str = Field(description="Name of an image under 'images'.")
-    replicas: int = Field(default=1, ge=1, le=100)
+    replicas: int = Field(default=1, ge=1, le=100, description="Instances to run.")
     port: int = Field(ge=1, le=65535, description="Port the router listens on (loopback).")
     health: HealthSpec = Field(default_factory=HealthSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
-    env: dict[str, str] = Field(default_factory=dict)
-    drain_timeout: Duration = Field(default=10.0, ge=0)
-    stop_grace: Duration = Field(default=10.0, ge=0)
-    target: str = "local"
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _stringify(cls, v: Any) -> Any:
-        return _env_values(v)
+    env: EnvMap = Field(default_factory=dict, description="Environment of every instance.")
+    drain_timeout: Duration = Field(
+        default=10.0, ge=0, description="How long in-flight requests may finish after removal."
+    )
+    stop_grace: Duration = Field(
+        default=10.0, ge=0, description="Time between SIGTERM and SIGKILL."
+    )
+    target: str = Field(default="local", description="Name of a target under 'targets'.")
 
     def to_config(self) -> ServiceConfig:
         h = self.health
@@ -237,23 +356,39 @@ class ServiceSpec(_Strict):
 
 
 class TargetSpec(_Strict):
-    type: Literal["local"] = "local"
+    """Where instances run."""
+
+    type: Literal["local"] = Field(default="local", description="Kind of target.")
+
+
+EXTENSION_PREFIX = "x-"
 
 
 class Spec(_Strict):
-    """The whole ``graven.yaml``."""
+    """The whole ``graven.yaml``.
 
-    version: Literal[1] = 1
-    images: dict[str, Recipe] = Field(default_factory=dict)
-    services: dict[str, ServiceSpec] = Field(default_factory=dict)
-    targets: dict[str, TargetSpec] = Field(default_factory=lambda: {"local": TargetSpec()})
+    Top-level keys starting with ``x-`` are ignored, so they can hold YAML anchors
+    shared by several services (as in Compose files).
+    """
 
-    @field_validator("images", "services", "targets")
+    model_config = ConfigDict(
+        json_schema_extra={"patternProperties": {"^x-": {}}},
+    )
+
+    version: Literal[1] = Field(default=1, description="Spec format version.")
+    images: dict[Name, Recipe] = Field(default_factory=dict, description="Images to bake.")
+    services: dict[Name, ServiceSpec] = Field(default_factory=dict, description="Services to run.")
+    targets: dict[Name, TargetSpec] = Field(
+        default_factory=lambda: {"local": TargetSpec()}, description="Where services run."
+    )
+
+    @model_validator(mode="before")
     @classmethod
-    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
-        for name in v:
-            if not is_valid_name(name):
-                raise ValueError(
-                    f"name {name!r} must be lowercase letters, digits and '-', starting with a letter"
-                )
-        return v
+    def _drop_extensions(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {
+                k: v
+                for k, v in data.items()
+                if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))
+            }
+        return data

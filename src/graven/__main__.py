@@ -1,0 +1,3 @@
+from graven.cli.main import main
+
+main()

@@ -1,0 +1,118 @@
+"""What every verb needs: where the spec is, where state lives, who is acting."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from graven.errors import UsageError
+
+if TYPE_CHECKING:
+    from graven.controller.client import ControllerClient
+    from graven.ledger.store import StateStore
+    from graven.spec.loader import LoadedSpec
+    from graven.store.cas import ContentStore
+
+
+@dataclass
+class AppContext:
+    spec_file: Path | None = None
+    state_dir_option: Path | None = None
+    debug: bool = False
+    _loaded: LoadedSpec | None = field(default=None, repr=False)
+
+    def spec(self) -> LoadedSpec:
+        """The validated spec; raises SpecError with every problem found."""
+        if self._loaded is None:
+            from graven.spec import find_spec, load_spec
+
+            self._loaded = load_spec(find_spec(Path.cwd(), self.spec_file))
+        return self._loaded
+
+    def _spec_path_if_any(self) -> Path | None:
+        from graven.spec import find_spec
+
+        try:
+            return find_spec(Path.cwd(), self.spec_file)
+        except UsageError:
+            if self.spec_file is not None:
+                raise
+            return None
+
+    @cached_property
+    def state_dir(self) -> Path:
+        """--state-dir, else $GRAVEN_STATE_DIR, else .graven beside graven.yaml."""
+        if self.state_dir_option is not None:
+            return self.state_dir_option.resolve()
+        env = os.environ.get("GRAVEN_STATE_DIR")
+        if env:
+            return Path(env).resolve()
+        spec_path = self._spec_path_if_any()
+        if spec_path is None:
+            raise UsageError(
+                "no graven.yaml here or in any parent directory, and no state dir given",
+                hint="Run inside a graven project, or pass --state-dir / set GRAVEN_STATE_DIR.",
+            )
+        return spec_path.resolve().parent / ".graven"
+
+    def store(self) -> ContentStore:
+        from graven.controller.paths import store_root
+        from graven.store.cas import ContentStore
+
+        return ContentStore(store_root(self.state_dir))
+
+    def state(self) -> StateStore:
+        from graven.controller.paths import state_db
+        from graven.ledger.store import StateStore
+
+        return StateStore(state_db(self.state_dir), read_only=True)
+
+    def controller(self) -> ControllerClient:
+        from graven.controller.client import ControllerClient
+
+        client = ControllerClient(self.state_dir)
+        client.ensure_running()
+        return client
+
+
+def actor() -> str:
+    """Who is acting: $GRAVEN_ACTOR, else user@host."""
+    explicit = os.environ.get("GRAVEN_ACTOR")
+    if explicit:
+        return explicit
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def source_commit(directory: Path) -> str | None:
+    """The git commit the spec's directory is at, with '+dirty' when it has changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = head.stdout.strip()
+    return commit + ("+dirty" if dirty.stdout.strip() else "")

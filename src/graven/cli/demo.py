@@ -1,0 +1,169 @@
+"""``graven demo``: the guided tour on embedded defaults.
+
+Builds the example service, deploys three replicas, deploys v2 and rolls back while
+live traffic flows through the router, and counts every failed request.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from graven.atomic import write_atomic
+from graven.cli.context import AppContext, actor
+from graven.cli.output import Output
+from graven.errors import GravenError
+from graven.testing.load import Load, LoadReport
+
+_SPEC = """\
+# graven demo: one service, three replicas, every change rolled out by replacement.
+version: 1
+images:
+  hello:
+    steps:
+      - copy: app
+        to: /app
+      - workdir: /app
+      - entrypoint: python3 app.py
+services:
+  hello:
+    image: hello
+    replicas: 3
+    port: {port}
+    health:
+      path: /healthz
+      interval: 1s
+    drain_timeout: 5s
+    stop_grace: 5s
+    env:
+      VERSION: {version}
+"""
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise GravenError("no free loopback port for the demo router")
+
+
+def _write_spec(directory: Path, port: int, version: str) -> None:
+    write_atomic(directory / "graven.yaml", _SPEC.format(port=port, version=version).encode())
+
+
+def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
+    from graven.cli import main as cli
+    from graven.controller.client import ControllerClient
+    from graven.spec import scaffold
+
+    directory = directory.resolve()
+    app = AppContext(spec_file=directory / "graven.yaml")
+    state_dir = directory / ".graven"
+    app.state_dir_option = state_dir
+    # A previous demo may still run here: take it down before rewriting its project.
+    previous = ControllerClient(state_dir)
+    if previous.alive():
+        out.progress("[dim]stopping the previous demo[/]")
+        for r in previous.request(
+            "POST", "/v1/down", {"service": None, "actor": actor(), "message": "demo restart"}
+        )["results"]:
+            if r.get("rollout"):
+                cli._wait_rollouts(app, {r["service"]: r["rollout"]}, Output("json"))
+        previous.request("POST", "/v1/shutdown", {})
+        time.sleep(0.3)
+    scaffold(directory, force=True)
+    port = _free_port(8080)
+    _write_spec(directory, port, "v1")
+    (directory / "app" / "RELEASE_NOTES").unlink(missing_ok=True)
+    report: dict[str, Any] = {"directory": str(directory), "url": f"http://127.0.0.1:{port}/"}
+
+    out.progress(f"\n[bold]1. Build and deploy v1[/] (3 replicas) from {directory}/graven.yaml")
+    first = _deploy(app, out, "demo: first deploy of v1")
+    report["v1"] = first
+
+    out.progress(f"\n[bold]2. Deploy v2 while traffic flows[/] through {report['url']}")
+    write_atomic(directory / "app" / "RELEASE_NOTES", b"v2: the demo's second release\n")
+    _write_spec(directory, port, "v2")
+    app._loaded = None
+    with Load("127.0.0.1", port, clients=4, min_requests=requests_per_phase) as load:
+        report["v2"] = _deploy(app, out, "demo: roll out v2")
+    report["deploy_traffic"] = _traffic(out, load.report, "during the v2 deploy")
+
+    out.progress("\n[bold]3. Roll back to v1 while traffic flows[/]")
+    client = app.controller()
+    with Load("127.0.0.1", port, clients=4, min_requests=requests_per_phase) as load:
+        r = client.request(
+            "POST",
+            "/v1/rollback",
+            {"service": "hello", "to": None, "actor": actor(), "message": "demo: roll back"},
+        )
+        done = cli._wait_rollouts(app, {"hello": r["rollout"]}, out)[0]
+        report["rollback"] = {"release": r["release"], "state": done["state"]}
+    report["rollback_traffic"] = _traffic(out, load.report, "during the rollback")
+
+    out.progress("\n[bold]4. Status[/]")
+    status = client.request("GET", "/v1/status")
+    report["status"] = status
+    from graven.ledger.chain import verify_chain
+
+    entries = app.state().ledger()
+    verify_chain(entries)
+    report["audit"] = [e.to_dict() for e in entries]
+    failed = report["deploy_traffic"]["failed"] + report["rollback_traffic"]["failed"]
+    report["failed_requests"] = failed
+
+    def render(con: Any, d: Any) -> None:
+        from rich.table import Table
+
+        for s in d["status"]["services"]:
+            con.print(f"[bold]{s['service']}[/] serving {s['desired_release']} at {s['url']}")
+            for i in s["instances"]:
+                con.print(f"  {i['id']}  {i['state']}  {i['address']}  image {i['image'][:19]}")
+        con.print("\n[bold]5. Audit trail[/] (hash-chained, verified)")
+        t = Table("#", "WHO", "ACTION", "RELEASE", "WHY", box=None)
+        for e in d["audit"]:
+            t.add_row(str(e["seq"]), e["actor"], e["action"], e["release"], e["message"])
+        con.print(t)
+        color = "green" if d["failed_requests"] == 0 else "red"
+        con.print(
+            f"\n[{color}]failed requests: {d['deploy_traffic']['failed']} during deploy, "
+            f"{d['rollback_traffic']['failed']} during rollback[/]"
+        )
+        con.print(f"\nThe service is running: [bold]curl {d['url']}[/]")
+        con.print(f"Stop everything with: [bold]graven -f {d['directory']}/graven.yaml down[/]")
+
+    out.emit(report, render)
+    if failed:
+        raise GravenError(f"{failed} request(s) failed during the demo's rollouts")
+
+
+def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
+    from graven.cli import main as cli
+
+    candidates = cli._candidates(app, ["hello"], out)
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/deploy", {**candidates[0], "actor": actor(), "message": message, "details": {}}
+    )
+    out.progress(f"  release {r['release']}")
+    if r.get("rollout"):
+        done = cli._wait_rollouts(app, {"hello": r["rollout"]}, out)[0]
+        if done["state"] != "succeeded":
+            raise GravenError(f"demo deploy {done['state']}: {done['reason']}")
+    return {"release": r["release"], "image": candidates[0]["image"]}
+
+
+def _traffic(out: Output, report: LoadReport, phase: str) -> dict[str, Any]:
+    data = report.to_dict()
+    color = "green" if report.failed == 0 else "red"
+    versions = ", ".join(f"{n}x {v[:40]!r}" for v, n in report.bodies.most_common(4))
+    out.progress(
+        f"  [{color}]{report.sent} requests {phase}: {report.failed} failed[/]  ({versions})"
+    )
+    return data

@@ -1,0 +1,679 @@
+"""The ``graven`` command line: parse, call the library, render.
+
+Exit codes scripts can trust: 0 success, 1 failure, 2 usage or invalid input.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from graven.cli.context import AppContext, actor, source_commit
+from graven.cli.output import Output
+from graven.errors import GravenError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def output_option(f: F) -> F:
+    return click.option(
+        "-o",
+        "--output",
+        "output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Output format: rich text for people, json for scripts.",
+    )(f)
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # definition order teaches the workflow
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-f",
+    "--file",
+    "spec_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The spec (default: graven.yaml here or in a parent directory).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where graven keeps images, state and the ledger (default: .graven beside the spec; "
+    "env GRAVEN_STATE_DIR).",
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="graven")
+@click.pass_context
+def cli(ctx: click.Context, spec_file: Path | None, state_dir: Path | None, debug: bool) -> None:
+    """graven: bake a service into an image once, ship every change by replacing instances.
+
+    \b
+    Start here:
+      graven init            scaffold graven.yaml and an example service
+      graven deploy -m WHY   build (cached), release and roll out, health-gated
+      graven status          what runs, from which release and image
+      graven rollback        back to the release that served before
+      graven audit --verify  who changed what, when and why; proven untouched
+      graven demo            the guided tour
+    """
+    ctx.obj = AppContext(spec_file=spec_file, state_dir_option=state_dir, debug=debug)
+
+
+def _app(ctx: click.Context) -> AppContext:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, AppContext)
+    return obj
+
+
+# --- project ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False), default=".")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@output_option
+def init(directory: Path, force: bool, output: str) -> None:
+    """Scaffold graven.yaml and an example service in DIRECTORY."""
+    from graven.spec import scaffold
+
+    written = scaffold(directory, force=force)
+    data = {"directory": str(directory.resolve()), "written": [str(p) for p in written]}
+
+    def render(con: Any, d: Any) -> None:
+        for p in d["written"]:
+            con.print(f"[green]created[/] {p}")
+        con.print("\nNext: [bold]graven deploy -m 'first deploy'[/] in that directory.")
+
+    Output(output).emit(data, render)
+
+
+@cli.command()
+@output_option
+@click.pass_context
+def check(ctx: click.Context, output: str) -> None:
+    """Validate the spec; every problem names file:line and key path."""
+    loaded = _app(ctx).spec()
+    spec = loaded.spec
+    data = {
+        "file": str(loaded.path),
+        "valid": True,
+        "images": sorted(spec.images),
+        "services": sorted(spec.services),
+        "targets": sorted(spec.targets),
+    }
+
+    def render(con: Any, d: Any) -> None:
+        con.print(
+            f"[green]ok[/] {d['file']}: {len(d['images'])} image(s), "
+            f"{len(d['services'])} service(s), {len(d['targets'])} target(s)"
+        )
+
+    Output(output).emit(data, render)
+
+
+@cli.command()
+@output_option
+def schema(output: str) -> None:
+    """Print the JSON Schema of graven.yaml (for editor completion)."""
+    import json
+
+    from graven.spec import json_schema
+
+    doc = json_schema()
+    if output == "json":
+        Output(output).emit(doc)
+    else:
+        click.echo(json.dumps(doc, indent=2))
+
+
+# --- images ----------------------------------------------------------------------------
+
+
+def _build(app: AppContext, names: list[str], out: Output, *, no_cache: bool) -> list[Any]:
+    from graven.build.builder import build_image
+
+    loaded = app.spec()
+    unknown = [n for n in names if n not in loaded.spec.images]
+    if unknown:
+        raise UsageError(
+            f"no image named {unknown[0]!r} in {loaded.path}",
+            hint="Images: " + (", ".join(sorted(loaded.spec.images)) or "(none)"),
+        )
+    store = app.store()
+    results = []
+    for name in names or sorted(loaded.spec.images):
+        out.progress(f"[bold]build[/] {name}")
+
+        def on_step(s: Any) -> None:
+            mark = "[dim]cached[/]" if s.cached else f"[cyan]ran[/] {s.seconds:.2f}s"
+            out.progress(f"  step {s.index + 1} {s.kind:<10} {mark}  {s.summary}")
+
+        results.append(
+            build_image(
+                name, loaded.spec.images[name], loaded.root, store,
+                no_cache=no_cache, on_step=on_step,
+            )
+        )
+    return results
+
+
+@cli.command()
+@click.argument("images", nargs=-1)
+@click.option("--no-cache", is_flag=True, help="Run every step even when its result is cached.")
+@output_option
+@click.pass_context
+def build(ctx: click.Context, images: tuple[str, ...], no_cache: bool, output: str) -> None:
+    """Bake IMAGES (default: all): cached, content-addressed -> digests."""
+    out = Output(output)
+    results = _build(_app(ctx), list(images), out, no_cache=no_cache)
+    data = {
+        "images": [
+            {
+                "name": r.image.name,
+                "digest": str(r.image.digest),
+                "steps_run": sum(not s.cached for s in r.steps),
+                "steps_cached": sum(s.cached for s in r.steps),
+                "steps": [
+                    {"index": s.index, "kind": s.kind, "cached": s.cached, "seconds": s.seconds}
+                    for s in r.steps
+                ],
+            }
+            for r in results
+        ]
+    }
+
+    def render(con: Any, d: Any) -> None:
+        for img in d["images"]:
+            con.print(
+                f"[green]built[/] {img['name']} {img['digest']}  "
+                f"({img['steps_run']} step(s) ran, {img['steps_cached']} cached)"
+            )
+
+    out.emit(data, render)
+
+
+@cli.command()
+@output_option
+@click.pass_context
+def images(ctx: click.Context, output: str) -> None:
+    """List images in the store."""
+    listing = _app(ctx).store().list_images()
+    data = {
+        "images": [
+            {"name": name, "digest": str(img.digest), "entrypoint": list(img.config.entrypoint)}
+            for name, img in listing
+        ]
+    }
+
+    def render(con: Any, d: Any) -> None:
+        from rich.table import Table
+
+        t = Table("NAME", "DIGEST", "ENTRYPOINT", box=None)
+        for i in d["images"]:
+            t.add_row(i["name"], i["digest"], " ".join(i["entrypoint"]))
+        con.print(t if d["images"] else "no images yet: run 'graven build'")
+
+    Output(output).emit(data, render)
+
+
+# --- releases and rollouts -------------------------------------------------------------
+
+
+def _services_from(app: AppContext, services: tuple[str, ...]) -> list[str]:
+    spec = app.spec().spec
+    for name in services:
+        if name not in spec.services:
+            raise UsageError(
+                f"no service named {name!r} in {app.spec().path}",
+                hint="Services: " + (", ".join(sorted(spec.services)) or "(none)"),
+            )
+    chosen = list(services) or sorted(spec.services)
+    if not chosen:
+        raise UsageError(f"{app.spec().path} defines no services", hint="Add one under 'services'.")
+    return chosen
+
+
+def _candidates(app: AppContext, services: list[str], out: Output) -> list[dict[str, Any]]:
+    """Build each service's image (cached) and describe the release deploy would make."""
+    spec = app.spec().spec
+    image_names = sorted({spec.services[s].image for s in services})
+    built = {r.image.name: r.image for r in _build(app, image_names, out, no_cache=False)}
+    return [
+        {
+            "service": s,
+            "image": str(built[spec.services[s].image].digest),
+            "image_name": spec.services[s].image,
+            "config": spec.services[s].to_config().to_dict(),
+        }
+        for s in services
+    ]
+
+
+def _wait_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> list[dict[str, Any]]:
+    client = app.controller()
+    pending = dict(rollouts)
+    done: dict[str, dict[str, Any]] = {}
+    last: dict[str, str] = {}
+    while pending:
+        for service, rid in list(pending.items()):
+            r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
+            if r["progress"] and r["progress"] != last.get(service):
+                last[service] = r["progress"]
+                out.progress(f"  {service}: {r['progress']}")
+            if r["state"] != "running":
+                done[service] = r
+                del pending[service]
+        if pending:
+            time.sleep(0.1)
+    return [done[s] for s in rollouts]
+
+
+@cli.command()
+@click.argument("services", nargs=-1)
+@output_option
+@click.pass_context
+def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
+    """Show what deploy would do, step by step, without doing it."""
+    app = _app(ctx)
+    out = Output(output)
+    chosen = _services_from(app, services)
+    candidates = _candidates(app, chosen, out)
+    client = app.controller()
+    plans = [client.request("POST", "/v1/plan", c) for c in candidates]
+    data = {"plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]}
+
+    def render(con: Any, d: Any) -> None:
+        for p in d["plans"]:
+            if not p["changed"]:
+                con.print(f"[green]{p['service']}[/]: up to date ({p['from']}); nothing to do")
+                continue
+            con.print(f"[bold]{p['service']}[/]: {p['from'] or '(nothing)'} -> {p['to']}")
+            for c in p["changes"]:
+                con.print(f"  ~ {c}")
+            for n, step in enumerate(p["steps"]["steps"], start=1):
+                con.print(f"  {n:>2}. {step['description']}")
+
+    out.emit(data, render)
+
+
+def _require_message(message: str | None, verb: str) -> str:
+    if not message or not message.strip():
+        raise UsageError(
+            f"{verb} needs a reason: the ledger records why every change was made",
+            hint=f"Run 'graven {verb} ... -m \"why you are doing this\"'.",
+        )
+    return message.strip()
+
+
+def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
+    def render(con: Any, d: Any) -> None:
+        for r in d["results"]:
+            if not r.get("changed", True):
+                con.print(f"[green]{r['service']}[/]: already at {r['release']}; nothing to do")
+                continue
+            ro = r.get("rollout_result") or {}
+            if ro.get("state") == "succeeded":
+                con.print(f"[green]{verb} {r['service']}[/]: {r.get('release', 'done')} serving")
+            else:
+                con.print(
+                    f"[red]{verb} {r['service']} {ro.get('state', 'failed')}[/]: "
+                    f"{ro.get('reason', '')}"
+                )
+        if d.get("url"):
+            con.print(f"url: {d['url']}")
+
+    out.emit(data, render)
+    if any((r.get("rollout_result") or {}).get("state", "succeeded") != "succeeded" for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("services", nargs=-1)
+@click.option("-m", "--message", help="Why: recorded in the ledger (required).")
+@click.option("--no-wait", is_flag=True, help="Return once the release is recorded.")
+@output_option
+@click.pass_context
+def deploy(
+    ctx: click.Context, services: tuple[str, ...], message: str | None, no_wait: bool, output: str
+) -> None:
+    """Build, release and roll out SERVICES (default: all), replacing instances."""
+    app = _app(ctx)
+    out = Output(output)
+    why = _require_message(message, "deploy")
+    chosen = _services_from(app, services)
+    candidates = _candidates(app, chosen, out)
+    client = app.controller()
+    details: dict[str, Any] = {"spec": str(app.spec().path)}
+    commit = source_commit(app.spec().root)
+    if commit:
+        details["source_commit"] = commit
+    results = []
+    for c in candidates:
+        r = client.request(
+            "POST", "/v1/deploy", {**c, "actor": actor(), "message": why, "details": details}
+        )
+        out.progress(
+            f"[bold]deploy[/] {c['service']}: {r['release']}"
+            + ("" if r["changed"] else " (unchanged)")
+        )
+        results.append({"service": c["service"], **r})
+    _await(app, out, results, no_wait)
+    status = client.request("GET", "/v1/status")["services"]
+    urls = {s["service"]: s["url"] for s in status}
+    _finish(out, {"results": results, "urls": urls, "url": urls.get(chosen[0])}, results, "deploy")
+
+
+def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait: bool) -> None:
+    waiting = {r["service"]: r["rollout"] for r in results if r.get("rollout")}
+    if no_wait or not waiting:
+        return
+    finished = _wait_rollouts(app, waiting, out)
+    by_service = dict(zip(waiting, finished, strict=True))
+    for r in results:
+        if r["service"] in by_service:
+            r["rollout_result"] = by_service[r["service"]]
+
+
+@cli.command()
+@click.argument("service")
+@click.option("--to", "to", type=int, metavar="N", help="Release number to return to (r N).")
+@click.option("-m", "--message", help="Why: recorded in the ledger.", default="rollback")
+@click.option("--no-wait", is_flag=True, help="Return once the rollback is recorded.")
+@output_option
+@click.pass_context
+def rollback(
+    ctx: click.Context, service: str, to: int | None, message: str, no_wait: bool, output: str
+) -> None:
+    """Return SERVICE to the release that served before (or --to N)."""
+    app = _app(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST",
+        "/v1/rollback",
+        {"service": service, "to": to, "actor": actor(), "message": message},
+    )
+    out.progress(f"[bold]rollback[/] {service} -> {r['release']}")
+    results = [{"service": service, **r}]
+    _await(app, out, results, no_wait)
+    status = client.request("GET", "/v1/status", service=service)["services"]
+    _finish(out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback")
+
+
+@cli.command()
+@click.argument("service", required=False)
+@output_option
+@click.pass_context
+def status(ctx: click.Context, service: str | None, output: str) -> None:
+    """Instances, release, image digest and health of each service."""
+    app = _app(ctx)
+    data = app.controller().request("GET", "/v1/status", service=service)
+
+    def render(con: Any, d: Any) -> None:
+        from rich.table import Table
+
+        from graven.cli.output import ago, short
+
+        if not d["services"]:
+            con.print("nothing deployed yet: run 'graven deploy -m WHY'")
+        now = time.time()
+        for s in d["services"]:
+            head = f"[bold]{s['service']}[/]  release {s['desired_release'] or '(down)'}"
+            if s["image"]:
+                head += f"  image {s['image_name']}@{short(s['image'])}"
+            if s["url"]:
+                head += f"  {s['url']}"
+            con.print(head)
+            ro = s["rollout"]
+            if ro:
+                line = f"  last rollout #{ro['id']} {ro['kind']} -> r{ro['to_release']}: {ro['state']}"
+                if ro["state"] == "running" and ro["progress"]:
+                    line += f" ({ro['progress']})"
+                if ro["reason"]:
+                    line += f" — {ro['reason']}"
+                con.print(line)
+            t = Table("INSTANCE", "RELEASE", "STATE", "ADDRESS", "PID", "AGE", box=None)
+            for i in s["instances"]:
+                color = {"healthy": "green", "starting": "yellow"}.get(i["state"], "red")
+                t.add_row(
+                    i["id"], i["release"], f"[{color}]{i['state']}[/]", i["address"],
+                    str(i["pid"]), ago(now - i["started_at"]),
+                )
+            if s["instances"]:
+                con.print(t)
+
+    Output(output).emit(data, render)
+
+
+@cli.command()
+@click.argument("service")
+@output_option
+@click.pass_context
+def releases(ctx: click.Context, service: str, output: str) -> None:
+    """List SERVICE's releases, newest last."""
+    app = _app(ctx)
+    st = app.state()
+    desired = st.desired_release(service)
+    rows = st.releases(service)
+    if not rows:
+        raise UsageError(f"service {service!r} has no releases", hint="Run 'graven deploy'.")
+    data = {
+        "service": service,
+        "releases": [
+            {
+                "release": rel.id,
+                "image": str(rel.image),
+                "image_name": row["image_name"],
+                "created_at": row["created_at"],
+                "healthy_at": row["healthy_at"],
+                "current": rel.number == desired,
+                "content_hash": rel.content_hash,
+            }
+            for rel, row in rows
+        ],
+    }
+
+    def render(con: Any, d: Any) -> None:
+        from rich.table import Table
+
+        from graven.cli.output import short
+
+        t = Table("", "RELEASE", "IMAGE", "CREATED", "SERVED", box=None)
+        for r in d["releases"]:
+            t.add_row(
+                "*" if r["current"] else "",
+                r["release"],
+                f"{r['image_name']}@{short(r['image'])}",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                "yes" if r["healthy_at"] else "no",
+            )
+        con.print(t)
+
+    Output(output).emit(data, render)
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.option("-m", "--message", default="down", help="Why: recorded in the ledger.")
+@output_option
+@click.pass_context
+def down(ctx: click.Context, service: str | None, message: str, output: str) -> None:
+    """Drain and stop SERVICE's instances and router (default: every service, then
+    the controller)."""
+    app = _app(ctx)
+    out = Output(output)
+    from graven.controller.client import ControllerClient
+
+    if service is None and not ControllerClient(app.state_dir).alive():
+        # Nothing to reach; starting a controller only to stop it would be silly,
+        # unless something is still recorded as running.
+        from graven.controller.paths import state_db
+
+        if not state_db(app.state_dir).exists() or not app.state().live_instances():
+            out.emit({"results": [], "controller": "not running"}, lambda c, d: c.print("nothing running"))
+            return
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/down", {"service": service, "actor": actor(), "message": message}
+    )
+    results = r["results"]
+    _await(app, out, results, False)
+    data: dict[str, Any] = {"results": results}
+    if service is None:
+        client.request("POST", "/v1/shutdown", {})
+        data["controller"] = "stopped"
+
+    def render(con: Any, d: Any) -> None:
+        for x in d["results"]:
+            state = "stopped" if x.get("changed") else "already down"
+            con.print(f"[green]{x['service']}[/]: {state}")
+        if d.get("controller"):
+            con.print("controller stopped")
+
+    out.emit(data, render)
+
+
+# --- ledger ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("service", required=False)
+@click.option("--verify", is_flag=True, help="Prove the ledger untouched; exit 1 naming the first altered entry.")
+@output_option
+@click.pass_context
+def audit(ctx: click.Context, service: str | None, verify: bool, output: str) -> None:
+    """The ledger: who changed what, when and why."""
+    import json as _json
+
+    from graven.errors import LedgerTampered
+    from graven.ledger.chain import verify_chain
+
+    app = _app(ctx)
+    st = app.state()
+    entries = st.ledger()
+    data: dict[str, Any] = {
+        "entries": [e.to_dict() for e in entries if service is None or e.service == service]
+    }
+    if verify:
+        head_file = app.state_dir / "ledger.head"
+        head = None
+        if head_file.exists():
+            try:
+                raw = _json.loads(head_file.read_text())
+                head = (int(raw["seq"]), str(raw["hash"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LedgerTampered(0, f"the head record {head_file} is unreadable") from exc
+        try:
+            count = verify_chain(entries, head)
+        except LedgerTampered as exc:
+            if output != "json":
+                raise
+            data.update(verified=False, first_bad_entry=exc.seq, **exc.to_dict())
+            Output(output).emit(data)
+            sys.exit(exc.exit_code)
+        data["verified"] = True
+        data["verified_entries"] = count
+
+    def render(con: Any, d: Any) -> None:
+        from rich.table import Table
+
+        t = Table("#", "WHEN", "WHO", "ACTION", "RELEASE", "WHY", box=None)
+        for e in d["entries"]:
+            t.add_row(
+                str(e["seq"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])),
+                e["actor"],
+                e["action"],
+                e["release"],
+                e["message"],
+            )
+        con.print(t)
+        if d.get("verified"):
+            con.print(f"[green]verified[/]: {d['verified_entries']} entries, chain intact")
+
+    Output(output).emit(data, render)
+
+
+# --- controller ------------------------------------------------------------------------
+
+
+@cli.command()
+@output_option
+@click.pass_context
+def serve(ctx: click.Context, output: str) -> None:
+    """Run the controller in the foreground (other verbs start it when absent)."""
+    from graven.controller.daemon import serve as run
+
+    app = _app(ctx)
+    Output(output).progress(f"controller for {app.state_dir}; Ctrl-C stops it (instances keep running)")
+    run(app.state_dir)
+    Output(output).emit({"state_dir": str(app.state_dir), "stopped": True})
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("graven-demo"), show_default=True, help="Where the demo project goes.")
+@click.option("--requests-per-phase", default=600, show_default=True, help="Minimum requests sent during each deploy and rollback.")
+@output_option
+def demo(directory: Path, requests_per_phase: int, output: str) -> None:
+    """The guided tour: build, deploy 3 replicas, deploy v2 under load, roll back."""
+    from graven.cli.demo import run_demo
+
+    run_demo(directory, Output(output), requests_per_phase)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: maps every error to a message and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    as_json = _wants_json(args)
+    try:
+        cli.main(args=args, prog_name="graven", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        if as_json:
+            _json_error({"error": "UsageError", "message": exc.format_message()})
+        else:
+            exc.show()
+        sys.exit(2)
+    except GravenError as exc:
+        if debug:
+            raise
+        if as_json:
+            _json_error(exc.to_dict())
+        else:
+            click.secho(f"error: {exc.message}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _wants_json(args: list[str]) -> bool:
+    for i, a in enumerate(args):
+        if a in ("-o", "--output") and i + 1 < len(args) and args[i + 1] == "json":
+            return True
+        if a in ("-ojson", "--output=json"):
+            return True
+    return False
+
+
+def _json_error(data: dict[str, Any]) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

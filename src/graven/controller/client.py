@@ -1,0 +1,117 @@
+"""The CLI's side of the controller API: JSON over HTTP on a unix socket.
+
+Verbs that need the controller start it when it is not running, detached, so it
+outlives the command that started it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from graven.controller.paths import controller_log, controller_socket
+from graven.errors import ControllerError, GravenError, NotFoundError, UsageError
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+class ControllerClient:
+    def __init__(self, state_dir: Path, *, timeout: float = 60.0) -> None:
+        self.state_dir = state_dir
+        self.socket = controller_socket(state_dir)
+        self.timeout = timeout
+
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, **query: Any
+    ) -> Any:
+        if query:
+            path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+        conn = _UnixConnection(self.socket, self.timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload else {}
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControllerError(
+                f"cannot reach the controller at {self.socket}: {exc}",
+                hint=f"See {controller_log(self.state_dir)}; 'graven serve' runs it in the foreground.",
+            ) from exc
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ControllerError(f"the controller sent a reply that is not JSON: {raw[:200]!r}") from exc
+        if resp.status == 200:
+            return data
+        message = data.get("message", f"HTTP {resp.status}")
+        hint = data.get("hint")
+        if data.get("error") == "NotFoundError":
+            raise NotFoundError(message, hint=hint)
+        if resp.status == 400:
+            raise UsageError(message, hint=hint)
+        raise GravenError(message, hint=hint)
+
+    def alive(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            self.request("GET", "/v1/health")
+        except ControllerError:
+            return False
+        return True
+
+    def ensure_running(self, *, wait: float = 15.0) -> None:
+        """Start a detached controller for this state dir unless one answers."""
+        if self.alive():
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = controller_log(self.state_dir)
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "graven.controller.daemon", str(self.state_dir.resolve())],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.alive():
+                return
+            if proc.poll() is not None and not self.alive():
+                # Lost a race with another starter? Then its controller will answer soon.
+                time.sleep(0.2)
+                if self.alive():
+                    return
+                tail = log_path.read_text(errors="replace").splitlines()[-10:]
+                raise ControllerError(
+                    "the controller exited while starting:\n" + "\n".join(tail),
+                    hint=f"Full log: {log_path}",
+                )
+            time.sleep(0.05)
+        raise ControllerError(
+            f"the controller did not answer within {wait:g}s", hint=f"See {log_path}."
+        )

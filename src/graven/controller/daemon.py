@@ -1,0 +1,100 @@
+"""``graven serve``: the controller process.
+
+One per state dir (an exclusive lock makes sure). It holds one task group: the API
+server, one worker per service and the health loop. Stopping it (SIGTERM, or a
+crash, or kill -9) stops none of the instances or routers: they are separate
+processes, and the next controller adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from graven.clock import RealClock
+from graven.controller.api import Api
+from graven.controller.engine import Engine
+from graven.controller.paths import controller_lock, controller_socket, state_db, store_root
+from graven.errors import ControllerError
+from graven.ledger.store import StateStore
+from graven.router.embedded import EmbeddedRouter
+from graven.runtime.process import ProcessRuntime
+from graven.store.cas import ContentStore
+
+log = logging.getLogger("graven.controller")
+
+
+def _lock(state_dir: Path) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(controller_lock(state_dir), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ControllerError(
+            f"a controller is already running for {state_dir}",
+            hint="Use it (every verb talks to it), or stop it with 'graven down'.",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+async def _serve(state_dir: Path) -> None:
+    clock = RealClock()
+    state = StateStore(state_db(state_dir))
+    store = ContentStore(store_root(state_dir))
+    engine = Engine(
+        state_dir,
+        state,
+        store,
+        ProcessRuntime(state_dir, store),
+        EmbeddedRouter(state_dir),
+        clock,
+    )
+    engine.adopt()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    api = Api(engine, stop.set)
+    sock = controller_socket(state_dir)
+    sock.unlink(missing_ok=True)
+    server = await asyncio.start_unix_server(api.serve_connection, path=str(sock))
+    os.chmod(sock, 0o600)
+    log.info("controller %d serving on %s", os.getpid(), sock)
+    engine_task = asyncio.create_task(engine.run())
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        engine_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await engine_task
+        sock.unlink(missing_ok=True)
+        state.close()
+        log.info("controller %d stopped; instances and routers keep running", os.getpid())
+
+
+def serve(state_dir: Path) -> None:
+    """Run the controller in the foreground until SIGTERM/SIGINT or a shutdown request."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    fd = _lock(state_dir)
+    try:
+        asyncio.run(_serve(state_dir))
+    finally:
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    serve(Path(sys.argv[1]))

@@ -1,0 +1,573 @@
+"""The controller's engine: compares desired with observed state and acts.
+
+Level-triggered: every pass starts from what the state store and the processes say
+now, never from what the previous pass intended. That is what makes a controller
+killed mid-rollout safe to restart: the next pass plans from the instances it finds
+and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graven.atomic import write_atomic
+from graven.clock import Clock
+from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
+from graven.ledger.chain import LedgerEntry
+from graven.ledger.store import StateStore
+from graven.model import Digest, Instance, Release, ServiceConfig
+from graven.plan.rolling import ObservedInstance, plan_rolling
+from graven.plan.steps import AwaitHealthy, Drain, Plan, RouteTraffic, StartInstance, StopInstance
+from graven.rollout.health import probe_http
+from graven.router.base import Backend, Router
+from graven.runtime.base import Handle, LaunchSpec, Runtime
+from graven.store.cas import ContentStore
+
+log = logging.getLogger("graven.controller")
+
+CONTROLLER_ACTOR = "graven-controller"
+
+
+class StepFailed(Exception):
+    """A plan step could not complete; ``reason`` is written for humans."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _HealthMemory:
+    failures: int = 0
+    last: str = ""
+    checked_at: float = float("-inf")
+
+
+@dataclass
+class ServiceWorker:
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Engine:
+    """Desired state in, effects out. One worker task per service."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        state: StateStore,
+        store: ContentStore,
+        runtime: Runtime,
+        router: Router,
+        clock: Clock,
+    ) -> None:
+        self.state_dir = state_dir
+        self.state = state
+        self.store = store
+        self.runtime = runtime
+        self.router = router
+        self.clock = clock
+        self.workers: dict[str, ServiceWorker] = {}
+        self.health: dict[str, _HealthMemory] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self.listeners: list[Callable[[str], None]] = []
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Reconcile the records with the processes that really run (after a restart)."""
+        for inst in self.state.live_instances():
+            handle = Handle(inst.pid, self.state.pid_start(inst.id))
+            if self.runtime.alive(handle):
+                log.info("adopted %s (pid %d)", inst.id, inst.pid)
+            else:
+                self.state.set_instance_state(
+                    inst.id, "stopped", at=self.clock.now(), reason="not running at start-up"
+                )
+        for service, release in self.state.services().items():
+            if release is not None:
+                self.sync_router(service)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            self._tasks = tg
+            for service in self.state.services():
+                self.wake(service)
+            tg.create_task(self._health_loop())
+
+    def wake(self, service: str) -> None:
+        worker = self.workers.get(service)
+        if worker is None:
+            worker = self.workers[service] = ServiceWorker()
+            if self._tasks is not None:
+                worker.task = self._tasks.create_task(self._service_loop(service, worker))
+        worker.wake.set()
+
+    # --- desired-state changes (called by the API) ---------------------------------------
+
+    def _record(self, db: Any, entry: LedgerEntry) -> LedgerEntry:
+        sealed = self.state.append_ledger(db, entry)
+        return sealed
+
+    def _write_head(self) -> None:
+        entries = self.state.ledger()
+        if entries:
+            head = {"seq": entries[-1].seq, "hash": entries[-1].hash}
+            write_atomic(self.state_dir / "ledger.head", json.dumps(head).encode())
+
+    def deploy(
+        self,
+        service: str,
+        image: Digest,
+        image_name: str,
+        config: ServiceConfig,
+        actor: str,
+        message: str,
+        details: dict[str, Any],
+    ) -> dict[str, Any]:
+        self.store.get_image(image)  # refuse digests the store does not hold
+        now = self.clock.now()
+        content_hash = Release.hash_of(service, image, config)
+        desired = self.state.desired_release(service)
+        if desired is not None:
+            current = self.state.release(service, desired)
+            if current.content_hash == content_hash:
+                # Same desired state again: nothing to do, nothing to record.
+                running = self.state.running_rollout(service)
+                return {
+                    "changed": False,
+                    "release": current.id,
+                    "rollout": running.id if running else None,
+                }
+        with self.state.transaction() as db:
+            release = self.state.add_release(db, service, image, image_name, config, now)
+            rollout = self.state.start_rollout(db, service, "deploy", desired, release.number, now)
+            self.state.set_desired(db, service, release.number, now)
+            entry = self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=actor,
+                    action="deploy",
+                    service=service,
+                    release=release.id,
+                    image=str(image),
+                    message=message,
+                    details={**details, "image_name": image_name, "rollout": rollout},
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+        return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
+
+    def rollback_target(self, service: str) -> int:
+        desired = self.state.desired_release(service)
+        if desired is None:
+            raise UsageError(
+                f"{service} is not deployed", hint=f"Run 'graven deploy {service}' first."
+            )
+        rows = self.state._query(
+            "SELECT to_release FROM rollouts WHERE service=? AND state='succeeded' "
+            "AND to_release IS NOT NULL AND to_release != ? ORDER BY id DESC LIMIT 1",
+            (service, desired),
+        )
+        if not rows:
+            raise UsageError(
+                f"{service} has no earlier release that served healthily",
+                hint=f"Run 'graven releases {service}' and pick one with --to.",
+            )
+        return int(rows[0]["to_release"])
+
+    def rollback(
+        self, service: str, to: int | None, actor: str, message: str
+    ) -> dict[str, Any]:
+        if service not in self.state.services():
+            raise NotFoundError(f"service {service!r} was never deployed")
+        target = to if to is not None else self.rollback_target(service)
+        release = self.state.release(service, target)
+        desired = self.state.desired_release(service)
+        if desired == target:
+            running = self.state.running_rollout(service)
+            return {
+                "changed": False,
+                "release": release.id,
+                "rollout": running.id if running else None,
+            }
+        now = self.clock.now()
+        with self.state.transaction() as db:
+            rollout = self.state.start_rollout(db, service, "rollback", desired, target, now)
+            self.state.set_desired(db, service, target, now)
+            entry = self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=actor,
+                    action="rollback",
+                    service=service,
+                    release=release.id,
+                    image=str(release.image),
+                    message=message,
+                    details={"from": f"{service}@r{desired}", "rollout": rollout},
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+        return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
+
+    def down(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        services = self.state.services()
+        if service not in services:
+            raise NotFoundError(f"service {service!r} was never deployed")
+        desired = services[service]
+        if desired is None and not self.state.live_instances(service):
+            return {"changed": False, "service": service, "rollout": None}
+        now = self.clock.now()
+        with self.state.transaction() as db:
+            rollout = self.state.start_rollout(db, service, "down", desired, None, now)
+            self.state.set_desired(db, service, None, now)
+            entry = self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=actor,
+                    action="down",
+                    service=service,
+                    release=f"{service}@r{desired}" if desired else "",
+                    message=message,
+                    details={"rollout": rollout},
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+        return {"changed": True, "service": service, "rollout": rollout, "ledger": entry.seq}
+
+    # --- the per-service loop ------------------------------------------------------------
+
+    async def _service_loop(self, service: str, worker: ServiceWorker) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(2.0):
+                    await worker.wake.wait()
+            except TimeoutError:
+                pass
+            worker.wake.clear()
+            try:
+                await self.reconcile(service)
+            except GravenError as exc:
+                log.error("%s: %s", service, exc.message)
+                await self.clock.sleep(1.0)
+            except Exception:
+                log.exception("%s: reconcile failed", service)
+                await self.clock.sleep(1.0)
+
+    def observe(self, service: str) -> list[ObservedInstance]:
+        return [
+            ObservedInstance(i.id, i.release, i.state) for i in self.state.live_instances(service)
+        ]
+
+    def plan(self, service: str) -> Plan:
+        desired = self.state.desired_release(service)
+        observed = self.observe(service)
+        if desired is None:
+            return plan_rolling(service, None, 0, observed)
+        cfg = self.state.release(service, desired).config
+        return plan_rolling(
+            service,
+            desired,
+            cfg.replicas,
+            observed,
+            max_surge=cfg.max_surge,
+            max_unavailable=cfg.max_unavailable,
+        )
+
+    def preview(self, service: str, image: Digest, config: ServiceConfig) -> dict[str, Any]:
+        """What deploying ``image`` with ``config`` would do now; changes nothing."""
+        content_hash = Release.hash_of(service, image, config)
+        desired = self.state.desired_release(service)
+        current = self.state.release(service, desired) if desired is not None else None
+        if current is not None and current.content_hash == content_hash:
+            return {"changed": False, "from": current.id, "steps": self.plan(service).to_dict()}
+        numbers = [r.number for r, _ in self.state.releases(service)]
+        nxt = max(numbers, default=0) + 1
+        plan = plan_rolling(
+            service,
+            nxt,
+            config.replicas,
+            self.observe(service),
+            max_surge=config.max_surge,
+            max_unavailable=config.max_unavailable,
+        )
+        changes = []
+        if current is None:
+            changes.append("first release")
+        else:
+            if current.image != image:
+                changes.append(f"image {current.image.short} -> {image.short}")
+            old, new = current.config.to_dict(), config.to_dict()
+            changes += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(new) if old[k] != new[k]]
+        return {
+            "changed": True,
+            "from": current.id if current else None,
+            "to": f"{service}@r{nxt}",
+            "changes": changes,
+            "steps": plan.to_dict(),
+        }
+
+    async def reconcile(self, service: str) -> None:
+        """One level-triggered pass: plan from what is, apply until done or superseded."""
+        desired = self.state.desired_release(service)
+        if desired is not None:
+            cfg = self.state.release(service, desired).config
+            await asyncio.to_thread(self.router.ensure, service, cfg.port)
+        plan = self.plan(service)
+        rollout = self.state.running_rollout(service)
+        if plan.empty:
+            if desired is None:
+                await asyncio.to_thread(self.router.stop, service)
+            elif rollout is not None:
+                self.state.mark_release_healthy(service, desired, self.clock.now())
+            if rollout is not None:
+                self._finish(rollout.id, service, "succeeded", "")
+            return
+        slots: dict[str, str] = {}
+        total = len(plan.steps)
+        for n, step in enumerate(plan.steps, start=1):
+            if self.state.desired_release(service) != desired:
+                return  # superseded: the next pass plans toward the new desire
+            if rollout is not None:
+                self.state.set_rollout_progress(
+                    rollout.id, f"step {n}/{total}: {step.describe(service)}"
+                )
+            try:
+                await self.apply(service, step, slots)
+            except StepFailed as exc:
+                self._fail(service, desired, rollout.id if rollout else None, exc.reason)
+                return
+        self.wake(service)  # verify convergence on the next pass
+
+    def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
+        self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
+        for listener in self.listeners:
+            listener(service)
+
+    def _fail(self, service: str, desired: int | None, rollout_id: int | None, reason: str) -> None:
+        """A rollout step failed: record why and go back to the release that served before."""
+        now = self.clock.now()
+        rollout = self.state.rollout(rollout_id) if rollout_id else None
+        back = rollout.from_release if rollout else None
+        if rollout is not None and rollout.kind == "down":
+            log.error("%s: could not take down: %s", service, reason)
+            return
+        with self.state.transaction() as db:
+            if rollout_id is not None:
+                db.execute(
+                    "UPDATE rollouts SET state='failed', reason=?, finished_at=? WHERE id=?",
+                    (reason, now, rollout_id),
+                )
+            if self.state.desired_release(service) == desired:
+                self.state.set_desired(db, service, back, now)
+            self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=CONTROLLER_ACTOR,
+                    action="rollout-failed",
+                    service=service,
+                    release=f"{service}@r{desired}" if desired else "",
+                    message=reason,
+                    details={
+                        "rollout": rollout_id,
+                        "rolled_back_to": f"{service}@r{back}" if back else None,
+                    },
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+
+    # --- applying steps ------------------------------------------------------------------
+
+    async def apply(self, service: str, step: object, slots: dict[str, str]) -> None:
+        if isinstance(step, StartInstance):
+            slots[step.slot] = await self.start_instance(service, step.release)
+        elif isinstance(step, AwaitHealthy):
+            await self.await_healthy(slots.get(step.target, step.target))
+        elif isinstance(step, RouteTraffic):
+            inst_id = slots.get(step.target, step.target)
+            self.state.set_instance_state(inst_id, "healthy")
+            self.sync_router(service)
+        elif isinstance(step, Drain):
+            await self.drain(service, step.target)
+        elif isinstance(step, StopInstance):
+            await self.stop_instance(service, step.target, reason="replaced")
+        else:
+            raise TypeError(f"unknown step {step!r}")
+
+    def _free_port(self) -> int:
+        used = {i.port for i in self.state.live_instances()}
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in used:
+                return port
+        raise RuntimeFailure("no free loopback port for a new instance")
+
+    async def start_instance(self, service: str, number: int) -> str:
+        release = self.state.release(service, number)
+        image = self.store.get_image(release.image)
+        inst_id = f"{service}-r{number}-{secrets.token_hex(2)}"
+        port = self._free_port()
+        spec = LaunchSpec(
+            instance_id=inst_id,
+            service=service,
+            release=number,
+            image=image,
+            env=release.config.env,
+            port=port,
+        )
+        try:
+            handle = await asyncio.to_thread(self.runtime.start, spec)
+        except GravenError as exc:
+            raise StepFailed(exc.message) from exc
+        self.state.add_instance(
+            Instance(
+                id=inst_id,
+                service=service,
+                release=number,
+                image=release.image,
+                host=spec.host,
+                port=port,
+                pid=handle.pid,
+                started_at=self.clock.now(),
+                state="starting",
+            ),
+            handle.pid_start,
+        )
+        log.info("started %s (pid %d, port %d)", inst_id, handle.pid, port)
+        return inst_id
+
+    def _handle(self, inst_id: str) -> tuple[Instance, Handle]:
+        row = self.state.instance_row(inst_id)
+        if row is None:
+            raise StepFailed(f"instance {inst_id} is unknown")
+        inst = StateStore._instance(row)
+        return inst, Handle(inst.pid, int(row["pid_start"]))
+
+    async def await_healthy(self, inst_id: str) -> None:
+        inst, handle = self._handle(inst_id)
+        cfg = self.state.release(inst.service, inst.release).config
+        hc = cfg.health
+        deadline = self.clock.monotonic() + hc.start_timeout
+        streak = 0
+        reason = "never answered"
+        while self.clock.monotonic() < deadline:
+            if not self.runtime.alive(handle):
+                tail = self.runtime.log_tail(inst_id)
+                await self.stop_instance(inst.service, inst_id, reason="exited while starting")
+                raise StepFailed(
+                    f"{inst_id} exited before it became healthy; last log lines:\n{tail}"
+                )
+            ok, reason = await probe_http(inst.host, inst.port, hc.path, hc.timeout)
+            streak = streak + 1 if ok else 0
+            if streak >= hc.healthy_threshold:
+                return
+            # Probe eagerly while starting: a fast boot should not wait a whole interval.
+            await self.clock.sleep(min(hc.interval, 0.1) if not ok else hc.interval)
+        await self.stop_instance(inst.service, inst_id, reason="failed its start-up health check")
+        raise StepFailed(
+            f"{inst_id} did not pass health check GET {hc.path} within "
+            f"{hc.start_timeout:g}s (last result: {reason})"
+        )
+
+    async def drain(self, service: str, inst_id: str) -> None:
+        inst, _ = self._handle(inst_id)
+        cfg = self.state.release(service, inst.release).config
+        self.state.set_instance_state(inst_id, "draining")
+        self.sync_router(service)
+        deadline = self.clock.monotonic() + cfg.drain_timeout
+        while self.clock.monotonic() < deadline:
+            stats = await asyncio.to_thread(self.router.stats, service)
+            if not any(s.id == inst_id and s.inflight > 0 for s in stats):
+                return
+            await self.clock.sleep(0.05)
+        log.warning("%s: drain timeout reached with requests in flight", inst_id)
+
+    async def stop_instance(self, service: str, inst_id: str, *, reason: str) -> None:
+        inst, handle = self._handle(inst_id)
+        cfg = self.state.release(service, inst.release).config
+        if inst.state in ("healthy",):
+            # Never stop a routed instance: take it out of the router first.
+            self.state.set_instance_state(inst_id, "draining")
+            self.sync_router(service)
+        await asyncio.to_thread(self.runtime.stop, handle, cfg.stop_grace)
+        self.state.set_instance_state(inst_id, "stopped", at=self.clock.now(), reason=reason)
+        self.health.pop(inst_id, None)
+        self.sync_router(service)
+        log.info("stopped %s (%s)", inst_id, reason)
+
+    def sync_router(self, service: str) -> None:
+        """Push the router's backend set as the state store says it should be."""
+        if self.state.desired_release(service) is None and not self.state.live_instances(service):
+            return
+        backends = []
+        for inst in self.state.live_instances(service):
+            if inst.state == "healthy":
+                backends.append(Backend(inst.id, inst.address, "ready"))
+            elif inst.state == "draining":
+                backends.append(Backend(inst.id, inst.address, "drain"))
+        if service not in self.router.running():
+            return
+        self.router.set_backends(service, backends)
+
+    # --- health after cut-over -----------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check_health_once()
+            except Exception:
+                log.exception("health loop")
+            await self.clock.sleep(0.1)
+
+    async def check_health_once(self) -> None:
+        checks = []
+        for inst in self.state.live_instances():
+            if inst.state != "healthy":
+                continue
+            mem = self.health.setdefault(inst.id, _HealthMemory())
+            checks.append((inst, mem))
+        results = await asyncio.gather(*(self._check(inst, mem) for inst, mem in checks))
+        for service in {s for s in results if s}:
+            self.wake(service)
+
+    async def _check(self, inst: Instance, mem: _HealthMemory) -> str | None:
+        handle = Handle(inst.pid, self.state.pid_start(inst.id))
+        if not self.runtime.alive(handle):
+            self.state.set_instance_state(
+                inst.id, "stopped", at=self.clock.now(), reason="exited unexpectedly"
+            )
+            self.sync_router(inst.service)
+            log.warning("%s exited unexpectedly", inst.id)
+            return inst.service
+        cfg = self.state.release(inst.service, inst.release).config
+        now = self.clock.monotonic()
+        if now - mem.checked_at < cfg.health.interval:
+            return None
+        mem.checked_at = now
+        ok, reason = await probe_http(inst.host, inst.port, cfg.health.path, cfg.health.timeout)
+        mem.last = reason
+        mem.failures = 0 if ok else mem.failures + 1
+        if mem.failures >= cfg.health.unhealthy_threshold:
+            self.state.set_instance_state(inst.id, "unhealthy", reason=f"health check: {reason}")
+            self.sync_router(inst.service)
+            log.warning("%s unhealthy: %s", inst.id, reason)
+            return inst.service
+        return None

@@ -1,0 +1,35 @@
+"""Where a state dir keeps the controller's files."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+# sun_path holds 108 bytes; stay well below it.
+_MAX_SOCKET_PATH = 100
+
+
+def controller_socket(state_dir: Path) -> Path:
+    """The API socket: in the state dir, or under /tmp when that path is too long."""
+    path = state_dir.resolve() / "controller.sock"
+    if len(str(path).encode()) <= _MAX_SOCKET_PATH:
+        return path
+    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"graven-{tag}.sock"
+
+
+def controller_log(state_dir: Path) -> Path:
+    return state_dir / "controller.log"
+
+
+def controller_lock(state_dir: Path) -> Path:
+    return state_dir / "controller.lock"
+
+
+def state_db(state_dir: Path) -> Path:
+    return state_dir / "state.db"
+
+
+def store_root(state_dir: Path) -> Path:
+    return state_dir / "store"

@@ -1,0 +1,429 @@
+"""The SQLite state store: desired state, observed instances, releases, rollouts and
+the hash-chained ledger, in one WAL database so every change is one transaction.
+
+The controller is the only writer; the CLI opens it read-only for ``audit`` and
+``releases`` so those work while the controller is down.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from graven.errors import NotFoundError, StoreError
+from graven.ledger.chain import LedgerEntry, chain_hash
+from graven.model import Digest, Instance, Release, ServiceConfig
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY,
+    desired_release INTEGER,          -- NULL: the service is down
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    service TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    image_name TEXT NOT NULL,
+    config TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    healthy_at REAL,                  -- first time it fully served: rollback candidates
+    PRIMARY KEY (service, number)
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    release INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    stopped_at REAL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS instances_live ON instances(service, state);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    service TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    from_release INTEGER,
+    to_release INTEGER,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    progress TEXT NOT NULL DEFAULT '',
+    started_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    service TEXT NOT NULL,
+    release TEXT NOT NULL,
+    image TEXT NOT NULL,
+    message TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+LIVE_STATES = ("starting", "healthy", "unhealthy", "draining")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: int
+    service: str
+    kind: str  # deploy | rollback
+    from_release: int | None
+    to_release: int | None
+    state: str  # running | succeeded | failed
+    reason: str
+    progress: str
+    started_at: float
+    finished_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class StateStore:
+    """SQLite (WAL) state store. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            if read_only:
+                if not path.exists():
+                    raise StoreError(
+                        f"no state database at {path}",
+                        hint="Nothing has been deployed from this project yet: run 'graven deploy'.",
+                    )
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of change: all of it lands, or none of it."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args))
+
+    # --- services (desired state) -------------------------------------------------------
+
+    def services(self) -> dict[str, int | None]:
+        return {r["name"]: r["desired_release"] for r in self._query("SELECT * FROM services")}
+
+    def desired_release(self, service: str) -> int | None:
+        rows = self._query("SELECT desired_release FROM services WHERE name=?", (service,))
+        return rows[0]["desired_release"] if rows else None
+
+    @staticmethod
+    def set_desired(db: sqlite3.Connection, service: str, release: int | None, at: float) -> None:
+        db.execute(
+            "INSERT INTO services(name, desired_release, updated_at) VALUES (?,?,?) "
+            "ON CONFLICT(name) DO UPDATE SET desired_release=excluded.desired_release, "
+            "updated_at=excluded.updated_at",
+            (service, release, at),
+        )
+
+    # --- releases -----------------------------------------------------------------------
+
+    @staticmethod
+    def _release(row: sqlite3.Row) -> Release:
+        return Release(
+            service=row["service"],
+            number=row["number"],
+            image=Digest(row["image"]),
+            config=ServiceConfig.from_dict(json.loads(row["config"])),
+            content_hash=row["content_hash"],
+        )
+
+    def releases(self, service: str) -> list[tuple[Release, sqlite3.Row]]:
+        rows = self._query("SELECT * FROM releases WHERE service=? ORDER BY number", (service,))
+        return [(self._release(r), r) for r in rows]
+
+    def release(self, service: str, number: int) -> Release:
+        rows = self._query(
+            "SELECT * FROM releases WHERE service=? AND number=?", (service, number)
+        )
+        if not rows:
+            raise NotFoundError(
+                f"{service}@r{number} does not exist",
+                hint=f"Run 'graven releases {service}' to list its releases.",
+            )
+        return self._release(rows[0])
+
+    def release_row(self, service: str, number: int) -> sqlite3.Row | None:
+        rows = self._query(
+            "SELECT * FROM releases WHERE service=? AND number=?", (service, number)
+        )
+        return rows[0] if rows else None
+
+    @staticmethod
+    def add_release(
+        db: sqlite3.Connection,
+        service: str,
+        image: Digest,
+        image_name: str,
+        config: ServiceConfig,
+        at: float,
+    ) -> Release:
+        (last,) = db.execute(
+            "SELECT COALESCE(MAX(number), 0) FROM releases WHERE service=?", (service,)
+        ).fetchone()
+        release = Release(
+            service=service,
+            number=int(last) + 1,
+            image=image,
+            config=config,
+            content_hash=Release.hash_of(service, image, config),
+        )
+        db.execute(
+            "INSERT INTO releases(service, number, image, image_name, config, content_hash, "
+            "created_at) VALUES (?,?,?,?,?,?,?)",
+            (
+                service,
+                release.number,
+                str(image),
+                image_name,
+                json.dumps(config.to_dict(), sort_keys=True),
+                release.content_hash,
+                at,
+            ),
+        )
+        return release
+
+    def mark_release_healthy(self, service: str, number: int, at: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE releases SET healthy_at=COALESCE(healthy_at, ?) "
+                "WHERE service=? AND number=?",
+                (at, service, number),
+            )
+
+    # --- instances (observed state) -----------------------------------------------------
+
+    @staticmethod
+    def _instance(row: sqlite3.Row) -> Instance:
+        return Instance(
+            id=row["id"],
+            service=row["service"],
+            release=row["release"],
+            image=Digest(row["image"]),
+            host=row["host"],
+            port=row["port"],
+            pid=row["pid"],
+            started_at=row["started_at"],
+            state=row["state"],
+        )
+
+    def live_instances(self, service: str | None = None) -> list[Instance]:
+        marks = ",".join("?" * len(LIVE_STATES))
+        if service is None:
+            rows = self._query(
+                f"SELECT * FROM instances WHERE state IN ({marks}) ORDER BY started_at, id",  # noqa: S608
+                LIVE_STATES,
+            )
+        else:
+            rows = self._query(
+                f"SELECT * FROM instances WHERE service=? AND state IN ({marks}) "  # noqa: S608
+                "ORDER BY started_at, id",
+                (service, *LIVE_STATES),
+            )
+        return [self._instance(r) for r in rows]
+
+    def pid_start(self, instance_id: str) -> int:
+        rows = self._query("SELECT pid_start FROM instances WHERE id=?", (instance_id,))
+        return int(rows[0]["pid_start"]) if rows else 0
+
+    def instance_row(self, instance_id: str) -> sqlite3.Row | None:
+        rows = self._query("SELECT * FROM instances WHERE id=?", (instance_id,))
+        return rows[0] if rows else None
+
+    def add_instance(self, inst: Instance, pid_start: int) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO instances(id, service, release, image, host, port, pid, pid_start, "
+                "started_at, state) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    inst.id,
+                    inst.service,
+                    inst.release,
+                    str(inst.image),
+                    inst.host,
+                    inst.port,
+                    inst.pid,
+                    pid_start,
+                    inst.started_at,
+                    inst.state,
+                ),
+            )
+
+    def set_instance_state(
+        self, instance_id: str, state: str, *, at: float | None = None, reason: str = ""
+    ) -> None:
+        with self.transaction() as db:
+            if state == "stopped":
+                db.execute(
+                    "UPDATE instances SET state=?, stopped_at=?, reason=? WHERE id=?",
+                    (state, at, reason, instance_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE instances SET state=?, reason=? WHERE id=?",
+                    (state, reason, instance_id),
+                )
+
+    # --- rollouts -----------------------------------------------------------------------
+
+    @staticmethod
+    def _rollout(row: sqlite3.Row) -> Rollout:
+        return Rollout(**{k: row[k] for k in row.keys()})  # noqa: SIM118
+
+    @staticmethod
+    def start_rollout(
+        db: sqlite3.Connection,
+        service: str,
+        kind: str,
+        from_release: int | None,
+        to_release: int | None,
+        at: float,
+    ) -> int:
+        # A newer desire supersedes whatever rollout was running for the service.
+        db.execute(
+            "UPDATE rollouts SET state='superseded', finished_at=? "
+            "WHERE service=? AND state='running'",
+            (at, service),
+        )
+        cur = db.execute(
+            "INSERT INTO rollouts(service, kind, from_release, to_release, state, started_at) "
+            "VALUES (?,?,?,?, 'running', ?)",
+            (service, kind, from_release, to_release, at),
+        )
+        return int(cur.lastrowid or 0)
+
+    def rollout(self, rollout_id: int) -> Rollout:
+        rows = self._query("SELECT * FROM rollouts WHERE id=?", (rollout_id,))
+        if not rows:
+            raise NotFoundError(f"rollout {rollout_id} does not exist")
+        return self._rollout(rows[0])
+
+    def running_rollout(self, service: str) -> Rollout | None:
+        rows = self._query(
+            "SELECT * FROM rollouts WHERE service=? AND state='running' ORDER BY id DESC LIMIT 1",
+            (service,),
+        )
+        return self._rollout(rows[0]) if rows else None
+
+    def last_rollout(self, service: str) -> Rollout | None:
+        rows = self._query(
+            "SELECT * FROM rollouts WHERE service=? ORDER BY id DESC LIMIT 1", (service,)
+        )
+        return self._rollout(rows[0]) if rows else None
+
+    def set_rollout_progress(self, rollout_id: int, progress: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE rollouts SET progress=? WHERE id=?", (progress, rollout_id))
+
+    def finish_rollout(self, rollout_id: int, state: str, reason: str, at: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE rollouts SET state=?, reason=?, finished_at=? WHERE id=? "
+                "AND state='running'",
+                (state, reason, at, rollout_id),
+            )
+
+    # --- ledger -------------------------------------------------------------------------
+
+    @staticmethod
+    def append_ledger(db: sqlite3.Connection, entry: LedgerEntry) -> LedgerEntry:
+        """Append inside the caller's transaction, so the change and its record land together."""
+        row = db.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (int(row[0]) + 1, str(row[1])) if row else (1, "")
+        entry = entry.sealed(seq=seq, prev_hash=prev)
+        db.execute(
+            "INSERT INTO ledger(seq, at, actor, action, service, release, image, message, "
+            "details, prev_hash, hash) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                entry.seq,
+                entry.at,
+                entry.actor,
+                entry.action,
+                entry.service,
+                entry.release,
+                entry.image,
+                entry.message,
+                json.dumps(entry.details, sort_keys=True),
+                entry.prev_hash,
+                entry.hash,
+            ),
+        )
+        return entry
+
+    def ledger(self, service: str | None = None) -> list[LedgerEntry]:
+        if service:
+            rows = self._query("SELECT * FROM ledger WHERE service=? ORDER BY seq", (service,))
+        else:
+            rows = self._query("SELECT * FROM ledger ORDER BY seq")
+        out = []
+        for r in rows:
+            try:
+                details = json.loads(r["details"])
+            except ValueError:
+                details = {"unparseable": r["details"]}
+            out.append(
+                LedgerEntry(
+                    seq=r["seq"],
+                    at=r["at"],
+                    actor=r["actor"],
+                    action=r["action"],
+                    service=r["service"],
+                    release=r["release"],
+                    image=r["image"],
+                    message=r["message"],
+                    details=details if isinstance(details, dict) else {"value": details},
+                    prev_hash=r["prev_hash"],
+                    hash=r["hash"],
+                )
+            )
+        return out
+
+
+__all__ = ["LIVE_STATES", "Rollout", "StateStore", "chain_hash"]

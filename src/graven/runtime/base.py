@@ -1,0 +1,47 @@
+"""The Runtime port: starts, observes and stops instances of images.
+
+An instance is never modified: the runtime only ever starts a fresh one from an
+image, and stops it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from graven.model import Image
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start one instance."""
+
+    instance_id: str
+    service: str
+    release: int
+    image: Image
+    env: tuple[tuple[str, str], ...]
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Handle:
+    """How to find a started instance again, even from another controller process."""
+
+    pid: int
+    pid_start: int  # kernel start time of the pid: tells a live instance from pid reuse
+
+
+class Runtime(Protocol):
+    def start(self, spec: LaunchSpec) -> Handle:
+        """Start an instance; returns once the process exists (not once it is healthy)."""
+        ...
+
+    def alive(self, handle: Handle) -> bool: ...
+
+    def stop(self, handle: Handle, grace: float) -> None:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
+        ...
+
+    def log_tail(self, instance_id: str, lines: int = 20) -> str: ...

@@ -1,0 +1,182 @@
+"""The ``process`` runtime: an instance is the image's entrypoint running as a host
+process, in its own session and process group, from a read-only checkout of the image.
+
+When graven runs as root and ``unshare`` exists, each instance gets a private mount
+namespace in which its checkout is bind-mounted read-only, so not even root inside
+the instance can modify the image. Otherwise the checkout's files are read-only by
+mode only (which root ignores); ``graven verify`` still detects any change.
+
+Instances outlive the controller: they are not its children in any way that matters
+(new session; stdout/stderr go to a log file), and a restarted controller finds them
+again by pid and the pid's kernel start time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from graven.errors import RuntimeFailure
+from graven.runtime.base import Handle, LaunchSpec
+from graven.store.cas import ContentStore
+
+# Runs inside the new mount namespace: make the checkout read-only, then become the entrypoint.
+_READ_ONLY_SHIM = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel start time of ``pid`` (clock ticks since boot), or None if it is gone.
+
+    Zombies count as gone: they serve nothing.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces or parens: fields start after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        _reap(pid)
+        return None
+    return int(fields[19])
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+class ProcessRuntime:
+    """Runtime adapter for host processes."""
+
+    def __init__(self, state_dir: Path, store: ContentStore) -> None:
+        self.state_dir = state_dir
+        self.store = store
+        self.isolate = os.geteuid() == 0 and shutil.which("unshare") is not None
+
+    def _instance_dir(self, instance_id: str) -> Path:
+        return self.state_dir / "instances" / instance_id
+
+    def checkout_dir(self, spec: LaunchSpec) -> Path:
+        return self.state_dir / "checkouts" / spec.image.digest.hex
+
+    def argv(self, spec: LaunchSpec, root: Path) -> list[str]:
+        """The command line, resolved against the image first, then the host PATH."""
+        entry = list(spec.image.config.entrypoint)
+        program = entry[0]
+        workdir = root / spec.image.config.workdir.lstrip("/")
+        if program.startswith("/"):
+            inside = root / program.lstrip("/")
+            if inside.exists():
+                program = str(inside)
+        elif "/" in program:
+            program = str(workdir / program)
+        else:
+            found = shutil.which(program)
+            if found is None:
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: entrypoint program {program!r} is neither in the image "
+                    "nor on the host PATH",
+                    hint="Fix the recipe's 'entrypoint' step, rebuild and deploy again.",
+                )
+            program = found
+        return [program, *entry[1:]]
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        root = self.checkout_dir(spec)
+        self.store.checkout(spec.image.rootfs, root, read_only=True)
+        workdir = root / spec.image.config.workdir.lstrip("/")
+        if not workdir.is_dir():
+            raise RuntimeFailure(
+                f"{spec.instance_id}: workdir {spec.image.config.workdir} is not a directory "
+                "in the image",
+                hint="Fix the recipe's 'workdir' step.",
+            )
+        argv = self.argv(spec, root)
+        if self.isolate:
+            argv = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "/bin/sh",
+                "-c",
+                _READ_ONLY_SHIM,
+                str(root),
+                *argv,
+            ]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            **dict(spec.image.config.env),
+            **dict(spec.env),
+            "PORT": str(spec.port),
+            "HOST": spec.host,
+            "GRAVEN_INSTANCE": spec.instance_id,
+            "GRAVEN_SERVICE": spec.service,
+            "GRAVEN_RELEASE": f"{spec.service}@r{spec.release}",
+            "GRAVEN_IMAGE": str(spec.image.digest),
+        }
+        inst_dir = self._instance_dir(spec.instance_id)
+        inst_dir.mkdir(parents=True, exist_ok=True)
+        with (inst_dir / "log").open("ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise RuntimeFailure(f"{spec.instance_id}: cannot start {argv[0]}: {exc}") from exc
+        started = process_start_time(proc.pid)
+        if started is None:
+            raise RuntimeFailure(
+                f"{spec.instance_id}: exited at once; log:\n{self.log_tail(spec.instance_id)}"
+            )
+        return Handle(pid=proc.pid, pid_start=started)
+
+    def alive(self, handle: Handle) -> bool:
+        return process_start_time(handle.pid) == handle.pid_start
+
+    def stop(self, handle: Handle, grace: float) -> None:
+        if not self.alive(handle):
+            return
+        _signal_group(handle.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not self.alive(handle):
+                return
+            time.sleep(0.02)
+        _signal_group(handle.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.alive(handle) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def log_tail(self, instance_id: str, lines: int = 20) -> str:
+        path = self._instance_dir(instance_id) / "log"
+        try:
+            data = path.read_bytes()[-16384:]
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise RuntimeFailure(f"not allowed to signal process group {pid}: {exc}") from exc
