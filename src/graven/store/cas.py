@@ -68,6 +68,7 @@ _ENTRY_KEYS: dict[str, frozenset[str]] = {
 # a large file blob when looking for images, and against hostile input.
 _MAX_DOCUMENT = 64 << 20
 _HEX = frozenset("0123456789abcdef")
+_TREE_MEMO_SIZE = 4096
 _READ_ONLY_FILE = {FILE_MODE: 0o444, EXEC_MODE: 0o555}
 _READ_ONLY_DIR = 0o555
 
@@ -304,8 +305,11 @@ class ContentStore:
         self._cache = self.root / "cache" / "sha256"
         self.tmp_dir = self.root / "tmp"
         self._locks = self.root / "locks"
-        for d in (self._blobs, self._refs, self._cache, self.tmp_dir, self._locks):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self._blobs, self._refs, self._cache, self.tmp_dir, self._locks):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot open the content store at {self.root}: {e}") from e
         # Trees are immutable by digest, so parsed ones can be remembered freely.
         self._trees: dict[Digest, Tree] = {}
 
@@ -314,7 +318,13 @@ class ContentStore:
     def _write_atomic(
         self, final: Path, data: bytes, *, mode: int = 0o644, tmp_dir: Path | None = None
     ) -> None:
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir or self.tmp_dir, prefix=".w-")
+        try:
+            self._write_atomic_unchecked(final, data, mode, tmp_dir or self.tmp_dir)
+        except OSError as e:
+            raise StoreError(f"cannot write {final}: {e.strerror or e}") from e
+
+    def _write_atomic_unchecked(self, final: Path, data: bytes, mode: int, tmp_dir: Path) -> None:
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -373,7 +383,7 @@ class ContentStore:
             try:
                 return self._put_stream(f)
             except OSError as e:
-                raise StoreError(f"cannot read {path}: {e.strerror}") from e
+                raise StoreError(f"cannot store {path}: {e.strerror or e}") from e
 
     def _put_stream(self, f: BinaryIO) -> tuple[Digest, int]:
         first = f.read(CHUNK_SIZE)
@@ -447,8 +457,14 @@ class ContentStore:
     def put_tree(self, tree: Tree) -> Digest:
         """Store one tree level (its subtrees and files must be stored already)."""
         digest = self.put_bytes(canonical_json(tree.document()))
-        self._trees[digest] = tree
+        self._remember(digest, tree)
         return digest
+
+    def _remember(self, digest: Digest, tree: Tree) -> None:
+        # Bounded: a long-running controller checks out many images over its life.
+        if len(self._trees) >= _TREE_MEMO_SIZE:
+            self._trees.clear()
+        self._trees[digest] = tree
 
     def read_tree(self, digest: Digest) -> Tree:
         """The tree named ``digest``; StoreError when missing, corrupt or not a tree."""
@@ -459,7 +475,7 @@ class ContentStore:
             tree = parse_tree(data)
         except ValueError as e:
             raise StoreError(f"blob {digest} is not a valid tree: {e}") from None
-        self._trees[digest] = tree
+        self._remember(digest, tree)
         return tree
 
     def _dir_entry(self, name: str, tree: Tree) -> TreeEntry:
@@ -557,6 +573,8 @@ class ContentStore:
 
     def merge_trees(self, base: Digest, overlay: Digest) -> Digest:
         """``overlay`` laid over ``base``: directories merge, anything else is replaced."""
+        if base == overlay:
+            return base
         merged = self.read_tree(base)
         for entry in self.read_tree(overlay).entries:
             existing = merged.get(entry.name)
@@ -651,14 +669,17 @@ class ContentStore:
                     hint="Remove it or choose another destination.",
                 )
             self.read_tree(tree)  # fail before creating anything
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
             try:
-                self._materialize(tree, tmp, read_only)
-                tmp.rename(dest)
-            except BaseException:
-                _force_remove(tmp)
-                raise
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+                try:
+                    self._materialize(tree, tmp, read_only)
+                    tmp.rename(dest)
+                except BaseException:
+                    _force_remove(tmp)
+                    raise
+            except OSError as e:
+                raise StoreError(f"cannot check out {tree.short} at {dest}: {e}") from e
             self._write_atomic(marker, wanted, tmp_dir=dest.parent)
         return dest
 

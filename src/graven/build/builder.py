@@ -1,0 +1,404 @@
+"""Recipe -> image: run a recipe's steps over file trees, never running a step twice.
+
+The build threads a state through the steps: the root file tree (a tree digest in the
+content store; ``scratch`` is the empty tree), the environment (ordered), the working
+directory and the entrypoint. Each step has a cache key, the sha256 over canonical JSON
+of the step's normalized definition, the previous step's key (a chain back to the
+base), the state the step starts from, and, for ``copy``, the Merkle entry of its
+source. A step whose key is cached is not run: the cache holds the state it produced.
+
+``copy`` merges the source tree into the root tree on tree objects, without
+materializing the root. ``run`` checks the root out into a temp directory and, **in
+this first cut, runs the command on the host** with that directory as its working
+directory: it is not isolated, and absolute paths reach the host. Isolation arrives
+with the image engine (OCI layers run under a container runtime).
+
+Reproducible: trees hold no mtimes, owners or umask effects, and keys hold no
+absolute paths, so the same recipe over the same source content gives the same image
+digest wherever and whenever it is built (``run`` commands must be deterministic too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from graven.errors import BuildError, StoreError, UsageError
+from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
+from graven.spec.models import (
+    CopyStep,
+    EntrypointStep,
+    EnvStep,
+    Recipe,
+    RunStep,
+    Step,
+    WorkdirStep,
+)
+from graven.store.cas import ContentStore, Tree, TreeEntry, TreePathError
+
+STEP_KEY_SCHEMA = "graven.step/v1"
+STEP_RESULT_SCHEMA = "graven.step-result/v1"
+_OUTPUT_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step did. ``index`` is the step's position in the recipe (0-based, as in
+    the spec's key path ``images.NAME.steps[INDEX]``); ``key`` its cache key."""
+
+    index: int
+    kind: str
+    summary: str
+    cached: bool
+    seconds: float
+    key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "summary": self.summary,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 6),
+            "key": self.key,
+        }
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The image a build produced (named) and what each step did."""
+
+    image: Image
+    steps: list[StepOutcome]
+
+    @property
+    def executed(self) -> int:
+        """How many steps actually ran (were not answered by the cache)."""
+        return sum(1 for s in self.steps if not s.cached)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.image.name,
+            "digest": str(self.image.digest),
+            "rootfs": str(self.image.rootfs),
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+
+@dataclass(frozen=True)
+class BuildState:
+    """What flows from step to step; a cache entry records the state a step produced."""
+
+    rootfs: Digest
+    env: tuple[tuple[str, str], ...] = ()
+    workdir: str = "/"
+    entrypoint: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rootfs": str(self.rootfs),
+            "env": [list(kv) for kv in self.env],
+            "workdir": self.workdir,
+            "entrypoint": list(self.entrypoint),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BuildState:
+        """Parse a cached state; ValueError/KeyError/TypeError when it is malformed."""
+        env = tuple((str(k), str(v)) for k, v in data["env"])
+        entrypoint = data["entrypoint"]
+        if not isinstance(entrypoint, list) or not isinstance(data["workdir"], str):
+            raise TypeError("malformed build state")
+        return cls(
+            rootfs=Digest(data["rootfs"]),
+            env=env,
+            workdir=data["workdir"],
+            entrypoint=tuple(str(a) for a in entrypoint),
+        )
+
+
+def build_image(
+    name: str,
+    recipe: Recipe,
+    context_dir: Path,
+    store: ContentStore,
+    *,
+    no_cache: bool = False,
+    on_step: Callable[[StepOutcome], None] | None = None,
+) -> BuildResult:
+    """Bake ``recipe`` into an image named ``name``; tag it in ``store``.
+
+    ``context_dir`` is the directory ``copy`` sources are relative to (the spec file's
+    directory). Steps whose cache key is known are not run unless ``no_cache``, which
+    runs every step and refreshes its cache entry. ``on_step`` is called after each
+    step. BuildError when a step fails; it names the image, the step and the cause.
+    """
+    if not is_valid_name(name):
+        raise UsageError(
+            f"invalid image name {name!r}: use lowercase letters, digits and '-', "
+            "starting with a letter"
+        )
+    context = Path(context_dir).resolve()
+    if not context.is_dir():
+        raise BuildError(f"images.{name}: build context {context} is not a directory")
+
+    state = BuildState(rootfs=store.put_tree(Tree()))
+    key = Digest.of_bytes(
+        canonical_json({"schema": STEP_KEY_SCHEMA, "base": recipe.base, "state": state.to_dict()})
+    )
+    outcomes: list[StepOutcome] = []
+    for index, step in enumerate(recipe.steps):
+        started = time.perf_counter()
+        where = f"images.{name}.steps[{index}]"
+        inputs: dict[str, Any] = {}
+        source: TreeEntry | None = None
+        if isinstance(step, CopyStep):
+            source = _ingest_source(store, context, step, where)
+            inputs["source"] = source.to_dict()
+            if source.type == "dir":
+                # Its contents are copied, never its name (for '.', the context
+                # directory's name: it must not tie the key to where the project lives).
+                inputs["source"]["name"] = ""
+        # The starting state is in the key besides the chain: a rerun step that is not
+        # deterministic then invalidates exactly the steps after it.
+        key = Digest.of_bytes(
+            canonical_json(
+                {
+                    "schema": STEP_KEY_SCHEMA,
+                    "parent": str(key),
+                    "state": state.to_dict(),
+                    "step": _definition(step),
+                    "inputs": inputs,
+                }
+            )
+        )
+        cached = None if no_cache else _cached_state(store, key)
+        if cached is not None:
+            state = cached
+        else:
+            state = _apply(step, state, source, store, where)
+            result = {"schema": STEP_RESULT_SCHEMA, "state": state.to_dict()}
+            store.cache_put(key, canonical_json(result).decode())
+        outcome = StepOutcome(
+            index=index,
+            kind=_kind(step),
+            summary=_summary(step),
+            cached=cached is not None,
+            seconds=time.perf_counter() - started,
+            key=str(key),
+        )
+        outcomes.append(outcome)
+        if on_step is not None:
+            on_step(outcome)
+
+    config = ImageConfig(entrypoint=state.entrypoint, env=state.env, workdir=state.workdir)
+    image = store.put_image(state.rootfs, config)
+    store.tag(name, image.digest)
+    return BuildResult(image=replace(image, name=name), steps=outcomes)
+
+
+# --- step description ----------------------------------------------------------------------
+
+
+def _kind(step: Step) -> str:
+    if isinstance(step, CopyStep):
+        return "copy"
+    if isinstance(step, RunStep):
+        return "run"
+    if isinstance(step, EnvStep):
+        return "env"
+    if isinstance(step, WorkdirStep):
+        return "workdir"
+    return "entrypoint"
+
+
+def _definition(step: Step) -> dict[str, Any]:
+    """The step as key material: explicit, so model changes never shift cache keys."""
+    if isinstance(step, CopyStep):
+        # Only the source's components matter ('app/' and './app' copy the same thing);
+        # a trailing '/' on 'to' does matter (copy into vs copy as).
+        return {"copy": "/".join(PurePosixPath(step.source).parts) or ".", "to": step.to}
+    if isinstance(step, RunStep):
+        return {"run": step.run}
+    if isinstance(step, EnvStep):
+        return {"env": [[k, v] for k, v in step.env.items()]}  # order is meaningful
+    if isinstance(step, WorkdirStep):
+        return {"workdir": step.workdir}
+    return {"entrypoint": list(step.entrypoint)}
+
+
+def _summary(step: Step) -> str:
+    if isinstance(step, CopyStep):
+        return f"copy {step.source} -> {step.to}"
+    if isinstance(step, RunStep):
+        lines = step.run.strip().splitlines() or [""]
+        more = " ..." if len(lines) > 1 else ""
+        return f"run {lines[0]}{more} (on the host, not isolated)"
+    if isinstance(step, EnvStep):
+        return "env " + ", ".join(step.env)
+    if isinstance(step, WorkdirStep):
+        return f"workdir {step.workdir}"
+    return "entrypoint " + shlex.join(step.entrypoint)
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+def _cached_state(store: ContentStore, key: Digest) -> BuildState | None:
+    """The state cached under ``key``; None when absent, malformed or its tree is gone."""
+    text = store.cache_get(key)
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+        if doc["schema"] != STEP_RESULT_SCHEMA:
+            return None
+        state = BuildState.from_dict(doc["state"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged entry only costs a rerun
+    return state if store.has(state.rootfs) else None
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+def _apply(
+    step: Step, state: BuildState, source: TreeEntry | None, store: ContentStore, where: str
+) -> BuildState:
+    if isinstance(step, CopyStep) and source is not None:
+        return replace(state, rootfs=_copy(store, state.rootfs, step, source, where))
+    if isinstance(step, RunStep):
+        return replace(state, rootfs=_run_on_host(store, state, step.run, where))
+    if isinstance(step, EnvStep):
+        env = dict(state.env)
+        env.update(step.env)  # a redefined variable keeps its first position
+        return replace(state, env=tuple(env.items()))
+    if isinstance(step, WorkdirStep):
+        return replace(state, workdir=step.workdir)
+    if isinstance(step, EntrypointStep):
+        return replace(state, entrypoint=tuple(step.entrypoint))
+    raise BuildError(f"{where}: unknown step {step!r}")
+
+
+def _ingest_source(store: ContentStore, context: Path, step: CopyStep, where: str) -> TreeEntry:
+    """Store the copy source (file, directory or symlink) and return its tree entry."""
+    parts = PurePosixPath(step.source).parts
+    path = context.joinpath(*parts)
+    if parts:
+        try:
+            parent = path.parent.resolve(strict=True)
+        except OSError:
+            parent = None
+        if parent is not None and not parent.is_relative_to(context):
+            raise BuildError(
+                f"{where}: copy source {step.source!r} leaves the project through a symlink",
+                hint="Copy only files inside the directory that holds graven.yaml.",
+            )
+        if parent is None or not os.path.lexists(parent / path.name):
+            raise BuildError(
+                f"{where}: copy source {step.source!r} does not exist in {context}",
+                hint="Copy sources are relative to the directory that holds graven.yaml.",
+            )
+        path = parent / path.name
+    try:
+        # The store may live inside the project (.graven/): never copy it into an image.
+        return store.ingest(path, exclude=[store.root.resolve()])
+    except StoreError as e:
+        raise BuildError(f"{where}: {e.message}", hint=e.hint) from e
+
+
+def _copy(
+    store: ContentStore, rootfs: Digest, step: CopyStep, source: TreeEntry, where: str
+) -> Digest:
+    """Docker ``COPY`` semantics, on trees: a directory's contents merge into ``to``; a
+    file lands at ``to``, or inside it when ``to`` ends with '/' or is a directory."""
+    try:
+        existing = store.lookup(rootfs, step.to)
+        if source.type == "dir":
+            if existing is not None and existing.type != "dir":
+                raise BuildError(
+                    f"{where}: cannot copy directory {step.source!r} onto {step.to}: "
+                    f"it is a {existing.type} in the image"
+                )
+            return store.place(rootfs, step.to, source)
+        into = step.to.endswith("/") or (existing is not None and existing.type == "dir")
+        dest = f"{step.to.rstrip('/')}/{source.name}" if into else step.to
+        return store.place(rootfs, dest, source)
+    except TreePathError as e:
+        raise BuildError(f"{where}: cannot copy {step.source!r} to {step.to}: {e.message}") from e
+
+
+def _run_on_host(store: ContentStore, state: BuildState, command: str, where: str) -> Digest:
+    """Run ``command`` on the host in a writable checkout of the root; ingest the result.
+
+    Not isolated (first cut): the command sees the host's filesystem and tools; only
+    its working directory is the image tree.
+    """
+    parts = PurePosixPath(state.workdir).parts[1:]
+    for depth in range(1, len(parts) + 1):
+        # A symlink on the way could point the working directory out of the tree.
+        entry = store.lookup(state.rootfs, "/" + "/".join(parts[:depth]))
+        if entry is None:
+            break
+        if entry.type != "dir":
+            raise BuildError(
+                f"{where}: workdir {state.workdir} cannot be used: "
+                f"/{'/'.join(parts[:depth])} is a {entry.type} in the image"
+            )
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=store.tmp_dir))
+    root = work / "rootfs"
+    try:
+        store.checkout(state.rootfs, root, read_only=False)
+        cwd = root.joinpath(*parts)
+        cwd.mkdir(parents=True, exist_ok=True)  # like Docker, WORKDIR need not exist yet
+        # Host PATH wins: the command runs on the host and must find the host's tools.
+        env = {**dict(state.env), "PATH": os.environ.get("PATH", os.defpath)}
+        env["SOURCE_DATE_EPOCH"] = "0"
+        try:
+            proc = subprocess.run(
+                ["/bin/sh", "-c", command],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        except OSError as e:
+            raise BuildError(f"{where}: cannot run {command!r}: {e.strerror}") from e
+        if proc.returncode != 0:
+            raise BuildError(
+                _failure_message(where, command, proc.returncode, proc.stdout),
+                hint="Fix the command and build again; the steps before it stay cached.",
+            )
+        try:
+            return store.ingest_tree(root)
+        except StoreError as e:
+            raise BuildError(f"{where}: after {command!r}: {e.message}", hint=e.hint) from e
+    finally:
+        store.remove_checkout(root)
+        store.remove_checkout(work)
+
+
+def _failure_message(where: str, command: str, returncode: int, output: bytes) -> str:
+    status = (
+        f"was killed by signal {-returncode}"
+        if returncode < 0
+        else f"failed with exit code {returncode}"
+    )
+    lines = output.decode("utf-8", errors="replace").rstrip().splitlines()
+    tail = lines[-_OUTPUT_TAIL_LINES:]
+    text = f"{where}: command {status}: {command}"
+    if not tail:
+        return text + "\n  (no output)"
+    if len(lines) > len(tail):
+        text += f"\n  (last {len(tail)} of {len(lines)} lines of output)"
+    return text + "".join(f"\n  | {line}" for line in tail)
