@@ -1,0 +1,167 @@
+"""Fixtures that drive the real ``graven`` CLI against real processes.
+
+Each test gets its own project and state dir; teardown stops everything the test
+started, by PID, even when the test failed half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graven.runtime.process import process_start_time
+from graven.spec import scaffold
+
+SPEC = """\
+version: 1
+images:
+  hello:
+    steps:
+      - copy: app
+        to: /app
+      - workdir: /app
+      - entrypoint: python3 app.py
+services:
+  hello:
+    image: hello
+    replicas: {replicas}
+    port: {port}
+    health:
+      path: {health_path}
+      interval: 0.5s
+      start_timeout: {start_timeout}
+    drain_timeout: 5s
+    stop_grace: 5s
+    env:
+      VERSION: {version}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Project:
+    root: Path
+    port: int
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".graven"
+
+    def write_spec(
+        self,
+        version: str = "v1",
+        *,
+        replicas: int = 3,
+        health_path: str = "/healthz",
+        start_timeout: str = "20s",
+    ) -> None:
+        (self.root / "graven.yaml").write_text(
+            SPEC.format(
+                replicas=replicas,
+                port=self.port,
+                version=version,
+                health_path=health_path,
+                start_timeout=start_timeout,
+            )
+        )
+        # A new version is a new image, not only new config.
+        (self.root / "app" / "VERSION").write_text(version + "\n")
+
+    def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
+        env = {**os.environ, "GRAVEN_ACTOR": "tester@ci", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "graven", *args],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        result = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"graven {' '.join(args)} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return result
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.graven("status", "hello", "-o", "json").json()["services"][0]
+        return data
+
+    def controller_pid(self) -> int | None:
+        try:
+            return int((self.state_dir / "controller.lock").read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def known_pids(self) -> list[tuple[int, int | None]]:
+        """Processes graven recorded for this project, with the start time recorded for
+        each, so teardown never signals a recycled pid."""
+        found: list[tuple[int, int | None]] = []
+        db = self.state_dir / "state.db"
+        if db.exists():
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                found += [(r[0], r[1]) for r in conn.execute("SELECT pid, pid_start FROM instances")]
+        for pidfile in (self.state_dir / "routers").glob("*.pid"):
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                rec = json.loads(pidfile.read_text())
+                found.append((int(rec["pid"]), rec.get("start_time")))
+        if (pid := self.controller_pid()) is not None:
+            found.append((pid, process_start_time(pid)))
+        return found
+
+
+def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:
+    for pid, started in recorded:
+        if started is None or process_start_time(pid) != started:
+            continue  # gone, or the pid now belongs to someone else
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    root = tmp_path / "proj"
+    scaffold(root)
+    proj = Project(root, free_port())
+    proj.write_spec()
+    try:
+        yield proj
+    finally:
+        pids = proj.known_pids()
+        with contextlib.suppress(Exception):
+            proj.graven("down", timeout=60, check=False)
+        time.sleep(0.2)
+        _kill_recorded(pids)

@@ -1,0 +1,113 @@
+"""The CLI's promises to scripts: JSON on every verb, exit codes, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Project
+
+pytestmark = pytest.mark.e2e
+
+
+def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
+    verbs: list[tuple[str, ...]] = [
+        ("init", str(tmp_path / "fresh")),
+        ("check",),
+        ("schema",),
+        ("build",),
+        ("images",),
+        ("plan",),
+        ("deploy", "-m", "json everywhere"),
+        ("status",),
+        ("releases", "hello"),
+        ("audit",),
+        ("audit", "--verify"),
+        ("rollback", "hello", "--to", "1"),
+        ("down", "hello"),
+        ("down",),
+    ]
+    for verb in verbs:
+        result = project.graven(*verb, "-o", "json")
+        try:
+            json.loads(result.stdout)
+        except ValueError as exc:  # pragma: no cover - the assertion message is the point
+            raise AssertionError(f"graven {' '.join(verb)} -o json printed: {result.stdout!r}") from exc
+    # Errors are JSON too, with the usage exit code.
+    bad = project.graven("releases", "nope", "-o", "json", check=False)
+    assert bad.code == 2
+    assert json.loads(bad.stdout)["error"]
+
+
+def test_every_verb_has_help(project: Project) -> None:
+    top = project.graven("--help").stdout
+    for verb in ["init", "check", "schema", "build", "images", "plan", "deploy", "rollback",
+                 "status", "releases", "down", "audit", "serve", "demo"]:
+        assert verb in top
+        assert "-o, --output" in project.graven(verb, "--help").stdout
+
+
+def test_deploy_requires_a_reason(project: Project) -> None:
+    result = project.graven("deploy", check=False)
+    assert result.code == 2
+    assert "-m" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+MALFORMED = {
+    "syntax": ("services:\n  hello:\n    image: [unclosed\n", 3, ""),
+    "unknown key": ("services:\n  hello:\n    image: hello\n    port: 1\n    replica: 2\n", 5, "services.hello.replica"),
+    "bad replicas": ("services:\n  hello:\n    image: hello\n    port: 1\n    replicas: three\n", 5, "services.hello.replicas"),
+    "bad duration": ("services:\n  hello:\n    image: hello\n    port: 1\n    health:\n      interval: soon\n", 6, "services.hello.health.interval"),
+    "port range": ("services:\n  hello:\n    image: hello\n    port: 70000\n", 4, "services.hello.port"),
+    "unknown image": ("services:\n  hello:\n    image: nope\n    port: 1\n", 3, "services.hello.image"),
+    "missing port": ("services:\n  hello:\n    image: hello\n", 2, "services.hello"),
+    "bad step": ("images:\n  hello:\n    steps:\n      - cpy: app\n", 4, "images.hello.steps[0]"),
+    "copy escapes": ("images:\n  hello:\n    steps:\n      - copy: ../etc\n      - entrypoint: x\n", 4, "images.hello.steps[0]"),
+    "relative workdir": ("images:\n  hello:\n    steps:\n      - workdir: app\n      - entrypoint: x\n", 4, "images.hello.steps[0]"),
+    "duplicate key": ("services:\n  hello:\n    image: hello\n    image: other\n    port: 1\n", 4, "services.hello.image"),
+    "not a mapping": ("- just\n- a list\n", 1, ""),
+    "bad strategy": ("services:\n  hello:\n    image: hello\n    port: 1\n    strategy:\n      max_surge: 0\n      max_unavailable: 0\n", 5, "services.hello.strategy"),
+}
+
+IMAGE = "images:\n  hello:\n    steps:\n      - copy: app\n        to: /app\n      - entrypoint: python3 app.py\n"
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_spec_names_file_line_and_key(project: Project, case: str) -> None:
+    text, line, key = MALFORMED[case]
+    body = text if text.startswith(("images:", "- ")) or "[unclosed" in text else IMAGE + text
+    offset = 0 if body is text else IMAGE.count("\n")
+    spec = project.root / "graven.yaml"
+    spec.write_text(body)
+    for fmt in ("text", "json"):
+        result = project.graven("check", "-o", fmt, check=False)
+        assert result.code == 2, (case, result)
+        assert "Traceback" not in result.stdout + result.stderr
+    text_out = project.graven("check", check=False).stderr
+    assert f"graven.yaml:{line + offset}" in text_out, (case, text_out)
+    if key:
+        assert key in text_out, (case, text_out)
+    problems = project.graven("check", "-o", "json", check=False).json()["problems"]
+    assert any(p["line"] == line + offset for p in problems), (case, problems)
+
+
+def test_editing_a_ledger_row_fails_verify_naming_it(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    project.write_spec("v2")
+    project.graven("deploy", "-m", "second")
+    project.graven("rollback", "hello", "-m", "third")
+    assert project.graven("audit", "--verify").code == 0
+    db = sqlite3.connect(project.state_dir / "state.db")
+    with db:
+        db.execute("UPDATE ledger SET message='nothing happened' WHERE seq=2")
+    db.close()
+    text = project.graven("audit", "--verify", check=False)
+    assert text.code == 1
+    assert "#2" in text.stderr
+    as_json = project.graven("audit", "--verify", "-o", "json", check=False)
+    assert as_json.code == 1
+    assert as_json.json()["first_bad_entry"] == 2

@@ -1,0 +1,126 @@
+"""The whole lifecycle through the CLI, on embedded defaults, under real traffic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from graven.testing.load import Load
+from tests.e2e.conftest import Project
+
+pytestmark = pytest.mark.e2e
+
+
+def _deploy_under_load(project: Project, *args: str, min_requests: int = 500) -> tuple[object, ...]:
+    with Load("127.0.0.1", project.port, clients=4, min_requests=min_requests, max_seconds=90) as load:
+        result = project.graven(*args, "-o", "json", timeout=120)
+    return result, load.report
+
+
+def test_deploy_and_rollback_under_load_drop_nothing(project: Project) -> None:
+    first = project.graven("deploy", "-m", "first", "-o", "json").json()
+    assert first["results"][0]["release"] == "hello@r1"
+    assert first["results"][0]["rollout_result"]["state"] == "succeeded"
+    v1 = project.status()
+    assert len(v1["instances"]) == 3
+    assert {i["state"] for i in v1["instances"]} == {"healthy"}
+
+    project.write_spec("v2")
+    result, report = _deploy_under_load(project, "deploy", "-m", "ship v2")
+    assert report.failed == 0, report.to_dict()
+    assert report.sent >= 500
+    v2 = project.status()
+    assert v2["desired_release"] == "hello@r2"
+    assert not {i["id"] for i in v2["instances"]} & {i["id"] for i in v1["instances"]}, (
+        "instances must be replaced, never reused"
+    )
+    assert v2["image"] != v1["image"]
+    assert any("v1" in body for body in report.bodies) and any("v2" in b for b in report.bodies)
+
+    result, report = _deploy_under_load(project, "rollback", "hello", "-m", "back to v1")
+    assert report.failed == 0, report.to_dict()
+    assert report.sent >= 500
+    back = project.status()
+    assert back["desired_release"] == "hello@r1"
+    assert back["image"] == v1["image"]
+
+    audit = project.graven("audit", "--verify", "-o", "json").json()
+    actions = [(e["action"], e["release"], e["actor"]) for e in audit["entries"]]
+    assert actions[:3] == [
+        ("deploy", "hello@r1", "tester@ci"),
+        ("deploy", "hello@r2", "tester@ci"),
+        ("rollback", "hello@r1", "tester@ci"),
+    ]
+    assert audit["verified"] is True
+
+
+def test_same_deploy_twice_does_nothing(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    before = project.status()
+    again = project.graven("deploy", "-m", "again", "-o", "json").json()
+    assert again["results"][0]["changed"] is False
+    assert project.status()["instances"] == before["instances"]
+    build = project.graven("build", "-o", "json").json()
+    assert build["images"][0]["steps_run"] == 0
+    audit = project.graven("audit", "-o", "json").json()
+    assert [e["action"] for e in audit["entries"]] == ["deploy"]
+    plan = project.graven("plan", "-o", "json").json()
+    assert plan["plans"][0]["changed"] is False
+
+
+def test_controller_kill9_drops_nothing_and_is_adopted(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    before = project.status()
+    pid = project.controller_pid()
+    assert pid is not None
+    with Load("127.0.0.1", project.port, clients=3, min_requests=600, max_seconds=60) as load:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)  # traffic flows with no controller at all
+    assert load.report.failed == 0, load.report.to_dict()
+    after = project.status()  # restarts the controller
+    assert project.controller_pid() != pid
+    time.sleep(3)  # give a wrongly-duplicating controller the time to do it
+    again = project.status()
+    ids = lambda s: sorted((i["id"], i["pid"]) for i in s["instances"])  # noqa: E731
+    assert ids(after) == ids(before) == ids(again)
+    db = sqlite3.connect(project.state_dir / "state.db")
+    (count,) = db.execute("SELECT COUNT(*) FROM instances").fetchone()
+    assert count == 3, "the restarted controller started duplicates"
+
+
+def test_failed_health_rolls_back_with_a_reason(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    project.write_spec("v2", health_path="/does-not-exist", start_timeout="3s")
+    with Load("127.0.0.1", project.port, clients=2, min_requests=100, max_seconds=60) as load:
+        result = project.graven("deploy", "-m", "broken", check=False)
+    assert result.code == 1
+    assert "did not pass health check" in result.stdout + result.stderr
+    assert load.report.failed == 0
+    status = project.status()
+    assert status["desired_release"] == "hello@r1"
+    assert status["rollout"]["state"] == "failed"
+    audit = project.graven("audit", "--verify", "-o", "json").json()
+    failed = [e for e in audit["entries"] if e["action"] == "rollout-failed"]
+    assert failed and "health check" in failed[0]["message"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="read-only bind mounts need root")
+def test_instances_run_from_read_only_checkout(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    inst = project.status()["instances"][0]
+    app = project.state_dir / "checkouts" / inst["image"].removeprefix("sha256:") / "app" / "app.py"
+    assert app.exists()
+    # Inside the instance's mount namespace even root cannot write to the image.
+    probe = subprocess.run(
+        ["nsenter", "-t", str(inst["pid"]), "-m", "--", sys.executable, "-c",
+         f"open({str(app)!r}, 'a').write('tampered')"],
+        capture_output=True, text=True, check=False,
+    )
+    assert probe.returncode != 0
+    assert "Read-only file system" in probe.stderr

@@ -1,0 +1,522 @@
+"""The embedded router process against real backend servers and real traffic.
+
+Every proxy is started through ``EmbeddedRouter`` and stopped by pid at teardown;
+every backend is an ``EchoBackend`` on 127.0.0.1; every load loop is bounded in
+request count and in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from graven.errors import RouterError
+from graven.router.base import BackendStats
+from graven.router.embedded import EmbeddedRouter
+from graven.testing.fakes import EchoBackend
+
+SERVICE = "web"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def by_id(stats: list[BackendStats]) -> dict[str, BackendStats]:
+    return {s.id: s for s in stats}
+
+
+@dataclass
+class Proxy:
+    """One service's router as a test sees it."""
+
+    router: EmbeddedRouter
+    port: int
+    pids: set[int]
+
+    def start(self) -> int:
+        self.router.ensure(SERVICE, self.port)
+        pid = self.router.pid(SERVICE)
+        assert pid is not None
+        self.pids.add(pid)
+        return pid
+
+    def get(self, path: str = "/", **headers: str) -> tuple[int, bytes, http.client.HTTPResponse]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read(), resp
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes, *, read_until_close: bool = True) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(data)
+            if not read_until_close:
+                return s.recv(65536)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    def log(self) -> str:
+        return self.router.log_path(SERVICE).read_text(errors="replace")[-2000:]
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[Proxy]:
+    p = Proxy(EmbeddedRouter(tmp_path / "state"), free_port(), set())
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(Exception):
+            p.router.stop(SERVICE)
+        for pid in p.pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def echoes() -> Iterator[Callable[[str], EchoBackend]]:
+    started: list[EchoBackend] = []
+
+    def make(name: str) -> EchoBackend:
+        echo = EchoBackend(name)
+        started.append(echo)
+        return echo
+
+    try:
+        yield make
+    finally:
+        for echo in started:
+            echo.close()
+
+
+@dataclass
+class Load:
+    """Keep-alive GETs from ``clients`` threads until stopped (after ``min_requests``),
+    ``max_requests`` were sent, or ``max_seconds`` passed: bounded either way."""
+
+    port: int
+    clients: int = 6
+    min_requests: int = 2000
+    max_requests: int = 20000
+    max_seconds: float = 30.0
+    ok: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    served_by: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + self.max_seconds
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+
+    def start(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    @property
+    def sent(self) -> int:
+        return self._sent
+
+    def wait_sent(self, n: int) -> None:
+        eventually(lambda: self._sent >= n, timeout=self.max_seconds)
+
+    def finish(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.max_seconds + 10)
+
+    def _ticket(self) -> bool:
+        with self._lock:
+            if self._sent >= self.max_requests or time.monotonic() > self._deadline:
+                return False
+            if self._stop.is_set() and self._sent >= self.min_requests:
+                return False
+            self._sent += 1
+            return True
+
+    def _client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        while self._ticket():
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                body = resp.read()
+                backend = resp.getheader("X-Graven-Backend", "?")
+                with self._lock:
+                    if resp.status == 200 and body == f"{backend}\n".encode():
+                        self.ok += 1
+                        self.served_by[backend] += 1
+                    else:
+                        self.failures[f"HTTP {resp.status}: {body[:80]!r}"] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures[repr(exc)] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.close()
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_requests_reach_only_ready_backends(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b, c = echoes("a"), echoes("b"), echoes("c")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend(), b.backend("drain"), c.backend()])
+    seen = Counter(proxy.get()[2].getheader("X-Graven-Backend") for _ in range(40))
+    assert seen == {"a": 20, "c": 20}
+    assert b.requests == 0
+
+
+def test_weights_are_respected(proxy: Proxy, echoes: Callable[[str], EchoBackend]) -> None:
+    light, heavy, off = echoes("light"), echoes("heavy"), echoes("off")
+    proxy.start()
+    proxy.router.set_backends(
+        SERVICE, [light.backend(weight=100), heavy.backend(weight=300), off.backend(weight=0)]
+    )
+    load = Load(proxy.port, clients=4, min_requests=400, max_requests=400, max_seconds=20)
+    load.start().finish()
+    assert not load.failures
+    assert 80 <= load.served_by["light"] <= 120, load.served_by
+    assert 280 <= load.served_by["heavy"] <= 320, load.served_by
+    assert off.requests == 0
+
+
+def test_no_ready_backend_is_503_and_all_dead_is_502(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    proxy.start()
+    status, body, resp = proxy.get()
+    assert (status, resp.getheader("Retry-After")) == (503, "1")
+    assert b"no ready backend" in body
+
+    dead = echoes("dead")
+    proxy.router.set_backends(SERVICE, [dead.backend()])
+    dead.close()
+    assert proxy.get()[0] == 502
+    assert by_id(proxy.router.stats(SERVICE))["dead"].errors >= 1
+
+
+def test_forwarding_headers(proxy: Proxy, echoes: Callable[[str], EchoBackend]) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    status, _, resp = proxy.get(
+        "/", **{"X-Forwarded-For": "203.0.113.9", "Connection": "X-Secret", "X-Secret": "1"}
+    )
+    assert status == 200
+    assert resp.getheader("X-Graven-Backend") == "a"
+    assert a.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert a.headers["Connection"] == "close"
+    assert "X-Secret" not in a.headers  # named in Connection: hop-by-hop
+
+
+# --------------------------------------------------------------------------- draining
+
+
+def test_a_drained_backend_gets_nothing_new_but_finishes_its_slow_request(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    old, new = echoes("old"), echoes("new")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [old.backend()])
+    old.gate.clear()
+    slow: list[tuple[int, bytes]] = []
+    thread = threading.Thread(target=lambda: slow.append(proxy.get("/hold")[:2]), daemon=True)
+    thread.start()
+    assert old.wait_held(1)
+
+    proxy.router.set_backends(SERVICE, [old.backend("drain"), new.backend()])
+    served = Counter(proxy.get()[2].getheader("X-Graven-Backend") for _ in range(20))
+    assert served == {"new": 20}
+    assert by_id(proxy.router.stats(SERVICE))["old"].inflight == 1
+
+    old.gate.set()
+    thread.join(timeout=10)
+    assert slow == [(200, b"old\n")]
+    assert eventually(lambda: by_id(proxy.router.stats(SERVICE))["old"].inflight == 0)
+
+
+def test_zero_failed_requests_while_backends_are_swapped_under_load(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    current = echoes("gen0")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [current.backend()])
+    load = Load(proxy.port, clients=6, min_requests=2500).start()
+    swaps = 0
+    try:
+        load.wait_sent(200)
+        for gen in range(1, 9):
+            new = echoes(f"gen{gen}")
+            old = current
+            proxy.router.set_backends(SERVICE, [old.backend(), new.backend()])
+            time.sleep(0.1)
+            # Drain both ways the controller may: explicitly, or by leaving it out.
+            if gen % 2:
+                proxy.router.set_backends(SERVICE, [old.backend("drain"), new.backend()])
+            else:
+                proxy.router.set_backends(SERVICE, [new.backend()])
+            assert eventually(
+                lambda old=old: all(  # type: ignore[misc]
+                    s.inflight == 0 for s in proxy.router.stats(SERVICE) if s.id == old.name
+                )
+            )
+            old.close()
+            current = new
+            swaps += 1
+            time.sleep(0.1)
+    finally:
+        load.finish()
+    assert swaps == 8
+    assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
+    assert load.ok >= 2000
+    assert len(load.served_by) >= 5  # traffic really moved across generations
+
+
+def test_a_backend_that_dies_abruptly_costs_no_request(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b, c = echoes("a"), echoes("b"), echoes("c")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend(), b.backend(), c.backend()])
+    load = Load(proxy.port, clients=6, min_requests=1500, max_seconds=20).start()
+    try:
+        load.wait_sent(300)
+        b.close()  # no word to the router: it finds out by connecting
+        load.wait_sent(900)
+        c.close()
+    finally:
+        load.finish()
+    assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
+    stats = by_id(proxy.router.stats(SERVICE))
+    assert stats["b"].state == "ready"  # still configured: only the controller removes it
+    assert stats["b"].errors >= 1
+    assert load.served_by["a"] > 0
+
+
+# --------------------------------------------------------------------------- process life
+
+
+def test_the_proxy_outlives_its_router_object(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend], tmp_path: Path
+) -> None:
+    a = echoes("a")
+    pid = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    proxy.router = EmbeddedRouter(tmp_path / "state")  # a restarted controller
+
+    assert proxy.start() == pid
+    assert proxy.router.running() == {SERVICE: proxy.port}
+    assert proxy.get()[:2] == (200, b"a\n")
+
+
+def test_a_restarted_proxy_restores_its_backends(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b = echoes("a"), echoes("b")
+    pid = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend(weight=10), b.backend("drain")])
+    os.kill(pid, signal.SIGKILL)
+    assert eventually(lambda: proxy.router.running() == {})
+
+    assert proxy.start() != pid
+    assert [(s.id, s.state) for s in proxy.router.stats(SERVICE)] == [
+        ("a", "ready"),
+        ("b", "drain"),
+    ]
+    assert proxy.get()[:2] == (200, b"a\n")
+
+
+def test_sigterm_lets_in_flight_requests_finish(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    pid = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    results: list[tuple[int, bytes]] = []
+    thread = threading.Thread(
+        target=lambda: results.append(proxy.get("/slow?ms=700")[:2]), daemon=True
+    )
+    thread.start()
+    assert eventually(lambda: a.requests == 1)
+
+    proxy.router.stop(SERVICE)  # returns once the proxy has exited
+
+    thread.join(timeout=10)
+    assert results == [(200, b"a\n")]
+    assert not pid_alive(pid)
+    assert "stopped" in proxy.log()
+
+
+def test_a_port_in_use_is_a_router_error_naming_the_port(proxy: Proxy) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", proxy.port))
+        holder.listen()
+        with pytest.raises(RouterError, match=rf"port {proxy.port}.*in use") as info:
+            proxy.start()
+    assert str(proxy.port) in (info.value.hint or "")
+    assert proxy.router.running() == {}
+
+
+def test_a_long_state_dir_gets_a_short_admin_socket(
+    tmp_path: Path, echoes: Callable[[str], EchoBackend]
+) -> None:
+    deep = tmp_path.joinpath(*["deeply-nested-directory"] * 5, "state")
+    proxy = Proxy(EmbeddedRouter(deep), free_port(), set())
+    try:
+        proxy.start()
+        proxy.router.set_backends(SERVICE, [echoes("a").backend()])
+        assert proxy.get()[:2] == (200, b"a\n")
+        record = (deep / "routers" / f"{SERVICE}.pid").read_text()
+        assert "/tmp/graven-" in record
+    finally:
+        proxy.router.stop(SERVICE)
+    assert proxy.router.running() == {}
+
+
+# --------------------------------------------------------------------------- HTTP framing
+
+
+def test_chunked_request_and_response_bodies_pass_through(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    pieces = [b"x" * 10, b"", b"y" * 70_000, b"z\r\n0\r\n\r\n"]  # framing-like bytes too
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.request("POST", "/echo", body=iter(pieces), encode_chunked=True)
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"".join(pieces))
+        sock = conn.sock
+
+        conn.request("GET", "/chunked?n=4")
+        resp = conn.getresponse()
+        expected = b"".join(b"a chunk %d\n" % i * (i + 1) for i in range(4))
+        assert resp.getheader("Transfer-Encoding") == "chunked"
+        assert resp.read() == expected
+
+        # A body delimited by the backend closing is re-framed, keeping us connected.
+        conn.request("GET", "/until-close")
+        resp = conn.getresponse()
+        assert resp.read() == b"a until close\n" * 3
+
+        conn.request("POST", "/echo", body=b"plain body")
+        assert conn.getresponse().read() == b"plain body"
+        assert conn.sock is sock  # one client connection carried all four
+    finally:
+        conn.close()
+
+
+def test_http_1_0_clients_get_their_semantics(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    # Without keep-alive the proxy closes after the answer.
+    out = proxy.raw(b"GET / HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\na\n")
+    assert b"Connection: close" in out
+    # A chunked answer reaches an HTTP/1.0 client decoded, ended by the close.
+    out = proxy.raw(b"GET /chunked?n=2 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"chunked" not in head.lower()
+    assert body == b"a chunk 0\na chunk 1\na chunk 1\n"
+    # With keep-alive and a length, the connection stays open.
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        for _ in range(2):
+            s.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"\r\n\r\na\n") and (piece := s.recv(65536)):
+                answer += piece
+            assert b"Connection: keep-alive" in answer and answer.endswith(b"a\n")
+
+
+def test_head_answers_keep_length_without_body(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.request("HEAD", "/")
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Content-Length"), resp.read()) == (200, "1234", b"")
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"a\n"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"BLAH\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\n\r\n", b"400"),  # no Host
+        (b"GET / HTTP/1.1\r\nHost: x\r\n bad fold\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", b"400"),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"400",
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n", b"400"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400"),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"505"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+    ],
+)
+def test_malformed_requests_are_refused_and_the_proxy_keeps_serving(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend], request_bytes: bytes, status: bytes
+) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    answer = proxy.raw(request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert proxy.get()[:2] == (200, b"a\n")
+    assert by_id(proxy.router.stats(SERVICE))["a"].errors == 0
