@@ -105,6 +105,7 @@ class Project:
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
@@ -131,7 +132,9 @@ class Project:
         db = self.state_dir / "state.db"
         if db.exists():
             with contextlib.closing(sqlite3.connect(db)) as conn:
-                found += [(r[0], r[1]) for r in conn.execute("SELECT pid, pid_start FROM instances")]
+                found += [
+                    (r[0], r[1]) for r in conn.execute("SELECT pid, pid_start FROM instances")
+                ]
         for pidfile in (self.state_dir / "routers").glob("*.pid"):
             with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
                 rec = json.loads(pidfile.read_text())

@@ -35,7 +35,9 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
         try:
             json.loads(result.stdout)
         except ValueError as exc:  # pragma: no cover - the assertion message is the point
-            raise AssertionError(f"graven {' '.join(verb)} -o json printed: {result.stdout!r}") from exc
+            raise AssertionError(
+                f"graven {' '.join(verb)} -o json printed: {result.stdout!r}"
+            ) from exc
     # Errors are JSON too, with the usage exit code.
     bad = project.graven("releases", "nope", "-o", "json", check=False)
     assert bad.code == 2
@@ -44,8 +46,22 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
 
 def test_every_verb_has_help(project: Project) -> None:
     top = project.graven("--help").stdout
-    for verb in ["init", "check", "schema", "build", "images", "plan", "deploy", "rollback",
-                 "status", "releases", "down", "audit", "serve", "demo"]:
+    for verb in [
+        "init",
+        "check",
+        "schema",
+        "build",
+        "images",
+        "plan",
+        "deploy",
+        "rollback",
+        "status",
+        "releases",
+        "down",
+        "audit",
+        "serve",
+        "demo",
+    ]:
         assert verb in top
         assert "-o, --output" in project.graven(verb, "--help").stdout
 
@@ -59,18 +75,54 @@ def test_deploy_requires_a_reason(project: Project) -> None:
 
 MALFORMED = {
     "syntax": ("services:\n  hello:\n    image: [unclosed\n", 3, ""),
-    "unknown key": ("services:\n  hello:\n    image: hello\n    port: 1\n    replica: 2\n", 5, "services.hello.replica"),
-    "bad replicas": ("services:\n  hello:\n    image: hello\n    port: 1\n    replicas: three\n", 5, "services.hello.replicas"),
-    "bad duration": ("services:\n  hello:\n    image: hello\n    port: 1\n    health:\n      interval: soon\n", 6, "services.hello.health.interval"),
-    "port range": ("services:\n  hello:\n    image: hello\n    port: 70000\n", 4, "services.hello.port"),
-    "unknown image": ("services:\n  hello:\n    image: nope\n    port: 1\n", 3, "services.hello.image"),
+    "unknown key": (
+        "services:\n  hello:\n    image: hello\n    port: 1\n    replica: 2\n",
+        5,
+        "services.hello.replica",
+    ),
+    "bad replicas": (
+        "services:\n  hello:\n    image: hello\n    port: 1\n    replicas: three\n",
+        5,
+        "services.hello.replicas",
+    ),
+    "bad duration": (
+        "services:\n  hello:\n    image: hello\n    port: 1\n    health:\n      interval: soon\n",
+        6,
+        "services.hello.health.interval",
+    ),
+    "port range": (
+        "services:\n  hello:\n    image: hello\n    port: 70000\n",
+        4,
+        "services.hello.port",
+    ),
+    "unknown image": (
+        "services:\n  hello:\n    image: nope\n    port: 1\n",
+        3,
+        "services.hello.image",
+    ),
     "missing port": ("services:\n  hello:\n    image: hello\n", 2, "services.hello"),
     "bad step": ("images:\n  hello:\n    steps:\n      - cpy: app\n", 4, "images.hello.steps[0]"),
-    "copy escapes": ("images:\n  hello:\n    steps:\n      - copy: ../etc\n      - entrypoint: x\n", 4, "images.hello.steps[0]"),
-    "relative workdir": ("images:\n  hello:\n    steps:\n      - workdir: app\n      - entrypoint: x\n", 4, "images.hello.steps[0]"),
-    "duplicate key": ("services:\n  hello:\n    image: hello\n    image: other\n    port: 1\n", 4, "services.hello.image"),
+    "copy escapes": (
+        "images:\n  hello:\n    steps:\n      - copy: ../etc\n      - entrypoint: x\n",
+        4,
+        "images.hello.steps[0]",
+    ),
+    "relative workdir": (
+        "images:\n  hello:\n    steps:\n      - workdir: app\n      - entrypoint: x\n",
+        4,
+        "images.hello.steps[0]",
+    ),
+    "duplicate key": (
+        "services:\n  hello:\n    image: hello\n    image: other\n    port: 1\n",
+        4,
+        "services.hello.image",
+    ),
     "not a mapping": ("- just\n- a list\n", 1, ""),
-    "bad strategy": ("services:\n  hello:\n    image: hello\n    port: 1\n    strategy:\n      max_surge: 0\n      max_unavailable: 0\n", 5, "services.hello.strategy"),
+    "bad strategy": (
+        "services:\n  hello:\n    image: hello\n    port: 1\n    strategy:\n      max_surge: 0\n      max_unavailable: 0\n",
+        5,
+        "services.hello.strategy",
+    ),
 }
 
 IMAGE = "images:\n  hello:\n    steps:\n      - copy: app\n        to: /app\n      - entrypoint: python3 app.py\n"

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _deploy_under_load(project: Project, *args: str, min_requests: int = 500) -> tuple[object, ...]:
-    with Load("127.0.0.1", project.port, clients=4, min_requests=min_requests, max_seconds=90) as load:
+    with Load(
+        "127.0.0.1", project.port, clients=4, min_requests=min_requests, max_seconds=90
+    ) as load:
         result = project.graven(*args, "-o", "json", timeout=120)
     return result, load.report
 
@@ -32,7 +34,7 @@ def test_deploy_and_rollback_under_load_drop_nothing(project: Project) -> None:
     assert {i["state"] for i in v1["instances"]} == {"healthy"}
 
     project.write_spec("v2")
-    result, report = _deploy_under_load(project, "deploy", "-m", "ship v2")
+    _, report = _deploy_under_load(project, "deploy", "-m", "ship v2")
     assert report.failed == 0, report.to_dict()
     assert report.sent >= 500
     v2 = project.status()
@@ -43,7 +45,7 @@ def test_deploy_and_rollback_under_load_drop_nothing(project: Project) -> None:
     assert v2["image"] != v1["image"]
     assert any("v1" in body for body in report.bodies) and any("v2" in b for b in report.bodies)
 
-    result, report = _deploy_under_load(project, "rollback", "hello", "-m", "back to v1")
+    _, report = _deploy_under_load(project, "rollback", "hello", "-m", "back to v1")
     assert report.failed == 0, report.to_dict()
     assert report.sent >= 500
     back = project.status()
@@ -118,9 +120,19 @@ def test_instances_run_from_read_only_checkout(project: Project) -> None:
     assert app.exists()
     # Inside the instance's mount namespace even root cannot write to the image.
     probe = subprocess.run(
-        ["nsenter", "-t", str(inst["pid"]), "-m", "--", sys.executable, "-c",
-         f"open({str(app)!r}, 'a').write('tampered')"],
-        capture_output=True, text=True, check=False,
+        [
+            "nsenter",
+            "-t",
+            str(inst["pid"]),
+            "-m",
+            "--",
+            sys.executable,
+            "-c",
+            f"open({str(app)!r}, 'a').write('tampered')",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert probe.returncode != 0
     assert "Read-only file system" in probe.stderr

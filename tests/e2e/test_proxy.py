@@ -143,7 +143,9 @@ class Load:
         self._sent = 0
         self._stop = threading.Event()
         self._deadline = time.monotonic() + self.max_seconds
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        self._threads = [
+            threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)
+        ]
 
     def start(self) -> Load:
         for t in self._threads:

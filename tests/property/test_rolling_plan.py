@@ -20,14 +20,18 @@ def fleets(draw: st.DrawFn) -> tuple[int, int, int, int, list[ObservedInstance]]
         ObservedInstance(
             id=f"i{n}",
             release=draw(st.integers(1, 4)),
-            state=draw(st.sampled_from(["healthy", "healthy", "starting", "unhealthy", "draining"])),
+            state=draw(
+                st.sampled_from(["healthy", "healthy", "starting", "unhealthy", "draining"])
+            ),
         )
         for n in range(count)
     ]
     return replicas, max_surge, max_unavailable, desired, observed
 
 
-def apply(observed: list[ObservedInstance], steps: tuple[object, ...], floor: int, ceiling: int) -> dict[str, ObservedInstance]:
+def apply(
+    observed: list[ObservedInstance], steps: tuple[object, ...], floor: int, ceiling: int
+) -> dict[str, ObservedInstance]:
     """Simulate a plan, checking the bounds after every step."""
     fleet = {i.id: i for i in observed}
     slots: dict[str, str] = {}
@@ -57,9 +61,13 @@ def apply(observed: list[ObservedInstance], steps: tuple[object, ...], floor: in
 
 @settings(max_examples=400, deadline=None)
 @given(fleets())
-def test_rolling_respects_bounds_and_converges(case: tuple[int, int, int, int, list[ObservedInstance]]) -> None:
+def test_rolling_respects_bounds_and_converges(
+    case: tuple[int, int, int, int, list[ObservedInstance]],
+) -> None:
     replicas, surge, unavailable, desired, observed = case
-    plan = plan_rolling("web", desired, replicas, observed, max_surge=surge, max_unavailable=unavailable)
+    plan = plan_rolling(
+        "web", desired, replicas, observed, max_surge=surge, max_unavailable=unavailable
+    )
     fleet = apply(observed, plan.steps, replicas - unavailable, replicas + surge)
     # Ends with exactly one release serving, at full strength.
     assert sorted((i.release, i.state) for i in fleet.values()) == [(desired, "healthy")] * replicas
@@ -72,7 +80,9 @@ def test_rolling_respects_bounds_and_converges(case: tuple[int, int, int, int, l
 
 @settings(max_examples=100, deadline=None)
 @given(fleets())
-def test_down_stops_everything_draining_first(case: tuple[int, int, int, int, list[ObservedInstance]]) -> None:
+def test_down_stops_everything_draining_first(
+    case: tuple[int, int, int, int, list[ObservedInstance]],
+) -> None:
     *_, observed = case
     plan = plan_rolling("web", None, 0, observed)
     fleet = apply(observed, plan.steps, 0, 100)

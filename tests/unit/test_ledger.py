@@ -52,7 +52,9 @@ def test_chain_verifies(tmp_path: Path) -> None:
         ("action", "rollback"),
     ],
 )
-def test_editing_any_column_is_detected_at_that_entry(tmp_path: Path, column: str, value: object) -> None:
+def test_editing_any_column_is_detected_at_that_entry(
+    tmp_path: Path, column: str, value: object
+) -> None:
     path = tmp_path / "s.db"
     _store_with_entries(path, 5).close()
     with sqlite3.connect(path) as db:

@@ -160,8 +160,12 @@ def _build(app: AppContext, names: list[str], out: Output, *, no_cache: bool) ->
 
         results.append(
             build_image(
-                name, loaded.spec.images[name], loaded.root, store,
-                no_cache=no_cache, on_step=on_step,
+                name,
+                loaded.spec.images[name],
+                loaded.root,
+                store,
+                no_cache=no_cache,
+                on_step=on_step,
             )
         )
     return results
@@ -290,7 +294,9 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
     candidates = _candidates(app, chosen, out)
     client = app.controller()
     plans = [client.request("POST", "/v1/plan", c) for c in candidates]
-    data = {"plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]}
+    data = {
+        "plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]
+    }
 
     def render(con: Any, d: Any) -> None:
         for p in d["plans"]:
@@ -333,7 +339,9 @@ def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], ve
             con.print(f"url: {d['url']}")
 
     out.emit(data, render)
-    if any((r.get("rollout_result") or {}).get("state", "succeeded") != "succeeded" for r in results):
+    if any(
+        (r.get("rollout_result") or {}).get("state", "succeeded") != "succeeded" for r in results
+    ):
         sys.exit(1)
 
 
@@ -407,7 +415,9 @@ def rollback(
     results = [{"service": service, **r}]
     _await(app, out, results, no_wait)
     status = client.request("GET", "/v1/status", service=service)["services"]
-    _finish(out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback")
+    _finish(
+        out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback"
+    )
 
 
 @cli.command()
@@ -436,7 +446,9 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
             con.print(head)
             ro = s["rollout"]
             if ro:
-                line = f"  last rollout #{ro['id']} {ro['kind']} -> r{ro['to_release']}: {ro['state']}"
+                line = (
+                    f"  last rollout #{ro['id']} {ro['kind']} -> r{ro['to_release']}: {ro['state']}"
+                )
                 if ro["state"] == "running" and ro["progress"]:
                     line += f" ({ro['progress']})"
                 if ro["reason"]:
@@ -446,8 +458,12 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
             for i in s["instances"]:
                 color = {"healthy": "green", "starting": "yellow"}.get(i["state"], "red")
                 t.add_row(
-                    i["id"], i["release"], f"[{color}]{i['state']}[/]", i["address"],
-                    str(i["pid"]), ago(now - i["started_at"]),
+                    i["id"],
+                    i["release"],
+                    f"[{color}]{i['state']}[/]",
+                    i["address"],
+                    str(i["pid"]),
+                    ago(now - i["started_at"]),
                 )
             if s["instances"]:
                 con.print(t)
@@ -520,7 +536,10 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
         from graven.controller.paths import state_db
 
         if not state_db(app.state_dir).exists() or not app.state().live_instances():
-            out.emit({"results": [], "controller": "not running"}, lambda c, d: c.print("nothing running"))
+            out.emit(
+                {"results": [], "controller": "not running"},
+                lambda c, d: c.print("nothing running"),
+            )
             return
     client = app.controller()
     r = client.request(
@@ -548,7 +567,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
 
 @cli.command()
 @click.argument("service", required=False)
-@click.option("--verify", is_flag=True, help="Prove the ledger untouched; exit 1 naming the first altered entry.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Prove the ledger untouched; exit 1 naming the first altered entry.",
+)
 @output_option
 @click.pass_context
 def audit(ctx: click.Context, service: str | None, verify: bool, output: str) -> None:
@@ -615,15 +638,28 @@ def serve(ctx: click.Context, output: str) -> None:
     from graven.controller.daemon import serve as run
 
     app = _app(ctx)
-    Output(output).progress(f"controller for {app.state_dir}; Ctrl-C stops it (instances keep running)")
+    Output(output).progress(
+        f"controller for {app.state_dir}; Ctrl-C stops it (instances keep running)"
+    )
     run(app.state_dir)
     Output(output).emit({"state_dir": str(app.state_dir), "stopped": True})
 
 
 @cli.command()
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
-              default=Path("graven-demo"), show_default=True, help="Where the demo project goes.")
-@click.option("--requests-per-phase", default=600, show_default=True, help="Minimum requests sent during each deploy and rollback.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("graven-demo"),
+    show_default=True,
+    help="Where the demo project goes.",
+)
+@click.option(
+    "--requests-per-phase",
+    default=600,
+    show_default=True,
+    help="Minimum requests sent during each deploy and rollback.",
+)
 @output_option
 def demo(directory: Path, requests_per_phase: int, output: str) -> None:
     """The guided tour: build, deploy 3 replicas, deploy v2 under load, roll back."""

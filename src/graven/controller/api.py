@@ -7,6 +7,7 @@ every refusal is a JSON error with a message the CLI can show as is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -188,10 +189,8 @@ class Api:
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
             + data
         )
-        try:
+        with contextlib.suppress(OSError):
             await writer.drain()
-        except OSError:
-            pass
         writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader) -> tuple[int, Any]:

@@ -54,14 +54,17 @@ class ControllerClient:
         except (OSError, http.client.HTTPException) as exc:
             raise ControllerError(
                 f"cannot reach the controller at {self.socket}: {exc}",
-                hint=f"See {controller_log(self.state_dir)}; 'graven serve' runs it in the foreground.",
+                hint=f"See {controller_log(self.state_dir)}; "
+                "'graven serve' runs it in the foreground.",
             ) from exc
         finally:
             conn.close()
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise ControllerError(f"the controller sent a reply that is not JSON: {raw[:200]!r}") from exc
+            raise ControllerError(
+                f"the controller sent a reply that is not JSON: {raw[:200]!r}"
+            ) from exc
         if resp.status == 200:
             return data
         message = data.get("message", f"HTTP {resp.status}")

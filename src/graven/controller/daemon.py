@@ -67,7 +67,7 @@ async def _serve(state_dir: Path) -> None:
     sock = controller_socket(state_dir)
     sock.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(api.serve_connection, path=str(sock))
-    os.chmod(sock, 0o600)
+    sock.chmod(0o600)
     log.info("controller %d serving on %s", os.getpid(), sock)
     engine_task = asyncio.create_task(engine.run())
     try:

@@ -186,9 +186,7 @@ class Engine:
             )
         return int(rows[0]["to_release"])
 
-    def rollback(
-        self, service: str, to: int | None, actor: str, message: str
-    ) -> dict[str, Any]:
+    def rollback(self, service: str, to: int | None, actor: str, message: str) -> dict[str, Any]:
         if service not in self.state.services():
             raise NotFoundError(f"service {service!r} was never deployed")
         target = to if to is not None else self.rollback_target(service)
@@ -262,7 +260,7 @@ class Engine:
             try:
                 await self.reconcile(service)
             except GravenError as exc:
-                log.error("%s: %s", service, exc.message)
+                log.error("%s: %s", service, exc.message)  # noqa: TRY400 - expected, no traceback
                 await self.clock.sleep(1.0)
             except Exception:
                 log.exception("%s: reconcile failed", service)

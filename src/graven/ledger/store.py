@@ -110,7 +110,7 @@ class StateStore:
                 if not path.exists():
                     raise StoreError(
                         f"no state database at {path}",
-                        hint="Nothing has been deployed from this project yet: run 'graven deploy'.",
+                        hint="Nothing was deployed from this project yet: run 'graven deploy'.",
                     )
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
@@ -180,9 +180,7 @@ class StateStore:
         return [(self._release(r), r) for r in rows]
 
     def release(self, service: str, number: int) -> Release:
-        rows = self._query(
-            "SELECT * FROM releases WHERE service=? AND number=?", (service, number)
-        )
+        rows = self._query("SELECT * FROM releases WHERE service=? AND number=?", (service, number))
         if not rows:
             raise NotFoundError(
                 f"{service}@r{number} does not exist",
@@ -191,9 +189,7 @@ class StateStore:
         return self._release(rows[0])
 
     def release_row(self, service: str, number: int) -> sqlite3.Row | None:
-        rows = self._query(
-            "SELECT * FROM releases WHERE service=? AND number=?", (service, number)
-        )
+        rows = self._query("SELECT * FROM releases WHERE service=? AND number=?", (service, number))
         return rows[0] if rows else None
 
     @staticmethod

@@ -13,6 +13,7 @@ again by pid and the pid's kernel start time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -46,10 +47,8 @@ def process_start_time(pid: int) -> int | None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 class ProcessRuntime:

@@ -92,20 +92,21 @@ class Load:
             if conn is None:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
             outcome, body = "ok", ""
+            current = conn
             try:
-                conn.request("GET", self.path)
-                resp = conn.getresponse()
+                current.request("GET", self.path)
+                resp = current.getresponse()
                 data = resp.read()
                 if resp.status != 200:
                     outcome = f"HTTP {resp.status}"
                 else:
                     body = data.decode(errors="replace").splitlines()[0] if data else ""
                 if resp.will_close:
-                    conn.close()
+                    current.close()
                     conn = None
             except (OSError, http.client.HTTPException) as exc:
                 outcome = type(exc).__name__
-                conn.close()
+                current.close()
                 conn = None
             with self._lock:
                 self.report.sent += 1
