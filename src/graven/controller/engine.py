@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from graven.store.cas import ContentStore
 log = logging.getLogger("graven.controller")
 
 CONTROLLER_ACTOR = "graven-controller"
+
+Probe = Callable[[str, int, str, float], Awaitable[tuple[bool, str]]]
 
 
 class StepFailed(Exception):
@@ -68,7 +70,9 @@ class Engine:
         runtime: Runtime,
         router: Router,
         clock: Clock,
+        probe: Probe = probe_http,
     ) -> None:
+        self.probe = probe
         self.state_dir = state_dir
         self.state = state
         self.store = store
@@ -473,7 +477,7 @@ class Engine:
                 raise StepFailed(
                     f"{inst_id} exited before it became healthy; last log lines:\n{tail}"
                 )
-            ok, reason = await probe_http(inst.host, inst.port, hc.path, hc.timeout)
+            ok, reason = await self.probe(inst.host, inst.port, hc.path, hc.timeout)
             streak = streak + 1 if ok else 0
             if streak >= hc.healthy_threshold:
                 return
@@ -560,7 +564,7 @@ class Engine:
         if now - mem.checked_at < cfg.health.interval:
             return None
         mem.checked_at = now
-        ok, reason = await probe_http(inst.host, inst.port, cfg.health.path, cfg.health.timeout)
+        ok, reason = await self.probe(inst.host, inst.port, cfg.health.path, cfg.health.timeout)
         mem.last = reason
         mem.failures = 0 if ok else mem.failures + 1
         if mem.failures >= cfg.health.unhealthy_threshold:

@@ -1,0 +1,55 @@
+"""A fake Runtime for fast controller tests: instances are records, not processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from graven.errors import RuntimeFailure
+from graven.runtime.base import Handle, LaunchSpec
+
+
+@dataclass
+class FakeRuntime:
+    """Starts instances as records. Tests decide which are healthy and which die.
+
+    ``healthy_ports`` answers the fake health probe; ``fail_start`` makes the next
+    ``start`` raise; ``kill(pid)`` simulates a crash.
+    """
+
+    started: list[LaunchSpec] = field(default_factory=list)
+    stopped: list[int] = field(default_factory=list)
+    running: dict[int, LaunchSpec] = field(default_factory=dict)
+    healthy_ports: set[int] = field(default_factory=set)
+    unhealthy_releases: set[int] = field(default_factory=set)
+    fail_start: bool = False
+    _next_pid: int = 1000
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        if self.fail_start:
+            raise RuntimeFailure(f"{spec.instance_id}: cannot start (fake failure)")
+        self._next_pid += 1
+        self.started.append(spec)
+        self.running[self._next_pid] = spec
+        if spec.release not in self.unhealthy_releases:
+            self.healthy_ports.add(spec.port)
+        return Handle(pid=self._next_pid, pid_start=1)
+
+    def alive(self, handle: Handle) -> bool:
+        return handle.pid in self.running
+
+    def stop(self, handle: Handle, grace: float) -> None:
+        spec = self.running.pop(handle.pid, None)
+        if spec is not None:
+            self.stopped.append(handle.pid)
+            self.healthy_ports.discard(spec.port)
+
+    def kill(self, pid: int) -> None:
+        spec = self.running.pop(pid)
+        self.healthy_ports.discard(spec.port)
+
+    def log_tail(self, instance_id: str, lines: int = 20) -> str:
+        return f"(fake log of {instance_id})"
+
+    async def probe(self, host: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
+        """Stands in for the HTTP health probe."""
+        return (True, "HTTP 200") if port in self.healthy_ports else (False, "HTTP 503")
