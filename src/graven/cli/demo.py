@@ -6,8 +6,10 @@ live traffic flows through the router, and counts every failed request.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +164,13 @@ def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
 def _traffic(out: Output, report: LoadReport, phase: str) -> dict[str, Any]:
     data = report.to_dict()
     color = "green" if report.failed == 0 else "red"
-    versions = ", ".join(f"{n}x {v[:40]!r}" for v, n in report.bodies.most_common(4))
+    by_version: Counter[str] = Counter()
+    for body, n in report.bodies.items():
+        try:
+            by_version[str(json.loads(body).get("version"))] += n
+        except (ValueError, AttributeError):
+            by_version["other"] += n
+    versions = ", ".join(f"{v}: {n}" for v, n in sorted(by_version.items()))
     out.progress(
         f"  [{color}]{report.sent} requests {phase}: {report.failed} failed[/]  ({versions})"
     )

@@ -9,6 +9,7 @@ and carries on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -345,8 +346,11 @@ class Engine:
             if self.state.desired_release(service) != desired:
                 return  # superseded: the next pass plans toward the new desire
             if rollout is not None:
+                shown = step
+                if not isinstance(step, StartInstance) and step.target in slots:
+                    shown = dataclasses.replace(step, target=slots[step.target])
                 self.state.set_rollout_progress(
-                    rollout.id, f"step {n}/{total}: {step.describe(service)}"
+                    rollout.id, f"step {n}/{total}: {shown.describe(service)}"
                 )
             try:
                 await self.apply(service, step, slots)
