@@ -84,7 +84,11 @@ class Image:
 
     def document(self) -> dict[str, Any]:
         """The canonical document the digest is computed over."""
-        return {"schema": "graven.image/v1", "rootfs": str(self.rootfs), "config": self.config.to_dict()}
+        return {
+            "schema": "graven.image/v1",
+            "rootfs": str(self.rootfs),
+            "config": self.config.to_dict(),
+        }
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ values, commands, paths) a plain scalar keeps its literal spelling, so
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import types
 import typing
@@ -64,6 +63,7 @@ MAX_VALUES = 100_000
 MAX_DEPTH = 64
 
 KeyPath = tuple[str | int, ...]
+_Entry = tuple[yaml.Node, yaml.Node]  # a mapping's key node and value node
 
 _TAG = "tag:yaml.org,2002:"
 _MERGE_TAG = _TAG + "merge"
@@ -130,19 +130,25 @@ def load_spec(path: Path) -> LoadedSpec:
     absolute = path.absolute()
     text = _read_text(path, file)
     tree = _YamlTree.from_text(text, file)
-    if tree.problems:
+    if not isinstance(tree.data, dict):  # unreadable YAML, or not a mapping at all
         raise SpecError(_sorted(tree.problems))
 
-    problems: list[SpecProblem] = []
+    problems = list(tree.problems)
     spec: Spec | None = None
+    later: list[SpecProblem] = []
     try:
         spec = Spec.model_validate(tree.data)
     except ValidationError as exc:
-        problems.extend(_ErrorTranslator(tree).problem(err) for err in exc.errors())
-    reported = {p.key_path for p in problems}
-    problems.extend(
-        p for p in _semantic_problems(tree, absolute.parent) if p.key_path not in reported
-    )
+        later.extend(_ErrorTranslator(tree).problem(err) for err in exc.errors())
+    later.extend(_semantic_problems(tree, absolute.parent))
+    # A later pass would trip over what an earlier one reported (a value dropped for
+    # its YAML tag is then the wrong type; a copy source rejected by the model is
+    # then not found): keep the first word on each key.
+    reported = {key_path_text(path) for path in tree.dropped}
+    for problem in later:
+        if problem.key_path not in reported:
+            reported.add(problem.key_path)
+            problems.append(problem)
     if problems or spec is None:
         raise SpecError(_sorted(problems))
     lines = {key_path_text(k): line for k, line in tree.key_lines.items()}
@@ -208,17 +214,20 @@ class _YamlTree:
     file: str
     data: Any = None
     root_line: int = 1
+    last_line: int = 1
     key_lines: dict[KeyPath, int] = field(default_factory=dict)
     value_lines: dict[KeyPath, int] = field(default_factory=dict)
     problems: list[SpecProblem] = field(default_factory=list)
+    dropped: set[KeyPath] = field(default_factory=set)  # values replaced by None
     _budget: int = MAX_VALUES
+    _merged: dict[int, tuple[list[_Entry], list[_Entry]]] = field(default_factory=dict)
     _constructor: yaml.constructor.SafeConstructor = field(
         default_factory=yaml.constructor.SafeConstructor
     )
 
     @classmethod
     def from_text(cls, text: str, file: str) -> _YamlTree:
-        tree = cls(file)
+        tree = cls(file, last_line=max(1, len(text.splitlines())))
         root = tree._compose(text)
         if tree.problems:
             return tree
@@ -264,6 +273,14 @@ class _YamlTree:
                 elif isinstance(event, yaml.CollectionEndEvent):
                     depth -= 1
             return yaml.compose(text, Loader=_YamlLoader)
+        except yaml.composer.ComposerError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark is not None else None
+            if exc.context and "single document" in exc.context:
+                message = "invalid YAML: a spec is a single document; remove the '---' line"
+            else:
+                message = f"invalid YAML: {exc.problem or exc.context}"
+            self._problem(line, (), message)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             message = f"invalid YAML: {exc.problem or exc.context or 'syntax error'}"
@@ -290,7 +307,15 @@ class _YamlTree:
         return None
 
     def _problem(self, line: int | None, path: KeyPath, message: str) -> None:
+        if line is not None:
+            # At end of input YAML marks point one line past the last: say the last.
+            line = max(1, min(line, self.last_line))
         self.problems.append(SpecProblem(self.file, line, key_path_text(path), message))
+
+    def _drop(self, line: int, path: KeyPath, message: str) -> None:
+        """Report a value that cannot be read; it stands as None from here on."""
+        self._problem(line, path, message)
+        self.dropped.add(path)
 
     def _value(self, node: yaml.Node, path: KeyPath, ancestors: frozenset[int]) -> Any:
         self._budget -= 1
@@ -299,18 +324,15 @@ class _YamlTree:
         line = node.start_mark.line + 1
         self.value_lines.setdefault(path, line)
         if id(node) in ancestors:
-            self._problem(line, path, "an alias refers to a collection containing itself")
-            return None
+            return self._drop(line, path, "an alias refers to a collection containing itself")
         if len(path) > MAX_DEPTH:
-            self._problem(line, path, f"nested deeper than {MAX_DEPTH} levels")
-            return None
+            return self._drop(line, path, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, yaml.ScalarNode):
             return self._scalar(node, path)
         inner = ancestors | {id(node)}
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _TAG + "seq":
-                self._problem(line, path, f"unsupported YAML tag {node.tag!r} on a list")
-                return None
+                return self._drop(line, path, f"unsupported YAML tag {_short_tag(node.tag)}")
             items = []
             for index, item in enumerate(node.value):
                 self.key_lines.setdefault((*path, index), item.start_mark.line + 1)
@@ -318,11 +340,9 @@ class _YamlTree:
             return items
         if isinstance(node, yaml.MappingNode):
             if node.tag != _TAG + "map":
-                self._problem(line, path, f"unsupported YAML tag {node.tag!r} on a mapping")
-                return None
+                return self._drop(line, path, f"unsupported YAML tag {_short_tag(node.tag)}")
             return self._mapping(node, path, inner)
-        self._problem(line, path, f"unsupported YAML node {type(node).__name__}")
-        return None
+        return self._drop(line, path, f"unsupported YAML node {type(node).__name__}")
 
     def _mapping(
         self, node: yaml.MappingNode, path: KeyPath, ancestors: frozenset[int]
@@ -358,10 +378,16 @@ class _YamlTree:
 
     def _entries(
         self, node: yaml.MappingNode, path: KeyPath, ancestors: frozenset[int]
-    ) -> tuple[list[tuple[yaml.Node, yaml.Node]], list[tuple[yaml.Node, yaml.Node]]]:
+    ) -> tuple[list[_Entry], list[_Entry]]:
         """Own entries and, separately, entries brought in through ``<<`` merge keys."""
-        explicit: list[tuple[yaml.Node, yaml.Node]] = []
-        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        # Computed once per mapping node: anchors merged into anchors merged into
+        # anchors would otherwise take exponential time (a merge bomb).
+        cached = self._merged.get(id(node))
+        if cached is not None:
+            return cached
+        explicit: list[_Entry] = []
+        merged: list[_Entry] = []
+        seen: set[int] = set()  # key nodes already merged
         for key_node, value_node in node.value:
             if key_node.tag != _MERGE_TAG:
                 explicit.append((key_node, value_node))
@@ -377,24 +403,25 @@ class _YamlTree:
                     self._problem(line, path, "'<<' merges a mapping containing itself")
                 else:
                     own, inherited = self._entries(source, path, ancestors | {id(node)})
-                    merged.extend(own + inherited)
+                    for entry in own + inherited:
+                        if id(entry[0]) not in seen:
+                            seen.add(id(entry[0]))
+                            merged.append(entry)
+        self._merged[id(node)] = (explicit, merged)
         return explicit, merged
 
     def _key(self, node: yaml.Node, path: KeyPath) -> str | None:
         line = node.start_mark.line + 1
+        if not isinstance(node, yaml.ScalarNode):
+            self._problem(line, path, "keys must be text, got a mapping or list")
+            return None
         # Read as if in the key's own place, so keys of text maps (env) stay text too.
-        value = (
-            self._scalar(node, (*path, str(node.value)))
-            if isinstance(node, yaml.ScalarNode)
-            else node
-        )
+        here = (*path, str(node.value))
+        value = self._scalar(node, here)
         if isinstance(value, str):
             return value
-        shown = "a mapping or list" if isinstance(value, yaml.Node) else _show(value)
         self._problem(
-            line,
-            path,
-            f"keys must be text, got {shown}; quote the key if you mean the text",
+            line, here, f"keys must be text, got {_show(value)}; quote the key to mean the text"
         )
         return None
 
@@ -404,16 +431,19 @@ class _YamlTree:
         if tag in _LITERAL_TAGS:
             return node.value
         if tag not in _CONSTRUCTED_TAGS:
-            self._problem(line, path, f"unsupported YAML tag {tag!r}")
-            return None
+            return self._drop(line, path, f"unsupported YAML tag {_short_tag(tag)}")
         if tag not in (_TAG + "str", _TAG + "null") and _is_text_slot(path):
             return node.value
         try:
             return self._constructor.construct_object(node)
-        except (ValueError, KeyError, yaml.YAMLError):
+        except (ValueError, KeyError, IndexError, yaml.YAMLError):
             # Only an explicit tag on a value that does not fit it gets here (!!int x).
-            self._problem(line, path, f"{node.value!r} is not a valid {tag.removeprefix(_TAG)}")
-            return None
+            return self._drop(line, path, f"{node.value!r} is not a valid {_short_tag(tag)}")
+
+
+def _short_tag(tag: str) -> str:
+    """``tag:yaml.org,2002:int`` -> ``!!int``, as the user would write it."""
+    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
 
 
 def _is_text_slot(path: KeyPath) -> bool:

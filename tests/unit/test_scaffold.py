@@ -1,0 +1,96 @@
+"""``graven init`` writes a project that loads, and never clobbers one."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graven.errors import UsageError
+from graven.spec import load_spec, scaffold
+
+
+def test_scaffold_writes_a_project_that_loads(tmp_path: Path) -> None:
+    written = scaffold(tmp_path / "new")
+
+    assert written == [tmp_path / "new" / "graven.yaml", tmp_path / "new" / "app" / "app.py"]
+    spec = load_spec(tmp_path / "new" / "graven.yaml").spec
+    hello = spec.services["hello"]
+    assert (hello.image, hello.replicas, hello.port) == ("hello", 2, 8080)
+    assert hello.health.path == "/healthz"
+    assert hello.env == {"VERSION": "v1"}
+    steps = [s.model_dump(by_alias=True) for s in spec.images["hello"].steps]
+    assert steps == [
+        {"copy": "app", "to": "/app"},
+        {"workdir": "/app"},
+        {"entrypoint": ["python3", "app.py"]},
+    ]
+    compile((tmp_path / "new" / "app" / "app.py").read_text(), "app.py", "exec")
+
+
+def test_scaffold_refuses_to_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "app.py").write_text("mine\n")
+
+    with pytest.raises(UsageError, match=r"app\.py already exists") as info:
+        scaffold(tmp_path)
+
+    assert info.value.hint is not None
+    assert "--force" in info.value.hint
+    # Checked before writing anything: no graven.yaml either.
+    assert not (tmp_path / "graven.yaml").exists()
+    assert (tmp_path / "app" / "app.py").read_text() == "mine\n"
+
+
+def test_scaffold_force_overwrites(tmp_path: Path) -> None:
+    (tmp_path / "graven.yaml").write_text("old\n")
+
+    scaffold(tmp_path, force=True)
+
+    assert load_spec(tmp_path / "graven.yaml").spec.services["hello"].port == 8080
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_scaffold_into_a_file_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "occupied").write_text("a file\n")
+    with pytest.raises(UsageError, match="cannot write"):
+        scaffold(tmp_path / "occupied", force=True)
+
+
+def test_example_app_serves_keep_alive_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    scaffold(tmp_path)
+    env = dict(os.environ, PORT="0", VERSION="v7", GRAVEN_INSTANCE="hello-r1-test")
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "app" / "app.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])  # printed once listening
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        bodies = []
+        for path in ("/healthz", "/", "/missing"):
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            bodies.append((reply.status, reply.read()))
+        assert bodies[0] == (200, b"ok\n")
+        assert bodies[1][0] == 200
+        assert b'"version": "v7"' in bodies[1][1]
+        assert b'"instance": "hello-r1-test"' in bodies[1][1]
+        assert bodies[2][0] == 404
+
+        # The keep-alive connection stays open and idle; SIGTERM must not wait for it.
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
