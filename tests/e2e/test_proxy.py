@@ -26,6 +26,8 @@ from graven.router.base import BackendStats
 from graven.router.embedded import EmbeddedRouter
 from graven.testing.fakes import EchoBackend
 
+pytestmark = pytest.mark.e2e
+
 SERVICE = "web"
 
 
@@ -52,8 +54,21 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def remove_short_socket_dir(router: EmbeddedRouter) -> None:
+    """Long state dirs put admin sockets under /tmp; leave nothing behind there."""
+    parent = router.admin_socket(SERVICE).parent
+    if parent.name.startswith("graven-") and parent.name.endswith("-routers"):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
 def by_id(stats: list[BackendStats]) -> dict[str, BackendStats]:
     return {s.id: s for s in stats}
+
+
+def idle(proxy: Proxy, backend_id: str) -> bool:
+    """No request in flight on the backend (gone from the stats counts as idle)."""
+    return all(s.inflight == 0 for s in proxy.router.stats(SERVICE) if s.id == backend_id)
 
 
 @dataclass
@@ -106,6 +121,7 @@ def proxy(tmp_path: Path) -> Iterator[Proxy]:
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        remove_short_socket_dir(p.router)
 
 
 @pytest.fixture
@@ -298,11 +314,7 @@ def test_zero_failed_requests_while_backends_are_swapped_under_load(
                 proxy.router.set_backends(SERVICE, [old.backend("drain"), new.backend()])
             else:
                 proxy.router.set_backends(SERVICE, [new.backend()])
-            assert eventually(
-                lambda old=old: all(  # type: ignore[misc]
-                    s.inflight == 0 for s in proxy.router.stats(SERVICE) if s.id == old.name
-                )
-            )
+            assert eventually(lambda: idle(proxy, old.name))
             old.close()
             current = new
             swaps += 1
@@ -413,6 +425,7 @@ def test_a_long_state_dir_gets_a_short_admin_socket(
         assert "/tmp/graven-" in record
     finally:
         proxy.router.stop(SERVICE)
+        remove_short_socket_dir(proxy.router)
     assert proxy.router.running() == {}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import json
 import logging
@@ -41,13 +42,13 @@ import resource
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
 
+from graven.atomic import write_atomic
 from graven.model import is_valid_name
 from graven.router.base import Backend, BackendState
 
@@ -68,8 +69,9 @@ EXIT_STATE: Final = 4
 
 # Methods that RFC 9110 calls idempotent: sending one twice is harmless.
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-# Hop-by-hop headers never cross the proxy; framing headers are re-generated.
-_HOP_BY_HOP: Final = frozenset(
+# Headers never copied across: hop-by-hop ones, and those the proxy writes itself
+# (message framing, X-Forwarded-For, and Expect, which it answers on its own).
+_NOT_COPIED: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -170,26 +172,10 @@ def backends_to_json(backends: Iterable[Backend]) -> list[dict[str, object]]:
     ]
 
 
-def write_json_atomic(path: Path, doc: object) -> None:
-    """Replace ``path`` with ``doc`` so that a crash leaves either the old or the new file."""
-    data = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def state_document(service: str, port: int, backends: Iterable[Backend]) -> bytes:
+    """The state file's bytes: what a restarted proxy needs to serve the same set."""
+    doc = {"service": service, "port": port, "backends": backends_to_json(backends)}
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
 class _Entry:
@@ -256,13 +242,6 @@ class BackendTable:
             e for e in fresh.values() if e.configured and e.state == "ready" and e.weight > 0
         ]
 
-    def configured(self) -> list[Backend]:
-        return [
-            Backend(id=e.id, address=e.address, state=e.state, weight=e.weight)
-            for e in self._entries.values()
-            if e.configured
-        ]
-
     def snapshot(self) -> list[dict[str, object]]:
         return [
             {
@@ -277,9 +256,6 @@ class BackendTable:
             for e in self._entries.values()
         ]
 
-    def has_ready(self) -> bool:
-        return bool(self._ready)
-
     def acquire(self, exclude: set[str]) -> _Entry | None:
         """Pick a ready backend not in ``exclude`` and count the request on it.
 
@@ -292,9 +268,7 @@ class BackendTable:
         else:
             now = time.monotonic()
             fresh = [e for e in ready if e.id not in exclude and e.cooldown_until <= now]
-            chosen = _smooth_weighted_pick(
-                fresh or [e for e in ready if e.id not in exclude]
-            )
+            chosen = _smooth_weighted_pick(fresh or [e for e in ready if e.id not in exclude])
         if chosen is not None:
             chosen.inflight += 1
             chosen.requests += 1
@@ -339,6 +313,7 @@ class _BadMessage(Exception):
 class _Request:
     __slots__ = (
         "chunked",
+        "client_ip",
         "expect_continue",
         "forward",
         "has_host",
@@ -360,6 +335,7 @@ class _Request:
     has_host: bool
     forward: bytes  # end-to-end header lines, each ending in CRLF
     xff: bytes
+    client_ip: bytes
 
 
 def _split_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
@@ -419,7 +395,7 @@ def _parse_request(head: bytes) -> _Request:
     expect_continue = False
     kept: list[tuple[bytes, bytes, bytes]] = []
     for lname, name, value in headers:
-        if lname not in _HOP_BY_HOP:
+        if lname not in _NOT_COPIED:
             if lname == b"host":
                 hosts += 1
             kept.append((lname, name, value))
@@ -463,11 +439,12 @@ def _parse_request(head: bytes) -> _Request:
         kept = [h for h in kept if h[0] not in named]
     req.forward = b"".join(name + b": " + value + b"\r\n" for _, name, value in kept)
     req.xff = b", ".join(xff)
+    req.client_ip = b""
     return req
 
 
 class _Response:
-    __slots__ = ("close_delimited", "chunked", "forward", "length", "start", "status")
+    __slots__ = ("chunked", "close_delimited", "forward", "length", "start", "status")
 
     status: int
     start: bytes  # b"HTTP/1.1 200 OK\r\n"
@@ -500,7 +477,7 @@ def _parse_response(head: bytes, method: bytes) -> _Response:
             lengths.append(value)
         elif lname == b"transfer-encoding":
             codings.append(value)
-        elif lname in _HOP_BY_HOP or lname == b"x-graven-backend":
+        elif lname in _NOT_COPIED or lname == b"x-graven-backend":
             continue
         else:
             kept.append((lname, name, value))
@@ -515,7 +492,7 @@ def _parse_response(head: bytes, method: bytes) -> _Response:
     bodiless = method == b"HEAD" or resp.status in (204, 304) or resp.status < 200
     if bodiless:
         # A HEAD answer's Content-Length describes the GET body; pass it through as is.
-        if lengths and resp.status not in (204,) and resp.status >= 200:
+        if lengths and resp.status != 204 and resp.status >= 200:
             resp.length = _content_length(lengths, 502)
     elif codings:
         # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); a final coding
@@ -528,8 +505,6 @@ def _parse_response(head: bytes, method: bytes) -> _Response:
         resp.length = _content_length(lengths, 502)
     else:
         resp.close_delimited = True
-    if resp.chunked or resp.close_delimited or bodiless:
-        pass
     return resp
 
 
@@ -546,6 +521,10 @@ class _ClientFailed(Exception):
 
 class _BackendFailed(Exception):
     """The backend went away or sent a body we cannot frame."""
+
+
+class _BrokenBody(Exception):
+    """The backend broke off a short body before the proxy answered the client."""
 
 
 async def _read(src: asyncio.StreamReader, n: int, fail: type[Exception]) -> bytes:
@@ -653,11 +632,17 @@ async def _copy_until_close(
 
 
 class _Retry:
-    """Marker: this backend failed before the request could matter; try another."""
+    """Outcome: this backend failed before the request could matter; try another."""
+
+
+class _Abort:
+    """Outcome: a response was cut short; reset the client connection so the client
+    cannot take a truncated body for a complete one."""
 
 
 _RETRY: Final = _Retry()
-_ABORT: Final = "abort"  # reset the client connection: a response was cut short
+_ABORT: Final = _Abort()
+_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 def _error_response(status: int, message: str, *, keep_alive: bool) -> bytes:
@@ -674,19 +659,18 @@ def _error_response(status: int, message: str, *, keep_alive: bool) -> bytes:
 
 
 class _Conn:
-    __slots__ = ("busy", "task")
+    __slots__ = ("busy", "idle_since", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.busy = False
+        self.idle_since = time.monotonic()
 
 
 class RouterProxy:
     """The proxy server: data plane on a TCP port, admin API on a unix socket."""
 
-    def __init__(
-        self, service: str, port: int, state_path: Path, table: BackendTable
-    ) -> None:
+    def __init__(self, service: str, port: int, state_path: Path, table: BackendTable) -> None:
         self.service = service
         self.port = port
         self.state_path = state_path
@@ -705,7 +689,9 @@ class RouterProxy:
 
     async def serve(self, servers: list[asyncio.AbstractServer]) -> None:
         """Serve until ``begin_shutdown``, then drain (bounded) and return."""
+        sweeper = asyncio.create_task(self._sweep_idle())
         await self._stop.wait()
+        sweeper.cancel()
         for server in servers:
             server.close()
         # Idle keep-alive connections hold no request: close them now. Busy ones
@@ -717,10 +703,25 @@ class RouterProxy:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)
             if pending:
-                log.warning("%d request(s) still in flight after %.0f s; cutting them", len(pending), DRAIN_TIMEOUT)
+                log.warning(
+                    "%d request(s) still in flight after %.0f s; cutting them",
+                    len(pending),
+                    DRAIN_TIMEOUT,
+                )
                 for t in pending:
                     t.cancel()
                 await asyncio.wait(pending, timeout=1.0)
+
+    async def _sweep_idle(self) -> None:
+        # One periodic sweep instead of a timer per request: the hot path arms no
+        # timer while a keep-alive connection waits for its next request head (and a
+        # client trickling a head byte by byte is cut off just the same).
+        while True:
+            await asyncio.sleep(IDLE_TIMEOUT / 4)
+            cutoff = time.monotonic() - IDLE_TIMEOUT
+            for conn in list(self._conns):
+                if not conn.busy and conn.idle_since < cutoff:
+                    conn.task.cancel()
 
     # ------------------------------------------------------------------ data plane
 
@@ -734,12 +735,11 @@ class RouterProxy:
         self._conns.add(conn)
         peer = writer.get_extra_info("peername")
         client_ip = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
-        outcome: bool | str = False
+        outcome: bool | _Abort = False
         try:
             while not self._closing:
                 try:
-                    async with asyncio.timeout(IDLE_TIMEOUT):
-                        head = await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
                     writer.write(
                         _error_response(431, "request head larger than 64 KiB", keep_alive=False)
@@ -747,18 +747,21 @@ class RouterProxy:
                     break
                 except asyncio.IncompleteReadError as exc:
                     if exc.partial.strip():
-                        writer.write(_error_response(400, "incomplete request head", keep_alive=False))
+                        writer.write(
+                            _error_response(400, "incomplete request head", keep_alive=False)
+                        )
                     break
-                except (TimeoutError, OSError):
+                except OSError:
                     break
                 head = head.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before a request
                 if not head:
                     continue
                 conn.busy = True
                 try:
-                    outcome = await self._handle_request(head, reader, writer, client_ip)
+                    outcome = await self._handle_request(head, (reader, writer), client_ip)
                 finally:
                     conn.busy = False
+                    conn.idle_since = time.monotonic()
                 if outcome is not True:
                     break
                 await writer.drain()
@@ -771,25 +774,23 @@ class RouterProxy:
             outcome = _ABORT
         finally:
             self._conns.discard(conn)
-            if outcome == _ABORT:
+            if outcome is _ABORT:
                 writer.transport.abort()
             else:
                 writer.close()
 
     async def _handle_request(
-        self,
-        head: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        client_ip: bytes,
-    ) -> bool | str:
+        self, head: bytes, client: _Stream, client_ip: bytes
+    ) -> bool | _Abort:
         """Answer one request. True: the client connection may carry another."""
+        reader, writer = client
         try:
             req = _parse_request(head)
         except _BadMessage as exc:
             writer.write(_error_response(exc.status, exc.reason, keep_alive=False))
             await writer.drain()
             return False
+        req.client_ip = client_ip
 
         if req.expect_continue:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -807,12 +808,13 @@ class RouterProxy:
                 break
             tried.add(entry.id)
             try:
-                result = await self._forward(entry, req, replay, reader, writer, client_ip)
+                result = await self._forward(entry, req, replay, client)
             finally:
                 self.table.release(entry)
             if not isinstance(result, _Retry):
                 return result
 
+        # Without a buffered body the client's body is still unread: close after this.
         keep = req.keep_alive and replay is not None and not self._closing
         if tried:
             message = f"no backend of service {self.service!r} could take the request"
@@ -823,11 +825,11 @@ class RouterProxy:
         await writer.drain()
         return keep
 
-    def _upstream_head(self, req: _Request, entry: _Entry, client_ip: bytes) -> bytes:
+    def _upstream_head(self, req: _Request, entry: _Entry) -> bytes:
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", req.forward]
         if not req.has_host:
             parts.append(b"Host: " + entry.address.encode() + b"\r\n")
-        xff = req.xff + b", " + client_ip if req.xff else client_ip
+        xff = req.xff + b", " + req.client_ip if req.xff else req.client_ip
         parts.append(b"X-Forwarded-For: " + xff + b"\r\n")
         if req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -837,57 +839,54 @@ class RouterProxy:
         return b"".join(parts)
 
     async def _forward(
-        self,
-        entry: _Entry,
-        req: _Request,
-        replay: bytes | None,
-        creader: asyncio.StreamReader,
-        cwriter: asyncio.StreamWriter,
-        client_ip: bytes,
-    ) -> bool | str | _Retry:
+        self, entry: _Entry, req: _Request, replay: bytes | None, client: _Stream
+    ) -> bool | _Abort | _Retry:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                breader, bwriter = await asyncio.open_connection(
-                    entry.host, entry.port, limit=HEAD_LIMIT
-                )
+                backend = await asyncio.open_connection(entry.host, entry.port, limit=HEAD_LIMIT)
         except (OSError, TimeoutError):
             self.table.failed(entry, cooldown=True)
             return _RETRY
         complete = False
         try:
-            result = await self._exchange(entry, req, replay, creader, cwriter, breader, bwriter, client_ip)
+            result = await self._exchange(entry, req, replay, client, backend)
             complete = result is not _ABORT and not isinstance(result, _Retry)
             return result
         finally:
+            # A cut-short exchange is reset, so the backend cannot mistake it for a
+            # complete request.
             if complete:
-                bwriter.close()
+                backend[1].close()
             else:
-                bwriter.transport.abort()
+                backend[1].transport.abort()
 
     async def _exchange(
         self,
         entry: _Entry,
         req: _Request,
         replay: bytes | None,
-        creader: asyncio.StreamReader,
-        cwriter: asyncio.StreamWriter,
-        breader: asyncio.StreamReader,
-        bwriter: asyncio.StreamWriter,
-        client_ip: bytes,
-    ) -> bool | str | _Retry:
-        bwriter.write(self._upstream_head(req, entry, client_ip))
-        body_done = True
+        client: _Stream,
+        backend: _Stream,
+    ) -> bool | _Abort | _Retry:
+        creader, cwriter = client
+        breader, bwriter = backend
+        body_done = True  # the client's body is fully read, so its connection can go on
         if replay is not None:
-            if replay:
-                bwriter.write(replay)
+            # One write, one segment: head and a small body travel together.
+            bwriter.write(self._upstream_head(req, entry) + replay)
         else:
+            bwriter.write(self._upstream_head(req, entry))
             try:
                 if req.chunked:
                     await _copy_chunked(creader, bwriter, True, _ClientFailed, _BackendFailed)
                 else:
                     await _copy_fixed(creader, bwriter, req.length, _ClientFailed, _BackendFailed)
             except _ClientFailed:
-                cwriter.write(_error_response(400, "bad or incomplete request body", keep_alive=False))
+                # Reset, so the backend cannot take a cut-off body for a whole one.
+                bwriter.transport.abort()
+                cwriter.write(
+                    _error_response(400, "bad or incomplete request body", keep_alive=False)
+                )
                 return False
             except _BackendFailed:
                 # The backend stopped reading; it may still have answered (say, 413).
@@ -895,35 +894,41 @@ class RouterProxy:
 
         try:
             async with asyncio.timeout(RESPONSE_TIMEOUT):
-                resp = await self._read_response_head(breader, req.method)
-        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
-            # A reset before any answer is what a backend closing its listening socket
-            # does to connections still in its accept queue: the application never
-            # saw the request, so resending it is safe. A clean close is ambiguous,
-            # so only idempotent requests are resent after one.
-            reset = isinstance(exc, ConnectionResetError)
-            never_answered = reset or not exc.partial  # type: ignore[union-attr]
-            resend_ok = reset or req.method in _IDEMPOTENT
-            if replay is not None and never_answered and resend_ok:
+                resp, small_body = await self._read_response(breader, req.method)
+        except asyncio.IncompleteReadError as exc:
+            # A clean close is ambiguous (the application may have acted on the
+            # request), so only an idempotent request is sent again after one.
+            if replay is not None and not exc.partial and req.method in _IDEMPOTENT:
                 self.table.failed(entry, cooldown=True)
                 return _RETRY
             self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done and replay is not None, "closed the connection")
+            return self._fail_502(req, cwriter, body_done, "closed the connection early")
+        except ConnectionError:
+            # A reset before any answer is what a backend closing its listening socket
+            # does to connections still in its accept queue (or the kernel, to a socket
+            # closed with our request unread): the application never saw the request,
+            # so sending it again is safe whatever the method.
+            if replay is not None:
+                self.table.failed(entry, cooldown=True)
+                return _RETRY
+            self.table.failed(entry, cooldown=False)
+            return self._fail_502(req, cwriter, body_done, "reset the connection")
         except (OSError, TimeoutError, asyncio.LimitOverrunError):
             self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, replay is not None, "did not answer properly")
+            return self._fail_502(req, cwriter, body_done, "did not answer properly")
         except _BadMessage:
             self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, replay is not None, "sent a malformed response")
+            return self._fail_502(req, cwriter, body_done, "sent a malformed response")
+        except _BrokenBody:
+            self.table.failed(entry, cooldown=False)
+            return self._fail_502(req, cwriter, body_done, "broke off its response")
 
+        has_body = _has_body(resp, req.method)
         if resp.status >= 500:
             entry.errors += 1
         keep = req.keep_alive and body_done and not self._closing
-        has_body = _has_body(resp, req.method)
         out = [resp.start, resp.forward]
-        if has_body and resp.chunked and req.version == 11:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        elif has_body and resp.close_delimited and req.version == 11:
+        if has_body and req.version == 11 and (resp.chunked or resp.close_delimited):
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif resp.length is not None:
             out.append(b"Content-Length: %d\r\n" % resp.length)
@@ -936,17 +941,19 @@ class RouterProxy:
             out.append(b"Connection: keep-alive\r\n\r\n")
         else:
             out.append(b"\r\n")
+        out.append(small_body)
         cwriter.write(b"".join(out))
+        if small_body or resp.length == 0:
+            return keep
 
+        chunk_out = req.version == 11
         try:
-            if not has_body:
-                pass
-            elif resp.chunked:
-                await _copy_chunked(breader, cwriter, req.version == 11, _BackendFailed, _ClientFailed)
-            elif resp.length is not None:
+            if has_body and resp.chunked:
+                await _copy_chunked(breader, cwriter, chunk_out, _BackendFailed, _ClientFailed)
+            elif has_body and resp.length is not None:
                 await _copy_fixed(breader, cwriter, resp.length, _BackendFailed, _ClientFailed)
-            else:
-                await _copy_until_close(breader, cwriter, req.version == 11, _ClientFailed)
+            elif has_body:
+                await _copy_until_close(breader, cwriter, chunk_out, _ClientFailed)
         except _BackendFailed:
             entry.errors += 1
             return _ABORT
@@ -954,7 +961,11 @@ class RouterProxy:
             return _ABORT
         return keep
 
-    async def _read_response_head(self, breader: asyncio.StreamReader, method: bytes) -> _Response:
+    async def _read_response(
+        self, breader: asyncio.StreamReader, method: bytes
+    ) -> tuple[_Response, bytes]:
+        """The response head and, when short and length-framed, its body: head and body
+        then leave in one write, and a backend dying mid-body still gets a clean 502."""
         while True:
             head = await breader.readuntil(b"\r\n\r\n")
             resp = _parse_response(head, method)
@@ -962,7 +973,13 @@ class RouterProxy:
                 raise _BadMessage(502, "backend switched protocols without being asked")
             # Interim answers (100, 103) are dropped: the proxy sent its own 100 Continue.
             if resp.status >= 200:
-                return resp
+                break
+        if resp.length is None or resp.length > COPY_SIZE or not _has_body(resp, method):
+            return resp, b""
+        try:
+            return resp, await breader.readexactly(resp.length)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise _BrokenBody(str(exc)) from exc
 
     def _fail_502(
         self, req: _Request, cwriter: asyncio.StreamWriter, body_consumed: bool, what: str
@@ -1016,8 +1033,10 @@ class RouterProxy:
                 return 405, {"error": "use GET /health"}
             return 200, {"ok": True, "pid": os.getpid(), "service": self.service, "port": self.port}
         if path != b"/backends":
-            return 404, {"error": f"no such resource {path.decode(errors='replace')!r}; "
-                         "try GET /health, GET /backends or PUT /backends"}
+            return 404, {
+                "error": f"no such resource {path.decode(errors='replace')!r}; "
+                "try GET /health, GET /backends or PUT /backends"
+            }
         if method == b"GET":
             return 200, self._backends_doc()
         if method != b"PUT":
@@ -1035,10 +1054,9 @@ class RouterProxy:
         async with self._put_lock:
             # Persist first: if the disk refuses, the change is refused as a whole and
             # memory and file keep agreeing.
-            state = {"service": self.service, "port": self.port,
-                     "backends": backends_to_json(backends)}
+            data = state_document(self.service, self.port, backends)
             try:
-                await asyncio.to_thread(write_json_atomic, self.state_path, state)
+                await asyncio.to_thread(write_atomic, self.state_path, data, mode=0o600)
             except OSError as exc:
                 return 500, {"error": f"cannot write state file {self.state_path}: {exc}"}
             self.table.replace(backends)
@@ -1116,8 +1134,9 @@ async def _run(args: argparse.Namespace) -> int:
             proxy.handle_client, host, port, limit=HEAD_LIMIT, backlog=1024, reuse_address=True
         )
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        hint = " (another process holds the port)" if exc.errno == 98 else ""
+        # asyncio wraps the errno text in a long sentence; the plain text reads better.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (another process holds the port)" if exc.errno == errno.EADDRINUSE else ""
         return _die(EXIT_BIND, f"cannot listen on {host}:{port}: {reason}{hint}")
 
     if admin_path.exists():

@@ -1,0 +1,506 @@
+"""The embedded Router adapter: one ``graven.router.proxy`` process per service.
+
+The proxy runs detached (its own session), so it outlives the controller that
+started it: killing the controller drops no request, and a restarted controller
+adopts the running proxies instead of replacing them.
+
+Files, per service, under ``STATE/routers/``::
+
+    web.sock   admin socket (or a short path under /tmp when the full path would not
+               fit a unix socket address; the pid file records which)
+    web.json   the backend set, written by the proxy on every change and read when it
+               starts, so a restarted proxy serves the same set
+    web.pid    {"pid", "port", "start_time", "admin"}; start_time (field 22 of
+               /proc/PID/stat) tells our proxy from a process that reused its pid
+    web.log    the proxy's stderr: start-up, shutdown and errors, never per request
+    web.lock   serialises ensure/stop between threads and controller processes
+
+``stop`` forgets the backend set as well (the service is no longer routed);
+a proxy that crashed, or that ``ensure`` moves to another port, keeps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from graven.atomic import write_atomic
+from graven.errors import RouterError, UsageError
+from graven.model import is_valid_name
+from graven.router.base import Backend, BackendStats
+from graven.router.proxy import BackendSetError, backends_to_json, parse_backends
+
+_MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
+_HEALTH_TIMEOUT: Final = 2.0
+_ADMIN_TIMEOUT: Final = 10.0
+_POLL: Final = 0.02
+
+# Proxies this process spawned, by pid. Kept at module level so that any
+# EmbeddedRouter in the process can reap them (no zombies, no ResourceWarning) even
+# after the object that started them is gone.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def check_backends(backends: list[Backend]) -> None:
+    """Raise ``RouterError`` if the proxy would refuse ``backends`` (same rules)."""
+    try:
+        parse_backends(backends_to_json(backends))
+    except BackendSetError as exc:
+        raise RouterError(
+            f"invalid backend set: {exc}",
+            hint="Each backend needs a unique id, a host:port address, "
+            "state 'ready' or 'drain' and a weight of 0-1000.",
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What the pid file says about a proxy."""
+
+    pid: int
+    port: int
+    start_time: int
+    admin: str
+
+
+@dataclass(frozen=True)
+class _Files:
+    service: str
+    sock: Path
+    state: Path
+    pid: Path
+    log: Path
+    lock: Path
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` speaking to a unix socket instead of a TCP port."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """``(state, start time)`` of a process from /proc, or None if there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; fields after the
+    # last ')' are plain. Field 3 (state) is the first of them, field 22 the 20th.
+    fields = text[text.rfind(")") + 2 :].split()
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        del _CHILDREN[pid]
+
+
+def _is_running(pid: int, start_time: int) -> bool:
+    """True if ``pid`` is still the very process that started at ``start_time``."""
+    _reap(pid)
+    stat = _proc_stat(pid)
+    return stat is not None and stat[1] == start_time and stat[0] not in ("Z", "X")
+
+
+class EmbeddedRouter:
+    """Router port adapter running graven's own proxy, one process per service.
+
+    ``state_dir`` is graven's state directory; routers keep their files in
+    ``state_dir/routers``. Proxies listen on ``listen_host`` (loopback by default).
+    Methods are synchronous and may block for up to ``start_timeout`` (ensure) or
+    ``stop_timeout`` (stop): call them from a worker thread in async code.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        listen_host: str = "127.0.0.1",
+        start_timeout: float = 10.0,
+        stop_timeout: float = 12.0,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / "routers"
+        self.listen_host = listen_host
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+
+    # ------------------------------------------------------------------ Router port
+
+    def ensure(self, service: str, port: int) -> None:
+        """Make sure a proxy for ``service`` listens on ``port``; adopt a running one."""
+        _check_service(service)
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise UsageError(f"router port must be 1-65535 (got {port!r})")
+        files = self._files(service)
+        with self._locked(files):
+            health = self._health(files)
+            if health is not None:
+                pid, live_port = health
+                if live_port == port:
+                    self._adopt(files, pid, port)
+                    return
+                self._terminate(files, pid)
+            else:
+                record = self._read_record(files)
+                if record is not None and _is_running(record.pid, record.start_time):
+                    # Alive but silent: still starting, or wedged. Give it the start
+                    # timeout before replacing it.
+                    if record.port == port and self._wait_healthy(files, record.pid, None):
+                        return
+                    self._terminate(files, record.pid)
+            self._spawn(files, port)
+
+    def set_backends(self, service: str, backends: list[Backend]) -> None:
+        """Replace the service's backend set (see ``Router.set_backends``)."""
+        _check_service(service)
+        check_backends(backends)
+        body = json.dumps({"backends": backends_to_json(backends)}).encode()
+        status, doc = self._admin(self._files(service), "PUT", "/backends", body)
+        if status != 200:
+            raise RouterError(
+                f"router for service {service!r} refused the backend set "
+                f"(HTTP {status}): {doc.get('error', doc)}",
+                hint=f"See {self._files(service).log}.",
+            )
+
+    def stats(self, service: str) -> list[BackendStats]:
+        """Per-backend counters as the proxy sees them, drained leftovers included."""
+        _check_service(service)
+        files = self._files(service)
+        status, doc = self._admin(files, "GET", "/backends", None)
+        try:
+            if status != 200:
+                raise ValueError(f"HTTP {status}: {doc.get('error', doc)}")
+            return [
+                BackendStats(
+                    id=str(b["id"]),
+                    address=str(b["address"]),
+                    state="drain" if b["state"] == "drain" else "ready",
+                    inflight=int(b["inflight"]),
+                    requests=int(b["requests"]),
+                    errors=int(b["errors"]),
+                )
+                for b in doc["backends"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RouterError(
+                f"router for service {service!r} answered GET /backends badly: {exc}",
+                hint=f"See {files.log}; 'graven down' and deploy again restarts it.",
+            ) from None
+
+    def stop(self, service: str) -> None:
+        """Stop the service's proxy (SIGTERM, then SIGKILL) and forget its backend set.
+
+        In-flight requests get the proxy's own drain time. No error if it is not running.
+        """
+        _check_service(service)
+        files = self._files(service)
+        with self._locked(files):
+            health = self._health(files)
+            record = self._read_record(files)
+            if health is not None:
+                self._terminate(files, health[0])
+            elif record is not None and _is_running(record.pid, record.start_time):
+                self._terminate(files, record.pid)
+            for path in (files.pid, files.state, files.sock):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def running(self) -> dict[str, int]:
+        """Services with a live proxy and the port each listens on."""
+        out: dict[str, int] = {}
+        if not self.dir.is_dir():
+            return out
+        for pid_file in sorted(self.dir.glob("*.pid")):
+            service = pid_file.stem
+            if not is_valid_name(service):
+                continue
+            record = self._read_record(self._files(service))
+            if record is not None and _is_running(record.pid, record.start_time):
+                out[service] = record.port
+        return out
+
+    # ------------------------------------------------------------------ extras
+
+    def pid(self, service: str) -> int | None:
+        """The pid of the service's live proxy, or None."""
+        _check_service(service)
+        record = self._read_record(self._files(service))
+        if record is not None and _is_running(record.pid, record.start_time):
+            return record.pid
+        return None
+
+    def admin_socket(self, service: str) -> Path:
+        """The unix socket of the service's admin API (``curl --unix-socket`` it)."""
+        _check_service(service)
+        return self._files(service).sock
+
+    def log_path(self, service: str) -> Path:
+        """Where the service's proxy writes its start-up messages and errors."""
+        _check_service(service)
+        return self._files(service).log
+
+    # ------------------------------------------------------------------ internals
+
+    def _files(self, service: str) -> _Files:
+        sock = self.dir / f"{service}.sock"
+        if len(os.fsencode(sock.absolute())) > _MAX_SOCKET_PATH:
+            sock = self._short_socket_dir() / f"{service}.sock"
+        return _Files(
+            service=service,
+            sock=sock,
+            state=self.dir / f"{service}.json",
+            pid=self.dir / f"{service}.pid",
+            log=self.dir / f"{service}.log",
+            lock=self.dir / f"{service}.lock",
+        )
+
+    def _short_socket_dir(self) -> Path:
+        # Same state dir, same short dir: a restarted controller finds the socket
+        # without the pid file too.
+        key = hashlib.sha256(os.fsencode(self.state_dir.resolve())).hexdigest()[:16]
+        short = Path(tempfile.gettempdir()) / f"graven-{key}-routers"
+        try:
+            short.mkdir(mode=0o700, exist_ok=True)
+            st = short.lstat()
+        except OSError as exc:
+            raise RouterError(f"cannot create admin socket directory {short}: {exc}") from None
+        # /tmp is shared: only a private directory of our own may hold the socket.
+        if short.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise RouterError(
+                f"admin socket directory {short} is not a private directory of this user",
+                hint=f"Remove {short}, or use a shorter state directory path.",
+            )
+        return short
+
+    @contextlib.contextmanager
+    def _locked(self, files: _Files) -> Iterator[None]:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RouterError(
+                f"cannot use router directory {self.dir}: {exc}",
+                hint="Check that the state directory exists and is writable.",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_record(self, files: _Files) -> _Record | None:
+        try:
+            doc = json.loads(files.pid.read_bytes())
+            return _Record(
+                pid=int(doc["pid"]),
+                port=int(doc["port"]),
+                start_time=int(doc["start_time"]),
+                admin=str(doc["admin"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            # A damaged pid file proves nothing; the admin socket is the authority.
+            return None
+
+    def _write_record(self, files: _Files, pid: int, port: int) -> None:
+        stat = _proc_stat(pid)
+        if stat is None:
+            return
+        doc = {"pid": pid, "port": port, "start_time": stat[1], "admin": str(files.sock)}
+        try:
+            write_atomic(files.pid, json.dumps(doc).encode(), mode=0o600)
+        except OSError as exc:
+            raise RouterError(f"cannot write {files.pid}: {exc}") from None
+
+    def _adopt(self, files: _Files, pid: int, port: int) -> None:
+        record = self._read_record(files)
+        if record is None or record.pid != pid or record.port != port:
+            self._write_record(files, pid, port)
+
+    def _spawn(self, files: _Files, port: int) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "graven.router.proxy",
+            "--service",
+            files.service,
+            "--listen",
+            f"{self.listen_host}:{port}",
+            "--admin",
+            str(files.sock),
+            "--state",
+            str(files.state),
+        ]
+        try:
+            with files.log.open("ab") as log:
+                offset = log.tell()
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                log.write(f"--- {stamp} starting: {' '.join(argv[1:])}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    close_fds=True,
+                    start_new_session=True,
+                    cwd=self.dir,
+                )
+        except OSError as exc:
+            raise RouterError(
+                f"cannot start the router for service {files.service!r}: {exc}"
+            ) from None
+        _CHILDREN[proc.pid] = proc
+        # Recorded before it is healthy, so a controller that dies right now still
+        # finds (and can stop) this process.
+        self._write_record(files, proc.pid, port)
+        if self._wait_healthy(files, proc.pid, proc):
+            return
+        if proc.poll() is None:
+            self._terminate(files, proc.pid)
+            what = f"did not answer on {files.sock} within {self.start_timeout:.0f} s"
+        else:
+            what = f"exited with code {proc.returncode}"
+        with contextlib.suppress(FileNotFoundError):
+            files.pid.unlink()
+        raise RouterError(
+            f"router for service {files.service!r} on port {port} {what}: "
+            f"{_log_tail(files.log, offset)}",
+            hint=f"If port {port} is in use, stop what holds it or choose another port. "
+            f"Full log: {files.log}",
+        )
+
+    def _wait_healthy(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                return False
+            health = self._health(files)
+            if health is not None and health[0] == pid:
+                return True
+            time.sleep(_POLL)
+        return False
+
+    def _terminate(self, files: _Files, pid: int) -> None:
+        """SIGTERM ``pid``, wait for its drain, then SIGKILL. Only our proxy is signalled:
+        the start time is read once and re-checked, so a reused pid is left alone."""
+        stat = _proc_stat(pid)
+        if stat is None:
+            return
+        start_time = stat[1]
+        for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
+            if not _is_running(pid, start_time):
+                break
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                raise RouterError(
+                    f"not allowed to stop the router of service {files.service!r} (pid {pid})",
+                    hint="Run graven as the user that started the router.",
+                ) from None
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and _is_running(pid, start_time):
+                time.sleep(_POLL)
+        _reap(pid)
+
+    def _health(self, files: _Files) -> tuple[int, int] | None:
+        """``(pid, port)`` of the proxy answering on the admin socket, or None."""
+        try:
+            status, doc = self._call(files, "GET", "/health", None, _HEALTH_TIMEOUT)
+            if status != 200 or doc.get("ok") is not True or doc.get("service") != files.service:
+                return None
+            return int(doc["pid"]), int(doc["port"])
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            return None
+
+    def _admin(
+        self, files: _Files, method: str, path: str, body: bytes | None
+    ) -> tuple[int, dict[str, Any]]:
+        try:
+            return self._call(files, method, path, body, _ADMIN_TIMEOUT)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise RouterError(
+                f"no router is running for service {files.service!r}",
+                hint="The controller starts it (Router.ensure) on its next reconcile; "
+                f"if it keeps failing, see {files.log}.",
+            ) from None
+        except (OSError, http.client.HTTPException, ValueError, TypeError) as exc:
+            raise RouterError(
+                f"router for service {files.service!r} did not answer {method} {path}: {exc}",
+                hint=f"See {files.log}; restarting the controller re-creates a broken router.",
+            ) from None
+
+    @staticmethod
+    def _call(
+        files: _Files, method: str, path: str, body: bytes | None, timeout: float
+    ) -> tuple[int, dict[str, Any]]:
+        conn = _UnixHTTPConnection(str(files.sock), timeout)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        doc = json.loads(data)
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+        return resp.status, doc
+
+
+def _check_service(service: str) -> None:
+    if not isinstance(service, str) or not is_valid_name(service):
+        raise UsageError(
+            f"not a valid service name: {service!r} (lowercase letters, digits and '-', "
+            "starting with a letter, at most 63 characters)"
+        )
+
+
+def _log_tail(path: Path, offset: int, lines: int = 5) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return "(no log)"
+        return f"(log unreadable: {exc})"
+    kept = [line for line in text.splitlines() if line and not line.startswith("--- ")]
+    return " | ".join(kept[-lines:]) or "(nothing logged)"
