@@ -1,7 +1,6 @@
 """The Router port's contract, run against every adapter: FakeRouter and EmbeddedRouter.
 
-A test that needs real requests asks for the ``traffic`` fixture, which skips it for
-adapters that move no traffic.
+Tests that need real requests use ``real_harness``: only adapters that move traffic.
 """
 
 from __future__ import annotations
@@ -167,9 +166,13 @@ def router(harness: Harness) -> Router:
 
 
 @pytest.fixture
-def traffic(harness: Harness) -> None:
-    if harness.kind == "fake":
-        pytest.skip("FakeRouter moves no real requests; this checks the data plane")
+def real_harness(tmp_path: Path) -> Iterator[Harness]:
+    """Only adapters that move real requests: the data-plane half of the contract."""
+    h = EmbeddedHarness(tmp_path / "state")
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 def ensure(harness: Harness, port: int | None = None, service: str = SERVICE) -> int:
@@ -347,10 +350,11 @@ def test_a_lingering_backend_that_comes_back_is_configured_again(harness: Harnes
 # --------------------------------------------------------------------------- real traffic
 
 
-@pytest.mark.usefixtures("traffic")
-def test_requests_go_to_ready_backends_and_are_counted(harness: Harness) -> None:
-    port = ensure(harness)
-    harness.router.set_backends(SERVICE, [harness.backend("a"), harness.backend("b", "drain")])
+def test_requests_go_to_ready_backends_and_are_counted(real_harness: Harness) -> None:
+    port = ensure(real_harness)
+    real_harness.router.set_backends(
+        SERVICE, [real_harness.backend("a"), real_harness.backend("b", "drain")]
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         for _ in range(10):
@@ -360,15 +364,14 @@ def test_requests_go_to_ready_backends_and_are_counted(harness: Harness) -> None
             assert resp.getheader("X-Graven-Backend") == "a"
     finally:
         conn.close()
-    stats = by_id(harness.router.stats(SERVICE))
+    stats = by_id(real_harness.router.stats(SERVICE))
     assert (stats["a"].requests, stats["a"].errors) == (10, 0)
     assert stats["b"].requests == 0
 
 
-@pytest.mark.usefixtures("traffic")
-def test_backend_errors_are_counted(harness: Harness) -> None:
-    port = ensure(harness)
-    harness.router.set_backends(SERVICE, [harness.backend("a")])
+def test_backend_errors_are_counted(real_harness: Harness) -> None:
+    port = ensure(real_harness)
+    real_harness.router.set_backends(SERVICE, [real_harness.backend("a")])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         for path in ("/status?code=500", "/status?code=404", "/"):
@@ -376,5 +379,5 @@ def test_backend_errors_are_counted(harness: Harness) -> None:
             conn.getresponse().read()
     finally:
         conn.close()
-    stats = by_id(harness.router.stats(SERVICE))["a"]
+    stats = by_id(real_harness.router.stats(SERVICE))["a"]
     assert (stats.requests, stats.errors) == (3, 1)

@@ -509,10 +509,9 @@ class Engine:
     async def stop_instance(self, service: str, inst_id: str, *, reason: str) -> None:
         inst, handle = self._handle(inst_id)
         cfg = self.state.release(service, inst.release).config
-        if inst.state in ("healthy",):
-            # Never stop a routed instance: take it out of the router first.
-            self.state.set_instance_state(inst_id, "draining")
-            self.sync_router(service)
+        if inst.state == "healthy":
+            # Never stop a routed instance: drain it first.
+            await self.drain(service, inst_id)
         await asyncio.to_thread(self.runtime.stop, handle, cfg.stop_grace)
         self.state.set_instance_state(inst_id, "stopped", at=self.clock.now(), reason=reason)
         self.health.pop(inst_id, None)
