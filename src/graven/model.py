@@ -81,12 +81,15 @@ class Image:
     rootfs: Digest
     config: ImageConfig
     name: str = ""
+    # Layer snapshots: each the root tree after one more layer; the last is ``rootfs``.
+    layers: tuple[Digest, ...] = ()
 
     def document(self) -> dict[str, Any]:
         """The canonical document the digest is computed over."""
         return {
             "schema": "graven.image/v1",
             "rootfs": str(self.rootfs),
+            "layers": [str(d) for d in self.layers],
             "config": self.config.to_dict(),
         }
 

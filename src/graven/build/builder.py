@@ -43,6 +43,7 @@ from graven.spec.models import (
     WorkdirStep,
 )
 from graven.store.cas import ContentStore, Tree, TreeEntry, TreePathError
+from graven.store.layers import split
 
 STEP_KEY_SCHEMA = "graven.step/v1"
 STEP_RESULT_SCHEMA = "graven.step-result/v1"
@@ -101,10 +102,12 @@ class BuildState:
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = "/"
     entrypoint: tuple[str, ...] = ()
+    layers: tuple[Digest, ...] = ()  # snapshot after each layer so far
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rootfs": str(self.rootfs),
+            "layers": [str(d) for d in self.layers],
             "env": [list(kv) for kv in self.env],
             "workdir": self.workdir,
             "entrypoint": list(self.entrypoint),
@@ -122,6 +125,7 @@ class BuildState:
             env=env,
             workdir=data["workdir"],
             entrypoint=tuple(str(a) for a in entrypoint),
+            layers=tuple(Digest(d) for d in data["layers"]),
         )
 
 
@@ -200,7 +204,7 @@ def build_image(
             on_step(outcome)
 
     config = ImageConfig(entrypoint=state.entrypoint, env=state.env, workdir=state.workdir)
-    image = store.put_image(state.rootfs, config)
+    image = store.put_image(state.rootfs, config, state.layers)
     store.tag(name, image.digest)
     return BuildResult(image=replace(image, name=name), steps=outcomes)
 
@@ -274,9 +278,9 @@ def _apply(
     step: Step, state: BuildState, source: TreeEntry | None, store: ContentStore, where: str
 ) -> BuildState:
     if isinstance(step, CopyStep) and source is not None:
-        return replace(state, rootfs=_copy(store, state.rootfs, step, source, where))
+        return _with_rootfs(store, state, _copy(store, state.rootfs, step, source, where))
     if isinstance(step, RunStep):
-        return replace(state, rootfs=_run_on_host(store, state, step.run, where))
+        return _with_rootfs(store, state, _run_on_host(store, state, step.run, where))
     if isinstance(step, EnvStep):
         env = dict(state.env)
         env.update(step.env)  # a redefined variable keeps its first position
@@ -286,6 +290,13 @@ def _apply(
     if isinstance(step, EntrypointStep):
         return replace(state, entrypoint=tuple(step.entrypoint))
     raise BuildError(f"{where}: unknown step {step!r}")
+
+
+def _with_rootfs(store: ContentStore, state: BuildState, rootfs: Digest) -> BuildState:
+    """A step changed the files: its changes become one layer, or several when large."""
+    return replace(
+        state, rootfs=rootfs, layers=state.layers + tuple(split(store, state.rootfs, rootfs))
+    )
 
 
 def _ingest_source(store: ContentStore, context: Path, step: CopyStep, where: str) -> TreeEntry:

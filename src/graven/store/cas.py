@@ -232,8 +232,10 @@ def parse_image(digest: Digest, data: bytes) -> Image:
     if len(data) > _MAX_DOCUMENT:
         raise InvalidDocument("image document is too large")
     doc = _load_json(data)
-    if not isinstance(doc, dict) or set(doc) != {"schema", "rootfs", "config"}:
-        raise InvalidDocument("an image document has exactly the keys 'schema', 'rootfs', 'config'")
+    if not isinstance(doc, dict) or set(doc) != {"schema", "rootfs", "layers", "config"}:
+        raise InvalidDocument(
+            "an image document has exactly the keys 'schema', 'rootfs', 'layers', 'config'"
+        )
     if doc["schema"] != IMAGE_SCHEMA:
         raise InvalidDocument(f"schema must be {IMAGE_SCHEMA!r}, got {doc['schema']!r}")
     config = doc["config"]
@@ -250,7 +252,17 @@ def parse_image(digest: Digest, data: bytes) -> Image:
         raise InvalidDocument("'config.workdir' must be an absolute path")
     if not isinstance(doc["rootfs"], str):
         raise InvalidDocument("'rootfs' must be a digest string")
-    image = Image(digest=digest, rootfs=Digest(doc["rootfs"]), config=ImageConfig.from_dict(config))
+    layers = doc["layers"]
+    if not isinstance(layers, list) or not all(isinstance(d, str) for d in layers):
+        raise InvalidDocument("'layers' must be a list of digest strings")
+    if layers and layers[-1] != doc["rootfs"]:
+        raise InvalidDocument("the last of 'layers' must be 'rootfs'")
+    image = Image(
+        digest=digest,
+        rootfs=Digest(doc["rootfs"]),
+        config=ImageConfig.from_dict(config),
+        layers=tuple(Digest(d) for d in layers),
+    )
     if canonical_json(image.document()) != data:
         raise InvalidDocument("image document is not in canonical form (sorted, compact JSON)")
     return image
@@ -719,13 +731,21 @@ class ContentStore:
 
     # --- images and names ----------------------------------------------------------------
 
-    def put_image(self, rootfs: Digest, config: ImageConfig) -> Image:
-        """Store an image document for tree ``rootfs``; its digest is the blob's digest."""
-        self.read_tree(rootfs)  # an image must never point at a missing or bad tree
+    def put_image(
+        self, rootfs: Digest, config: ImageConfig, layers: tuple[Digest, ...] | None = None
+    ) -> Image:
+        """Store an image document for tree ``rootfs``; its digest is the blob's digest.
+
+        ``layers`` are the snapshot trees layer by layer (default: one layer, ``rootfs``)."""
+        layers = (rootfs,) if layers is None else layers
+        if layers and layers[-1] != rootfs:
+            raise StoreError("an image's last layer snapshot must be its rootfs")
+        for tree in {rootfs, *layers}:
+            self.read_tree(tree)  # an image must never point at a missing or bad tree
         # Image.document() leaves the digest out, so a placeholder is fine here.
-        draft = Image(digest=rootfs, rootfs=rootfs, config=config)
+        draft = Image(digest=rootfs, rootfs=rootfs, config=config, layers=layers)
         digest = self.put_bytes(canonical_json(draft.document()))
-        return Image(digest=digest, rootfs=rootfs, config=config)
+        return Image(digest=digest, rootfs=rootfs, config=config, layers=layers)
 
     def get_image(self, digest: Digest) -> Image:
         """The image named ``digest``; StoreError when missing, corrupt or not an image."""
