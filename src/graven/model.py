@@ -56,12 +56,20 @@ class ImageConfig:
     entrypoint: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     workdir: str = "/"
+    cmd: tuple[str, ...] = ()  # default arguments after the entrypoint
+    user: str = ""  # "" runs as the runtime's default user
+    ports: tuple[int, ...] = ()  # documented listening ports (OCI ExposedPorts)
+    labels: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "entrypoint": list(self.entrypoint),
             "env": [list(kv) for kv in self.env],
             "workdir": self.workdir,
+            "cmd": list(self.cmd),
+            "user": self.user,
+            "ports": list(self.ports),
+            "labels": [list(kv) for kv in self.labels],
         }
 
     @classmethod
@@ -70,6 +78,10 @@ class ImageConfig:
             entrypoint=tuple(data["entrypoint"]),
             env=tuple((str(k), str(v)) for k, v in data["env"]),
             workdir=str(data["workdir"]),
+            cmd=tuple(str(a) for a in data.get("cmd", ())),
+            user=str(data.get("user", "")),
+            ports=tuple(int(p) for p in data.get("ports", ())),
+            labels=tuple((str(k), str(v)) for k, v in data.get("labels", ())),
         )
 
 

@@ -239,15 +239,25 @@ def parse_image(digest: Digest, data: bytes) -> Image:
     if doc["schema"] != IMAGE_SCHEMA:
         raise InvalidDocument(f"schema must be {IMAGE_SCHEMA!r}, got {doc['schema']!r}")
     config = doc["config"]
-    if not isinstance(config, dict) or set(config) != {"entrypoint", "env", "workdir"}:
-        raise InvalidDocument("'config' has exactly the keys 'entrypoint', 'env', 'workdir'")
+    keys = {"entrypoint", "env", "workdir", "cmd", "user", "ports", "labels"}
+    if not isinstance(config, dict) or set(config) != keys:
+        raise InvalidDocument(f"'config' has exactly the keys {sorted(keys)}")
     entrypoint, env, workdir = config["entrypoint"], config["env"], config["workdir"]
-    if not isinstance(entrypoint, list) or not all(isinstance(a, str) for a in entrypoint):
-        raise InvalidDocument("'config.entrypoint' must be a list of strings")
-    if not isinstance(env, list) or not all(
-        isinstance(kv, list) and len(kv) == 2 and all(isinstance(s, str) for s in kv) for kv in env
-    ):
-        raise InvalidDocument("'config.env' must be a list of [name, value] string pairs")
+    for key in ("entrypoint", "cmd"):
+        if not isinstance(config[key], list) or not all(isinstance(a, str) for a in config[key]):
+            raise InvalidDocument(f"'config.{key}' must be a list of strings")
+    for key in ("env", "labels"):
+        pairs = config[key]
+        if not isinstance(pairs, list) or not all(
+            isinstance(kv, list) and len(kv) == 2 and all(isinstance(s, str) for s in kv)
+            for kv in pairs
+        ):
+            raise InvalidDocument(f"'config.{key}' must be a list of [name, value] string pairs")
+    if not isinstance(config["user"], str):
+        raise InvalidDocument("'config.user' must be a string")
+    ports = config["ports"]
+    if not isinstance(ports, list) or not all(type(p) is int and 1 <= p <= 65535 for p in ports):
+        raise InvalidDocument("'config.ports' must be a list of port numbers")
     if not isinstance(workdir, str) or not workdir.startswith("/"):
         raise InvalidDocument("'config.workdir' must be an absolute path")
     if not isinstance(doc["rootfs"], str):

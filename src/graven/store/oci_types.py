@@ -1,0 +1,81 @@
+"""OCI image-spec vocabulary shared by export, import and the registry client.
+
+Documents from outside (layouts, archives, registries) are untrusted: ``Descriptor``
+validates what it is given and says which field is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from graven.model import Digest
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+LAYER_TYPES = frozenset({OCI_LAYER_TAR, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, DOCKER_LAYER_GZIP})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+
+REF_NAME = "org.opencontainers.image.ref.name"
+# graven's own annotation on exported manifests: the graven image digest they carry.
+GRAVEN_IMAGE = "dev.graven.image.digest"
+
+# Caps on documents we parse (blobs are streamed, never held whole).
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
+
+
+class InvalidOCI(ValueError):
+    """An OCI document is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """A content descriptor: what a blob is, its digest and exact size."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mediaType": self.media_type,
+            "digest": str(self.digest),
+            "size": self.size,
+        }
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> Descriptor:
+        if not isinstance(data, dict):
+            raise InvalidOCI(f"{where}: a descriptor must be an object")
+        media_type, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
+        if not isinstance(media_type, str) or not media_type:
+            raise InvalidOCI(f"{where}.mediaType: expected a media type string, got {media_type!r}")
+        if not isinstance(digest, str):
+            raise InvalidOCI(f"{where}.digest: expected a digest string, got {digest!r}")
+        try:
+            parsed = Digest(digest)
+        except ValueError as exc:
+            raise InvalidOCI(f"{where}.digest: {exc}") from None
+        if type(size) is not int or size < 0:
+            raise InvalidOCI(f"{where}.size: expected a non-negative integer, got {size!r}")
+        annotations = data.get("annotations") or {}
+        if not isinstance(annotations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+        ):
+            raise InvalidOCI(f"{where}.annotations: expected a map of strings")
+        return cls(media_type, parsed, size, tuple(sorted(annotations.items())))
