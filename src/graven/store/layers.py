@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from graven.model import Digest
-from graven.store.cas import ContentStore, Tree, TreeEntry
+from graven.store.cas import DIR_MODE, ContentStore, Tree, TreeEntry
 
 # A step smaller than this stays one layer.
 SPLIT_ABOVE = 8 * 1024 * 1024
@@ -73,14 +74,52 @@ def _changes(store: ContentStore, old: Digest | None, new: Digest, prefix: str) 
             yield Change(path, b)
 
 
+_DELETE = object()
+_RESET = "\0reset"  # not a valid entry name: marks a directory deleted, then recreated
+
+
 def apply_changes(store: ContentStore, root: Digest, batch: list[Change]) -> Digest:
-    """``root`` with ``batch`` applied in order."""
+    """``root`` with ``batch`` applied in order, writing each changed directory once."""
+    edits: dict[str, Any] = {}
     for change in batch:
-        if change.entry is None:
-            root = remove(store, root, change.path)
+        *parents, name = [p for p in change.path.split("/") if p]
+        node = edits
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                # Entries below a path deleted or replaced earlier in the batch: start afresh.
+                child = {_RESET: True} if child is not None else {}
+                node[part] = child
+            node = child
+        node[name] = _DELETE if change.entry is None else change.entry
+    return _apply_edits(store, root, edits)
+
+
+def _apply_edits(store: ContentStore, root: Digest | None, edits: dict[str, Any]) -> Digest:
+    tree = store.read_tree(root) if root is not None and not edits.get(_RESET) else Tree()
+    entries = {e.name: e for e in tree.entries}
+    for name, edit in edits.items():
+        if name == _RESET:
+            continue
+        existing = entries.get(name)
+        if edit is _DELETE:
+            entries.pop(name, None)
+        elif isinstance(edit, dict):
+            below = existing.digest if existing is not None and existing.type == "dir" else None
+            sub = _apply_edits(store, below, edit)
+            entries[name] = TreeEntry(name, "dir", DIR_MODE, store.read_tree(sub).size, sub)
+        elif (
+            edit.type == "dir"
+            and existing is not None
+            and existing.type == "dir"
+            and existing.digest is not None
+            and edit.digest is not None
+        ):
+            merged = store.merge_trees(existing.digest, edit.digest)
+            entries[name] = TreeEntry(name, "dir", DIR_MODE, store.read_tree(merged).size, merged)
         else:
-            root = store.place(root, change.path, change.entry)
-    return root
+            entries[name] = replace(edit, name=name)
+    return store.put_tree(Tree.of(entries.values()))
 
 
 def remove(store: ContentStore, root: Digest, path: str) -> Digest:
