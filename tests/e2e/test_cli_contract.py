@@ -163,3 +163,38 @@ def test_editing_a_ledger_row_fails_verify_naming_it(project: Project) -> None:
     as_json = project.graven("audit", "--verify", "-o", "json", check=False)
     assert as_json.code == 1
     assert as_json.json()["first_bad_entry"] == 2
+
+
+def test_serve_runs_in_the_foreground_and_speaks_json(project: Project) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from graven.controller.client import ControllerClient
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "graven", "serve", "-o", "json"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "GRAVEN_ACTOR": "tester@ci"},
+    )
+    try:
+        client = ControllerClient(project.state_dir)
+        deadline = time.monotonic() + 20
+        while not client.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.alive()
+        # A second controller for the same state dir is refused, clearly.
+        second = project.graven("serve", check=False)
+        assert second.code == 1 and "already running" in second.stderr
+        client.request("POST", "/v1/shutdown", {})
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert json.loads(out)["stopped"] is True
