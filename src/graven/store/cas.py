@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -36,7 +37,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -242,7 +243,7 @@ def parse_image(digest: Digest, data: bytes) -> Image:
     keys = {"entrypoint", "env", "workdir", "cmd", "user", "ports", "labels"}
     if not isinstance(config, dict) or set(config) != keys:
         raise InvalidDocument(f"'config' has exactly the keys {sorted(keys)}")
-    entrypoint, env, workdir = config["entrypoint"], config["env"], config["workdir"]
+    workdir = config["workdir"]
     for key in ("entrypoint", "cmd"):
         if not isinstance(config[key], list) or not all(isinstance(a, str) for a in config[key]):
             raise InvalidDocument(f"'config.{key}' must be a list of strings")
@@ -285,6 +286,17 @@ def _tree_parts(path: str) -> list[str]:
         if problem := _name_problem(part):
             raise TreePathError(path, f"{path}: {problem}")
     return parts
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    import ctypes  # only when something is written: reads stay lean
+
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL("libc.so.6", use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -334,31 +346,61 @@ class ContentStore:
             raise StoreError(f"cannot open the content store at {self.root}: {e}") from e
         # Trees are immutable by digest, so parsed ones can be remembered freely.
         self._trees: dict[Digest, Tree] = {}
+        # Blobs are written without an fsync each; one syncfs makes them durable before
+        # anything durable (a ref, a cache entry) may point at them.
+        self._unsynced = False
 
     # --- low-level writes -------------------------------------------------------------
 
     def _write_atomic(
-        self, final: Path, data: bytes, *, mode: int = 0o644, tmp_dir: Path | None = None
+        self,
+        final: Path,
+        data: bytes,
+        *,
+        mode: int = 0o644,
+        tmp_dir: Path | None = None,
+        durable: bool = True,
     ) -> None:
         try:
-            self._write_atomic_unchecked(final, data, mode, tmp_dir or self.tmp_dir)
+            if durable:
+                self.sync()
+            self._write_atomic_unchecked(final, data, mode, tmp_dir or self.tmp_dir, durable)
         except OSError as e:
             raise StoreError(f"cannot write {final}: {e.strerror or e}") from e
 
-    def _write_atomic_unchecked(self, final: Path, data: bytes, mode: int, tmp_dir: Path) -> None:
+    def sync(self) -> None:
+        """Make every blob written so far durable (one syncfs, not one fsync per blob)."""
+        if not self._unsynced:
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            syncfs = _libc_syncfs()
+            if syncfs is None or syncfs(fd) != 0:
+                os.sync()
+        finally:
+            os.close(fd)
+        self._unsynced = False
+
+    def _write_atomic_unchecked(
+        self, final: Path, data: bytes, mode: int, tmp_dir: Path, durable: bool = True
+    ) -> None:
         fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".w-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             Path(tmp).chmod(mode)
             final.parent.mkdir(parents=True, exist_ok=True)
             Path(tmp).replace(final)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
+        else:
+            self._unsynced = True
 
     @contextlib.contextmanager
     def _lock(self, name: str) -> Iterator[None]:
@@ -379,11 +421,18 @@ class ContentStore:
     def has(self, digest: Digest) -> bool:
         return self.blob_path(digest).is_file()
 
+    def _has_sized(self, digest: Digest, size: int) -> bool:
+        """Present with the right length: a blob cut short by a power loss is rewritten."""
+        try:
+            return self.blob_path(digest).stat().st_size == size
+        except OSError:
+            return False
+
     def put_bytes(self, data: bytes) -> Digest:
         """Store ``data``; return its digest. A no-op when the blob is present."""
         digest = Digest.of_bytes(data)
-        if not self.has(digest):
-            self._write_atomic(self.blob_path(digest), data, mode=0o444)
+        if not self._has_sized(digest, len(data)):
+            self._write_atomic(self.blob_path(digest), data, mode=0o444, durable=False)
         return digest
 
     def put_file(self, path: Path) -> Digest:
@@ -415,7 +464,7 @@ class ContentStore:
         while chunk := f.read(CHUNK_SIZE):
             h.update(chunk)
         digest = Digest("sha256:" + h.hexdigest())
-        if self.has(digest):
+        if self._has_sized(digest, f.tell()):
             return digest, f.tell()
         # Copy, hashing again: the file may change between the passes, and the store
         # must name what it actually holds.
@@ -429,8 +478,6 @@ class ContentStore:
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
             Path(tmp).chmod(0o444)
             digest = Digest("sha256:" + h.hexdigest())
             final = self.blob_path(digest)
@@ -439,7 +486,7 @@ class ContentStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        self._unsynced = True
         return digest, size
 
     def open_blob(self, digest: Digest) -> BinaryIO:
