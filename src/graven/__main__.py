@@ -1,3 +1,3 @@
-from graven.cli.main import main
+from graven.cli.entry import main
 
 main()

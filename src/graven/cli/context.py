@@ -35,8 +35,16 @@ class AppContext:
             self._loaded = load_spec(find_spec(Path.cwd(), self.spec_file))
         return self._loaded
 
+    def spec_path(self) -> Path:
+        """Where the spec is, without reading it."""
+        if self._loaded is not None:
+            return self._loaded.path
+        from graven.spec.locate import find_spec
+
+        return find_spec(Path.cwd(), self.spec_file)
+
     def _spec_path_if_any(self) -> Path | None:
-        from graven.spec import find_spec
+        from graven.spec.locate import find_spec
 
         try:
             return find_spec(Path.cwd(), self.spec_file)
@@ -48,18 +56,18 @@ class AppContext:
     @cached_property
     def state_dir(self) -> Path:
         """--state-dir, else $GRAVEN_STATE_DIR, else .graven beside graven.yaml."""
-        if self.state_dir_option is not None:
-            return self.state_dir_option.resolve()
-        env = os.environ.get("GRAVEN_STATE_DIR")
-        if env:
-            return Path(env).resolve()
-        spec_path = self._spec_path_if_any()
-        if spec_path is None:
+        from graven.controller.paths import state_dir_for
+
+        found = self.state_dir_option is not None or os.environ.get("GRAVEN_STATE_DIR")
+        state_dir = state_dir_for(
+            self.state_dir_option, None if found else self._spec_path_if_any()
+        )
+        if state_dir is None:
             raise UsageError(
                 "no graven.yaml here or in any parent directory, and no state dir given",
                 hint="Run inside a graven project, or pass --state-dir / set GRAVEN_STATE_DIR.",
             )
-        return spec_path.resolve().parent / ".graven"
+        return state_dir
 
     def store(self) -> ContentStore:
         from graven.controller.paths import store_root

@@ -139,9 +139,33 @@ def schema(output: str) -> None:
 # --- images ----------------------------------------------------------------------------
 
 
-def _build(app: AppContext, names: list[str], out: Output, *, no_cache: bool) -> list[Any]:
-    from graven.build.builder import build_image
+def _build(
+    app: AppContext, names: list[str], out: Output, *, no_cache: bool
+) -> list[dict[str, Any]]:
+    """Build ``names`` (default: all); each result is a JSON-ready summary."""
+    from graven.build import fingerprint
 
+    spec_path = app.spec_path()
+    if not no_cache:
+        fast = fingerprint.unchanged_images(app.state_dir, spec_path, names)
+        if fast is not None:
+            for img in fast:
+                out.progress(f"build {img['name']}: nothing changed since the last build")
+            return [
+                {
+                    "name": img["name"],
+                    "digest": img["digest"],
+                    "steps_run": 0,
+                    "steps_cached": img["steps"],
+                    "steps": [],
+                }
+                for img in fast
+            ]
+
+    from graven.build.builder import build_image
+    from graven.spec.models import CopyStep
+
+    spec_bytes = spec_path.read_bytes()
     loaded = app.spec()
     unknown = [n for n in names if n not in loaded.spec.images]
     if unknown:
@@ -151,23 +175,33 @@ def _build(app: AppContext, names: list[str], out: Output, *, no_cache: bool) ->
         )
     store = app.store()
     results = []
+    built: dict[str, tuple[str, int, list[str], str, float]] = {}
     for name in names or sorted(loaded.spec.images):
         out.progress(f"[bold]build[/] {name}")
+        recipe = loaded.spec.images[name]
+        sources = [s.source for s in recipe.steps if isinstance(s, CopyStep)]
+        # Taken before the build reads anything: a file edited meanwhile mismatches later.
+        sig, newest = fingerprint.signature(loaded.root, sources, app.state_dir.resolve())
 
         def on_step(s: Any) -> None:
             mark = "[dim]cached[/]" if s.cached else f"[cyan]ran[/] {s.seconds:.2f}s"
             out.progress(f"  step {s.index + 1} {s.kind:<10} {mark}  {s.summary}")
 
+        r = build_image(name, recipe, loaded.root, store, no_cache=no_cache, on_step=on_step)
+        built[name] = (str(r.image.digest), len(r.steps), sources, sig, newest)
         results.append(
-            build_image(
-                name,
-                loaded.spec.images[name],
-                loaded.root,
-                store,
-                no_cache=no_cache,
-                on_step=on_step,
-            )
+            {
+                "name": name,
+                "digest": str(r.image.digest),
+                "steps_run": sum(not s.cached for s in r.steps),
+                "steps_cached": sum(s.cached for s in r.steps),
+                "steps": [
+                    {"index": s.index, "kind": s.kind, "cached": s.cached, "seconds": s.seconds}
+                    for s in r.steps
+                ],
+            }
         )
+    fingerprint.remember(app.state_dir, spec_path, spec_bytes, built)
     return results
 
 
@@ -177,24 +211,12 @@ def _build(app: AppContext, names: list[str], out: Output, *, no_cache: bool) ->
 @output_option
 @click.pass_context
 def build(ctx: click.Context, images: tuple[str, ...], no_cache: bool, output: str) -> None:
-    """Bake IMAGES (default: all): cached, content-addressed -> digests."""
+    """Bake IMAGES (default: all): cached, content-addressed -> digests.
+
+    A step whose inputs are unchanged never runs again; when nothing at all changed
+    since the last build, not even the spec is parsed."""
     out = Output(output)
-    results = _build(_app(ctx), list(images), out, no_cache=no_cache)
-    data = {
-        "images": [
-            {
-                "name": r.image.name,
-                "digest": str(r.image.digest),
-                "steps_run": sum(not s.cached for s in r.steps),
-                "steps_cached": sum(s.cached for s in r.steps),
-                "steps": [
-                    {"index": s.index, "kind": s.kind, "cached": s.cached, "seconds": s.seconds}
-                    for s in r.steps
-                ],
-            }
-            for r in results
-        ]
-    }
+    data = {"images": _build(_app(ctx), list(images), out, no_cache=no_cache)}
 
     def render(con: Any, d: Any) -> None:
         for img in d["images"]:
@@ -251,11 +273,11 @@ def _candidates(app: AppContext, services: list[str], out: Output) -> list[dict[
     """Build each service's image (cached) and describe the release deploy would make."""
     spec = app.spec().spec
     image_names = sorted({spec.services[s].image for s in services})
-    built = {r.image.name: r.image for r in _build(app, image_names, out, no_cache=False)}
+    built = {r["name"]: r["digest"] for r in _build(app, image_names, out, no_cache=False)}
     return [
         {
             "service": s,
-            "image": str(built[spec.services[s].image].digest),
+            "image": built[spec.services[s].image],
             "image_name": spec.services[s].image,
             "config": spec.services[s].to_config().to_dict(),
         }
@@ -713,3 +735,5 @@ def _json_error(data: dict[str, Any]) -> None:
     import json
 
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
 # sun_path holds 108 bytes; stay well below it.
 _MAX_SOCKET_PATH = 100
+
+
+def state_dir_for(option: Path | None, spec_path: Path | None) -> Path | None:
+    """--state-dir, else $GRAVEN_STATE_DIR, else .graven beside the spec (None: no spec)."""
+    if option is not None:
+        return option.resolve()
+    env = os.environ.get("GRAVEN_STATE_DIR")
+    if env:
+        return Path(env).resolve()
+    return spec_path.resolve().parent / ".graven" if spec_path is not None else None
 
 
 def controller_socket(state_dir: Path) -> Path:

@@ -37,7 +37,8 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from graven.errors import SpecError, SpecProblem, UsageError
+from graven.errors import SpecError, SpecProblem
+from graven.spec.locate import INIT_HINT, SPEC_FILENAME
 from graven.spec.models import (
     EXTENSION_PREFIX,
     STEP_KIND_ERROR,
@@ -53,8 +54,6 @@ try:
 except ImportError:  # PyYAML built without libyaml
     from yaml import SafeLoader as _YamlLoader  # type: ignore[assignment]
 
-SPEC_FILENAME = "graven.yaml"
-INIT_HINT = "Run 'graven init' to create one."
 
 # A spec is a page of YAML; these bounds only stop hostile input (a huge file, an
 # alias bomb, absurd nesting) from exhausting memory or the stack.
@@ -103,22 +102,6 @@ class LoadedSpec:
     def line_of(self, key_path: str) -> int | None:
         """The line defining ``key_path``, or None if the file does not spell it out."""
         return self.lines.get(key_path)
-
-
-def find_spec(start: Path | None = None, explicit: Path | None = None) -> Path:
-    """The spec file to use: ``explicit`` if given, else the nearest ``graven.yaml``.
-
-    The search starts in ``start`` (default: the current directory) and walks up
-    through its parents, as git does for ``.git``.
-    """
-    if explicit is not None:
-        return explicit / SPEC_FILENAME if explicit.is_dir() else explicit
-    here = (start if start is not None else Path.cwd()).absolute()
-    for directory in (here, *here.parents):
-        candidate = directory / SPEC_FILENAME
-        if candidate.is_file():
-            return candidate
-    raise UsageError(f"no {SPEC_FILENAME} in {here} or any parent directory", hint=INIT_HINT)
 
 
 def load_spec(path: Path) -> LoadedSpec:
