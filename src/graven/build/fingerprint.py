@@ -23,6 +23,7 @@ from typing import Any
 SCHEMA = "graven.fingerprint/v1"
 RACY_SECONDS = 2.0
 _ALWAYS_SKIPPED = frozenset({".git", ".graven"})
+IGNORE_FILE = ".gravenignore"
 
 
 def _walk(path: str, out: list[str], newest: list[float], skip: str) -> None:
@@ -48,7 +49,8 @@ def signature(root: Path, sources: list[str], skip: Path) -> tuple[str, float]:
     """(signature of every file under ``sources``, newest mtime/ctime seen)."""
     lines: list[str] = []
     newest = [0.0]
-    for source in sources:
+    # The ignore file decides what a copy reads, so it is an input of every copy.
+    for source in (IGNORE_FILE, *sources):
         _walk(os.path.join(root, source), lines, newest, str(skip))  # noqa: PTH118 - str paths are faster here
     digest = hashlib.sha256("\n".join(lines).encode(errors="surrogateescape")).hexdigest()
     return digest, newest[0]
