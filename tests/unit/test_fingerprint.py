@@ -58,8 +58,9 @@ def test_unchanged_project_is_answered_from_the_record(project: tuple[Path, Path
         lambda root, spec, state: (state / "store" / "refs" / "web").write_text(
             "sha256:" + "b" * 64
         ),
+        lambda root, spec, state: (root / ".gravenignore").write_text("*.py\n"),
     ],
-    ids=["edit", "add", "delete", "chmod", "spec", "retagged"],
+    ids=["edit", "add", "delete", "chmod", "spec", "retagged", "ignore-file"],
 )
 def test_any_change_falls_back_to_a_real_build(
     project: tuple[Path, Path, Path], change: object
