@@ -737,3 +737,4 @@ def _json_error(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+import graven.cli.image_cmds  # noqa: E402,F401  (registers 'graven image')

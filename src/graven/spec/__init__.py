@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from graven.spec.loader import LoadedSpec, load_spec
     from graven.spec.locate import find_spec
     from graven.spec.models import Spec
-    from graven.spec.starter import scaffold
     from graven.spec.schema import json_schema
+    from graven.spec.starter import scaffold
 
 _WHERE = {
     "LoadedSpec": "graven.spec.loader",

@@ -1,0 +1,132 @@
+"""``graven image``: images in and out as OCI image layouts and archives.
+
+Registered on the root ``cli`` group when ``graven.cli.main`` is imported. Heavy
+modules (the OCI writer, compression) load only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from graven.cli.context import AppContext
+from graven.cli.main import cli, output_option
+from graven.cli.output import Output, short
+from graven.errors import UsageError
+
+if TYPE_CHECKING:
+    from graven.store.oci import LayerProgress
+
+
+def _app(ctx: click.Context) -> AppContext:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, AppContext)
+    return obj
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable
+
+
+@cli.group("image")
+def image() -> None:
+    """Images in and out as OCI image layouts (skopeo, podman, umoci, registries)."""
+
+
+@image.command("export")
+@click.argument("image_ref", metavar="IMAGE")
+@click.option(
+    "--layout",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="OCI image layout directory to write (created, or an existing layout to add to).",
+)
+@click.option(
+    "--archive",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also (or instead) write an OCI archive, e.g. image.tar (oci-archive:).",
+)
+@click.option(
+    "--ref",
+    "ref_name",
+    metavar="NAME",
+    help="Ref name in the layout's index (default: the image name, else 'latest').",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "none"]),
+    default="gzip",
+    show_default=True,
+    help="Layer compression (umoci reads gzip and none only).",
+)
+@output_option
+@click.pass_context
+def export(
+    ctx: click.Context,
+    image_ref: str,
+    layout: Path | None,
+    archive: Path | None,
+    ref_name: str | None,
+    compression: str,
+    output: str,
+) -> None:
+    """Export IMAGE (name, name@digest, digest or short digest) as an OCI image.
+
+    \b
+    The result is byte-for-byte reproducible (set SOURCE_DATE_EPOCH to date it):
+      graven image export web --layout out/
+      skopeo inspect oci:out:web
+      podman run --rm oci:out:web
+    """
+    from graven.store.oci import check_compression, check_ref_name, export_archive, export_layout
+
+    if layout is None and archive is None:
+        raise UsageError(
+            "nothing to write: give --layout DIR, --archive FILE.tar, or both",
+            hint="For example: graven image export web --layout out/",
+        )
+    out = Output(output)
+    store = _app(ctx).store()
+    img = store.resolve(image_ref)
+    ref = check_ref_name(ref_name or img.name or "latest")
+    kind = check_compression(compression)
+    out.progress(f"[bold]export[/] {img.name or short(img.digest)} {img.digest} as {ref!r}")
+
+    def on_layer(p: LayerProgress) -> None:
+        how = "[dim]cached[/]" if p.cached else "[cyan]written[/]"
+        out.progress(
+            f"  layer {p.index + 1}/{p.count} {short(p.blob.digest)} "
+            f"{_size(p.blob.size):>10} {kind:<4} {how}"
+        )
+
+    data: dict[str, Any] = {"image": str(img.digest), "name": img.name, "ref": ref}
+    result = None
+    if layout is not None:
+        result = export_layout(store, img, layout, ref, kind, progress=on_layer)
+        data["layout"] = str(result.path.resolve())
+        data["blobs_written"] = result.blobs_written
+        data["blobs_reused"] = result.blobs_reused
+    if archive is not None:
+        # Layers are cached by now when a layout was written too: no second compression.
+        archived = export_archive(
+            store, img, archive, ref, kind, progress=None if result else on_layer
+        )
+        data["archive"] = str(archived.path.resolve())
+        result = result or archived
+    assert result is not None
+    data.update(compression=kind, **result.oci.to_dict())
+
+    def render(con: Any, d: Any) -> None:
+        where = [f"oci:{d['layout']}:{d['ref']}"] if "layout" in d else []
+        if "archive" in d:
+            where.append(f"oci-archive:{d['archive']}:{d['ref']}")
+        con.print(f"[green]exported[/] {d['name'] or d['image']} -> {', '.join(where)}")
+        con.print(f"  manifest {d['manifest']['digest']}  ({len(d['layers'])} layer(s))")
+
+    out.emit(data, render)
