@@ -74,7 +74,7 @@ def test_build_bakes_and_tags_an_image(project: Path, store: ContentStore) -> No
         "entrypoint",
     ]
     assert ran(result) == list(range(7))
-    assert "not isolated" in result.steps[3].summary
+    assert result.steps[3].summary.endswith("(isolated, host /usr read-only)")
     assert read(store, result, "/app/greeting.txt") == b"hello\n"
     assert read(store, result, "/app/out/main.py") == b"print('hi')\n"
     assert read(store, result, "/app/lib/util.py") == b"X = 1\n"
@@ -201,8 +201,7 @@ def test_copy_errors(project: Path, store: ContentStore, tmp_path: Path) -> None
 def test_copying_the_project_leaves_out_the_store_inside_it(project: Path) -> None:
     store = ContentStore(project / ".graven" / "store")
     result = build_image("web", recipe([{"copy": "."}, {"entrypoint": "x"}]), project, store)
-    assert store.lookup(result.image.rootfs, "/.graven") is not None
-    assert store.lookup(result.image.rootfs, "/.graven/store") is None
+    assert store.lookup(result.image.rootfs, "/.graven") is None  # always ignored
     assert read(store, result, "/data.txt") == b"twelve bytes"
 
 
@@ -222,3 +221,179 @@ def test_env_order_is_part_of_the_image(project: Path, store: ContentStore) -> N
     assert a.image.config.env == (("A", "1"), ("B", "2"))
     assert b.image.config.env == (("B", "2"), ("A", "1"))
     assert a.image.digest != b.image.digest
+
+
+# --- config steps: cmd, user, expose, label --------------------------------------------------
+
+CONFIG_STEPS: list[dict[str, Any]] = [
+    {"copy": "app", "to": "/app"},
+    {"entrypoint": ["python", "main.py"]},
+    {"cmd": "--port 8080 --name 'my app'"},
+    {"user": 1000},
+    {"expose": [8080, 443]},
+    {"expose": 8080},
+    {"label": {"org.opencontainers.image.version": "1.0", "team": "web"}},
+    {"label": {"team": "platform"}},
+]
+
+
+def test_config_steps_reach_the_image_config(project: Path, store: ContentStore) -> None:
+    result = build_image("web", recipe(CONFIG_STEPS), project, store)
+
+    config = store.get_image(result.image.digest).config
+    assert config.entrypoint == ("python", "main.py")
+    assert config.cmd == ("--port", "8080", "--name", "my app")
+    assert config.user == "1000"
+    assert config.ports == (443, 8080)  # a set: sorted, once each
+    assert config.labels == (("org.opencontainers.image.version", "1.0"), ("team", "platform"))
+    assert [s.kind for s in result.steps][2:] == [
+        "cmd",
+        "user",
+        "expose",
+        "expose",
+        "label",
+        "label",
+    ]
+    assert [s.summary for s in result.steps][2:6] == [
+        "cmd --port 8080 --name 'my app'",
+        "user 1000",
+        "expose 443, 8080",
+        "expose 8080",
+    ]
+    # metadata only: the files and their one layer are those of the copy
+    assert result.image.layers == (result.image.rootfs,)
+
+
+def test_config_steps_are_cached_and_a_change_reruns_from_there(
+    project: Path, store: ContentStore
+) -> None:
+    first = build_image("web", recipe(CONFIG_STEPS), project, store)
+    assert ran(build_image("web", recipe(CONFIG_STEPS), project, store)) == []
+
+    changed = [*CONFIG_STEPS[:3], {"user": "app:app"}, *CONFIG_STEPS[4:]]
+    second = build_image("web", recipe(changed), project, store)
+
+    assert ran(second) == [3, 4, 5, 6, 7]
+    assert second.image.config.user == "app:app"
+    assert second.image.digest != first.image.digest
+    assert second.image.rootfs == first.image.rootfs
+
+
+def test_port_order_does_not_change_the_digest(project: Path, store: ContentStore) -> None:
+    a = build_image("web", recipe([{"expose": [80, 443]}, {"entrypoint": "x"}]), project, store)
+    b = build_image("web", recipe([{"expose": [443, 80]}, {"entrypoint": "x"}]), project, store)
+    assert a.image.digest == b.image.digest
+
+
+# --- isolated run steps -------------------------------------------------------------------------
+
+
+def test_run_steps_are_isolated(project: Path, store: ContentStore) -> None:
+    steps = [
+        {"run": "touch /outside && test ! -e /root && test ! -e /proc/1/root/etc/hostname"},
+        {"entrypoint": "x"},
+    ]
+    assert not os.path.lexists("/outside")
+
+    result = build_image("web", recipe(steps), project, store)
+
+    assert not os.path.lexists("/outside")
+    assert store.lookup(result.image.rootfs, "/outside") is not None
+    # nothing of the sandbox's own mounts reaches the image
+    assert [e.name for e in store.read_tree(result.image.rootfs).entries] == ["outside"]
+    assert result.steps[0].summary == (
+        "run touch /outside && test ! -e /root && test ! -e /proc/1/root/etc/hostname "
+        "(isolated, host /usr read-only)"
+    )
+
+
+def test_network_is_part_of_the_step(project: Path, store: ContentStore) -> None:
+    offline = build_image("web", recipe([{"run": "true"}, {"entrypoint": "x"}]), project, store)
+    online = build_image(
+        "web", recipe([{"run": "true", "network": True}, {"entrypoint": "x"}]), project, store
+    )
+    assert offline.steps[0].key != online.steps[0].key
+    assert online.steps[0].summary == "run true (isolated, host /usr read-only, network)"
+
+
+def test_a_cached_run_step_keeps_its_note(project: Path, store: ContentStore) -> None:
+    build_image("web", recipe([{"run": "true"}, {"entrypoint": "x"}]), project, store)
+    again = build_image("web", recipe([{"run": "true"}, {"entrypoint": "x"}]), project, store)
+    assert again.steps[0].cached
+    assert again.steps[0].summary == "run true (isolated, host /usr read-only)"
+
+
+def test_without_bubblewrap_run_fails_unless_the_host_is_allowed(
+    project: Path, store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = [{"run": "touch made-here"}, {"entrypoint": "x"}]
+    isolated = build_image("web", recipe(steps), project, store)
+    monkeypatch.setenv("GRAVEN_BWRAP", str(tmp_path / "no" / "bwrap"))
+    monkeypatch.delenv("GRAVEN_UNSAFE_HOST_RUN", raising=False)
+
+    # cached: nothing needs to run, so nothing needs a sandbox
+    assert ran(build_image("web", recipe(steps), project, store)) == []
+    with pytest.raises(BuildError) as info:
+        build_image("web", recipe(steps), project, store, no_cache=True)
+    assert info.value.message.startswith("images.web.steps[0]: run steps are isolated with")
+    assert info.value.hint is not None and "bubblewrap" in info.value.hint
+
+    monkeypatch.setenv("GRAVEN_UNSAFE_HOST_RUN", "1")
+    on_host = build_image("web", recipe(steps), project, store)
+    assert ran(on_host) == [0, 1]  # a host result never answers for an isolated one
+    assert on_host.steps[0].key != isolated.steps[0].key
+    assert on_host.steps[0].summary == "run touch made-here (on the host, not isolated)"
+    assert store.lookup(on_host.image.rootfs, "/made-here") is not None
+
+
+def test_failed_run_reports_a_timeout(
+    project: Path, store: ContentStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import graven.build.builder as builder
+
+    monkeypatch.setattr(builder, "RUN_TIMEOUT", 0.3)
+    with pytest.raises(BuildError, match=r"steps\[0\]: command timed out after 0.3s: sleep 5"):
+        build_image("web", recipe([{"run": "sleep 5"}, {"entrypoint": "x"}]), project, store)
+
+
+# --- .gravenignore ----------------------------------------------------------------------------
+
+
+def test_gravenignore_filters_directory_copies(project: Path, store: ContentStore) -> None:
+    (project / "app" / "__pycache__").mkdir()
+    (project / "app" / "__pycache__" / "main.cpython-311.pyc").write_bytes(b"\0")
+    (project / "app" / "debug.log").write_text("noise")
+    (project / "app" / "keep.log").write_text("kept")
+    (project / "build").mkdir()
+    (project / "build" / "out.bin").write_bytes(b"\1")
+    (project / ".git").mkdir()
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / ".gravenignore").write_text("__pycache__/\n*.log\n!keep.log\n/build\n")
+    steps = [{"copy": "."}, {"copy": "build/out.bin", "to": "/named/"}, {"entrypoint": "x"}]
+
+    first = build_image("web", recipe(steps), project, store)
+
+    def has(path: str) -> bool:
+        return store.lookup(first.image.rootfs, path) is not None
+
+    assert has("/app/main.py") and has("/app/keep.log") and has("/.gravenignore")
+    assert not has("/app/__pycache__") and not has("/app/debug.log")
+    assert not has("/build") and not has("/.git")
+    assert has("/named/out.bin")  # named by the spec itself: copied
+
+    # An ignored file changing is no change at all.
+    (project / "app" / "debug.log").write_text("more noise")
+    assert ran(build_image("web", recipe(steps), project, store)) == []
+
+    # Rules that let more in change the tree, and so the key.
+    (project / ".gravenignore").write_text("__pycache__/\n/build\n")
+    again = build_image("web", recipe(steps), project, store)
+    assert ran(again) == [0, 1, 2]
+    assert store.lookup(again.image.rootfs, "/app/debug.log") is not None
+
+
+def test_a_store_elsewhere_in_the_project_is_left_out_too(project: Path) -> None:
+    store = ContentStore(project / "state" / "store")
+    result = build_image("web", recipe([{"copy": "."}, {"entrypoint": "x"}]), project, store)
+    assert store.lookup(result.image.rootfs, "/state") is not None
+    assert store.lookup(result.image.rootfs, "/state/store") is None

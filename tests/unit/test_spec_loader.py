@@ -632,3 +632,90 @@ def test_merging_one_anchor_many_times_stays_linear(project: Path) -> None:
     text = "x-merges:\n" + "".join(f"  {line}\n" for line in lines)
 
     assert load_spec(write(project, text)).spec.services == {}
+
+
+# --- config steps: cmd, user, expose, label -----------------------------------------------
+
+
+def test_config_steps_load(project: Path) -> None:
+    text = IMAGE + (
+        "      - cmd: --port 8080 --name 'my app'\n"
+        "      - user: 1000\n"
+        "      - expose: [8080, 9090]\n"
+        "      - expose: 443\n"
+        "      - label: {org.opencontainers.image.source: 'https://example.com/x', tier: 2}\n"
+        "      - run: make\n"
+        "        network: true\n"
+        "      - cmd: [serve, --port, 8080]\n"
+    )
+    steps = load_spec(write(project, text)).spec.images["web"].steps
+    dumped = [s.model_dump(by_alias=True) for s in steps[2:]]
+    assert dumped == [
+        {"cmd": ["--port", "8080", "--name", "my app"]},
+        {"user": "1000"},
+        {"expose": [8080, 9090]},
+        {"expose": [443]},
+        {"label": {"org.opencontainers.image.source": "https://example.com/x", "tier": "2"}},
+        {"run": "make", "network": True},
+        {"cmd": ["serve", "--port", "8080"]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("step", "line", "key_path", "message"),
+    [
+        (
+            "      - expose: [8080, 70000]\n",
+            7,
+            "images.web.steps[2].expose",
+            "expected a port number from 1 to 65535, got 70000 (item 2)",
+        ),
+        (
+            "      - expose:\n          - 0\n",
+            7,
+            "images.web.steps[2].expose",
+            "expected a port number from 1 to 65535, got 0 (item 1)",
+        ),
+        (
+            "      - expose: http\n",
+            7,
+            "images.web.steps[2].expose",
+            "expected a port number from 1 to 65535, got 'http'",
+        ),
+        (
+            "      - user: 'app user'\n",
+            7,
+            "images.web.steps[2].user",
+            "expected a user name or uid",
+        ),
+        ("      - cmd: []\n", 7, "images.web.steps[2].cmd", "expected at least 1 item"),
+        ("      - label: {}\n", 7, "images.web.steps[2].label", "expected at least 1 item"),
+        (
+            "      - run: make\n        network: maybe\n",
+            8,
+            "images.web.steps[2].network",
+            "expected true or false",
+        ),
+    ],
+)
+def test_malformed_config_steps_are_located(
+    project: Path, step: str, line: int, key_path: str, message: str
+) -> None:
+    (problem,) = problems_of(project, IMAGE + step)
+    assert (problem.line, problem.key_path) == (line, key_path), str(problem)
+    assert message in problem.message
+
+
+def test_new_step_values_keep_their_text(project: Path) -> None:
+    text = (
+        "images:\n  web:\n    steps:\n"
+        "      - label: {version: 1.10, ok: NO}\n"
+        "      - user: 1000:10\n"
+        "      - cmd: [--port, 08080]\n"
+        "      - entrypoint: /bin/app\n"
+    )
+    spec = load_spec(write(project, text)).spec
+    steps = spec.images["web"].steps
+    assert steps[0].label == {"version": "1.10", "ok": "NO"}  # type: ignore[union-attr]
+    assert steps[1].user == "1000:10"  # type: ignore[union-attr]
+    assert steps[2].cmd == ["--port", "08080"]  # type: ignore[union-attr]

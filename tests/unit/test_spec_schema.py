@@ -155,6 +155,10 @@ def test_steps_are_one_of_the_step_kinds(schema: dict[str, Any]) -> None:
         "env",
         "workdir",
         "entrypoint",
+        "cmd",
+        "user",
+        "expose",
+        "label",
     }
     assert steps["minItems"] == 1
 

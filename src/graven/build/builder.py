@@ -2,16 +2,20 @@
 
 The build threads a state through the steps: the root file tree (a tree digest in the
 content store; ``scratch`` is the empty tree), the environment (ordered), the working
-directory and the entrypoint. Each step has a cache key, the sha256 over canonical JSON
-of the step's normalized definition, the previous step's key (a chain back to the
-base), the state the step starts from, and, for ``copy``, the Merkle entry of its
-source. A step whose key is cached is not run: the cache holds the state it produced.
+directory, the entrypoint, and the rest of the image config (``cmd``, ``user``,
+exposed ports, labels). Each step has a cache key, the sha256 over canonical JSON of
+the step's normalized definition, the previous step's key (a chain back to the base),
+the state the step starts from, and, for ``copy``, the Merkle entry of its source
+(after ``.gravenignore``); for ``run``, whether it is isolated. A step whose key is
+cached is not run: the cache holds the state it produced.
 
 ``copy`` merges the source tree into the root tree on tree objects, without
-materializing the root. ``run`` checks the root out into a temp directory and, **in
-this first cut, runs the command on the host** with that directory as its working
-directory: it is not isolated, and absolute paths reach the host. Isolation arrives
-with the image engine (OCI layers run under a container runtime).
+materializing the root; a directory source leaves out what the project's
+``.gravenignore`` names (``graven.build.ignore``). ``run`` checks the root out into a
+writable temp directory, runs the command in a bubblewrap sandbox with that directory
+as ``/`` (``graven.build.sandbox``: no network unless the step asks, host tools bound
+read-only when the image has no shell of its own), and stores the tree it leaves.
+The other steps only change the config.
 
 Reproducible: trees hold no mtimes, owners or umask effects, and keys hold no
 absolute paths, so the same recipe over the same source content gives the same image
@@ -23,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,16 +34,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from graven.build import sandbox
+from graven.build.ignore import IGNORE_FILE, IgnoreRules
 from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.spec.models import (
+    CmdStep,
     CopyStep,
     EntrypointStep,
     EnvStep,
+    ExposeStep,
+    LabelStep,
     Recipe,
     RunStep,
     Step,
+    UserStep,
     WorkdirStep,
+    step_kind,
 )
 from graven.store.cas import ContentStore, Tree, TreeEntry, TreePathError
 from graven.store.layers import split
@@ -48,6 +58,7 @@ from graven.store.layers import split
 STEP_KEY_SCHEMA = "graven.step/v1"
 STEP_RESULT_SCHEMA = "graven.step-result/v1"
 _OUTPUT_TAIL_LINES = 20
+RUN_TIMEOUT = sandbox.DEFAULT_TIMEOUT  # seconds a run step may take
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,10 @@ class BuildState:
     workdir: str = "/"
     entrypoint: tuple[str, ...] = ()
     layers: tuple[Digest, ...] = ()  # snapshot after each layer so far
+    cmd: tuple[str, ...] = ()
+    user: str = ""
+    ports: tuple[int, ...] = ()  # sorted, unique
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by name
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,14 +126,23 @@ class BuildState:
             "env": [list(kv) for kv in self.env],
             "workdir": self.workdir,
             "entrypoint": list(self.entrypoint),
+            "cmd": list(self.cmd),
+            "user": self.user,
+            "ports": list(self.ports),
+            "labels": [list(kv) for kv in self.labels],
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> BuildState:
         """Parse a cached state; ValueError/KeyError/TypeError when it is malformed."""
         env = tuple((str(k), str(v)) for k, v in data["env"])
-        entrypoint = data["entrypoint"]
-        if not isinstance(entrypoint, list) or not isinstance(data["workdir"], str):
+        labels = tuple((str(k), str(v)) for k, v in data["labels"])
+        entrypoint, cmd, ports = data["entrypoint"], data["cmd"], data["ports"]
+        if (
+            not all(isinstance(x, list) for x in (entrypoint, cmd, ports))
+            or not isinstance(data["workdir"], str)
+            or not isinstance(data["user"], str)
+        ):
             raise TypeError("malformed build state")
         return cls(
             rootfs=Digest(data["rootfs"]),
@@ -126,6 +150,22 @@ class BuildState:
             workdir=data["workdir"],
             entrypoint=tuple(str(a) for a in entrypoint),
             layers=tuple(Digest(d) for d in data["layers"]),
+            cmd=tuple(str(a) for a in cmd),
+            user=data["user"],
+            ports=tuple(int(p) for p in ports),
+            labels=labels,
+        )
+
+    def config(self) -> ImageConfig:
+        """The image config this state describes."""
+        return ImageConfig(
+            entrypoint=self.entrypoint,
+            env=self.env,
+            workdir=self.workdir,
+            cmd=self.cmd,
+            user=self.user,
+            ports=self.ports,
+            labels=self.labels,
         )
 
 
@@ -137,13 +177,17 @@ def build_image(
     *,
     no_cache: bool = False,
     on_step: Callable[[StepOutcome], None] | None = None,
+    allow_host_run: bool | None = None,
 ) -> BuildResult:
     """Bake ``recipe`` into an image named ``name``; tag it in ``store``.
 
     ``context_dir`` is the directory ``copy`` sources are relative to (the spec file's
-    directory). Steps whose cache key is known are not run unless ``no_cache``, which
-    runs every step and refreshes its cache entry. ``on_step`` is called after each
-    step. BuildError when a step fails; it names the image, the step and the cause.
+    directory, where ``.gravenignore`` is read). Steps whose cache key is known are not
+    run unless ``no_cache``, which runs every step and refreshes its cache entry.
+    ``on_step`` is called after each step. ``allow_host_run`` lets ``run`` steps fall
+    back to the unisolated host when bubblewrap is unusable (default: the
+    ``GRAVEN_UNSAFE_HOST_RUN`` environment variable). BuildError when a step fails; it
+    names the image, the step and the cause.
     """
     if not is_valid_name(name):
         raise UsageError(
@@ -154,6 +198,8 @@ def build_image(
     if not context.is_dir():
         raise BuildError(f"images.{name}: build context {context} is not a directory")
 
+    ignore = _ignore_rules(context, name)
+    on_host: bool | None = None  # decided at the first run step (probes bubblewrap)
     state = BuildState(rootfs=store.put_tree(Tree()))
     key = Digest.of_bytes(
         canonical_json({"schema": STEP_KEY_SCHEMA, "base": recipe.base, "state": state.to_dict()})
@@ -165,12 +211,18 @@ def build_image(
         inputs: dict[str, Any] = {}
         source: TreeEntry | None = None
         if isinstance(step, CopyStep):
-            source = _ingest_source(store, context, step, where)
+            source = _ingest_source(store, context, step, where, ignore)
             inputs["source"] = source.to_dict()
             if source.type == "dir":
                 # Its contents are copied, never its name (for '.', the context
                 # directory's name: it must not tie the key to where the project lives).
                 inputs["source"]["name"] = ""
+        elif isinstance(step, RunStep):
+            if on_host is None:
+                on_host = sandbox.runs_on_host(allow_host=allow_host_run)
+            # A result made on the host may hold anything of the host's: never let it
+            # answer for an isolated run, nor the other way round.
+            inputs["isolation"] = "host" if on_host else "sandbox"
         # The starting state is in the key besides the chain: a rerun step that is not
         # deterministic then invalidates exactly the steps after it.
         key = Digest.of_bytes(
@@ -184,17 +236,19 @@ def build_image(
                 }
             )
         )
-        cached = None if no_cache else _cached_state(store, key)
+        cached = None if no_cache else _cached_result(store, key)
         if cached is not None:
-            state = cached
+            state, note = cached
         else:
-            state = _apply(step, state, source, store, where)
-            result = {"schema": STEP_RESULT_SCHEMA, "state": state.to_dict()}
+            state, note = _apply(step, state, source, store, where, allow_host_run)
+            result: dict[str, Any] = {"schema": STEP_RESULT_SCHEMA, "state": state.to_dict()}
+            if note:
+                result["note"] = note
             store.cache_put(key, canonical_json(result).decode())
         outcome = StepOutcome(
             index=index,
             kind=_kind(step),
-            summary=_summary(step),
+            summary=_summary(step, note),
             cached=cached is not None,
             seconds=time.perf_counter() - started,
             key=str(key),
@@ -203,8 +257,7 @@ def build_image(
         if on_step is not None:
             on_step(outcome)
 
-    config = ImageConfig(entrypoint=state.entrypoint, env=state.env, workdir=state.workdir)
-    image = store.put_image(state.rootfs, config, state.layers)
+    image = store.put_image(state.rootfs, state.config(), state.layers)
     store.tag(name, image.digest)
     return BuildResult(image=replace(image, name=name), steps=outcomes)
 
@@ -213,15 +266,10 @@ def build_image(
 
 
 def _kind(step: Step) -> str:
-    if isinstance(step, CopyStep):
-        return "copy"
-    if isinstance(step, RunStep):
-        return "run"
-    if isinstance(step, EnvStep):
-        return "env"
-    if isinstance(step, WorkdirStep):
-        return "workdir"
-    return "entrypoint"
+    kind = step_kind(step)
+    if kind is None:
+        raise BuildError(f"unknown step {step!r}")
+    return kind
 
 
 def _definition(step: Step) -> dict[str, Any]:
@@ -231,33 +279,53 @@ def _definition(step: Step) -> dict[str, Any]:
         # a trailing '/' on 'to' does matter (copy into vs copy as).
         return {"copy": "/".join(PurePosixPath(step.source).parts) or ".", "to": step.to}
     if isinstance(step, RunStep):
-        return {"run": step.run}
+        return {"run": step.run, "network": step.network}
     if isinstance(step, EnvStep):
         return {"env": [[k, v] for k, v in step.env.items()]}  # order is meaningful
     if isinstance(step, WorkdirStep):
         return {"workdir": step.workdir}
+    if isinstance(step, CmdStep):
+        return {"cmd": list(step.cmd)}
+    if isinstance(step, UserStep):
+        return {"user": step.user}
+    if isinstance(step, ExposeStep):
+        return {"expose": sorted(set(step.expose))}
+    if isinstance(step, LabelStep):
+        return {"label": sorted([k, v] for k, v in step.label.items())}
     return {"entrypoint": list(step.entrypoint)}
 
 
-def _summary(step: Step) -> str:
+def _summary(step: Step, note: str | None = None) -> str:
     if isinstance(step, CopyStep):
         return f"copy {step.source} -> {step.to}"
     if isinstance(step, RunStep):
         lines = step.run.strip().splitlines() or [""]
         more = " ..." if len(lines) > 1 else ""
-        return f"run {lines[0]}{more} (on the host, not isolated)"
+        details = [note] if note else []
+        if step.network:
+            details.append("network")
+        return f"run {lines[0]}{more}" + (f" ({', '.join(details)})" if details else "")
     if isinstance(step, EnvStep):
         return "env " + ", ".join(step.env)
     if isinstance(step, WorkdirStep):
         return f"workdir {step.workdir}"
+    if isinstance(step, CmdStep):
+        return "cmd " + shlex.join(step.cmd)
+    if isinstance(step, UserStep):
+        return f"user {step.user}"
+    if isinstance(step, ExposeStep):
+        return "expose " + ", ".join(str(p) for p in sorted(set(step.expose)))
+    if isinstance(step, LabelStep):
+        return "label " + ", ".join(sorted(step.label))
     return "entrypoint " + shlex.join(step.entrypoint)
 
 
 # --- cache -----------------------------------------------------------------------------------
 
 
-def _cached_state(store: ContentStore, key: Digest) -> BuildState | None:
-    """The state cached under ``key``; None when absent, malformed or its tree is gone."""
+def _cached_result(store: ContentStore, key: Digest) -> tuple[BuildState, str | None] | None:
+    """The state cached under ``key`` and the note its run left (how a ``run`` step was
+    isolated); None when absent, malformed or a tree it names is gone (collected)."""
     text = store.cache_get(key)
     if text is None:
         return None
@@ -266,21 +334,36 @@ def _cached_state(store: ContentStore, key: Digest) -> BuildState | None:
         if doc["schema"] != STEP_RESULT_SCHEMA:
             return None
         state = BuildState.from_dict(doc["state"])
-    except (ValueError, KeyError, TypeError):
+        note = doc.get("note")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None  # a damaged entry only costs a rerun
-    return state if store.has(state.rootfs) else None
+    if not all(store.has(d) for d in {state.rootfs, *state.layers}):
+        return None
+    return state, note if isinstance(note, str) else None
 
 
 # --- steps -----------------------------------------------------------------------------------
 
 
 def _apply(
-    step: Step, state: BuildState, source: TreeEntry | None, store: ContentStore, where: str
-) -> BuildState:
+    step: Step,
+    state: BuildState,
+    source: TreeEntry | None,
+    store: ContentStore,
+    where: str,
+    allow_host_run: bool | None,
+) -> tuple[BuildState, str | None]:
+    """Run one step: the state it leaves, and a note on how it ran (``run`` only)."""
     if isinstance(step, CopyStep) and source is not None:
-        return _with_rootfs(store, state, _copy(store, state.rootfs, step, source, where))
+        return _with_rootfs(store, state, _copy(store, state.rootfs, step, source, where)), None
     if isinstance(step, RunStep):
-        return _with_rootfs(store, state, _run_on_host(store, state, step.run, where))
+        rootfs, mode = _run(store, state, step, where, allow_host_run)
+        return _with_rootfs(store, state, rootfs), str(mode)
+    return _configure(step, state, where), None
+
+
+def _configure(step: Step, state: BuildState, where: str) -> BuildState:
+    """A metadata step: the state with its config changed, files untouched."""
     if isinstance(step, EnvStep):
         env = dict(state.env)
         env.update(step.env)  # a redefined variable keeps its first position
@@ -289,6 +372,18 @@ def _apply(
         return replace(state, workdir=step.workdir)
     if isinstance(step, EntrypointStep):
         return replace(state, entrypoint=tuple(step.entrypoint))
+    if isinstance(step, CmdStep):
+        return replace(state, cmd=tuple(step.cmd))
+    if isinstance(step, UserStep):
+        return replace(state, user=step.user)
+    if isinstance(step, ExposeStep):
+        # Exposed ports are a set (OCI ExposedPorts is a map): sorted, so the order
+        # they were declared in never changes the digest.
+        return replace(state, ports=tuple(sorted({*state.ports, *step.expose})))
+    if isinstance(step, LabelStep):
+        labels = dict(state.labels)
+        labels.update(step.label)
+        return replace(state, labels=tuple(sorted(labels.items())))
     raise BuildError(f"{where}: unknown step {step!r}")
 
 
@@ -299,8 +394,28 @@ def _with_rootfs(store: ContentStore, state: BuildState, rootfs: Digest) -> Buil
     )
 
 
-def _ingest_source(store: ContentStore, context: Path, step: CopyStep, where: str) -> TreeEntry:
-    """Store the copy source (file, directory or symlink) and return its tree entry."""
+def _ignore_rules(context: Path, name: str) -> IgnoreRules:
+    """The project's ``.gravenignore`` (none: only the built-in ``.graven``, ``.git``)."""
+    path = context / IGNORE_FILE
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return IgnoreRules()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BuildError(
+            f"images.{name}: cannot read {path}: {getattr(e, 'strerror', None) or e}",
+            hint=f"{IGNORE_FILE} must be a readable UTF-8 text file.",
+        ) from e
+    return IgnoreRules.parse(text)
+
+
+def _ingest_source(
+    store: ContentStore, context: Path, step: CopyStep, where: str, ignore: IgnoreRules
+) -> TreeEntry:
+    """Store the copy source (file, directory or symlink) and return its tree entry.
+
+    What the source holds is filtered by ``ignore`` (paths relative to ``context``);
+    the source itself is copied even when a pattern matches it: the spec named it."""
     parts = PurePosixPath(step.source).parts
     path = context.joinpath(*parts)
     if parts:
@@ -319,9 +434,14 @@ def _ingest_source(store: ContentStore, context: Path, step: CopyStep, where: st
                 hint="Copy sources are relative to the directory that holds graven.yaml.",
             )
         path = parent / path.name
+
+    def ignored(candidate: Path, is_dir: bool) -> bool:
+        relative = candidate.relative_to(context).as_posix()
+        return ignore.matches(relative, is_dir=is_dir)
+
     try:
         # The store may live inside the project (.graven/): never copy it into an image.
-        return store.ingest(path, exclude=[store.root.resolve()])
+        return store.ingest(path, exclude=[store.root.resolve()], ignore=ignored)
     except StoreError as e:
         raise BuildError(f"{where}: {e.message}", hint=e.hint) from e
 
@@ -347,12 +467,11 @@ def _copy(
         raise BuildError(f"{where}: cannot copy {step.source!r} to {step.to}: {e.message}") from e
 
 
-def _run_on_host(store: ContentStore, state: BuildState, command: str, where: str) -> Digest:
-    """Run ``command`` on the host in a writable checkout of the root; ingest the result.
-
-    Not isolated (first cut): the command sees the host's filesystem and tools; only
-    its working directory is the image tree.
-    """
+def _run(
+    store: ContentStore, state: BuildState, step: RunStep, where: str, allow_host_run: bool | None
+) -> tuple[Digest, sandbox.RunMode]:
+    """Run the step's command in a sandbox over a writable checkout of the root; store
+    the tree it leaves behind. Returns that tree and how the command was isolated."""
     parts = PurePosixPath(state.workdir).parts[1:]
     for depth in range(1, len(parts) + 1):
         # A symlink on the way could point the working directory out of the tree.
@@ -364,34 +483,38 @@ def _run_on_host(store: ContentStore, state: BuildState, command: str, where: st
                 f"{where}: workdir {state.workdir} cannot be used: "
                 f"/{'/'.join(parts[:depth])} is a {entry.type} in the image"
             )
+    command = step.run
     work = Path(tempfile.mkdtemp(prefix="run-", dir=store.tmp_dir))
     root = work / "rootfs"
     try:
         store.checkout(state.rootfs, root, read_only=False)
-        cwd = root.joinpath(*parts)
-        cwd.mkdir(parents=True, exist_ok=True)  # like Docker, WORKDIR need not exist yet
-        # Host PATH wins: the command runs on the host and must find the host's tools.
-        env = {**dict(state.env), "PATH": os.environ.get("PATH", os.defpath)}
-        env["SOURCE_DATE_EPOCH"] = "0"
+        root.joinpath(*parts).mkdir(parents=True, exist_ok=True)  # as Docker's WORKDIR
         try:
-            proc = subprocess.run(
-                ["/bin/sh", "-c", command],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                check=False,
+            run = sandbox.run_step(
+                root,
+                state.workdir,
+                state.env,
+                command,
+                network=step.network,
+                timeout=RUN_TIMEOUT,
+                allow_host=allow_host_run,
             )
-        except OSError as e:
-            raise BuildError(f"{where}: cannot run {command!r}: {e.strerror}") from e
-        if proc.returncode != 0:
+        except BuildError as e:
+            raise BuildError(f"{where}: {e.message}", hint=e.hint) from e
+        if run.timed_out:
             raise BuildError(
-                _failure_message(where, command, proc.returncode, proc.stdout),
+                _failure_message(
+                    where, command, run.returncode, run.output, f"timed out after {RUN_TIMEOUT:g}s"
+                ),
+                hint="Make the command finish sooner; the steps before it stay cached.",
+            )
+        if run.returncode != 0:
+            raise BuildError(
+                _failure_message(where, command, run.returncode, run.output),
                 hint="Fix the command and build again; the steps before it stay cached.",
             )
         try:
-            return store.ingest_tree(root)
+            return store.ingest_tree(root), run.mode
         except StoreError as e:
             raise BuildError(f"{where}: after {command!r}: {e.message}", hint=e.hint) from e
     finally:
@@ -399,8 +522,10 @@ def _run_on_host(store: ContentStore, state: BuildState, command: str, where: st
         store.remove_checkout(work)
 
 
-def _failure_message(where: str, command: str, returncode: int, output: bytes) -> str:
-    status = (
+def _failure_message(
+    where: str, command: str, returncode: int, output: bytes, status: str | None = None
+) -> str:
+    status = status or (
         f"was killed by signal {-returncode}"
         if returncode < 0
         else f"failed with exit code {returncode}"

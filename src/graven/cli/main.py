@@ -737,4 +737,7 @@ def _json_error(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-import graven.cli.image_cmds  # noqa: E402,F401  (registers 'graven image')
+import graven.cli.image_cmds  # noqa: E402  (registers 'graven image')
+import graven.cli.import_cmds  # noqa: E402  (registers 'graven image import')
+import graven.cli.registry_cmds  # noqa: E402  (registers push/pull)
+import graven.cli.store_cmds  # noqa: E402,F401  (registers store fsck, gc)

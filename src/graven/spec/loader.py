@@ -81,6 +81,10 @@ _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("images", "*", "steps", "#", "workdir"),
     ("images", "*", "steps", "#", "entrypoint"),
     ("images", "*", "steps", "#", "entrypoint", "#"),
+    ("images", "*", "steps", "#", "cmd"),
+    ("images", "*", "steps", "#", "cmd", "#"),
+    ("images", "*", "steps", "#", "user"),
+    ("images", "*", "steps", "#", "label", "*"),
 )
 
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -172,9 +172,16 @@ class CopyStep(_Strict):
 
 
 class RunStep(_Strict):
-    """Run a shell command inside the image tree."""
+    """Run a shell command in a sandbox whose root is the image tree."""
 
-    run: str = Field(min_length=1, description="Shell command; runs with the image root as cwd.")
+    run: str = Field(
+        min_length=1,
+        description="Shell command (/bin/sh -c), run in the working directory set by 'workdir'.",
+    )
+    network: bool = Field(
+        default=False,
+        description="Give the command the host's network (default: no network at all).",
+    )
 
 
 class EnvStep(_Strict):
@@ -226,13 +233,153 @@ class EntrypointStep(_Strict):
     )
 
 
-Step = CopyStep | RunStep | EnvStep | WorkdirStep | EntrypointStep
+def _split_arguments(v: Any) -> Any:
+    # Arguments are often numbers ('--port', 8080): a whole number becomes its decimal text.
+    v = _split_command(v)
+    if isinstance(v, list):
+        return [str(a) if isinstance(a, int) and not isinstance(a, bool) else a for a in v]
+    return v
+
+
+Arguments = Annotated[
+    list[str],
+    BeforeValidator(_split_arguments),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "description": "Split like a shell would."},
+                {"type": "array", "items": {"type": ["string", "integer"]}, "minItems": 1},
+            ]
+        }
+    ),
+]
+
+
+class CmdStep(_Strict):
+    """Default arguments an instance passes to the entrypoint (OCI ``Cmd``)."""
+
+    cmd: Arguments = Field(
+        min_length=1, description="Arguments, as a list or one command line split like a shell."
+    )
+
+
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+USER_PATTERN = _USER_RE.pattern
+
+
+def _user_text(v: Any) -> Any:
+    # 'user: 1000' reads as a number in YAML; a uid is meant.
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    return v
+
+
+def _check_user(v: str) -> str:
+    if not _USER_RE.match(v):
+        raise ValueError(
+            "expected a user name or uid, optionally ':' and a group name or gid"
+            f" (such as app, 1000 or 1000:1000), got {v!r}"
+        )
+    return v
+
+
+class UserStep(_Strict):
+    """The user instances run as (OCI ``User``)."""
+
+    user: Annotated[
+        str,
+        BeforeValidator(_user_text),
+        AfterValidator(_check_user),
+        WithJsonSchema({"type": ["string", "integer"], "pattern": USER_PATTERN}),
+    ] = Field(description="User name or uid, optionally with ':group' (such as 1000:1000).")
+
+
+MIN_PORT, MAX_PORT = 1, 65535
+
+
+def _port_list(v: Any) -> Any:
+    # One port or a list of them; checked here so an error names 'expose' itself and
+    # shows the offending port, rather than a union member the user never wrote.
+    ports = v if isinstance(v, list) else [v]
+    for position, port in enumerate(ports, start=1):
+        if isinstance(port, bool) or not isinstance(port, int) or not MIN_PORT <= port <= MAX_PORT:
+            which = f" (item {position})" if isinstance(v, list) else ""
+            shown = repr(port) if isinstance(port, str) else str(port).lower()
+            raise ValueError(
+                f"expected a port number from {MIN_PORT} to {MAX_PORT}, got {shown}{which}"
+            )
+    return ports
+
+
+_PORT_SCHEMA = {"type": "integer", "minimum": MIN_PORT, "maximum": MAX_PORT}
+Ports = Annotated[
+    list[int],
+    BeforeValidator(_port_list),
+    WithJsonSchema(
+        {"anyOf": [_PORT_SCHEMA, {"type": "array", "items": _PORT_SCHEMA, "minItems": 1}]}
+    ),
+]
+
+
+class ExposeStep(_Strict):
+    """Ports instances listen on, recorded in the image (OCI ``ExposedPorts``)."""
+
+    expose: Ports = Field(min_length=1, description="A port number or a list of them (TCP).")
+
+
+def _check_label_key(key: str) -> str:
+    if not key or "\x00" in key:
+        raise ValueError(f"expected a non-empty label name, got {key!r}")
+    return key
+
+
+LabelKey = Annotated[
+    str, AfterValidator(_check_label_key), WithJsonSchema({"type": "string", "minLength": 1})
+]
+LabelMap = Annotated[
+    dict[LabelKey, str],
+    BeforeValidator(_env_values),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"minLength": 1},
+            "additionalProperties": {"type": ["string", "number", "boolean"]},
+            "minProperties": 1,
+        }
+    ),
+]
+
+
+class LabelStep(_Strict):
+    """Metadata recorded in the image (OCI ``Labels``), such as its source or version."""
+
+    label: LabelMap = Field(
+        min_length=1,
+        description="Labels to set, e.g. org.opencontainers.image.source: https://...",
+    )
+
+
+Step = (
+    CopyStep
+    | RunStep
+    | EnvStep
+    | WorkdirStep
+    | EntrypointStep
+    | CmdStep
+    | UserStep
+    | ExposeStep
+    | LabelStep
+)
 STEP_KINDS: dict[str, type[_Strict]] = {
     "copy": CopyStep,
     "run": RunStep,
     "env": EnvStep,
     "workdir": WorkdirStep,
     "entrypoint": EntrypointStep,
+    "cmd": CmdStep,
+    "user": UserStep,
+    "expose": ExposeStep,
+    "label": LabelStep,
 }
 STEP_KIND_ERROR = "step_kind"
 
@@ -249,13 +396,17 @@ def step_kind(value: Any) -> str | None:
 
 
 # A tagged union rather than trying each step model in turn: errors then come from
-# the one model the user meant, located under that step, never from all five.
+# the one model the user meant, located under that step, never from all of them.
 _TaggedStep = Annotated[
     Annotated[CopyStep, Tag("copy")]
     | Annotated[RunStep, Tag("run")]
     | Annotated[EnvStep, Tag("env")]
     | Annotated[WorkdirStep, Tag("workdir")]
-    | Annotated[EntrypointStep, Tag("entrypoint")],
+    | Annotated[EntrypointStep, Tag("entrypoint")]
+    | Annotated[CmdStep, Tag("cmd")]
+    | Annotated[UserStep, Tag("user")]
+    | Annotated[ExposeStep, Tag("expose")]
+    | Annotated[LabelStep, Tag("label")],
     Discriminator(
         step_kind,
         custom_error_type=STEP_KIND_ERROR,

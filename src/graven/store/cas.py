@@ -72,6 +72,8 @@ _HEX = frozenset("0123456789abcdef")
 _TREE_MEMO_SIZE = 4096
 _READ_ONLY_FILE = {FILE_MODE: 0o444, EXEC_MODE: 0o555}
 _READ_ONLY_DIR = 0o555
+# ingest(ignore=...): (absolute path, is a real directory) -> leave it out?
+_Ignore = Callable[[Path, bool], bool]
 
 
 class InvalidDocument(ValueError):
@@ -550,16 +552,25 @@ class ContentStore:
     def _dir_entry(self, name: str, tree: Tree) -> TreeEntry:
         return TreeEntry(name, "dir", DIR_MODE, tree.size, digest=self.put_tree(tree))
 
-    def ingest(self, path: Path, *, exclude: Collection[Path] = ()) -> TreeEntry:
+    def ingest(
+        self,
+        path: Path,
+        *,
+        exclude: Collection[Path] = (),
+        ignore: Callable[[Path, bool], bool] | None = None,
+    ) -> TreeEntry:
         """Store a file, symlink or whole directory; return its entry, named ``path.name``.
 
         Symlinks are stored as symlinks, never followed. Device nodes, sockets and fifos
         are refused with a StoreError naming them. Paths in ``exclude`` (compared as
-        absolute paths, symlinks not resolved) are left out, with everything below them.
+        absolute paths, symlinks not resolved) are left out, with everything below them,
+        and so is every path below ``path`` for which ``ignore(absolute_path, is_dir)``
+        is true (``is_dir``: a real directory, not a symlink to one); an ignored
+        directory is not looked into.
         """
         path = Path(path).absolute()
         skip = frozenset(Path(p).absolute() for p in exclude)
-        return self._ingest(path, path.name, skip)
+        return self._ingest(path, path.name, skip, ignore)
 
     def ingest_tree(self, directory: Path) -> Digest:
         """Store a real directory recursively; return its tree digest."""
@@ -570,9 +581,11 @@ class ContentStore:
             raise StoreError(f"cannot read {directory}: {e.strerror}") from e
         if not stat.S_ISDIR(st.st_mode):
             raise StoreError(f"{directory} is not a directory")
-        return self._ingest_dir(directory, frozenset())[1]
+        return self._ingest_dir(directory, frozenset(), None)[1]
 
-    def _ingest(self, path: Path, name: str, skip: frozenset[Path]) -> TreeEntry:
+    def _ingest(
+        self, path: Path, name: str, skip: frozenset[Path], ignore: _Ignore | None
+    ) -> TreeEntry:
         try:
             st = os.lstat(path)
             # os.readlink, not Path.readlink: a Path would normalize the target's text.
@@ -584,7 +597,7 @@ class ContentStore:
             mode = EXEC_MODE if st.st_mode & stat.S_IXUSR else FILE_MODE
             return TreeEntry(name, "file", mode, size, digest=digest)
         if stat.S_ISDIR(st.st_mode):
-            tree, digest = self._ingest_dir(path, skip)
+            tree, digest = self._ingest_dir(path, skip, ignore)
             return TreeEntry(name, "dir", DIR_MODE, tree.size, digest=digest)
         if stat.S_ISLNK(st.st_mode):
             try:
@@ -604,19 +617,25 @@ class ContentStore:
             hint="Remove it, or move it out of the directory being copied.",
         )
 
-    def _ingest_dir(self, directory: Path, skip: frozenset[Path]) -> tuple[Tree, Digest]:
+    def _ingest_dir(
+        self, directory: Path, skip: frozenset[Path], ignore: _Ignore | None
+    ) -> tuple[Tree, Digest]:
         try:
-            names = sorted(p.name for p in directory.iterdir())
+            with os.scandir(directory) as listing:
+                # d_type from the listing: asking 'is it a directory?' costs no stat.
+                children = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in listing)
         except OSError as e:
             raise StoreError(f"cannot read {directory}: {e.strerror}") from e
         entries = []
-        for name in names:
+        for name, is_dir in children:
             if problem := _name_problem(name):
                 raise StoreError(
                     f"{directory / name}: {problem}", hint="Rename it to a UTF-8 name."
                 )
-            if directory / name not in skip:
-                entries.append(self._ingest(directory / name, name, skip))
+            path = directory / name
+            if path in skip or (ignore is not None and ignore(path, is_dir)):
+                continue
+            entries.append(self._ingest(path, name, skip, ignore))
         tree = Tree.of(entries)
         return tree, self.put_tree(tree)
 
