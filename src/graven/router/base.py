@@ -24,16 +24,39 @@ class Backend:
     weight: int = 100
 
 
+# Upper bounds (seconds) of the latency histogram every router keeps per backend;
+# one more bucket counts everything slower than the last bound.
+LATENCY_BOUNDS: tuple[float, ...] = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+)
+
+
 @dataclass(frozen=True)
 class BackendStats:
-    """What the router observed of one backend."""
+    """What the router observed of one backend. Counters only grow (until the router
+    restarts); callers compare two readings to get a window."""
 
     id: str
     address: str
     state: BackendState
     inflight: int
     requests: int
-    errors: int
+    errors: int  # 5xx answers plus requests that got no answer
+    weight: int = 100
+    responses_5xx: int = 0
+    # Completed requests per LATENCY_BOUNDS bucket, plus one overflow bucket.
+    latency_buckets: tuple[int, ...] = ()
 
 
 class Router(Protocol):
