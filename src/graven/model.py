@@ -108,12 +108,19 @@ class Image:
 
 @dataclass(frozen=True)
 class HealthCheck:
+    """How to tell a healthy instance: an HTTP GET, a TCP connect or a command.
+
+    The same probe gates start-up (polled eagerly, within ``start_timeout``) and
+    readiness afterwards (every ``interval``, out after ``unhealthy_threshold`` misses)."""
+
     path: str = "/healthz"
     interval: float = 1.0
     timeout: float = 1.0
     healthy_threshold: int = 1
     unhealthy_threshold: int = 3
     start_timeout: float = 30.0
+    kind: str = "http"  # http | tcp | command
+    command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,9 @@ class ServiceConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceConfig:
         data = dict(data)
-        data["health"] = HealthCheck(**data["health"])
+        health = dict(data["health"])
+        health["command"] = tuple(health.get("command", ()))
+        data["health"] = HealthCheck(**health)
         data["env"] = tuple((str(k), str(v)) for k, v in data.get("env", ()))
         return cls(**data)
 

@@ -24,10 +24,10 @@ from graven.clock import Clock
 from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import StateStore
-from graven.model import Digest, Instance, Release, ServiceConfig
+from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import AwaitHealthy, Drain, Plan, RouteTraffic, StartInstance, StopInstance
-from graven.rollout.health import probe_http
+from graven.rollout.health import probe as run_probe
 from graven.router.base import Backend, Router
 from graven.runtime.base import Handle, LaunchSpec, Runtime
 from graven.store.cas import ContentStore
@@ -36,7 +36,7 @@ log = logging.getLogger("graven.controller")
 
 CONTROLLER_ACTOR = "graven-controller"
 
-Probe = Callable[[str, int, str, float], Awaitable[tuple[bool, str]]]
+Probe = Callable[[Instance, HealthCheck], Awaitable[tuple[bool, str]]]
 
 
 class StepFailed(Exception):
@@ -71,7 +71,7 @@ class Engine:
         runtime: Runtime,
         router: Router,
         clock: Clock,
-        probe: Probe = probe_http,
+        probe: Probe = run_probe,
     ) -> None:
         self.probe = probe
         self.state_dir = state_dir
@@ -481,7 +481,7 @@ class Engine:
                 raise StepFailed(
                     f"{inst_id} exited before it became healthy; last log lines:\n{tail}"
                 )
-            ok, reason = await self.probe(inst.host, inst.port, hc.path, hc.timeout)
+            ok, reason = await self.probe(inst, hc)
             streak = streak + 1 if ok else 0
             if streak >= hc.healthy_threshold:
                 return
@@ -567,7 +567,7 @@ class Engine:
         if now - mem.checked_at < cfg.health.interval:
             return None
         mem.checked_at = now
-        ok, reason = await self.probe(inst.host, inst.port, cfg.health.path, cfg.health.timeout)
+        ok, reason = await self.probe(inst, cfg.health)
         mem.last = reason
         mem.failures = 0 if ok else mem.failures + 1
         if mem.failures >= cfg.health.unhealthy_threshold:

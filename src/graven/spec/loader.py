@@ -81,6 +81,8 @@ _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("images", "*", "steps", "#", "workdir"),
     ("images", "*", "steps", "#", "entrypoint"),
     ("images", "*", "steps", "#", "entrypoint", "#"),
+    ("services", "*", "health", "command"),
+    ("services", "*", "health", "command", "#"),
     ("images", "*", "steps", "#", "cmd"),
     ("images", "*", "steps", "#", "cmd", "#"),
     ("images", "*", "steps", "#", "user"),

@@ -446,6 +446,29 @@ class HealthSpec(_Strict):
         default=3, ge=1, le=100, description="Failures in a row to become unhealthy."
     )
     start_timeout: Duration = Field(default=30.0, gt=0, description="Budget to become healthy.")
+    type: Literal["http", "tcp", "command"] = Field(
+        default="http",
+        description="Probe: 'http' GETs 'path' (2xx/3xx is healthy), 'tcp' connects to the "
+        "instance's port, 'command' runs 'command' (exit 0 is healthy; HOST and PORT set).",
+    )
+    command: list[str] = Field(
+        default_factory=list,
+        description="For type 'command': the program and its arguments (a string is split "
+        "like a shell would).",
+    )
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split_command(cls, v: Any) -> Any:
+        return shlex.split(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _command_matches_type(self) -> HealthSpec:
+        if self.type == "command" and not self.command:
+            raise ValueError("a 'command' probe needs 'command': the program to run")
+        if self.type != "command" and self.command:
+            raise ValueError(f"'command' is only for type 'command' (this probe is {self.type!r})")
+        return self
 
 
 class StrategySpec(_Strict):
@@ -495,6 +518,8 @@ class ServiceSpec(_Strict):
                 healthy_threshold=h.healthy_threshold,
                 unhealthy_threshold=h.unhealthy_threshold,
                 start_timeout=h.start_timeout,
+                kind=h.type,
+                command=tuple(h.command),
             ),
             env=tuple(sorted(self.env.items())),
             strategy=self.strategy.type,

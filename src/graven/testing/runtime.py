@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from graven.errors import RuntimeFailure
+from graven.model import HealthCheck, Instance
 from graven.runtime.base import Handle, LaunchSpec
 
 
@@ -50,6 +51,6 @@ class FakeRuntime:
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
         return f"(fake log of {instance_id})"
 
-    async def probe(self, host: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
-        """Stands in for the HTTP health probe."""
-        return (True, "HTTP 200") if port in self.healthy_ports else (False, "HTTP 503")
+    async def probe(self, instance: Instance, check: HealthCheck) -> tuple[bool, str]:
+        """Stands in for the health probe."""
+        return (True, "HTTP 200") if instance.port in self.healthy_ports else (False, "HTTP 503")
