@@ -318,17 +318,17 @@ def test_second_export_recompresses_nothing(
     t1 = make_tree(store, tmp_path / "t1", {"a": b"1"})
     t2 = make_tree(store, tmp_path / "t2", {"a": b"1", "b": b"2"})
     image = image_of(store, t1, t2)
-    calls: list[tuple[Digest | None, Digest]] = []
-    real = oci.write_layer_tar
+    calls: list[list[str]] = []
+    real = oci._write_entries
 
-    def spy(s: ContentStore, old: Digest | None, new: Digest, out: Any, **kw: Any) -> None:
-        calls.append((old, new))
-        real(s, old, new, out, **kw)
+    def spy(s: ContentStore, entries: Any, out: Any, mtime: Any) -> None:
+        calls.append([e.path for e in entries])
+        real(s, entries, out, mtime)
 
-    monkeypatch.setattr(oci, "write_layer_tar", spy)
+    monkeypatch.setattr(oci, "_write_entries", spy)
     seen: list[oci.LayerProgress] = []
     first = oci.export_layout(store, image, tmp_path / "l1", "web", progress=seen.append)
-    assert calls == [(None, t1), (t1, t2)]
+    assert calls == [["a"], ["b"]]
     assert [(p.index, p.count, p.cached) for p in seen] == [(0, 2, False), (1, 2, False)]
     seen.clear()
     second = oci.export_layout(store, image, tmp_path / "l2", "web", progress=seen.append)
@@ -347,7 +347,7 @@ def test_second_export_recompresses_nothing(
     blob_path.chmod(0o644)
     blob_path.unlink()
     oci.export_layout(store, image, tmp_path / "l5", "web")
-    assert calls[6:] == [(None, t1)]
+    assert calls[6:] == [["a"]]
 
 
 # --- documents ------------------------------------------------------------------------------
@@ -619,3 +619,24 @@ def test_cli_export_prints_digests_as_json(tmp_path: Path) -> None:
     nothing = runner.invoke(cli, ["--state-dir", str(state), "image", "export", "web"])
     assert nothing.exit_code != 0
     assert isinstance(nothing.exception, UsageError)
+
+
+def test_a_layer_whose_content_is_unchanged_is_not_recompressed(
+    store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Editing the first layer changes every later snapshot, not the later layers' content.
+    t1 = make_tree(store, tmp_path / "t1", {"a": b"1"})
+    t2 = make_tree(store, tmp_path / "t2", {"a": b"1", "b": b"2"})
+    u1 = make_tree(store, tmp_path / "u1", {"a": b"edited"})
+    u2 = make_tree(store, tmp_path / "u2", {"a": b"edited", "b": b"2"})
+    oci.export_layout(store, image_of(store, t1, t2), tmp_path / "l1", "web")
+    calls: list[list[str]] = []
+    real = oci._write_entries
+
+    def spy(s: ContentStore, entries: Any, out: Any, mtime: Any) -> None:
+        calls.append([e.path for e in entries])
+        real(s, entries, out, mtime)
+
+    monkeypatch.setattr(oci, "_write_entries", spy)
+    oci.export_layout(store, image_of(store, u1, u2), tmp_path / "l2", "web")
+    assert calls == [["a"]]

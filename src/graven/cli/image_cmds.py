@@ -96,29 +96,32 @@ def export(
     img = store.resolve(image_ref)
     ref = check_ref_name(ref_name or img.name or "latest")
     kind = check_compression(compression)
-    out.progress(f"[bold]export[/] {img.name or short(img.digest)} {img.digest} as {ref!r}")
-
-    def on_layer(p: LayerProgress) -> None:
-        how = "[dim]cached[/]" if p.cached else "[cyan]written[/]"
-        out.progress(
-            f"  layer {p.index + 1}/{p.count} {short(p.blob.digest)} "
-            f"{_size(p.blob.size):>10} {kind:<4} {how}"
-        )
-
+    label = img.name or short(img.digest)
+    out.progress(f"[bold]export[/] {label} {img.digest} as {ref!r}")
     data: dict[str, Any] = {"image": str(img.digest), "name": img.name, "ref": ref}
     result = None
-    if layout is not None:
-        result = export_layout(store, img, layout, ref, kind, progress=on_layer)
-        data["layout"] = str(result.path.resolve())
-        data["blobs_written"] = result.blobs_written
-        data["blobs_reused"] = result.blobs_reused
-    if archive is not None:
-        # Layers are cached by now when a layout was written too: no second compression.
-        archived = export_archive(
-            store, img, archive, ref, kind, progress=None if result else on_layer
-        )
-        data["archive"] = str(archived.path.resolve())
-        result = result or archived
+    with out.bar(f"export {label}") as bar:
+
+        def on_layer(p: LayerProgress) -> None:
+            how = "[dim]cached[/]" if p.cached else "[cyan]written[/]"
+            bar.update(completed=p.index + 1, total=p.count)
+            bar.line(
+                f"  layer {p.index + 1}/{p.count} {short(p.blob.digest)} "
+                f"{_size(p.blob.size):>10} {kind:<4} {how}"
+            )
+
+        if layout is not None:
+            result = export_layout(store, img, layout, ref, kind, progress=on_layer)
+            data["layout"] = str(result.path.resolve())
+            data["blobs_written"] = result.blobs_written
+            data["blobs_reused"] = result.blobs_reused
+        if archive is not None:
+            # Layers are cached by now when a layout was written too: no second compression.
+            archived = export_archive(
+                store, img, archive, ref, kind, progress=None if result else on_layer
+            )
+            data["archive"] = str(archived.path.resolve())
+            result = result or archived
     assert result is not None
     data.update(compression=kind, **result.oci.to_dict())
 

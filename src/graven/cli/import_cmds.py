@@ -69,15 +69,18 @@ def import_command(
     store = obj.store()
     out.progress(f"[bold]import[/] {source}" + (f" ref {ref!r}" if ref else ""))
 
-    def on_layer(p: LayerImported) -> None:
-        note = f", {p.devices_skipped} device node(s) left out" if p.devices_skipped else ""
-        out.progress(
-            f"  layer {p.index + 1}/{p.count} {short(p.digest)} "
-            f"{p.size / 1024:>10,.0f} KiB {p.entries} entries{note}"
-        )
-
     policy = ImportPolicy(allow_devices=allow_devices, allow_setuid=allow_setuid)
-    img = import_layout(store, source, ref, name=name, policy=policy, progress=on_layer)
+    with out.bar(f"import {source.name}") as bar:
+
+        def on_layer(p: LayerImported) -> None:
+            note = f", {p.devices_skipped} device node(s) left out" if p.devices_skipped else ""
+            bar.update(completed=p.index + 1, total=p.count)
+            bar.line(
+                f"  layer {p.index + 1}/{p.count} {short(p.digest)} "
+                f"{p.size / 1024:>10,.0f} KiB {p.entries} entries{note}"
+            )
+
+        img = import_layout(store, source, ref, name=name, policy=policy, progress=on_layer)
     data: dict[str, Any] = {
         "digest": str(img.digest),
         "name": img.name or None,

@@ -6,19 +6,24 @@ client is imported only when one of these verbs runs.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 import click
 
 from graven.cli.context import AppContext
 from graven.cli.main import cli, output_option
-from graven.cli.output import Output
+from graven.cli.output import Output, ProgressBar
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
-    from graven.store.registry import BlobTransfer, RegistryClient, RegistryRef
+    from graven.model import Digest, Image
+    from graven.store.cas import ContentStore
+    from graven.store.oci import OciImage
+    from graven.store.registry import BlobStream, BlobTransfer, RegistryClient, RegistryRef
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,8 +53,102 @@ def _app(ctx: click.Context) -> AppContext:
     return obj
 
 
+class _Transfers:
+    """Feeds a byte bar: a row per blob while its bytes travel, the overall bar, and
+    the blob's line once it is done (the only output where no bar is shown)."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self._bar = bar
+        self._rows: dict[str, tuple[ProgressBar, int]] = {}  # digest -> (row, bytes so far)
+
+    def moved(self, digest: Digest, size: int, n: int) -> None:
+        row, counted = self._rows.get(digest) or (self._bar.child(f"  {digest.short}", size), 0)
+        self._rows[digest] = (row, counted + n)
+        row.advance(n)
+        # A retried upload sends bytes again: the overall bar counts each byte once.
+        self._bar.advance(max(0, min(n, size - counted)))
+
+    def done(self, transfer: BlobTransfer) -> None:
+        row, counted = self._rows.pop(transfer.digest, (None, 0))
+        if row is not None:
+            row.remove()
+        # A blob already there or mounted moved no bytes but is done all the same.
+        self._bar.advance(max(0, transfer.size - counted))
+        self._bar.line(_blob_line(transfer))
+
+
+class _CountingRaw(io.RawIOBase):
+    """A download's raw stream that reports every read, so a bar can follow it."""
+
+    def __init__(self, inner: io.RawIOBase, on_read: Callable[[int], None]) -> None:
+        super().__init__()
+        self._inner, self._on_read = inner, on_read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any, /) -> int | None:
+        n = self._inner.readinto(buffer)
+        if n:
+            self._on_read(n)
+        return n
+
+    @property
+    def received(self) -> int:  # what BlobStream.received reads
+        return int(getattr(self._inner, "received", 0))
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+def _metered(transfers: _Transfers) -> type[RegistryClient]:
+    """The registry client, telling ``transfers`` about bytes as they go up or down.
+
+    push_image and pull_image report whole blobs; the client's own ``on_sent`` hook
+    and its download stream see the bytes, so the bar moves while a layer travels.
+    """
+    from graven.store.registry import BlobStream, RegistryClient
+
+    class MeteredClient(RegistryClient):
+        def upload_blob(
+            self,
+            repository: str,
+            digest: Digest,
+            size: int,
+            open_blob: Callable[[], BinaryIO],
+            *,
+            location: str | None = None,
+            on_sent: Callable[[int], None] | None = None,
+        ) -> int:
+            def sent(n: int) -> None:
+                transfers.moved(digest, size, n)
+                if on_sent is not None:
+                    on_sent(n)
+
+            return super().upload_blob(
+                repository, digest, size, open_blob, location=location, on_sent=sent
+            )
+
+        @contextlib.contextmanager
+        def open_blob(self, repository: str, digest: Digest, size: int) -> Iterator[BlobStream]:
+            with super().open_blob(repository, digest, size) as stream:
+                raw = _CountingRaw(
+                    cast(io.RawIOBase, stream.raw), lambda n: transfers.moved(digest, size, n)
+                )
+                with BlobStream(cast(Any, raw)) as counted:
+                    yield counted
+
+    return MeteredClient
+
+
 def _client(
-    ref: RegistryRef, *, insecure: bool, username: str | None, password_stdin: bool
+    ref: RegistryRef,
+    *,
+    insecure: bool,
+    username: str | None,
+    password_stdin: bool,
+    transfers: _Transfers | None = None,
 ) -> RegistryClient:
     from graven.store.registry import RegistryClient, find_credentials
 
@@ -62,7 +161,22 @@ def _client(
                 hint='Pipe the password in: printf %s "$PASSWORD" | graven push ...',
             )
     credentials = find_credentials(ref.registry, username=username, password=password)
-    return RegistryClient(ref.registry, insecure=insecure, credentials=credentials)
+    client = RegistryClient if transfers is None else _metered(transfers)
+    return client(ref.registry, insecure=insecure, credentials=credentials)
+
+
+def _documents(out: Output, store: ContentStore, image: Image, compression: str) -> OciImage:
+    """The image's OCI documents, its layers compressed (or found cached) under a bar;
+    push_image then finds every layer cached."""
+    from graven.store.oci import check_compression, oci_documents
+
+    with out.bar("prepare layers") as bar:
+        return oci_documents(
+            store,
+            image,
+            check_compression(compression),
+            progress=lambda p: bar.update(completed=p.index + 1, total=p.count),
+        )
 
 
 def _size(n: int) -> str:
@@ -121,16 +235,22 @@ def push(
     ref = parse_reference(reference)
     store = _app(ctx).store()
     img = store.resolve(image)
-    out.progress(f"[bold]push[/] {img.name or img.digest.short} -> {ref}")
-    with _client(ref, insecure=insecure, username=username, password_stdin=password_stdin) as c:
-        result = push_image(
-            store,
-            img,
+    label = img.name or img.digest.short
+    out.progress(f"[bold]push[/] {label} -> {ref}")
+    oci = _documents(out, store, img, compression)
+    total = sum({layer.digest: layer.size for layer in oci.layers}.values()) + len(oci.config)
+    with out.bar(f"push {label}", total=total, unit="bytes") as bar:
+        transfers = _Transfers(bar)
+        with _client(
             ref,
-            c,
-            compression=compression,
-            progress=lambda t: out.progress(_blob_line(t)),
-        )
+            insecure=insecure,
+            username=username,
+            password_stdin=password_stdin,
+            transfers=transfers if bar.shown else None,
+        ) as c:
+            result = push_image(
+                store, img, ref, c, compression=compression, progress=transfers.done
+            )
     data = {"name": img.name, **result.to_dict()}
 
     def render(con: Any, d: Any) -> None:
@@ -174,10 +294,16 @@ def pull(
     ref = parse_reference(reference)
     store = _app(ctx).store()
     out.progress(f"[bold]pull[/] {ref}")
-    with _client(ref, insecure=insecure, username=username, password_stdin=password_stdin) as c:
-        result = pull_image(
-            store, ref, c, name=name, progress=lambda t: out.progress(_blob_line(t))
-        )
+    with out.bar(f"pull {ref.repository}", unit="bytes") as bar:
+        transfers = _Transfers(bar)
+        with _client(
+            ref,
+            insecure=insecure,
+            username=username,
+            password_stdin=password_stdin,
+            transfers=transfers if bar.shown else None,
+        ) as c:
+            result = pull_image(store, ref, c, name=name, progress=transfers.done)
     data = result.to_dict()
 
     def render(con: Any, d: Any) -> None:

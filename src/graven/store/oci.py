@@ -81,7 +81,7 @@ MEDIA_TYPES: dict[Compression, str] = {
 }
 # Bump when the tar or compressed bytes for the same snapshots would change: it is part
 # of the layer cache key, so old cache entries are then simply not found.
-LAYER_FORMAT = "graven.oci-layer/v1"
+LAYER_FORMAT = "graven.oci-layer/v2"
 GZIP_LEVEL = 6  # zlib's default: level 9 costs far more time for a few percent
 ZSTD_LEVEL = 3  # zstd's default
 WHITEOUT_PREFIX = ".wh."
@@ -484,8 +484,14 @@ def write_layer_tar(
 
     File contents are streamed from the store, never held whole. StoreError when a
     tree or blob is missing or corrupt (``out`` then holds a partial tar)."""
+    _write_entries(store, _layer_entries(store, old, new), out, mtime)
+
+
+def _write_entries(
+    store: ContentStore, entries: list[_LayerEntry], out: ByteSink, mtime: int | None
+) -> None:
     tar = _TarWriter(out, source_date_epoch() if mtime is None else mtime)
-    for e in _layer_entries(store, old, new):
+    for e in entries:
         if e.kind == "dir":
             tar.directory(e.path, e.mode)
         elif e.kind == "symlink":
@@ -500,16 +506,16 @@ def write_layer_tar(
 # --- layer blobs (cached) ------------------------------------------------------------------
 
 
-def _layer_key(old: Digest | None, new: Digest, compression: Compression, mtime: int) -> str:
-    return canonical_json(
-        {
-            "schema": LAYER_FORMAT,
-            "old": str(old) if old is not None else None,
-            "new": str(new),
-            "compression": compression,
-            "mtime": mtime,
-        }
-    ).decode()
+def _layer_key(entries: list[_LayerEntry], compression: Compression, mtime: int) -> str:
+    """Keyed by what the layer holds, not by the snapshots around it: after an edit in
+    one content-defined layer, the later layers' snapshots change but their contents do
+    not, and they must not be compressed again."""
+    content = [
+        [e.path, e.kind, e.mode, str(e.digest) if e.digest else None, e.size, e.target]
+        for e in entries
+    ]
+    doc = {"schema": LAYER_FORMAT, "entries": content, "compression": compression, "mtime": mtime}
+    return str(Digest.of_bytes(canonical_json(doc)))
 
 
 def _cached_layer(store: ContentStore, key: str) -> LayerBlob | None:
@@ -535,7 +541,8 @@ def layer_blob(
 def _layer_blob(
     store: ContentStore, old: Digest | None, new: Digest, compression: Compression, mtime: int
 ) -> tuple[LayerBlob, bool]:
-    key = _layer_key(old, new, compression, mtime)
+    entries = _layer_entries(store, old, new)
+    key = _layer_key(entries, compression, mtime)
     if (cached := _cached_layer(store, key)) is not None:
         return cached, True
     fd, tmp = tempfile.mkstemp(dir=store.tmp_dir, prefix=".oci-layer-")
@@ -544,7 +551,7 @@ def _layer_blob(
             compressed = _Digesting(f)
             compressor = _compressor(compression, compressed)
             tar = _Digesting(compressor)
-            write_layer_tar(store, old, new, tar, mtime=mtime)
+            _write_entries(store, entries, tar, mtime)
             compressor.finish()
         digest = store.put_file(Path(tmp))
     finally:
