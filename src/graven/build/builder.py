@@ -1,13 +1,25 @@
 """Recipe -> image: run a recipe's steps over file trees, never running a step twice.
 
 The build threads a state through the steps: the root file tree (a tree digest in the
-content store; ``scratch`` is the empty tree), the environment (ordered), the working
-directory, the entrypoint, and the rest of the image config (``cmd``, ``user``,
-exposed ports, labels). Each step has a cache key, the sha256 over canonical JSON of
-the step's normalized definition, the previous step's key (a chain back to the base),
-the state the step starts from, and, for ``copy``, the Merkle entry of its source
-(after ``.gravenignore``); for ``run``, whether it is isolated. A step whose key is
-cached is not run: the cache holds the state it produced.
+content store; ``scratch`` is the empty tree), the layer snapshots so far, the
+environment (ordered), the working directory, the entrypoint, and the rest of the
+image config (``cmd``, ``user``, exposed ports, labels). Each step has a cache key, the
+sha256 over canonical JSON of the step's normalized definition, the previous step's
+key (a chain back to the base), the state the step starts from, and, for ``copy``, the
+Merkle entry of its source (after ``.gravenignore``); for ``run``, whether it is
+isolated. A step whose key is cached is not run: the cache holds the state it produced.
+
+**Bases.** A recipe starts from ``scratch`` or from an image (``resolve_base``): one of
+the spec's images built before it, an image in the store by digest, an OCI layout
+(imported once), or a registry image pinned by digest (pulled once). The first state
+is the base's: its rootfs, its layer snapshots (so the image's layers are the base's
+followed by its own, and exports share the base's layer blobs) and its config. The
+base's image digest heads the key chain: a changed base reruns every step, the same
+base finds them cached. An imported or pulled base is remembered in the store's cache
+under its manifest digest (``graven.base-import/v1``), so a later build neither reads
+the layout again nor touches the network; gc keeps what such an entry names (after
+``gc --prune-cache`` the next build imports a layout again; a pulled base keeps its
+own name).
 
 ``copy`` merges the source tree into the root tree on tree objects, without
 materializing the root; a directory source leaves out what the project's
@@ -27,36 +39,43 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from graven.build import sandbox
 from graven.build.ignore import IGNORE_FILE, IgnoreRules
-from graven.errors import BuildError, StoreError, UsageError
+from graven.errors import BuildError, GravenError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.spec.models import (
+    SCRATCH,
     CmdStep,
     CopyStep,
     EntrypointStep,
     EnvStep,
     ExposeStep,
+    ImageBase,
     LabelStep,
+    LayoutBase,
     Recipe,
+    RegistryBase,
     RunStep,
     Step,
     UserStep,
     WorkdirStep,
     step_kind,
 )
-from graven.store.cas import ContentStore, Tree, TreeEntry, TreePathError
+from graven.store.cas import EMPTY_TREE, ContentStore, Tree, TreeEntry, TreePathError
 from graven.store.layers import split
 
 STEP_KEY_SCHEMA = "graven.step/v1"
 STEP_RESULT_SCHEMA = "graven.step-result/v1"
+BASE_IMPORT_SCHEMA = "graven.base-import/v1"
+MAX_INDEX_BYTES = 4 * 1024 * 1024  # an OCI layout's index.json, read to find a cached import
 _OUTPUT_TAIL_LINES = 20
 RUN_TIMEOUT = sandbox.DEFAULT_TIMEOUT  # seconds a run step may take
 
@@ -86,10 +105,12 @@ class StepOutcome:
 
 @dataclass(frozen=True)
 class BuildResult:
-    """The image a build produced (named) and what each step did."""
+    """The image a build produced (named), what each step did, and the image it
+    started from (None: scratch)."""
 
     image: Image
     steps: list[StepOutcome]
+    base: Image | None = None
 
     @property
     def executed(self) -> int:
@@ -101,6 +122,7 @@ class BuildResult:
             "name": self.image.name,
             "digest": str(self.image.digest),
             "rootfs": str(self.image.rootfs),
+            "base": str(self.base.digest) if self.base is not None else SCRATCH,
             "steps": [s.to_dict() for s in self.steps],
         }
 
@@ -156,6 +178,25 @@ class BuildState:
             labels=labels,
         )
 
+    @classmethod
+    def of_base(cls, base: Image) -> BuildState:
+        """The state a build on ``base`` starts from: its files, layers and config."""
+        config = base.config
+        layers = base.layers
+        if not layers and base.rootfs != EMPTY_TREE:
+            layers = (base.rootfs,)  # an image recorded without snapshots: one layer
+        return cls(
+            rootfs=base.rootfs,
+            env=tuple(dict(config.env).items()),
+            workdir=config.workdir,
+            entrypoint=config.entrypoint,
+            layers=layers,
+            cmd=config.cmd,
+            user=config.user,
+            ports=tuple(sorted(set(config.ports))),
+            labels=tuple(sorted(dict(config.labels).items())),
+        )
+
     def config(self) -> ImageConfig:
         """The image config this state describes."""
         return ImageConfig(
@@ -178,16 +219,21 @@ def build_image(
     no_cache: bool = False,
     on_step: Callable[[StepOutcome], None] | None = None,
     allow_host_run: bool | None = None,
+    built: Mapping[str, Image] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Bake ``recipe`` into an image named ``name``; tag it in ``store``.
 
-    ``context_dir`` is the directory ``copy`` sources are relative to (the spec file's
-    directory, where ``.gravenignore`` is read). Steps whose cache key is known are not
-    run unless ``no_cache``, which runs every step and refreshes its cache entry.
-    ``on_step`` is called after each step. ``allow_host_run`` lets ``run`` steps fall
-    back to the unisolated host when bubblewrap is unusable (default: the
-    ``GRAVEN_UNSAFE_HOST_RUN`` environment variable). BuildError when a step fails; it
-    names the image, the step and the cause.
+    ``context_dir`` is the directory ``copy`` sources and base layouts are relative to
+    (the spec file's directory, where ``.gravenignore`` is read). The recipe's base is
+    found by ``resolve_base``; a base that is another image of the spec must be in
+    ``built`` (``build_order`` says what to build first). Steps whose cache key is
+    known are not run unless ``no_cache``, which runs every step and refreshes its
+    cache entry (an imported base stays imported: it is named by content). ``on_step``
+    is called after each step, ``on_progress`` with a line on slow base work (a pull, an
+    import). ``allow_host_run`` lets ``run`` steps fall back to the unisolated host when
+    bubblewrap is unusable (default: the ``GRAVEN_UNSAFE_HOST_RUN`` environment
+    variable). BuildError when a step fails; it names the image, the step and the cause.
     """
     if not is_valid_name(name):
         raise UsageError(
@@ -200,9 +246,12 @@ def build_image(
 
     ignore = _ignore_rules(context, name)
     on_host: bool | None = None  # decided at the first run step (probes bubblewrap)
-    state = BuildState(rootfs=store.put_tree(Tree()))
+    base = resolve_base(name, recipe, context, store, built=built, on_progress=on_progress)
+    state = BuildState(rootfs=store.put_tree(Tree())) if base is None else BuildState.of_base(base)
+    # The base's image digest heads the chain, so every step's key depends on it.
+    head = SCRATCH if base is None else str(base.digest)
     key = Digest.of_bytes(
-        canonical_json({"schema": STEP_KEY_SCHEMA, "base": recipe.base, "state": state.to_dict()})
+        canonical_json({"schema": STEP_KEY_SCHEMA, "base": head, "state": state.to_dict()})
     )
     outcomes: list[StepOutcome] = []
     for index, step in enumerate(recipe.steps):
@@ -257,9 +306,255 @@ def build_image(
         if on_step is not None:
             on_step(outcome)
 
+    if not state.entrypoint:
+        raise BuildError(
+            f"images.{name}: the image has no entrypoint: neither its steps nor its base"
+            " set one, so instances would not know what to run",
+            hint="Add an 'entrypoint' step to the recipe.",
+        )
     image = store.put_image(state.rootfs, state.config(), state.layers)
     store.tag(name, image.digest)
-    return BuildResult(image=replace(image, name=name), steps=outcomes)
+    return BuildResult(image=replace(image, name=name), steps=outcomes, base=base)
+
+
+# --- bases -----------------------------------------------------------------------------------
+
+
+def build_order(images: Mapping[str, Recipe], names: Sequence[str] = ()) -> list[str]:
+    """The images to build for ``names`` (default: every image, by name), each after
+    the spec image it starts from; bases not asked for are included.
+
+    BuildError when a base names an image that is not in ``images`` or bases form a
+    cycle (``graven.spec.loader`` reports both first, with lines)."""
+    order: list[str] = []
+    placed: set[str] = set()
+    for start in names or sorted(images):
+        chain: list[str] = []
+        node: str | None = start
+        while node is not None and node not in placed:
+            if node in chain:
+                cycle = [*chain[chain.index(node) :], node]
+                raise BuildError(
+                    f"images.{node}.base: base images form a cycle: {' -> '.join(cycle)}"
+                )
+            recipe = images.get(node)
+            if recipe is None:
+                where = f"images.{chain[-1]}.base.image" if chain else "images"
+                raise BuildError(f"{where}: no image named {node!r} in the spec")
+            chain.append(node)
+            node = _spec_base(recipe)
+        for name in reversed(chain):
+            order.append(name)
+            placed.add(name)
+    return order
+
+
+def spec_bases(images: Mapping[str, Recipe], name: str) -> list[str]:
+    """The spec images ``name`` starts from, nearest first (its base, the base's base...)."""
+    found: list[str] = []
+    node = _spec_base(images[name])
+    while node is not None and node not in found and node != name and node in images:
+        found.append(node)
+        node = _spec_base(images[node])
+    return found
+
+
+def _spec_base(recipe: Recipe) -> str | None:
+    base = recipe.base
+    return base.spec_image if isinstance(base, ImageBase) else None
+
+
+def resolve_base(
+    name: str,
+    recipe: Recipe,
+    context_dir: Path,
+    store: ContentStore,
+    *,
+    built: Mapping[str, Image] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Image | None:
+    """The image ``recipe`` (of image ``name``) starts from; None for ``scratch``.
+
+    - ``{image: NAME}``: the image ``built[NAME]``, built earlier in this run;
+    - ``{image: sha256:...}`` or ``{image: NAME@sha256:...}``: that image in ``store``;
+    - ``{layout: DIR, ref: REF}``: imported from the OCI layout ``context_dir/DIR``, or
+      found in the store when its manifest digest was imported before;
+    - ``{registry: HOST/REPO@sha256:...}``: found in the store by that digest, else
+      pulled (credentials as ``find_credentials`` finds them; plain HTTP to loopback)
+      and tagged ``REPO-<12 hex of the digest>`` so ``graven images`` shows it.
+
+    Errors name the key path (``images.NAME.base...``) and keep their class: an
+    unknown image or a broken layout is a usage error (exit 2), an unreachable registry
+    or a digest that does not match a failure (exit 1)."""
+    base = recipe.base
+    where = f"images.{name}.base"
+    if isinstance(base, ImageBase):
+        return _image_base(base, store, built or {}, f"{where}.image")
+    if isinstance(base, LayoutBase):
+        return _layout_base(base, Path(context_dir), store, f"{where}.layout", on_progress)
+    if isinstance(base, RegistryBase):
+        return _registry_base(base, store, f"{where}.registry", on_progress)
+    return None
+
+
+def _located(where: str, error: GravenError) -> GravenError:
+    """``error`` with the key path it concerns before its message; its class (and so
+    its exit code and details) kept."""
+    error.message = f"{where}: {error.message}"
+    error.args = (error.message,)
+    return error
+
+
+def _image_base(
+    base: ImageBase, store: ContentStore, built: Mapping[str, Image], where: str
+) -> Image:
+    if base.spec_image is not None:
+        image = built.get(base.spec_image)
+        if image is None:
+            raise BuildError(
+                f"{where}: image {base.spec_image!r} has not been built yet",
+                hint="Build the base first ('graven build' builds bases before the images"
+                " on them).",
+            )
+        return image
+    try:
+        return store.resolve(base.image)
+    except GravenError as e:
+        raise _located(where, e) from None
+
+
+def _layout_base(
+    base: LayoutBase,
+    context: Path,
+    store: ContentStore,
+    where: str,
+    on_progress: Callable[[str], None] | None,
+) -> Image:
+    from graven.store.oci_import import import_layout
+
+    path = context.joinpath(*PurePosixPath(base.layout).parts)
+    try:
+        inside = path.resolve().is_relative_to(context.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise UsageError(
+            f"{where}: layout {base.layout!r} leaves the project directory {context}",
+            hint="Keep base layouts inside the directory that holds graven.yaml.",
+        )
+    manifest = _layout_manifest(path, base.ref)
+    if manifest is not None and (image := _imported(store, manifest)) is not None:
+        return image
+    if on_progress is not None:
+        on_progress(
+            f"base: importing layout {base.layout}" + (f" ({base.ref})" if base.ref else "")
+        )
+    try:
+        image = import_layout(store, path, base.ref)
+    except GravenError as e:
+        raise _located(where, e) from None
+    if manifest is not None:
+        _remember_import(store, manifest, image)
+    return image
+
+
+def _layout_manifest(layout: Path, ref: str | None) -> Digest | None:
+    """The digest ``index.json`` names for ``ref`` (or its only image); None when the
+    index does not say unambiguously: the importer then decides, and explains."""
+    from graven.store.oci_types import REF_NAME
+
+    try:
+        fd = os.open(
+            layout / "index.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = f.read(MAX_INDEX_BYTES + 1)
+    try:
+        doc = json.loads(data) if len(data) <= MAX_INDEX_BYTES else None
+        entries = doc["manifests"] if isinstance(doc, dict) else None
+        if not isinstance(entries, list):
+            return None
+        found = [
+            e
+            for e in entries
+            if isinstance(e, dict)
+            and (ref is None or (e.get("annotations") or {}).get(REF_NAME) == ref)
+        ]
+        return Digest(found[0]["digest"]) if len(found) == 1 else None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def _registry_base(
+    base: RegistryBase,
+    store: ContentStore,
+    where: str,
+    on_progress: Callable[[str], None] | None,
+) -> Image:
+    from graven.store.registry import (
+        RegistryClient,
+        find_credentials,
+        local_name_for,
+        parse_reference,
+        pull_image,
+    )
+
+    try:
+        ref = parse_reference(base.registry)
+    except GravenError as e:
+        raise _located(where, e) from None
+    if ref.digest is None:  # the spec model rejects this; a library caller may not
+        raise UsageError(
+            f"{where}: {base.registry!r} is not pinned by digest",
+            hint="Pin it: 'graven pull' prints the digest (HOST/REPO@sha256:...).",
+        )
+    if (image := _imported(store, ref.digest)) is not None:
+        return image
+    if on_progress is not None:
+        on_progress(f"base: pulling {ref}")
+    # A name of its own, never the repository's bare name: that could be a spec image.
+    local = f"{local_name_for(ref.repository)[:50].rstrip('-')}-{ref.digest.hex[:12]}"
+    try:
+        credentials = find_credentials(ref.registry)
+        with RegistryClient(ref.registry, credentials=credentials) as client:
+            pulled = pull_image(store, ref, client, name=local)
+        image = store.get_image(pulled.image)
+    except GravenError as e:
+        raise _located(where, e) from None
+    _remember_import(store, ref.digest, image)
+    if pulled.manifest_digest != ref.digest:  # an index: remember its platform's manifest too
+        _remember_import(store, pulled.manifest_digest, image)
+    return replace(image, name=local)
+
+
+def _import_key(manifest: Digest) -> str:
+    return f"{BASE_IMPORT_SCHEMA} {manifest}"
+
+
+def _imported(store: ContentStore, manifest: Digest) -> Image | None:
+    """The image a manifest was imported as before, if it is still whole in the store."""
+    text = store.cache_get(_import_key(manifest))
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+        if doc["schema"] != BASE_IMPORT_SCHEMA or doc["manifest"] != manifest:
+            return None
+        image = store.get_image(Digest(doc["image"]))
+    except (ValueError, KeyError, TypeError, GravenError):
+        return None  # a damaged entry or a collected image only costs a new import
+    if not all(store.has(d) for d in {image.rootfs, *image.layers}):
+        return None
+    return image
+
+
+def _remember_import(store: ContentStore, manifest: Digest, image: Image) -> None:
+    doc = {"schema": BASE_IMPORT_SCHEMA, "manifest": str(manifest), "image": str(image.digest)}
+    store.cache_put(_import_key(manifest), canonical_json(doc).decode())
 
 
 # --- step description ----------------------------------------------------------------------

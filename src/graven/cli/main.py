@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from graven.cli.context import AppContext, actor, source_commit
 from graven.cli.output import Output
 from graven.errors import GravenError, UsageError
+
+if TYPE_CHECKING:
+    from graven.spec.models import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -162,8 +165,8 @@ def _build(
                 for img in fast
             ]
 
-    from graven.build.builder import build_image
-    from graven.spec.models import CopyStep
+    from graven.build.builder import build_image, build_order
+    from graven.model import Image
 
     spec_bytes = spec_path.read_bytes()
     loaded = app.spec()
@@ -174,12 +177,15 @@ def _build(
             hint="Images: " + (", ".join(sorted(loaded.spec.images)) or "(none)"),
         )
     store = app.store()
-    results = []
+    requested = list(dict.fromkeys(names)) or sorted(loaded.spec.images)
+    images: dict[str, Image] = {}  # built in this run, for the images based on them
+    results: dict[str, dict[str, Any]] = {}
     built: dict[str, tuple[str, int, list[str], str, float]] = {}
-    for name in names or sorted(loaded.spec.images):
-        out.progress(f"[bold]build[/] {name}")
+    # Bases first: 'graven build web' builds the spec images web starts from, too.
+    for name in build_order(loaded.spec.images, names):
+        out.progress(f"[bold]build[/] {name}" + ("" if name in requested else " (a base)"))
         recipe = loaded.spec.images[name]
-        sources = [s.source for s in recipe.steps if isinstance(s, CopyStep)]
+        sources = _read_paths(loaded.spec.images, name)
         # Taken before the build reads anything: a file edited meanwhile mismatches later.
         sig, newest = fingerprint.signature(loaded.root, sources, app.state_dir.resolve())
 
@@ -187,22 +193,47 @@ def _build(
             mark = "[dim]cached[/]" if s.cached else f"[cyan]ran[/] {s.seconds:.2f}s"
             out.progress(f"  step {s.index + 1} {s.kind:<10} {mark}  {s.summary}")
 
-        r = build_image(name, recipe, loaded.root, store, no_cache=no_cache, on_step=on_step)
-        built[name] = (str(r.image.digest), len(r.steps), sources, sig, newest)
-        results.append(
-            {
-                "name": name,
-                "digest": str(r.image.digest),
-                "steps_run": sum(not s.cached for s in r.steps),
-                "steps_cached": sum(s.cached for s in r.steps),
-                "steps": [
-                    {"index": s.index, "kind": s.kind, "cached": s.cached, "seconds": s.seconds}
-                    for s in r.steps
-                ],
-            }
+        r = build_image(
+            name,
+            recipe,
+            loaded.root,
+            store,
+            no_cache=no_cache,
+            on_step=on_step,
+            built=images,
+            on_progress=lambda line: out.progress(f"  {line}"),
         )
+        images[name] = r.image
+        built[name] = (str(r.image.digest), len(r.steps), sources, sig, newest)
+        if name not in requested:
+            continue
+        results[name] = {
+            "name": name,
+            "digest": str(r.image.digest),
+            "steps_run": sum(not s.cached for s in r.steps),
+            "steps_cached": sum(s.cached for s in r.steps),
+            "steps": [
+                {"index": s.index, "kind": s.kind, "cached": s.cached, "seconds": s.seconds}
+                for s in r.steps
+            ],
+        }
     fingerprint.remember(app.state_dir, spec_path, spec_bytes, built)
-    return results
+    return [results[name] for name in requested]  # in the order asked for, as the fast path
+
+
+def _read_paths(recipes: Mapping[str, Recipe], name: str) -> list[str]:
+    """Project paths image ``name`` depends on: the copy sources and base layouts of its
+    recipe and of the spec images it starts from. The no-op fast path watches them."""
+    from graven.build.builder import spec_bases
+    from graven.spec.models import CopyStep, LayoutBase
+
+    paths: list[str] = []
+    for image in [name, *spec_bases(recipes, name)]:
+        recipe = recipes[image]
+        if isinstance(recipe.base, LayoutBase):
+            paths.append(recipe.base.layout)
+        paths.extend(s.source for s in recipe.steps if isinstance(s, CopyStep))
+    return list(dict.fromkeys(paths))
 
 
 @cli.command()

@@ -9,8 +9,9 @@ This is the edge where untrusted text becomes trusted data, in three passes:
 2. **Shape.** pydantic validates the data against ``graven.spec.models``; each of its
    errors becomes a ``SpecProblem`` with the key path and line, worded as expected vs
    got, with a did-you-mean for misspelt keys.
-3. **Meaning.** Cross references (a service's image and target), port clashes and
-   copy sources on disk are checked.
+3. **Meaning.** Cross references (a service's image and target, an image's base
+   image), cycles of base images, port clashes, copy sources and base layouts on disk,
+   and registry references are checked.
 
 All problems from all passes are reported at once, sorted by line, so one run of
 ``graven check`` shows everything to fix.
@@ -37,14 +38,19 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from graven.errors import SpecError, SpecProblem
+from graven.errors import SpecError, SpecProblem, UsageError
+from graven.model import is_valid_name
 from graven.spec.locate import INIT_HINT, SPEC_FILENAME
 from graven.spec.models import (
+    BASE_KIND_ERROR,
+    BASE_KINDS,
     EXTENSION_PREFIX,
     STEP_KIND_ERROR,
     STEP_KINDS,
+    Recipe,
     ServiceSpec,
     Spec,
+    base_kind,
     parse_duration,
     step_kind,
 )
@@ -87,6 +93,10 @@ _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("images", "*", "steps", "#", "cmd", "#"),
     ("images", "*", "steps", "#", "user"),
     ("images", "*", "steps", "#", "label", "*"),
+    ("images", "*", "base", "image"),
+    ("images", "*", "base", "layout"),
+    ("images", "*", "base", "ref"),
+    ("images", "*", "base", "registry"),
 )
 
 _PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -485,8 +495,9 @@ class _ErrorTranslator:
             if part == "[key]":
                 return tuple(path), True
             path.append(part)
-            # A tagged union puts the tag after the step index; the user never wrote it.
-            if _is_step_path(path) and parts and parts[0] in STEP_KINDS:
+            # A tagged union puts the tag after the step index (or after 'base'); the
+            # user never wrote it.
+            if parts and parts[0] in _union_tags(path):
                 parts.pop(0)
         return tuple(path), False
 
@@ -526,6 +537,8 @@ class _ErrorTranslator:
         shown = _show(got)
         if kind == STEP_KIND_ERROR:
             return _step_kind_text(got)
+        if kind == BASE_KIND_ERROR:
+            return _base_kind_text(got)
         if info is not None and info.annotation is int and _is_number_error(kind):
             return f"expected {_int_range_text(info)}, got {shown}"
         if info is not None and _is_duration(info) and _is_number_error(kind):
@@ -557,8 +570,13 @@ class _ErrorTranslator:
         return f"{_lower_first(err['msg'])}, got {shown}"
 
 
-def _is_step_path(path: list[str | int]) -> bool:
-    return len(path) == 4 and path[0] == "images" and path[2] == "steps"
+def _union_tags(path: list[str | int]) -> Mapping[str, object]:
+    """The tags pydantic may put after ``path``: a step's kinds, a base's kinds."""
+    if len(path) == 4 and path[0] == "images" and path[2] == "steps":
+        return STEP_KINDS
+    if len(path) == 3 and path[0] == "images" and path[2] == "base":
+        return BASE_KINDS
+    return {}
 
 
 def _raw_at(data: Any, path: KeyPath) -> Any:
@@ -592,7 +610,12 @@ def _walk_types(path: KeyPath, data: Any) -> list[tuple[Any, FieldInfo | None]]:
             info = _field_by_key(annotation, str(part))
             if info is None:
                 break
-            annotation = info.annotation
+            if annotation is Recipe and part == "base":
+                # The base union: the base's own key says which model applies.
+                kind = base_kind(_raw_at(data, path[: depth + 1]))
+                annotation = BASE_KINDS.get(kind or "", info.annotation)
+            else:
+                annotation = info.annotation
         elif typing.get_origin(annotation) is dict:
             annotation = typing.get_args(annotation)[1]
         elif typing.get_origin(annotation) is list:
@@ -705,6 +728,32 @@ def _step_kind_text(got: Any) -> str:
     return message
 
 
+def _base_kind_text(got: Any) -> str:
+    kinds = ", ".join(BASE_KINDS)
+    expected = f"expected 'scratch' or a mapping with one of {kinds}"
+    if isinstance(got, str):
+        kind, colon, rest = got.partition(":")
+        if colon and kind.strip() in BASE_KINDS and rest.strip():
+            return (
+                f"{expected}; got {_show(got)} (did you mean {{{kind.strip()}: {rest.strip()}}}?)"
+            )
+        return f"{expected}, such as {{image: NAME}}; got {_show(got)}"
+    if not isinstance(got, dict):
+        return f"{expected}; got {_show(got)}"
+    present = [k for k in got if k in BASE_KINDS]
+    if len(present) > 1:
+        both = " and ".join(repr(k) for k in present)
+        return f"a base has exactly one of {kinds}, got {both}"
+    if not got:
+        return f"{expected}; got an empty mapping"
+    message = f"{expected}; got {', '.join(repr(str(k)) for k in got)}"
+    for key in got:
+        close = difflib.get_close_matches(str(key), list(BASE_KINDS), n=1, cutoff=0.6)
+        if close:
+            return f"{message} (did you mean {close[0]!r}?)"
+    return message
+
+
 def _show(value: Any) -> str:
     """How a YAML value reads back to its author."""
     if value is None or value is _MISSING:
@@ -778,6 +827,7 @@ def _semantic_problems(tree: _YamlTree, root: Path) -> list[SpecProblem]:
                     ports[port] = name
 
     if isinstance(images, dict):
+        problems.extend(_base_problems(tree, images, root))
         for name, recipe in images.items():
             steps = recipe.get("steps") if isinstance(recipe, dict) else None
             if not isinstance(steps, list):
@@ -847,6 +897,105 @@ def _copy_source_problem(source: str, root: Path) -> str | None:
     except (OSError, RuntimeError) as exc:
         # RuntimeError: a symlink loop, on Python versions that raise it.
         return f"copy source {source!r} cannot be read: {exc}"
+    return None
+
+
+def _base_problems(tree: _YamlTree, images: dict[str, Any], root: Path) -> list[SpecProblem]:
+    """Bases: a named image exists, bases form no cycle, a layout is a directory in the
+    project, a registry reference parses (pass 2 has checked the shapes)."""
+    problems: list[SpecProblem] = []
+
+    def add(path: KeyPath, message: str) -> None:
+        line = tree.value_lines.get(path, tree.key_lines.get(path))
+        problems.append(SpecProblem(tree.file, line, key_path_text(path), message))
+
+    edges: dict[str, str] = {}  # image -> the spec image it starts from
+    for name, recipe in images.items():
+        base = recipe.get("base") if isinstance(recipe, dict) else None
+        if not isinstance(base, dict) or base_kind(base) is None:
+            continue  # not a base pass 2 could read: it says why
+        here = ("images", name, "base")
+        image, layout, registry = base.get("image"), base.get("layout"), base.get("registry")
+        if isinstance(image, str) and is_valid_name(image):
+            if image in images:
+                edges[name] = image
+            else:
+                add((*here, "image"), _unknown_base_text(image, list(images)))
+        if isinstance(layout, str) and (message := _layout_problem(layout, root)):
+            add((*here, "layout"), message)
+        if isinstance(registry, str) and "@" in registry:
+            from graven.store.registry import parse_reference  # only when a spec uses one
+
+            try:
+                parse_reference(registry)
+            except UsageError as exc:
+                add((*here, "registry"), exc.message)
+    for cycle in _cycles(edges):
+        lines = [tree.value_lines.get(("images", n, "base", "image")) for n in cycle]
+        if len(cycle) == 1:
+            message = f"image {cycle[0]!r} cannot be its own base"
+        else:
+            where = ", ".join(f"{n} on line {line}" for n, line in zip(cycle, lines, strict=True))
+            message = (
+                f"base images form a cycle: {' -> '.join([*cycle, cycle[0]])} (bases of {where});"
+                " one of them must start from something else"
+            )
+        add(("images", cycle[0], "base", "image"), message)
+    return problems
+
+
+def _unknown_base_text(image: str, names: list[str]) -> str:
+    message = f"unknown image {image!r}"
+    close = difflib.get_close_matches(image, names, n=1, cutoff=0.6)
+    if close:
+        return f"{message} (did you mean {close[0]!r}?)"
+    return (
+        f"{message}: a base image is one under 'images'"
+        + (f" ({', '.join(names)})" if names else "")
+        + ", or one in the store pinned by digest, {image: NAME@sha256:...}"
+    )
+
+
+def _cycles(edges: dict[str, str]) -> list[list[str]]:
+    """The cycles of a graph where each node has at most one successor, each listed
+    once, from its node that comes first in ``edges``."""
+    order = {name: i for i, name in enumerate(edges)}
+    done: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in edges:
+        walk: list[str] = []
+        node: str | None = start
+        while node is not None and node not in done and node not in walk:
+            walk.append(node)
+            node = edges.get(node)
+        if node is not None and node in walk:
+            cycle = walk[walk.index(node) :]
+            first = min(range(len(cycle)), key=lambda i: order[cycle[i]])
+            cycles.append(cycle[first:] + cycle[:first])
+        done.update(walk)
+    return cycles
+
+
+def _layout_problem(layout: str, root: Path) -> str | None:
+    if not layout or layout.startswith("/") or "\x00" in layout:
+        return None  # pass 2 explains these
+    if ".." in layout.replace("\\", "/").split("/"):
+        return None
+    try:
+        project = root.resolve()
+        resolved = (root / layout).resolve()
+        if not resolved.is_relative_to(project):
+            return (
+                f"layout {layout!r} resolves to {resolved}, outside the project directory {project}"
+            )
+        if not resolved.exists():
+            return f"layout {layout!r} does not exist in {root}"
+        if not resolved.is_dir():
+            return f"layout {layout!r} is not a directory: a base is an OCI image layout directory"
+        if not (resolved / "index.json").is_file():
+            return f"layout {layout!r} has no index.json: is it an OCI image layout directory?"
+    except (OSError, RuntimeError) as exc:
+        return f"layout {layout!r} cannot be read: {exc}"
     return None
 
 

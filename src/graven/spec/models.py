@@ -415,17 +415,159 @@ _TaggedStep = Annotated[
 ]
 
 
+# --- recipe bases ----------------------------------------------------------------------
+
+SCRATCH: Literal["scratch"] = "scratch"
+_DIGEST_TEXT = r"sha256:[0-9a-f]{64}"
+_DIGEST_RE = re.compile(rf"^{_DIGEST_TEXT}$")
+IMAGE_BASE_PATTERN = (
+    rf"^([a-z][a-z0-9-]{{0,62}}|{_DIGEST_TEXT}|[a-z][a-z0-9-]{{0,62}}@{_DIGEST_TEXT})$"
+)
+REGISTRY_BASE_PATTERN = rf"^[^@\s]+/[^@\s]+@{_DIGEST_TEXT}$"
+PIN_HINT = "pin it: graven pull prints the digest"
+
+
+def _check_image_base(v: str) -> str:
+    name, at, digest = v.partition("@")
+    if not at and v.startswith("sha256:"):
+        digest = v  # a digest alone
+    elif not is_valid_name(name):
+        raise ValueError(
+            "expected the name of an image under 'images', sha256:<64 hex> or"
+            f" NAME@sha256:<64 hex>, got {v!r}"
+        )
+    elif not at:
+        return v  # a name alone: an image of the spec
+    if not _DIGEST_RE.match(digest):
+        where = "after '@'" if at else "as the digest"
+        raise ValueError(f"expected sha256:<64 hex> {where}, got {digest!r}")
+    return v
+
+
+class ImageBase(_Strict):
+    """Start from another graven image: one of this spec's images (built first), or an
+    image already in the store, pinned by its digest."""
+
+    image: Annotated[
+        str,
+        AfterValidator(_check_image_base),
+        WithJsonSchema({"type": "string", "pattern": IMAGE_BASE_PATTERN}),
+    ] = Field(
+        description="NAME of an image under 'images' (built before this one), or"
+        " sha256:<64 hex> or NAME@sha256:<64 hex> of an image in the store."
+    )
+
+    @property
+    def spec_image(self) -> str | None:
+        """The name of the spec image this base is, or None when it is pinned by digest."""
+        return None if "@" in self.image or self.image.startswith("sha256:") else self.image
+
+
+def _check_relative_path(v: str) -> str:
+    if not v or v.startswith("/"):
+        raise ValueError(f"expected a relative path inside the project, got {v!r}")
+    if ".." in v.replace("\\", "/").split("/"):
+        raise ValueError(f"path must not leave the project with '..', got {v!r}")
+    if "\x00" in v:
+        raise ValueError(f"path must not contain a NUL character, got {v!r}")
+    return v
+
+
+class LayoutBase(_Strict):
+    """Start from an image in an OCI image layout directory (such as one written by
+    'graven image export' or 'skopeo copy ... oci:DIR:REF'). It is imported once: later
+    builds find it in the store by its manifest digest."""
+
+    layout: Annotated[str, AfterValidator(_check_relative_path)] = Field(
+        description="The layout directory, relative to the spec file's directory."
+    )
+    ref: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Which image of the layout (its org.opencontainers.image.ref.name);"
+        " may be left out when the layout holds one image.",
+    )
+
+
+def _check_pinned(v: str) -> str:
+    if "@" not in v:
+        raise ValueError(f"a registry base must be pinned by digest, got {v!r}; {PIN_HINT}")
+    digest = v.rpartition("@")[2]
+    if not _DIGEST_RE.match(digest):
+        raise ValueError(f"expected sha256:<64 hex> after '@', got {digest!r}; {PIN_HINT}")
+    return v
+
+
+class RegistryBase(_Strict):
+    """Start from an image on an OCI registry, pinned by digest. It is pulled once
+    (credentials as for 'graven pull'); later builds find it in the store by digest,
+    without the network."""
+
+    registry: Annotated[
+        str,
+        AfterValidator(_check_pinned),
+        WithJsonSchema({"type": "string", "pattern": REGISTRY_BASE_PATTERN}),
+    ] = Field(
+        description="HOST[:PORT]/REPOSITORY@sha256:<64 hex> (a tag alone is not enough:"
+        " 'graven pull' prints the digest)."
+    )
+
+
+BASE_KINDS: dict[str, type[_Strict]] = {
+    "image": ImageBase,
+    "layout": LayoutBase,
+    "registry": RegistryBase,
+}
+BASE_KIND_ERROR = "base_kind"
+Base = Literal["scratch"] | ImageBase | LayoutBase | RegistryBase
+
+
+def base_kind(value: Any) -> str | None:
+    """``scratch``, or the one key of ``BASE_KINDS`` a base has; None if neither."""
+    if value == SCRATCH:
+        return SCRATCH
+    if isinstance(value, dict):
+        kinds = [k for k in value if k in BASE_KINDS]
+        return kinds[0] if len(kinds) == 1 else None
+    for kind, cls in BASE_KINDS.items():
+        if isinstance(value, cls):
+            return kind
+    return None
+
+
+_TaggedBase = Annotated[
+    Annotated[Literal["scratch"], Tag(SCRATCH)]
+    | Annotated[ImageBase, Tag("image")]
+    | Annotated[LayoutBase, Tag("layout")]
+    | Annotated[RegistryBase, Tag("registry")],
+    Discriminator(
+        base_kind,
+        custom_error_type=BASE_KIND_ERROR,
+        custom_error_message="expected 'scratch' or a mapping with one of " + ", ".join(BASE_KINDS),
+    ),
+]
+
+
 class Recipe(_Strict):
     """How to bake one image."""
 
-    base: Literal["scratch"] = Field(default="scratch", description="Base image.")
+    base: _TaggedBase = Field(
+        default=SCRATCH,
+        description="What the image starts from: 'scratch' (the empty tree, the default);"
+        " {image: NAME} another image of this spec, or {image: sha256:...} /"
+        " {image: NAME@sha256:...} one in the store; {layout: DIR, ref: NAME} an OCI image"
+        " layout; {registry: HOST/REPO@sha256:...} a registry image pinned by digest."
+        " Its files, layers and config (env, workdir, entrypoint, cmd, user, ports, labels)"
+        " are inherited; steps add to them.",
+    )
     steps: list[_TaggedStep] = Field(
         min_length=1, description="Applied in order; each has exactly one kind."
     )
 
     @model_validator(mode="after")
     def _has_entrypoint(self) -> Recipe:
-        if not any(isinstance(s, EntrypointStep) for s in self.steps):
+        # A base may bring its entrypoint; the build checks the image has one in the end.
+        if self.base == SCRATCH and not any(isinstance(s, EntrypointStep) for s in self.steps):
             raise ValueError("a recipe needs an 'entrypoint' step so instances know what to run")
         return self
 
