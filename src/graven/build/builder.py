@@ -49,6 +49,7 @@ from typing import Any
 
 from graven.build import sandbox
 from graven.build.ignore import IGNORE_FILE, IgnoreRules
+from graven.build.interpreter import with_interpreter_labels
 from graven.errors import BuildError, GravenError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.spec.models import (
@@ -312,7 +313,10 @@ def build_image(
             " set one, so instances would not know what to run",
             hint="Add an 'entrypoint' step to the recipe.",
         )
-    image = store.put_image(state.rootfs, state.config(), state.layers)
+    # The interpreter the entrypoint runs (the image's own, or the host's, hashed) is
+    # part of what the image is: recorded in its labels, so in its digest.
+    config = with_interpreter_labels(store, state.rootfs, state.config())
+    image = store.put_image(state.rootfs, config, state.layers)
     store.tag(name, image.digest)
     return BuildResult(image=replace(image, name=name), steps=outcomes, base=base)
 

@@ -768,6 +768,7 @@ def _json_error(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+import graven.cli.base_cmds  # noqa: E402  (registers 'graven base')
 import graven.cli.image_cmds  # noqa: E402  (registers 'graven image')
 import graven.cli.import_cmds  # noqa: E402  (registers 'graven image import')
 import graven.cli.registry_cmds  # noqa: E402  (registers push/pull)

@@ -9,7 +9,6 @@ and carries on.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -26,7 +25,15 @@ from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import StateStore
 from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
 from graven.plan.rolling import ObservedInstance, plan_rolling
-from graven.plan.steps import AwaitHealthy, Drain, Plan, RouteTraffic, StartInstance, StopInstance
+from graven.plan.steps import (
+    AwaitHealthy,
+    Drain,
+    Plan,
+    RouteTraffic,
+    StartInstance,
+    StopInstance,
+    bind_slots,
+)
 from graven.rollout.health import probe as run_probe
 from graven.router.base import Backend, Router
 from graven.runtime.base import Handle, LaunchSpec, Runtime
@@ -346,9 +353,7 @@ class Engine:
             if self.state.desired_release(service) != desired:
                 return  # superseded: the next pass plans toward the new desire
             if rollout is not None:
-                shown = step
-                if not isinstance(step, StartInstance) and step.target in slots:
-                    shown = dataclasses.replace(step, target=slots[step.target])
+                shown = bind_slots(step, slots)
                 self.state.set_rollout_progress(
                     rollout.id, f"step {n}/{total}: {shown.describe(service)}"
                 )

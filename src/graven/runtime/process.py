@@ -77,7 +77,11 @@ class ProcessRuntime:
         elif "/" in program:
             program = str(workdir / program)
         else:
-            found = shutil.which(program)
+            # Like the build's interpreter recording: the image's own PATH first.
+            image_path = dict(spec.image.config.env).get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            candidates = [root / d.lstrip("/") / program for d in image_path.split(":") if d]
+            own = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+            found = str(own) if own is not None else shutil.which(program)
             if found is None:
                 raise RuntimeFailure(
                     f"{spec.instance_id}: entrypoint program {program!r} is neither in the image "
