@@ -137,10 +137,22 @@ class ServiceConfig:
     drain_timeout: float = 10.0
     stop_grace: float = 10.0
     target: str = "local"
+    # blue-green
+    preview_port: int = 0  # 0: no preview route
+    auto_promote: bool = True
+    rollback_window: float = 300.0
+    # canary: (weight percent, pause seconds or None = until promote, analyze?)
+    canary_steps: tuple[tuple[int, float | None, bool], ...] = ()
+    # analysis gates (canary steps, and blue-green auto-promotion with a preview)
+    analysis_window: float = 30.0
+    max_error_rate: float = 0.01
+    max_p99: float | None = 1.0
+    min_requests: int = 50
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["env"] = [list(kv) for kv in self.env]
+        d["canary_steps"] = [list(s) for s in self.canary_steps]
         return d
 
     @classmethod
@@ -150,6 +162,10 @@ class ServiceConfig:
         health["command"] = tuple(health.get("command", ()))
         data["health"] = HealthCheck(**health)
         data["env"] = tuple((str(k), str(v)) for k, v in data.get("env", ()))
+        data["canary_steps"] = tuple(
+            (int(w), None if p is None else float(p), bool(a))
+            for w, p, a in data.get("canary_steps", ())
+        )
         return cls(**data)
 
 

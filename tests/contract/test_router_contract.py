@@ -274,10 +274,11 @@ def test_set_backends_and_stats_round_trip(harness: Harness) -> None:
     a, b = harness.backend("a", weight=30), harness.backend("b", "drain", 70)
     harness.router.set_backends(SERVICE, [a, b])
 
-    assert harness.router.stats(SERVICE) == [
-        BackendStats("a", a.address, "ready", inflight=0, requests=0, errors=0),
-        BackendStats("b", b.address, "drain", inflight=0, requests=0, errors=0),
+    core = [
+        (s.id, s.address, s.state, s.inflight, s.requests, s.errors)
+        for s in harness.router.stats(SERVICE)
     ]
+    assert core == [("a", a.address, "ready", 0, 0, 0), ("b", b.address, "drain", 0, 0, 0)]
     # Idle backends left out of the next set are forgotten at once.
     harness.router.set_backends(SERVICE, [harness.backend("b")])
     assert [(s.id, s.state) for s in harness.router.stats(SERVICE)] == [("b", "ready")]

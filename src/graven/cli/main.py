@@ -327,7 +327,8 @@ def _wait_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> li
             if r["progress"] and r["progress"] != last.get(service):
                 last[service] = r["progress"]
                 out.progress(f"  {service}: {r['progress']}")
-            if r["state"] != "running":
+            # A rollout paused at a manual gate is done as far as this command goes.
+            if r["state"] != "running" or r["progress"].startswith("paused"):
                 done[service] = r
                 del pending[service]
         if pending:
@@ -381,7 +382,9 @@ def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], ve
                 con.print(f"[green]{r['service']}[/]: already at {r['release']}; nothing to do")
                 continue
             ro = r.get("rollout_result") or {}
-            if ro.get("state") == "succeeded":
+            if ro.get("state") == "running":
+                con.print(f"[yellow]{verb} {r['service']}[/]: {ro.get('progress', '')}")
+            elif ro.get("state") == "succeeded":
                 con.print(f"[green]{verb} {r['service']}[/]: {r.get('release', 'done')} serving")
             else:
                 con.print(
@@ -392,8 +395,9 @@ def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], ve
             con.print(f"url: {d['url']}")
 
     out.emit(data, render)
+    finished = ("succeeded", "running")  # running: paused at a manual gate, not failed
     if any(
-        (r.get("rollout_result") or {}).get("state", "succeeded") != "succeeded" for r in results
+        (r.get("rollout_result") or {}).get("state", "succeeded") not in finished for r in results
     ):
         sys.exit(1)
 
@@ -471,6 +475,59 @@ def rollback(
     _finish(
         out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback"
     )
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-m", "--message", default="promote", help="Why: recorded in the ledger.")
+@click.option("--no-wait", is_flag=True, help="Return once the promotion is recorded.")
+@output_option
+@click.pass_context
+def promote(ctx: click.Context, service: str, message: str, no_wait: bool, output: str) -> None:
+    """Let SERVICE's paused rollout go on (a manual blue-green switch, a canary step)."""
+    app = _app(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/promote", {"service": service, "actor": actor(), "message": message}
+    )
+    out.progress(f"[bold]promote[/] {service}: {r['release']}")
+    data = {"service": service, "rollout": r["rollout"], "release": r["release"]}
+    if not no_wait:
+        # Until it finishes or pauses again.
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            ro = client.request("GET", "/v1/rollout", id=r["rollout"])["rollout"]
+            if ro["state"] != "running" or (
+                ro["progress"].startswith("paused") and not ro["promoted"]
+            ):
+                break
+            time.sleep(0.1)
+        data["rollout_result"] = ro
+
+    def render(con: Any, d: Any) -> None:
+        ro = d.get("rollout_result") or {}
+        con.print(
+            f"[green]{d['service']}[/]: {ro.get('state', 'promoted')} {ro.get('progress', '')}"
+        )
+
+    out.emit(data, render)
+
+
+@cli.command()
+@click.argument("service")
+@click.option("-m", "--message", default="aborted", help="Why: recorded in the ledger and shown.")
+@output_option
+@click.pass_context
+def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
+    """Stop SERVICE's rollout and return to the release that served before it."""
+    app = _app(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/abort", {"service": service, "actor": actor(), "message": message}
+    )
+    out.emit(r, lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
 
 
 @cli.command()

@@ -56,6 +56,8 @@ class Api:
             ("POST", "/v1/plan"): self.plan,
             ("POST", "/v1/rollback"): self.rollback,
             ("POST", "/v1/down"): self.down,
+            ("POST", "/v1/promote"): self.promote,
+            ("POST", "/v1/abort"): self.abort,
             ("POST", "/v1/shutdown"): self.shutdown,
         }
 
@@ -160,6 +162,16 @@ class Api:
             _field(body, "to", int, required=False),
             _field(body, "actor", str),
             _field(body, "message", str),
+        )
+
+    async def promote(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+        return self.engine.promote(
+            _field(body, "service", str), _field(body, "actor", str), _field(body, "message", str)
+        )
+
+    async def abort(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+        return self.engine.abort(
+            _field(body, "service", str), _field(body, "actor", str), _field(body, "message", str)
         )
 
     async def down(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:

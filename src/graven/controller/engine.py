@@ -22,18 +22,29 @@ from graven.atomic import write_atomic
 from graven.clock import Clock
 from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
-from graven.ledger.store import StateStore
+from graven.ledger.store import Rollout, StateStore
 from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
+from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
+from graven.plan.canary import CanaryStep, plan_canary
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import (
+    Analyze,
     AwaitHealthy,
     Drain,
+    KeepWarm,
+    Pause,
     Plan,
+    RecordProgress,
+    RoutePreview,
     RouteTraffic,
+    SetWeights,
     StartInstance,
+    Step,
     StopInstance,
+    SwitchTraffic,
     bind_slots,
 )
+from graven.rollout.analysis import AnalysisThresholds, judge
 from graven.rollout.health import probe as run_probe
 from graven.router.base import Backend, Router
 from graven.runtime.base import Handle, LaunchSpec, Runtime
@@ -44,6 +55,9 @@ log = logging.getLogger("graven.controller")
 CONTROLLER_ACTOR = "graven-controller"
 
 Probe = Callable[[Instance, HealthCheck], Awaitable[tuple[bool, str]]]
+
+# Steps only weighted strategies use; the rest start, route, drain and stop instances.
+_TRAFFIC_STEPS = (SetWeights, Pause, Analyze, SwitchTraffic, KeepWarm, RoutePreview, RecordProgress)
 
 
 class StepFailed(Exception):
@@ -283,12 +297,65 @@ class Engine:
             ObservedInstance(i.id, i.release, i.state) for i in self.state.live_instances(service)
         ]
 
+    def _returning(self, service: str, desired: int) -> bool:
+        """Is the service going back (rollback, abort, failed rollout) from a release
+        rolled out with traffic weights? Then going back is a traffic switch."""
+        last = self.state.last_rollout(service)
+        if last is None:
+            return False
+        if last.kind == "rollback" and last.to_release == desired:
+            leaving = last.from_release
+        elif last.state in ("failed", "aborted") and last.from_release == desired:
+            leaving = last.to_release
+        else:
+            return False
+        if leaving is None or self.state.release_row(service, leaving) is None:
+            return False
+        return self.state.release(service, leaving).config.strategy in ("blue-green", "canary")
+
+    def _status_rollout(self, service: str, desired: int) -> Rollout | None:
+        """The rollout that brought ``desired``: its persisted status drives re-planning."""
+        last = self.state.last_rollout(service)
+        return last if last is not None and last.to_release == desired else None
+
     def plan(self, service: str) -> Plan:
         desired = self.state.desired_release(service)
         observed = self.observe(service)
         if desired is None:
             return plan_rolling(service, None, 0, observed)
         cfg = self.state.release(service, desired).config
+        weights = self.state.weights(service)
+        if self._returning(service, desired):
+            return plan_flip_back(service, desired, cfg.replicas, observed, weights=weights)
+        ro = self._status_rollout(service, desired)
+        if cfg.strategy == "blue-green":
+            return plan_blue_green(
+                service,
+                desired,
+                cfg.replicas,
+                observed,
+                auto_promote=cfg.auto_promote,
+                preview=bool(cfg.preview_port),
+                rollback_window=cfg.rollback_window,
+                weights=weights,
+                status=BlueGreenStatus(
+                    promoted=bool(ro.promoted) if ro else False,
+                    switched_at=ro.switched_at if ro else None,
+                ),
+                now=self.clock.now(),
+                analysis_window=cfg.analysis_window,
+            )
+        if cfg.strategy == "canary":
+            return plan_canary(
+                service,
+                desired,
+                cfg.replicas,
+                observed,
+                steps=[CanaryStep(w, p, a) for w, p, a in cfg.canary_steps],
+                step_index=ro.step_index if ro else 0,
+                weights=weights,
+                analysis_window=cfg.analysis_window,
+            )
         return plan_rolling(
             service,
             desired,
@@ -374,8 +441,9 @@ class Engine:
         now = self.clock.now()
         rollout = self.state.rollout(rollout_id) if rollout_id else None
         back = rollout.from_release if rollout else None
-        if rollout is not None and rollout.kind == "down":
-            log.error("%s: could not take down: %s", service, reason)
+        if rollout is None or rollout.kind == "down":
+            # Self-healing or taking down: nothing to roll back to; try again next pass.
+            log.error("%s: %s", service, reason)
             return
         with self.state.transaction() as db:
             if rollout_id is not None:
@@ -406,7 +474,9 @@ class Engine:
     # --- applying steps ------------------------------------------------------------------
 
     async def apply(self, service: str, step: object, slots: dict[str, str]) -> None:
-        if isinstance(step, StartInstance):
+        if isinstance(step, _TRAFFIC_STEPS):
+            await self.apply_traffic_step(service, bind_slots(step, slots))
+        elif isinstance(step, StartInstance):
             slots[step.slot] = await self.start_instance(service, step.release)
         elif isinstance(step, AwaitHealthy):
             await self.await_healthy(slots.get(step.target, step.target))
@@ -527,15 +597,209 @@ class Engine:
         """Push the router's backend set as the state store says it should be."""
         if self.state.desired_release(service) is None and not self.state.live_instances(service):
             return
+        weights = self.state.weights(service)
         backends = []
         for inst in self.state.live_instances(service):
             if inst.state == "healthy":
-                backends.append(Backend(inst.id, inst.address, "ready"))
+                backends.append(Backend(inst.id, inst.address, "ready", weights.get(inst.id, 100)))
             elif inst.state == "draining":
-                backends.append(Backend(inst.id, inst.address, "drain"))
+                backends.append(Backend(inst.id, inst.address, "drain", 0))
         if service not in self.router.running():
             return
         self.router.set_backends(service, backends)
+
+    def sync_preview(self, service: str, port: int) -> None:
+        """The preview route: the new set of a blue-green rollout, before the switch."""
+        name = f"{service}-preview"
+        preview = set(self.state.preview_instances(service))
+        if not preview:
+            self.router.stop(name)
+            return
+        self.router.ensure(name, port)
+        self.router.set_backends(
+            name,
+            [
+                Backend(i.id, i.address, "ready")
+                for i in self.state.live_instances(service)
+                if i.id in preview
+            ],
+        )
+
+    # --- weighted strategies: traffic steps ------------------------------------------------
+
+    async def _hold(self, service: str, seconds: float, until: Callable[[], bool]) -> bool:
+        """Wait up to ``seconds`` (None-free) for ``until``; False when superseded."""
+        desired = self.state.desired_release(service)
+        deadline = self.clock.monotonic() + seconds
+        while self.clock.monotonic() < deadline:
+            if self.state.desired_release(service) != desired:
+                return False
+            if until():
+                return True
+            await self.clock.sleep(min(0.05, max(deadline - self.clock.monotonic(), 0.0)))
+        return self.state.desired_release(service) == desired
+
+    def _promoted(self, rollout_id: int) -> bool:
+        return bool(self.state.rollout(rollout_id).promoted)
+
+    async def _await_promote(self, service: str, rollout_id: int, why: str) -> bool:
+        self.state.update_rollout(
+            rollout_id, progress=f"paused: {why}; run 'graven promote {service}' to go on"
+        )
+        while not self._promoted(rollout_id):
+            if not await self._hold(service, 3600.0, lambda: self._promoted(rollout_id)):
+                return False
+        return True
+
+    async def apply_traffic_step(self, service: str, step: Step) -> None:
+        """Steps of blue-green and canary plans (see ``graven.plan.steps``)."""
+        desired = self.state.desired_release(service)
+        ro = self.state.running_rollout(service)
+        cfg = self.state.release(service, desired).config if desired is not None else None
+        if isinstance(step, SetWeights):
+            live = {i.id for i in self.state.live_instances(service)}
+            for target, weight in step.weights:
+                if target in live:
+                    self.state.set_weight(target, weight)
+            self.sync_router(service)
+        elif isinstance(step, RoutePreview):
+            self.state.set_preview(step.target, True)
+            if cfg is not None and cfg.preview_port:
+                await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)
+        elif isinstance(step, SwitchTraffic):
+            for inst in self.state.live_instances(service):
+                if inst.state == "healthy":
+                    self.state.set_weight(inst.id, 100 if inst.release == step.to_release else 0)
+                    self.state.set_preview(inst.id, False)
+            self.sync_router(service)
+            if cfg is not None and cfg.preview_port:
+                await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)
+            if ro is not None and ro.to_release == step.to_release:
+                # All live traffic is on the new release: the rollout has done its job;
+                # what follows (the warm window, retiring the old set) is housekeeping.
+                self.state.update_rollout(ro.id, switched_at=self.clock.now())
+                self.state.mark_release_healthy(service, step.to_release, self.clock.now())
+                self._finish(ro.id, service, "succeeded", "")
+        elif isinstance(step, KeepWarm):
+            await self._hold(service, step.until_seconds, lambda: False)
+        elif isinstance(step, RecordProgress):
+            if ro is not None:
+                self.state.update_rollout(ro.id, step_index=step.step_index)
+        elif isinstance(step, Pause):
+            if ro is None:
+                return
+            if step.seconds is None:
+                if not await self._await_promote(service, ro.id, step.reason):
+                    return
+            else:
+                until = ro.paused_until or self.clock.now() + step.seconds
+                self.state.update_rollout(ro.id, paused_until=until)
+                await self._hold(
+                    service,
+                    max(until - self.clock.now(), 0.0),
+                    lambda: self._promoted(ro.id) and cfg is not None and cfg.strategy == "canary",
+                )
+                self.state.update_rollout(ro.id, paused_until=None)
+            if cfg is not None and cfg.strategy == "canary":
+                self.state.update_rollout(ro.id, promoted=0)  # a promote moves one step
+        elif isinstance(step, Analyze):
+            await self.analyze(service, step, ro.id if ro else None)
+
+    async def analyze(self, service: str, step: Analyze, rollout_id: int | None) -> None:
+        """Judge the canary's traffic against the baseline's over ``step.window``."""
+        desired = self.state.desired_release(service)
+        cfg = self.state.release(service, desired).config if desired is not None else None
+        if cfg is None:
+            return
+        releases = {i.id: i.release for i in self.state.live_instances(service)}
+        start = await asyncio.to_thread(self.router.stats, service)
+        if not await self._hold(service, step.window, lambda: False):
+            return
+        end = await asyncio.to_thread(self.router.stats, service)
+        releases.update({i.id: i.release for i in self.state.live_instances(service)})
+        verdict = judge(
+            start,
+            end,
+            releases,
+            canary_release=step.canary_release,
+            baseline_release=step.baseline_release,
+            thresholds=AnalysisThresholds(
+                max_error_rate=cfg.max_error_rate,
+                max_p99_seconds=cfg.max_p99,
+                min_requests=cfg.min_requests,
+            ),
+        )
+        log.info("%s: analysis %s: %s", service, verdict.outcome, "; ".join(verdict.reasons))
+        if verdict.outcome == "fail":
+            raise StepFailed("analysis failed: " + "; ".join(verdict.reasons))
+        if verdict.outcome == "inconclusive" and rollout_id is not None:
+            why = "analysis inconclusive (" + "; ".join(verdict.reasons) + ")"
+            if await self._await_promote(service, rollout_id, why):
+                self.state.update_rollout(rollout_id, promoted=0)
+
+    # --- manual gates ----------------------------------------------------------------------
+
+    def promote(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        ro = self.state.running_rollout(service)
+        if ro is None:
+            raise UsageError(
+                f"{service} has no rollout in progress to promote",
+                hint=f"Run 'graven status {service}' to see its last rollout.",
+            )
+        now = self.clock.now()
+        with self.state.transaction() as db:
+            db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
+            self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=actor,
+                    action="promote",
+                    service=service,
+                    release=f"{service}@r{ro.to_release}",
+                    message=message,
+                    details={"rollout": ro.id},
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+        return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
+
+    def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        ro = self.state.running_rollout(service)
+        if ro is None:
+            raise UsageError(
+                f"{service} has no rollout in progress to abort",
+                hint=f"To go back to an earlier release, run 'graven rollback {service}'.",
+            )
+        now = self.clock.now()
+        reason = f"aborted by {actor}: {message}"
+        with self.state.transaction() as db:
+            db.execute(
+                "UPDATE rollouts SET state='aborted', reason=?, finished_at=? WHERE id=?",
+                (reason, now, ro.id),
+            )
+            self.state.set_desired(db, service, ro.from_release, now)
+            self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=actor,
+                    action="abort",
+                    service=service,
+                    release=f"{service}@r{ro.to_release}",
+                    message=message,
+                    details={
+                        "rollout": ro.id,
+                        "rolled_back_to": f"{service}@r{ro.from_release}"
+                        if ro.from_release
+                        else None,
+                    },
+                ),
+            )
+        self._write_head()
+        self.wake(service)
+        return {"service": service, "rollout": ro.id, "reason": reason}
 
     # --- health after cut-over -----------------------------------------------------------
 

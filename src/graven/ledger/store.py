@@ -81,6 +81,16 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 LIVE_STATES = ("starting", "healthy", "unhealthy", "draining")
 
+# Columns added after the first schema: (table, column, definition).
+_MIGRATIONS = (
+    ("instances", "weight", "INTEGER NOT NULL DEFAULT 100"),
+    ("instances", "preview", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollouts", "step_index", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollouts", "promoted", "INTEGER NOT NULL DEFAULT 0"),
+    ("rollouts", "switched_at", "REAL"),
+    ("rollouts", "paused_until", "REAL"),
+)
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -94,6 +104,10 @@ class Rollout:
     progress: str
     started_at: float
     finished_at: float | None
+    step_index: int = 0
+    promoted: int = 0
+    switched_at: float | None = None
+    paused_until: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -121,6 +135,10 @@ class StateStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                for table, column, definition in _MIGRATIONS:
+                    have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._db.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
@@ -353,6 +371,41 @@ class StateStore:
             "SELECT * FROM rollouts WHERE service=? ORDER BY id DESC LIMIT 1", (service,)
         )
         return self._rollout(rows[0]) if rows else None
+
+    def update_rollout(self, rollout_id: int, **fields: Any) -> None:
+        """Persist rollout status fields (step_index, promoted, switched_at, paused_until)."""
+        allowed = {"step_index", "promoted", "switched_at", "paused_until", "progress"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"unknown rollout fields {sorted(set(fields) - allowed)}")
+        assignments = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction() as db:
+            db.execute(
+                f"UPDATE rollouts SET {assignments} WHERE id=?",  # noqa: S608 - names checked
+                (*fields.values(), rollout_id),
+            )
+
+    def weights(self, service: str) -> dict[str, int]:
+        rows = self._query(
+            "SELECT id, weight FROM instances WHERE service=? AND state IN "
+            "('starting','healthy','unhealthy','draining')",
+            (service,),
+        )
+        return {r["id"]: int(r["weight"]) for r in rows}
+
+    def set_weight(self, instance_id: str, weight: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE instances SET weight=? WHERE id=?", (weight, instance_id))
+
+    def set_preview(self, instance_id: str, preview: bool) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE instances SET preview=? WHERE id=?", (int(preview), instance_id))
+
+    def preview_instances(self, service: str) -> list[str]:
+        rows = self._query(
+            "SELECT id FROM instances WHERE service=? AND preview=1 AND state='healthy'",
+            (service,),
+        )
+        return [r["id"] for r in rows]
 
     def set_rollout_progress(self, rollout_id: int, progress: str) -> None:
         with self.transaction() as db:

@@ -613,21 +613,85 @@ class HealthSpec(_Strict):
         return self
 
 
+class CanaryStepSpec(_Strict):
+    """One canary step: shift ``weight`` percent of live traffic, then wait and judge."""
+
+    weight: int = Field(ge=1, le=100, description="Percent of live traffic to the canary.")
+    pause: Duration | Literal["manual"] = Field(
+        default=0.0,
+        description="How long to hold this step, or 'manual' to wait for 'graven promote'.",
+    )
+    analysis: bool = Field(
+        default=True,
+        description="Judge the canary against the stable release before going on.",
+    )
+
+
+class AnalysisSpec(_Strict):
+    """When a canary passes, fails (abort and roll back) or is inconclusive (pause)."""
+
+    window: Duration = Field(default=30.0, gt=0, description="Traffic watched per analysis.")
+    max_error_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Largest canary 5xx/failure rate (0.01 = 1%)."
+    )
+    max_p99: Duration | None = Field(
+        default=1.0, description="Largest canary p99 latency; null for no limit."
+    )
+    min_requests: int = Field(
+        default=50, ge=1, description="Canary requests needed before any verdict."
+    )
+
+
 class StrategySpec(_Strict):
     """How a rollout replaces instances."""
 
-    type: Literal["rolling"] = Field(default="rolling", description="Rollout strategy.")
+    type: Literal["rolling", "blue-green", "canary"] = Field(
+        default="rolling",
+        description="rolling: replace a few at a time; blue-green: a full new set beside the "
+        "old, one traffic switch, old kept warm for the rollback window; canary: traffic "
+        "shifted in steps, each judged by analysis.",
+    )
     max_surge: int = Field(
         default=1, ge=0, le=100, description="Instances allowed above 'replicas' during a rollout."
     )
     max_unavailable: int = Field(
         default=0, ge=0, le=100, description="Instances allowed below 'replicas' during a rollout."
     )
+    preview_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="blue-green: port of the preview route to the new set before the switch.",
+    )
+    auto_promote: bool = Field(
+        default=True,
+        description="blue-green: switch once healthy (and, with a preview, analyzed); false "
+        "waits for 'graven promote'.",
+    )
+    rollback_window: Duration = Field(
+        default=300.0,
+        ge=0,
+        description="blue-green/canary: how long the previous release stays warm; a rollback "
+        "inside it is only a traffic switch.",
+    )
+    steps: list[CanaryStepSpec] = Field(
+        default_factory=list, description="canary: the traffic steps, in order."
+    )
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
 
     @model_validator(mode="after")
-    def _progress_possible(self) -> StrategySpec:
+    def _consistent(self) -> StrategySpec:
         if self.max_surge == 0 and self.max_unavailable == 0:
             raise ValueError("max_surge and max_unavailable cannot both be 0: nothing could move")
+        if self.type == "canary" and not self.steps:
+            raise ValueError("a canary strategy needs 'steps', e.g. [{weight: 10}, {weight: 50}]")
+        if self.type != "canary" and self.steps:
+            raise ValueError(f"'steps' are for type canary (this strategy is {self.type!r})")
+        if self.type != "blue-green" and self.preview_port is not None:
+            raise ValueError("'preview_port' is for type blue-green")
+        weights = [s.weight for s in self.steps]
+        if weights != sorted(weights):
+            raise ValueError(f"canary step weights must not decrease, got {weights}")
         return self
 
 
@@ -667,6 +731,17 @@ class ServiceSpec(_Strict):
             strategy=self.strategy.type,
             max_surge=self.strategy.max_surge,
             max_unavailable=self.strategy.max_unavailable,
+            preview_port=self.strategy.preview_port or 0,
+            auto_promote=self.strategy.auto_promote,
+            rollback_window=self.strategy.rollback_window,
+            canary_steps=tuple(
+                (s.weight, None if s.pause == "manual" else float(s.pause), s.analysis)
+                for s in self.strategy.steps
+            ),
+            analysis_window=self.strategy.analysis.window,
+            max_error_rate=self.strategy.analysis.max_error_rate,
+            max_p99=self.strategy.analysis.max_p99,
+            min_requests=self.strategy.analysis.min_requests,
             drain_timeout=self.drain_timeout,
             stop_grace=self.stop_grace,
             target=self.target,

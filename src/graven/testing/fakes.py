@@ -8,6 +8,7 @@ for an instance when a test needs real traffic through a real router.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import Backend, BackendState, BackendStats
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
 from graven.router.embedded import check_backends
 
 
@@ -27,6 +28,8 @@ class _FakeBackend:
     inflight: int = 0
     requests: int = 0
     errors: int = 0
+    responses_5xx: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
 
     @property
     def state(self) -> BackendState:
@@ -105,6 +108,9 @@ class FakeRouter:
                 inflight=fb.inflight,
                 requests=fb.requests,
                 errors=fb.errors,
+                weight=fb.backend.weight,
+                responses_5xx=fb.responses_5xx,
+                latency_buckets=tuple(fb.latency),
             )
             for fb in svc.backends.values()
         ]
@@ -135,11 +141,23 @@ class FakeRouter:
         if inflight == 0 and not fb.configured:
             del svc.backends[backend_id]
 
-    def count(self, service: str, backend_id: str, *, requests: int = 1, errors: int = 0) -> None:
-        """Add to a backend's request and error counters."""
+    def count(
+        self,
+        service: str,
+        backend_id: str,
+        *,
+        requests: int = 1,
+        errors: int = 0,
+        latency: float | None = None,
+    ) -> None:
+        """Add to a backend's counters; ``errors`` count as 5xx answers, and with
+        ``latency`` every request lands in that histogram bucket."""
         fb = self._running(service).backends[backend_id]
         fb.requests += requests
         fb.errors += errors
+        fb.responses_5xx += errors
+        if latency is not None:
+            fb.latency[bisect.bisect_left(LATENCY_BOUNDS, latency)] += requests
 
     def crash(self, service: str) -> None:
         """The router process dies: it stops running but its backend set is kept."""

@@ -1,0 +1,183 @@
+"""Blue-green and canary rollouts through the controller's engine, on fakes: fast,
+no processes, a fake clock (waits advance time instead of sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from graven.model import ServiceConfig
+from graven.testing.clock import FakeClock
+from tests.unit.test_engine import World, config
+
+
+class TrafficClock(FakeClock):
+    """A fake clock under which every wait also moves fake traffic through the router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_sleep: Callable[[float], None] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        await super().sleep(seconds)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = World(tmp_path)
+    w.clock = TrafficClock()
+    w.engine = w.make_engine(tmp_path)
+    return w
+
+
+def blue_green(**kw: Any) -> ServiceConfig:
+    return config(replicas=2, strategy="blue-green", rollback_window=1000.0, **kw)
+
+
+def canary(steps: tuple[tuple[int, float | None, bool], ...], **kw: Any) -> ServiceConfig:
+    return config(replicas=2, strategy="canary", canary_steps=steps, **kw)
+
+
+def weights_by_release(world: World) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    table = world.state.weights("web")
+    for inst in world.state.live_instances("web"):
+        if inst.state == "healthy":
+            out.setdefault(inst.release, []).append(table.get(inst.id, 100))
+    return {r: sorted(w) for r, w in sorted(out.items())}
+
+
+async def until(check: Callable[[], bool], task: asyncio.Task[None], limit: int = 200_000) -> None:
+    for _ in range(limit):
+        if check():
+            return
+        if task.done():
+            task.result()
+            assert check(), "the rollout ended without reaching the expected point"
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never reached the expected point")
+
+
+def rollout_state(world: World, rollout: object) -> str:
+    return world.state.rollout(int(rollout)).state  # type: ignore[call-overload]
+
+
+def test_blue_green_switches_at_once_and_rolls_back_by_a_switch(world: World) -> None:
+    world.deploy(world.v1, blue_green())
+    world.converge()
+    assert weights_by_release(world) == {1: [100, 100]}
+    out = world.deploy(world.v2, blue_green())
+
+    async def scenario() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        await until(lambda: rollout_state(world, out["rollout"]) == "succeeded", task)
+        # All live traffic on r2 in one change; r1 warm and idle, not stopped.
+        assert weights_by_release(world) == {1: [0, 0], 2: [100, 100]}
+        started = len(world.runtime.started)
+        back = world.engine.rollback("web", None, "ana", "bad v2")
+        await task
+        await world.engine.reconcile("web")
+        assert weights_by_release(world)[1] == [100, 100]
+        assert world.state.rollout(back["rollout"]).state == "succeeded"
+        assert len(world.runtime.started) == started, "a rollback in the window starts nothing"
+
+    asyncio.run(scenario())
+
+
+def test_blue_green_waits_for_promote(world: World) -> None:
+    world.deploy(world.v1, blue_green())
+    world.converge()
+    out = world.deploy(world.v2, blue_green(auto_promote=False))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        rid = int(out["rollout"])  # type: ignore[call-overload]
+        await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
+        # The new set runs but takes no live traffic until promoted.
+        assert weights_by_release(world) == {1: [100, 100], 2: [0, 0]}
+        world.engine.promote("web", "ana", "looks good")
+        await until(lambda: world.state.rollout(rid).state == "succeeded", task)
+        assert weights_by_release(world) == {1: [0, 0], 2: [100, 100]}
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert [e.action for e in world.state.ledger()] == ["deploy", "deploy", "promote"]
+
+
+def shares_seen(world: World) -> set[int]:
+    """Canary shares (percent of weight on r2) the router was given, over time."""
+    releases = {s.instance_id: s.release for s in world.runtime.started}
+    seen = set()
+    for _, backends in world.router.history:
+        ready = [b for b in backends if b.state == "ready"]
+        total = sum(b.weight for b in ready)
+        if total and any(releases.get(b.id) == 1 for b in ready):
+            seen.add(round(100 * sum(b.weight for b in ready if releases.get(b.id) == 2) / total))
+    return seen
+
+
+def test_canary_walks_its_steps_to_full_replacement(world: World) -> None:
+    world.deploy(world.v1, canary(((50, 0.0, False),)))
+    world.converge()
+    world.deploy(world.v2, canary(((25, 10.0, False), (50, 0.0, False))))
+    world.converge(passes=20)
+    assert weights_by_release(world) == {2: [100, 100]}
+    assert {25, 50} <= shares_seen(world)
+
+
+def test_failing_canary_aborts_with_its_reason_and_goes_back(world: World) -> None:
+    world.deploy(world.v1, canary(((50, 0.0, False),)))
+    world.converge()
+    v1_ids = {i.id for i in world.state.live_instances("web")}
+    releases = {s.instance_id: s.release for s in world.runtime.started}
+
+    def traffic(seconds: float) -> None:
+        if "web" not in world.router.running():
+            return
+        releases.update({s.instance_id: s.release for s in world.runtime.started})
+        for b in world.router.stats("web"):
+            if b.state == "ready" and b.weight > 0:
+                bad = releases.get(b.id) == 2
+                world.router.count("web", b.id, requests=10, errors=5 if bad else 0, latency=0.01)
+
+    assert isinstance(world.clock, TrafficClock)
+    world.clock.on_sleep = traffic
+    out = world.deploy(world.v2, canary(((50, 0.0, True),), analysis_window=5.0, min_requests=20))
+    world.converge(passes=20)
+    rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    assert rollout.state == "failed"
+    assert rollout.reason.startswith("analysis failed:")
+    assert "5xx" in rollout.reason or "error" in rollout.reason
+    assert world.state.desired_release("web") == 1
+    assert {i.id for i in world.state.live_instances("web")} == v1_ids
+    assert weights_by_release(world) == {1: [100, 100]}
+    failed = [e for e in world.state.ledger() if e.action == "rollout-failed"]
+    assert failed and failed[0].message == rollout.reason
+
+
+def test_abort_names_who_and_why(world: World) -> None:
+    world.deploy(world.v1, blue_green())
+    world.converge()
+    out = world.deploy(world.v2, blue_green(auto_promote=False))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        rid = int(out["rollout"])  # type: ignore[call-overload]
+        await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
+        world.engine.abort("web", "ana@host", "saw errors in preview")
+        await task
+
+    asyncio.run(scenario())
+    world.converge(passes=20)
+    rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    assert rollout.state == "aborted"
+    assert rollout.reason == "aborted by ana@host: saw errors in preview"
+    assert weights_by_release(world) == {1: [100, 100]}
+    assert world.state.ledger()[-1].action == "abort"
