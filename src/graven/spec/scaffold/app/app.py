@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -22,6 +23,8 @@ from types import FrameType
 
 VERSION = os.environ.get("VERSION", "dev")
 INSTANCE = os.environ.get("GRAVEN_INSTANCE", "local")
+# Share of requests to / answered with HTTP 500: a bad release to watch a canary abort.
+ERROR_RATE = float(os.environ.get("ERROR_RATE", "0"))
 
 
 class Server(ThreadingHTTPServer):
@@ -84,6 +87,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             self.reply(200, b"ok\n", "text/plain")
         elif self.path == "/":
+            if ERROR_RATE and random.random() < ERROR_RATE:
+                self.reply(500, b"injected failure\n", "text/plain")
+                return
             body = {"service": "hello", "version": VERSION, "instance": INSTANCE}
             self.reply(200, json.dumps(body).encode() + b"\n", "application/json")
         else:

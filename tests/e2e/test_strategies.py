@@ -1,0 +1,141 @@
+"""Blue-green and canary rollouts through the CLI, real processes, real router, under
+continuous bounded load."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+
+from graven.testing.load import Load
+from tests.e2e.conftest import Project, free_port
+
+pytestmark = pytest.mark.e2e
+
+SPEC = """\
+version: 1
+images:
+  hello:
+    steps:
+      - copy: app
+        to: /app
+      - workdir: /app
+      - entrypoint: python3 app.py
+services:
+  hello:
+    image: hello
+    replicas: 2
+    port: {port}
+    health:
+      path: /healthz
+      interval: 0.5s
+    drain_timeout: 5s
+    stop_grace: 5s
+    strategy:
+{strategy}
+    env:
+      VERSION: {version}
+      ERROR_RATE: "{error_rate}"
+"""
+
+BLUE_GREEN = """\
+      type: blue-green
+      rollback_window: 10m
+      auto_promote: {auto}
+      preview_port: {preview}"""
+
+CANARY = """\
+      type: canary
+      rollback_window: 10m
+      steps:
+        - {weight: 25, pause: 1s, analysis: false}
+        - {weight: 50, analysis: true}
+      analysis:
+        window: 3s
+        min_requests: 30
+        max_error_rate: 0.05"""
+
+
+def write(project: Project, version: str, strategy: str, error_rate: float = 0.0) -> None:
+    (project.root / "graven.yaml").write_text(
+        SPEC.format(port=project.port, version=version, strategy=strategy, error_rate=error_rate)
+    )
+    (project.root / "app" / "VERSION").write_text(version + "\n")
+
+
+def versions(report: object) -> set[str]:
+    import json
+
+    out = set()
+    for body in report.bodies:  # type: ignore[attr-defined]
+        with contextlib.suppress(ValueError, KeyError):
+            out.add(json.loads(body)["version"])
+    return out
+
+
+def test_blue_green_with_promote_and_instant_rollback(project: Project) -> None:
+    preview = free_port()
+    write(project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
+    project.graven("deploy", "-m", "v1")
+    write(project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
+    with Load("127.0.0.1", project.port, clients=3, min_requests=500, max_seconds=90) as load:
+        paused = project.graven("deploy", "-m", "v2 behind preview", "-o", "json").json()
+        assert paused["results"][0]["rollout_result"]["progress"].startswith("paused")
+        # The new set answers on the preview port while live traffic stays on v1.
+        with Load("127.0.0.1", preview, clients=1, min_requests=20, max_seconds=30) as peek:
+            pass
+        assert versions(peek.report) == {"v2"} and peek.report.failed == 0
+        project.graven("promote", "hello", "-m", "preview looks right")
+        time.sleep(0.5)
+    assert load.report.failed == 0, load.report.to_dict()
+    assert versions(load.report) == {"v1", "v2"}
+    status = project.status()
+    assert status["desired_release"] == "hello@r2"
+    # r1 is still running, warm and idle: a rollback is only a traffic switch.
+    assert {i["release"] for i in status["instances"]} == {"hello@r1", "hello@r2"}
+    with Load("127.0.0.1", project.port, clients=3, min_requests=500, max_seconds=60) as load:
+        started = time.monotonic()
+        project.graven("rollback", "hello", "-m", "back to v1")
+        took = time.monotonic() - started
+    assert load.report.failed == 0, load.report.to_dict()
+    assert project.status()["desired_release"] == "hello@r1"
+    assert took < 30  # a switch, not a re-roll (timing goals live in bench/)
+    actions = [e["action"] for e in project.graven("audit", "-o", "json").json()["entries"]]
+    assert actions == ["deploy", "deploy", "promote", "rollback"]
+
+
+def test_canary_to_full_replacement_under_load(project: Project) -> None:
+    write(project, "v1", CANARY)
+    project.graven("deploy", "-m", "v1")
+    write(project, "v2", CANARY)
+    with Load("127.0.0.1", project.port, clients=3, min_requests=800, max_seconds=120) as load:
+        result = project.graven("deploy", "-m", "canary v2", "-o", "json", timeout=180).json()
+    assert result["results"][0]["rollout_result"]["state"] == "succeeded"
+    assert load.report.failed == 0, load.report.to_dict()
+    status = project.status()
+    assert status["desired_release"] == "hello@r2"
+    assert versions(load.report) == {"v1", "v2"}
+
+
+def test_a_failing_canary_aborts_by_itself_and_says_why(project: Project) -> None:
+    write(project, "v1", CANARY)
+    project.graven("deploy", "-m", "v1")
+    write(project, "v2", CANARY, error_rate=0.5)
+    with Load("127.0.0.1", project.port, clients=3, min_requests=300, max_seconds=120):
+        result = project.graven("deploy", "-m", "bad canary", check=False, timeout=180)
+    assert result.code == 1
+    assert "analysis failed" in result.stdout + result.stderr
+    status = project.status()
+    assert status["desired_release"] == "hello@r1"
+    assert status["rollout"]["state"] == "failed"
+    assert "analysis failed" in status["rollout"]["reason"]
+    text = project.graven("status").stdout
+    assert "analysis failed" in text
+    ledger = project.graven("audit", "-o", "json").json()["entries"]
+    assert ledger[-1]["action"] == "rollout-failed"
+    assert "analysis failed" in ledger[-1]["message"]
+    # After the abort, v1 serves everything again.
+    with Load("127.0.0.1", project.port, clients=2, min_requests=100, max_seconds=30) as after:
+        pass
+    assert after.report.failed == 0 and versions(after.report) == {"v1"}
