@@ -181,3 +181,17 @@ def test_abort_names_who_and_why(world: World) -> None:
     assert rollout.reason == "aborted by ana@host: saw errors in preview"
     assert weights_by_release(world) == {1: [100, 100]}
     assert world.state.ledger()[-1].action == "abort"
+
+
+def test_plan_shows_the_strategy_steps_before_anything_runs(world: World) -> None:
+    world.deploy(world.v1, blue_green())
+    world.converge()
+    started = len(world.runtime.started)
+    preview = world.engine.preview("web", world.v2, blue_green(auto_promote=False))
+    described = [s["description"] for s in preview["steps"]["steps"]]
+    assert any("pause until 'graven promote web'" in d for d in described)
+    assert any("switch all live traffic to web@r2" in d for d in described)
+    canary_plan = world.engine.preview("web", world.v2, canary(((20, 5.0, True),)))
+    kinds = [s["kind"] for s in canary_plan["steps"]["steps"]]
+    assert "analyze" in kinds and "set-weights" in kinds
+    assert len(world.runtime.started) == started  # planning starts nothing

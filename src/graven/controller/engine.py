@@ -327,7 +327,20 @@ class Engine:
         weights = self.state.weights(service)
         if self._returning(service, desired):
             return plan_flip_back(service, desired, cfg.replicas, observed, weights=weights)
-        ro = self._status_rollout(service, desired)
+        return self._plan_with(
+            service, desired, cfg, observed, weights, self._status_rollout(service, desired)
+        )
+
+    def _plan_with(
+        self,
+        service: str,
+        desired: int,
+        cfg: ServiceConfig,
+        observed: list[ObservedInstance],
+        weights: dict[str, int],
+        ro: Rollout | None,
+    ) -> Plan:
+        """The plan of ``cfg``'s strategy toward release ``desired``."""
         if cfg.strategy == "blue-green":
             return plan_blue_green(
                 service,
@@ -374,13 +387,8 @@ class Engine:
             return {"changed": False, "from": current.id, "steps": self.plan(service).to_dict()}
         numbers = [r.number for r, _ in self.state.releases(service)]
         nxt = max(numbers, default=0) + 1
-        plan = plan_rolling(
-            service,
-            nxt,
-            config.replicas,
-            self.observe(service),
-            max_surge=config.max_surge,
-            max_unavailable=config.max_unavailable,
+        plan = self._plan_with(
+            service, nxt, config, self.observe(service), self.state.weights(service), None
         )
         changes = []
         if current is None:
