@@ -1,4 +1,5 @@
-"""The Router port's contract, run against every adapter: FakeRouter and EmbeddedRouter.
+"""The Router port's contract, run against every adapter: FakeRouter, EmbeddedRouter
+and HAProxyRouter (a real haproxy, which scripts/setup installs).
 
 Tests that need real requests use ``real_harness``: only adapters that move traffic.
 """
@@ -19,8 +20,9 @@ from typing import Protocol
 import pytest
 
 from graven.errors import RouterError, UsageError
-from graven.router.base import Backend, BackendState, BackendStats, Router
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats, Router
 from graven.router.embedded import EmbeddedRouter
+from graven.router.haproxy import HAProxyRouter
 from graven.testing.fakes import EchoBackend, FakeRouter
 
 SERVICE = "web"
@@ -87,12 +89,13 @@ class FakeHarness:
         pass
 
 
-class EmbeddedHarness:
-    kind = "embedded"
+class ProcessHarness:
+    """Shared by the adapters that run a router process: real backends, real requests."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.embedded = EmbeddedRouter(state_dir)
-        self.router: Router = self.embedded
+    kind: str
+    router: Router
+
+    def __init__(self) -> None:
         self.echoes: dict[str, EchoBackend] = {}
         self.pids: set[int] = set()
 
@@ -130,10 +133,7 @@ class EmbeddedHarness:
         assert result == [200]
 
     def identity(self, service: str) -> object:
-        pid = self.embedded.pid(service)
-        if pid is not None:
-            self.pids.add(pid)
-        return pid
+        raise NotImplementedError
 
     def close(self) -> None:
         for service in list(self.router.running()):
@@ -144,6 +144,24 @@ class EmbeddedHarness:
                 os.kill(pid, signal.SIGKILL)
         for echo in self.echoes.values():
             echo.close()
+
+
+class EmbeddedHarness(ProcessHarness):
+    kind = "embedded"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__()
+        self.embedded = EmbeddedRouter(state_dir)
+        self.router = self.embedded
+
+    def identity(self, service: str) -> object:
+        pid = self.embedded.pid(service)
+        if pid is not None:
+            self.pids.add(pid)
+        return pid
+
+    def close(self) -> None:
+        super().close()
         # Long state dirs put admin sockets under /tmp; leave nothing behind there.
         parent = self.embedded.admin_socket(SERVICE).parent
         if parent.name.startswith("graven-") and parent.name.endswith("-routers"):
@@ -151,9 +169,32 @@ class EmbeddedHarness:
                 parent.rmdir()
 
 
-@pytest.fixture(params=["fake", "embedded"])
+class HAProxyHarness(ProcessHarness):
+    kind = "haproxy"
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__()
+        self.haproxy = HAProxyRouter(state_dir)
+        self.router = self.haproxy
+
+    def identity(self, service: str) -> object:
+        pid = self.haproxy.pid(service)
+        collector = self.haproxy.collector_pid(service)
+        self.pids.update(p for p in (pid, collector) if p is not None)
+        return pid
+
+
+def make_harness(kind: str, state_dir: Path) -> Harness:
+    if kind == "fake":
+        return FakeHarness()
+    if kind == "embedded":
+        return EmbeddedHarness(state_dir)
+    return HAProxyHarness(state_dir)
+
+
+@pytest.fixture(params=["fake", "embedded", "haproxy"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    h: Harness = FakeHarness() if request.param == "fake" else EmbeddedHarness(tmp_path / "state")
+    h = make_harness(request.param, tmp_path / "state")
     try:
         yield h
     finally:
@@ -165,10 +206,10 @@ def router(harness: Harness) -> Router:
     return harness.router
 
 
-@pytest.fixture
-def real_harness(tmp_path: Path) -> Iterator[Harness]:
+@pytest.fixture(params=["embedded", "haproxy"])
+def real_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     """Only adapters that move real requests: the data-plane half of the contract."""
-    h = EmbeddedHarness(tmp_path / "state")
+    h = make_harness(request.param, tmp_path / "state")
     try:
         yield h
     finally:
@@ -286,6 +327,20 @@ def test_set_backends_and_stats_round_trip(harness: Harness) -> None:
     assert harness.router.stats(SERVICE) == []
 
 
+def test_stats_report_the_configured_weights(harness: Harness) -> None:
+    ensure(harness)
+    a, b = harness.backend("a", weight=30), harness.backend("b", "drain", 700)
+    harness.router.set_backends(SERVICE, [a, b])
+    got = by_id(harness.router.stats(SERVICE))
+    assert (got["a"].weight, got["b"].weight) == (30, 700)
+    assert (got["a"].responses_5xx, got["a"].latency_buckets) == (
+        0,
+        (0,) * (len(LATENCY_BOUNDS) + 1),
+    )
+    harness.router.set_backends(SERVICE, [harness.backend("a", weight=1000)])
+    assert [(s.id, s.weight) for s in harness.router.stats(SERVICE)] == [("a", 1000)]
+
+
 @pytest.mark.parametrize(
     ("backends", "message"),
     [
@@ -382,3 +437,25 @@ def test_backend_errors_are_counted(real_harness: Harness) -> None:
         conn.close()
     stats = by_id(real_harness.router.stats(SERVICE))["a"]
     assert (stats.requests, stats.errors) == (3, 1)
+
+
+def test_5xx_answers_and_latencies_are_reported(real_harness: Harness) -> None:
+    port = ensure(real_harness)
+    real_harness.router.set_backends(SERVICE, [real_harness.backend("a")])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for path in ("/status?code=503", "/slow?ms=30", "/slow?ms=30", "/"):
+            conn.request("GET", path)
+            conn.getresponse().read()
+    finally:
+        conn.close()
+    # Requests are counted when they end; a router may record their timing a moment later.
+    assert eventually(
+        lambda: sum(by_id(real_harness.router.stats(SERVICE))["a"].latency_buckets) == 4
+    ), real_harness.router.stats(SERVICE)
+    stats = by_id(real_harness.router.stats(SERVICE))["a"]
+    assert (stats.requests, stats.errors, stats.responses_5xx) == (4, 1, 1)
+    assert len(stats.latency_buckets) == len(LATENCY_BOUNDS) + 1
+    # The two slow requests took at least 30 ms: they sit above the 20 ms bound (on a
+    # busy machine the quick ones may join them).
+    assert sum(stats.latency_buckets[LATENCY_BOUNDS.index(0.02) + 1 :]) >= 2

@@ -70,6 +70,7 @@ class Result:
 class Project:
     root: Path
     port: int
+    router: str = "embedded"
 
     @property
     def state_dir(self) -> Path:
@@ -96,7 +97,12 @@ class Project:
         (self.root / "app" / "VERSION").write_text(version + "\n")
 
     def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
-        env = {**os.environ, "GRAVEN_ACTOR": "tester@ci", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "GRAVEN_ACTOR": "tester@ci",
+            "PYTHONUNBUFFERED": "1",
+            "GRAVEN_ROUTER": self.router,
+        }
         proc = subprocess.run(
             [sys.executable, "-m", "graven", *args],
             cwd=self.root,
@@ -139,6 +145,12 @@ class Project:
             with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
                 rec = json.loads(pidfile.read_text())
                 found.append((int(rec["pid"]), rec.get("start_time")))
+        for record in (self.state_dir / "haproxy").glob("*/router.json"):
+            with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+                rec = json.loads(record.read_text())
+                found.append((int(rec["pid"]), rec.get("start_time")))
+                if rec.get("collector_pid"):
+                    found.append((int(rec["collector_pid"]), rec.get("collector_start_time")))
         if (pid := self.controller_pid()) is not None:
             found.append((pid, process_start_time(pid)))
         return found
@@ -154,11 +166,9 @@ def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Iterator[Project]:
-    root = tmp_path / "proj"
+def _project(root: Path, router: str) -> Iterator[Project]:
     scaffold(root)
-    proj = Project(root, free_port())
+    proj = Project(root, free_port(), router)
     proj.write_spec()
     try:
         yield proj
@@ -168,3 +178,14 @@ def project(tmp_path: Path) -> Iterator[Project]:
             proj.graven("down", timeout=60, check=False)
         time.sleep(0.2)
         _kill_recorded(pids)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    yield from _project(tmp_path / "proj", "embedded")
+
+
+@pytest.fixture(params=["embedded", "haproxy"])
+def routed_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+    """A project whose controller drives the embedded proxy, then HAProxy."""
+    yield from _project(tmp_path / "proj", request.param)

@@ -1,8 +1,8 @@
 """The embedded router process against real backend servers and real traffic.
 
 Every proxy is started through ``EmbeddedRouter`` and stopped by pid at teardown;
-every backend is an ``EchoBackend`` on 127.0.0.1; every load loop is bounded in
-request count and in time.
+every backend is an ``EchoBackend``, a ``KeepAliveBackend`` or a ``FlakyBackend`` on
+127.0.0.1; every load loop is bounded in request count and in time.
 """
 
 from __future__ import annotations
@@ -10,19 +10,22 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import signal
 import socket
+import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from graven.errors import RouterError
-from graven.router.base import BackendStats
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
 from graven.router.embedded import EmbeddedRouter
 from graven.testing.fakes import EchoBackend
 
@@ -140,16 +143,216 @@ def echoes() -> Iterator[Callable[[str], EchoBackend]]:
             echo.close()
 
 
+class _KeepAliveServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+    backend: KeepAliveBackend
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        conn, addr = super().get_request()
+        with self.backend.lock:
+            self.backend.connections += 1
+            self.backend.open.add(conn)
+        return conn, addr
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        with self.backend.lock:
+            self.backend.open.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a peer resetting a connection is part of these tests
+
+
+class _KeepAliveHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _KeepAliveServer
+
+    def setup(self) -> None:
+        super().setup()
+        # A socket timeout is how http.server closes an idle keep-alive connection.
+        self.connection.settimeout(self.server.backend.keep_alive_timeout)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        backend = self.server.backend
+        sent = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        with backend.lock:
+            backend.requests += 1
+        body = sent if self.path == "/echo" else f"{backend.name}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+
+class KeepAliveBackend:
+    """An HTTP/1.1 keep-alive server that counts its connections, closes idle ones
+    after ``keep_alive_timeout`` (None: never) and can die like a process: listening
+    socket and every connection closed at once. Any method answers its name, except
+    on ``/echo``, which answers the request body."""
+
+    def __init__(self, name: str, keep_alive_timeout: float | None = None) -> None:
+        self.name = name
+        self.keep_alive_timeout = keep_alive_timeout
+        self.lock = threading.Lock()
+        self.connections = 0  # accepted so far
+        self.requests = 0
+        self.open: set[socket.socket] = set()
+        self._server = _KeepAliveServer(("127.0.0.1", 0), _KeepAliveHandler)
+        self._server.backend = self
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.dead = False
+
+    @property
+    def open_connections(self) -> int:
+        with self.lock:
+            return len(self.open)
+
+    def backend(self, state: BackendState = "ready", weight: int = 100) -> Backend:
+        port = self._server.server_address[1]
+        return Backend(self.name, f"127.0.0.1:{port}", state, weight)
+
+    def die(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        self._server.shutdown()
+        self._server.server_close()
+        with self.lock:
+            conns = list(self.open)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5)
+
+
+class FlakyBackend:
+    """A raw HTTP/1.1 server that answers ``answered`` requests on each connection,
+    then reads the next one and closes without a word: cleanly (``mode="eof"``) or
+    with a reset (``mode="reset"``). ``answered=1`` acts out the keep-alive race on
+    every reused connection; ``answered=0`` drops every request."""
+
+    def __init__(self, name: str, answered: int, mode: str = "eof") -> None:
+        self.name = name
+        self.answered = answered
+        self.mode = mode
+        self.lock = threading.Lock()
+        self.received = 0  # requests read, answered or not
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    def backend(self, state: BackendState = "ready") -> Backend:
+        return Backend(self.name, f"127.0.0.1:{self._listener.getsockname()[1]}", state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accepter.join(timeout=5)
+        self._listener.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        with conn:
+            data = b""
+            for n in range(self.answered + 1):
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                with self.lock:
+                    self.received += 1
+                if n == self.answered:
+                    break
+                body = f"{self.name}\n".encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+            if self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.fixture
+def keepalives() -> Iterator[Callable[..., KeepAliveBackend]]:
+    started: list[KeepAliveBackend] = []
+
+    def make(name: str, keep_alive_timeout: float | None = None) -> KeepAliveBackend:
+        backend = KeepAliveBackend(name, keep_alive_timeout)
+        started.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in started:
+            backend.die()
+
+
+@pytest.fixture
+def flakies() -> Iterator[Callable[..., FlakyBackend]]:
+    started: list[FlakyBackend] = []
+
+    def make(name: str, answered: int, mode: str = "eof") -> FlakyBackend:
+        backend = FlakyBackend(name, answered, mode)
+        started.append(backend)
+        return backend
+
+    try:
+        yield make
+    finally:
+        for backend in started:
+            backend.close()
+
+
 @dataclass
 class Load:
-    """Keep-alive GETs from ``clients`` threads until stopped (after ``min_requests``),
-    ``max_requests`` were sent, or ``max_seconds`` passed: bounded either way."""
+    """Keep-alive requests (GETs, or POSTs with a small body) from ``clients`` threads
+    until stopped (after ``min_requests``), ``max_requests`` were sent, or
+    ``max_seconds`` passed: bounded either way. Each client pauses up to ``pause``
+    seconds (at random) between requests."""
 
     port: int
     clients: int = 6
     min_requests: int = 2000
     max_requests: int = 20000
     max_seconds: float = 30.0
+    method: str = "GET"
+    pause: float = 0.0
     ok: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     served_by: Counter[str] = field(default_factory=Counter)
@@ -191,9 +394,13 @@ class Load:
 
     def _client(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        payload = b"x" * 100 if self.method == "POST" else None
+        rng = random.Random()
         while self._ticket():
+            if self.pause:
+                time.sleep(rng.uniform(0, self.pause))
             try:
-                conn.request("GET", "/")
+                conn.request(self.method, "/", body=payload)
                 resp = conn.getresponse()
                 body = resp.read()
                 backend = resp.getheader("X-Graven-Backend", "?")
@@ -264,7 +471,7 @@ def test_forwarding_headers(proxy: Proxy, echoes: Callable[[str], EchoBackend]) 
     assert status == 200
     assert resp.getheader("X-Graven-Backend") == "a"
     assert a.headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
-    assert a.headers["Connection"] == "close"
+    assert a.headers["Connection"] == "keep-alive"
     assert "X-Secret" not in a.headers  # named in Connection: hop-by-hop
 
 
@@ -328,17 +535,19 @@ def test_zero_failed_requests_while_backends_are_swapped_under_load(
 
 
 def test_a_backend_that_dies_abruptly_costs_no_request(
-    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
 ) -> None:
-    a, b, c = echoes("a"), echoes("b"), echoes("c")
+    a, b, c = keepalives("a"), keepalives("b"), keepalives("c")
     proxy.start()
     proxy.router.set_backends(SERVICE, [a.backend(), b.backend(), c.backend()])
     load = Load(proxy.port, clients=6, min_requests=1500, max_seconds=20).start()
     try:
         load.wait_sent(300)
-        b.close()  # no word to the router: it finds out by connecting
+        # No word to the router: its pooled connections to b close or reset, and b
+        # refuses new ones.
+        b.die()
         load.wait_sent(900)
-        c.close()
+        c.die()
     finally:
         load.finish()
     assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
@@ -348,7 +557,220 @@ def test_a_backend_that_dies_abruptly_costs_no_request(
     assert load.served_by["a"] > 0
 
 
-# --------------------------------------------------------------------------- process life
+def test_stopping_a_drained_backend_under_load_costs_no_request(
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
+) -> None:
+    """The rollout's order: route to the new one, drain the old, wait until it is idle,
+    stop it. Its pooled connections are gone by then, so neither GETs nor POSTs (which
+    are never resent after a clean close on a fresh connection) can fail."""
+    current = keepalives("gen0")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [current.backend()])
+    gets = Load(proxy.port, clients=3, min_requests=1200).start()
+    posts = Load(proxy.port, clients=3, min_requests=1200, method="POST").start()
+    try:
+        gets.wait_sent(100)
+        for gen in range(1, 7):
+            new, old = keepalives(f"gen{gen}"), current
+            proxy.router.set_backends(SERVICE, [old.backend(), new.backend()])
+            time.sleep(0.1)
+            if gen % 2:
+                proxy.router.set_backends(SERVICE, [old.backend("drain"), new.backend()])
+            else:
+                proxy.router.set_backends(SERVICE, [new.backend()])
+            assert eventually(lambda: idle(proxy, old.name))
+            # Idle pooled connections were closed at the drain, busy ones after their
+            # answer: the instance sees no connection left when it stops.
+            assert eventually(lambda: old.open_connections == 0, timeout=2.0)
+            old.die()
+            current = new
+            time.sleep(0.1)
+    finally:
+        gets.finish()
+        posts.finish()
+    for load in (gets, posts):
+        assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
+        assert load.ok >= 1000
+    assert len(gets.served_by) >= 5
+
+
+# --------------------------------------------------------------------------- connection pool
+
+
+def test_backend_connections_are_pooled_and_reused(
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
+) -> None:
+    a = keepalives("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    load = Load(proxy.port, clients=4, min_requests=400, max_requests=400, max_seconds=20)
+    load.start().finish()
+    assert not load.failures
+    assert a.requests == 400
+    # One connection per concurrent request at most, not one per request.
+    assert a.connections <= 8, a.connections
+    stats = by_id(proxy.router.stats(SERVICE))["a"]
+    assert (stats.requests, sum(stats.latency_buckets), stats.errors) == (400, 400, 0)
+
+
+def test_draining_or_removing_a_backend_closes_its_idle_connections_at_once(
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
+) -> None:
+    a, b = keepalives("a"), keepalives("b")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    for _ in range(10):
+        assert proxy.get()[:2] == (200, b"a\n")
+    assert (a.connections, a.open_connections) == (1, 1)  # one connection, kept open
+
+    proxy.router.set_backends(SERVICE, [a.backend("drain"), b.backend()])
+    # At once, not when the pool would have expired it (POOL_IDLE_TIMEOUT, 4 s).
+    assert eventually(lambda: a.open_connections == 0, timeout=1.0)
+    assert proxy.get()[:2] == (200, b"b\n")
+    assert eventually(lambda: b.open_connections == 1)
+
+    proxy.router.set_backends(SERVICE, [a.backend()])  # b removed while idle
+    assert eventually(lambda: b.open_connections == 0, timeout=1.0)
+    assert proxy.get()[:2] == (200, b"a\n")
+    assert a.connections == 2  # a drained backend made ready again starts afresh
+
+
+def test_streamed_bodies_use_fresh_connections_that_are_pooled_afterwards(
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
+) -> None:
+    a = keepalives("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    big = os.urandom(300_000)  # above REPLAY_LIMIT and COPY_SIZE: streamed both ways
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        for _ in range(3):
+            conn.request("POST", "/echo", body=big)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read() == big) == (200, True)
+            conn.request("GET", "/")
+            assert conn.getresponse().read() == b"a\n"
+    finally:
+        conn.close()
+    # A body that cannot be sent again never risks a stale connection; each one's
+    # connection then served the GETs.
+    assert (a.requests, a.connections) == (6, 3)
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_backend_closing_idle_connections_costs_no_request(
+    proxy: Proxy, keepalives: Callable[..., KeepAliveBackend], method: str
+) -> None:
+    """The backend's keep-alive timeout (50 ms) is shorter than the pool's and the
+    clients' pauses (0-80 ms) straddle it, so connections close under the proxy's
+    feet, now and then exactly as a request is on its way."""
+    a = keepalives("a", keep_alive_timeout=0.05)
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    load = Load(
+        proxy.port,
+        clients=8,
+        min_requests=1000,
+        max_requests=1000,
+        max_seconds=40,
+        method=method,
+        pause=0.08,
+    )
+    load.start().finish()
+    assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
+    assert load.ok == 1000
+    assert a.connections > 50  # the backend really did close connections, many times
+    stats = by_id(proxy.router.stats(SERVICE))["a"]
+    assert stats.errors == 0  # a stale pooled connection is no fault of the backend
+
+
+@pytest.mark.parametrize("mode", ["eof", "reset"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_a_request_that_meets_a_stale_pooled_connection_is_sent_again(
+    proxy: Proxy, flakies: Callable[..., FlakyBackend], mode: str, method: str
+) -> None:
+    # Every reused connection takes the next request and closes without answering.
+    a = flakies("a", answered=1, mode=mode)
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        for _ in range(5):
+            conn.request(method, "/", body=b"payload" if method == "POST" else None)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"a\n")
+    finally:
+        conn.close()
+    # Requests 2-5 each went twice: once on the stale connection, once on a fresh one.
+    assert (a.received, a.connections) == (9, 5)
+    stats = by_id(proxy.router.stats(SERVICE))["a"]
+    assert (stats.requests, stats.errors) == (5, 0)
+
+
+def test_a_fresh_connection_closed_unanswered_resends_only_idempotent_requests(
+    proxy: Proxy, flakies: Callable[..., FlakyBackend], keepalives: Callable[..., KeepAliveBackend]
+) -> None:
+    hole, good = flakies("hole", answered=0), keepalives("good")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [hole.backend()])
+    # The hole read the request and closed: it may have acted on it. A POST is not
+    # sent again...
+    assert proxy.raw(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    ).startswith(b"HTTP/1.1 502 ")
+    assert hole.received == 1
+    # ... a GET goes to another backend.
+    proxy.router.set_backends(SERVICE, [hole.backend(), good.backend()])
+    for _ in range(4):
+        assert proxy.get()[:2] == (200, b"good\n")
+    assert hole.received >= 2
+    assert good.requests == 4
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_every_answer_is_timed_and_5xx_are_counted(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    paths = ["/status?code=500"] * 2 + ["/status?code=503", "/status?code=404"]
+    paths += ["/slow?ms=30"] * 2 + ["/"] * 14
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        for path in paths:
+            conn.request("GET", path)
+            conn.getresponse().read()
+    finally:
+        conn.close()
+    stats = by_id(proxy.router.stats(SERVICE))["a"]
+    assert (stats.requests, stats.responses_5xx, stats.errors, stats.weight) == (20, 3, 3, 100)
+    assert len(stats.latency_buckets) == len(LATENCY_BOUNDS) + 1
+    assert sum(stats.latency_buckets) == 20
+    # The two slow answers took at least 30 ms: above the 20 ms bound.
+    assert sum(stats.latency_buckets[LATENCY_BOUNDS.index(0.02) + 1 :]) >= 2
+
+
+def test_histograms_sum_to_the_requests_under_load(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b = echoes("a"), echoes("b")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend(weight=100), b.backend(weight=300)])
+    load = Load(proxy.port, clients=6, min_requests=1200, max_requests=1200, max_seconds=30)
+    load.start().finish()
+    assert not load.failures
+    stats = by_id(proxy.router.stats(SERVICE))
+    for backend in ("a", "b"):
+        assert sum(stats[backend].latency_buckets) == stats[backend].requests
+        assert stats[backend].requests == load.served_by[backend]
+    assert (stats["a"].weight, stats["b"].weight) == (100, 300)
+    assert stats["a"].requests + stats["b"].requests == 1200
+
+
+# --------------------------------------------------------------------------- process life# --------------------------------------------------------------------------- process life
 
 
 def test_the_proxy_outlives_its_router_object(

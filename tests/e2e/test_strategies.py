@@ -74,68 +74,97 @@ def versions(report: object) -> set[str]:
     return out
 
 
-def test_blue_green_with_promote_and_instant_rollback(project: Project) -> None:
+def test_blue_green_with_promote_and_instant_rollback(routed_project: Project) -> None:
     preview = free_port()
-    write(project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
-    project.graven("deploy", "-m", "v1")
-    write(project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
-    with Load("127.0.0.1", project.port, clients=3, min_requests=500, max_seconds=90) as load:
-        paused = project.graven("deploy", "-m", "v2 behind preview", "-o", "json").json()
+    write(routed_project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
+    routed_project.graven("deploy", "-m", "v1")
+    write(routed_project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
+    with Load(
+        "127.0.0.1", routed_project.port, clients=3, min_requests=500, max_seconds=90
+    ) as load:
+        paused = routed_project.graven("deploy", "-m", "v2 behind preview", "-o", "json").json()
         assert paused["results"][0]["rollout_result"]["progress"].startswith("paused")
         # The new set answers on the preview port while live traffic stays on v1.
         with Load("127.0.0.1", preview, clients=1, min_requests=20, max_seconds=30) as peek:
             pass
         assert versions(peek.report) == {"v2"} and peek.report.failed == 0
-        project.graven("promote", "hello", "-m", "preview looks right")
+        routed_project.graven("promote", "hello", "-m", "preview looks right")
         time.sleep(0.5)
     assert load.report.failed == 0, load.report.to_dict()
     assert versions(load.report) == {"v1", "v2"}
-    status = project.status()
+    status = routed_project.status()
     assert status["desired_release"] == "hello@r2"
     # r1 is still running, warm and idle: a rollback is only a traffic switch.
     assert {i["release"] for i in status["instances"]} == {"hello@r1", "hello@r2"}
-    with Load("127.0.0.1", project.port, clients=3, min_requests=500, max_seconds=60) as load:
+    with Load(
+        "127.0.0.1", routed_project.port, clients=3, min_requests=500, max_seconds=60
+    ) as load:
         started = time.monotonic()
-        project.graven("rollback", "hello", "-m", "back to v1")
+        routed_project.graven("rollback", "hello", "-m", "back to v1")
         took = time.monotonic() - started
     assert load.report.failed == 0, load.report.to_dict()
-    assert project.status()["desired_release"] == "hello@r1"
+    assert routed_project.status()["desired_release"] == "hello@r1"
     assert took < 30  # a switch, not a re-roll (timing goals live in bench/)
-    actions = [e["action"] for e in project.graven("audit", "-o", "json").json()["entries"]]
+    actions = [e["action"] for e in routed_project.graven("audit", "-o", "json").json()["entries"]]
     assert actions == ["deploy", "deploy", "promote", "rollback"]
 
 
-def test_canary_to_full_replacement_under_load(project: Project) -> None:
-    write(project, "v1", CANARY)
-    project.graven("deploy", "-m", "v1")
-    write(project, "v2", CANARY)
-    with Load("127.0.0.1", project.port, clients=3, min_requests=800, max_seconds=120) as load:
-        result = project.graven("deploy", "-m", "canary v2", "-o", "json", timeout=180).json()
+def test_canary_to_full_replacement_under_load(routed_project: Project) -> None:
+    write(routed_project, "v1", CANARY)
+    routed_project.graven("deploy", "-m", "v1")
+    write(routed_project, "v2", CANARY)
+    with Load(
+        "127.0.0.1", routed_project.port, clients=3, min_requests=800, max_seconds=120
+    ) as load:
+        result = routed_project.graven(
+            "deploy", "-m", "canary v2", "-o", "json", timeout=180
+        ).json()
     assert result["results"][0]["rollout_result"]["state"] == "succeeded"
     assert load.report.failed == 0, load.report.to_dict()
-    status = project.status()
+    status = routed_project.status()
     assert status["desired_release"] == "hello@r2"
     assert versions(load.report) == {"v1", "v2"}
 
 
-def test_a_failing_canary_aborts_by_itself_and_says_why(project: Project) -> None:
-    write(project, "v1", CANARY)
-    project.graven("deploy", "-m", "v1")
-    write(project, "v2", CANARY, error_rate=0.5)
-    with Load("127.0.0.1", project.port, clients=3, min_requests=300, max_seconds=120):
-        result = project.graven("deploy", "-m", "bad canary", check=False, timeout=180)
+def test_a_failing_canary_aborts_by_itself_and_says_why(routed_project: Project) -> None:
+    write(routed_project, "v1", CANARY)
+    routed_project.graven("deploy", "-m", "v1")
+    write(routed_project, "v2", CANARY, error_rate=0.5)
+    with Load("127.0.0.1", routed_project.port, clients=3, min_requests=300, max_seconds=120):
+        result = routed_project.graven("deploy", "-m", "bad canary", check=False, timeout=180)
     assert result.code == 1
     assert "analysis failed" in result.stdout + result.stderr
-    status = project.status()
+    status = routed_project.status()
     assert status["desired_release"] == "hello@r1"
     assert status["rollout"]["state"] == "failed"
     assert "analysis failed" in status["rollout"]["reason"]
-    text = project.graven("status").stdout
+    text = routed_project.graven("status").stdout
     assert "analysis failed" in text
-    ledger = project.graven("audit", "-o", "json").json()["entries"]
+    ledger = routed_project.graven("audit", "-o", "json").json()["entries"]
     assert ledger[-1]["action"] == "rollout-failed"
     assert "analysis failed" in ledger[-1]["message"]
     # After the abort, v1 serves everything again.
-    with Load("127.0.0.1", project.port, clients=2, min_requests=100, max_seconds=30) as after:
+    with Load(
+        "127.0.0.1", routed_project.port, clients=2, min_requests=100, max_seconds=30
+    ) as after:
         pass
     assert after.report.failed == 0 and versions(after.report) == {"v1"}
+
+
+def test_rolling_deploy_and_rollback_under_load(routed_project: Project) -> None:
+    rolling = "      type: rolling\n      max_surge: 1"
+    write(routed_project, "v1", rolling)
+    routed_project.graven("deploy", "-m", "v1")
+    write(routed_project, "v2", rolling)
+    with Load(
+        "127.0.0.1", routed_project.port, clients=3, min_requests=500, max_seconds=90
+    ) as load:
+        routed_project.graven("deploy", "-m", "v2")
+    assert load.report.failed == 0, load.report.to_dict()
+    assert versions(load.report) == {"v1", "v2"}
+    with Load(
+        "127.0.0.1", routed_project.port, clients=3, min_requests=500, max_seconds=90
+    ) as load:
+        routed_project.graven("rollback", "hello", "-m", "back")
+    assert load.report.failed == 0, load.report.to_dict()
+    assert routed_project.status()["desired_release"] == "hello@r1"

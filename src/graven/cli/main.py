@@ -35,9 +35,30 @@ def output_option(f: F) -> F:
     )(f)
 
 
+# Verbs defined in their own modules, imported only when used: a 'graven rollback'
+# must not pay for the image engine's imports.
+_LAZY_VERBS: dict[str, tuple[str, ...]] = {
+    "image": ("graven.cli.image_cmds", "graven.cli.import_cmds"),
+    "push": ("graven.cli.registry_cmds",),
+    "pull": ("graven.cli.registry_cmds",),
+    "base": ("graven.cli.base_cmds",),
+    "store": ("graven.cli.store_cmds",),
+    "gc": ("graven.cli.store_cmds",),
+}
+
+
 class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(self.commands)  # definition order teaches the workflow
+        # Definition order teaches the workflow; the image engine's verbs follow.
+        return list(dict.fromkeys([*self.commands, *_LAZY_VERBS]))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in _LAZY_VERBS:
+            import importlib
+
+            for module in _LAZY_VERBS[name]:
+                importlib.import_module(module)  # registers its verbs on this group
+        return self.commands.get(name)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -823,10 +844,3 @@ def _json_error(data: dict[str, Any]) -> None:
     import json
 
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
-
-
-import graven.cli.base_cmds  # noqa: E402  (registers 'graven base')
-import graven.cli.image_cmds  # noqa: E402  (registers 'graven image')
-import graven.cli.import_cmds  # noqa: E402  (registers 'graven image import')
-import graven.cli.registry_cmds  # noqa: E402  (registers push/pull)
-import graven.cli.store_cmds  # noqa: E402,F401  (registers store fsck, gc)

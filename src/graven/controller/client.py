@@ -6,7 +6,6 @@ outlives the command that started it.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -21,16 +20,24 @@ from graven.controller.paths import controller_log, controller_socket
 from graven.errors import ControllerError, GravenError, NotFoundError, UsageError
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+def _exchange(path: Path, request: bytes, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on the unix socket; the controller closes after replying.
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
+    Hand-rolled on purpose: the API speaks one fixed dialect (JSON, Content-Length,
+    Connection: close), and http.client's import alone costs a CLI verb ~15 ms."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split(b" ")
+    if not sep or len(status_line) < 2 or not status_line[1].isdigit():
+        raise ControllerError(f"the controller sent a malformed reply: {raw[:200]!r}")
+    return int(status_line[1]), body
 
 
 class ControllerClient:
@@ -44,34 +51,32 @@ class ControllerClient:
     ) -> Any:
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        conn = _UnixConnection(self.socket, self.timeout)
+        payload = json.dumps(body).encode() if body is not None else b""
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: graven\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload else {}
-            conn.request(method, path, body=payload, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            status, raw = _exchange(self.socket, request, self.timeout)
+        except OSError as exc:
             raise ControllerError(
                 f"cannot reach the controller at {self.socket}: {exc}",
                 hint=f"See {controller_log(self.state_dir)}; "
                 "'graven serve' runs it in the foreground.",
             ) from exc
-        finally:
-            conn.close()
         try:
             data = json.loads(raw)
         except ValueError as exc:
             raise ControllerError(
                 f"the controller sent a reply that is not JSON: {raw[:200]!r}"
             ) from exc
-        if resp.status == 200:
+        if status == 200:
             return data
-        message = data.get("message", f"HTTP {resp.status}")
+        message = data.get("message", f"HTTP {status}")
         hint = data.get("hint")
         if data.get("error") == "NotFoundError":
             raise NotFoundError(message, hint=hint)
-        if resp.status == 400:
+        if status == 400:
             raise UsageError(message, hint=hint)
         raise GravenError(message, hint=hint)
 

@@ -17,12 +17,14 @@ import signal
 import sys
 from pathlib import Path
 
+from graven.atomic import write_atomic
 from graven.clock import RealClock
 from graven.controller.api import Api
 from graven.controller.engine import Engine
 from graven.controller.paths import controller_lock, controller_socket, state_db, store_root
 from graven.errors import ControllerError
 from graven.ledger.store import StateStore
+from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
@@ -46,6 +48,45 @@ def _lock(state_dir: Path) -> int:
     return fd
 
 
+def _router(state_dir: Path) -> Router:
+    """The data plane: the embedded proxy, or HAProxy with GRAVEN_ROUTER=haproxy.
+
+    The choice sticks to the state dir: routers of one kind run there, and a controller
+    of the other kind could not adopt them."""
+    recorded_file = state_dir / "router"
+    recorded = recorded_file.read_text().strip() if recorded_file.exists() else None
+    wanted = os.environ.get("GRAVEN_ROUTER") or None
+    if recorded and wanted and recorded != wanted and _services_running(state_dir):
+        raise ControllerError(
+            f"this state dir runs the {recorded} router, not {wanted}",
+            hint="Run 'graven down' first to switch routers.",
+        )
+    kind = wanted or recorded or "embedded"
+    if kind != recorded:
+        write_atomic(recorded_file, kind.encode())
+    if kind == "haproxy":
+        from graven.router.haproxy import HAProxyRouter
+
+        return HAProxyRouter(state_dir)
+    if kind != "embedded":
+        raise ControllerError(
+            f"GRAVEN_ROUTER={kind!r} is not a router graven knows",
+            hint="Use 'embedded' (the default) or 'haproxy'.",
+        )
+    return EmbeddedRouter(state_dir)
+
+
+def _services_running(state_dir: Path) -> bool:
+    db = state_db(state_dir)
+    if not db.exists():
+        return False
+    store = StateStore(db, read_only=True)
+    try:
+        return bool(store.live_instances())
+    finally:
+        store.close()
+
+
 async def _serve(state_dir: Path) -> None:
     clock = RealClock()
     state = StateStore(state_db(state_dir))
@@ -55,7 +96,7 @@ async def _serve(state_dir: Path) -> None:
         state,
         store,
         ProcessRuntime(state_dir, store),
-        EmbeddedRouter(state_dir),
+        _router(state_dir),
         clock,
     )
     engine.adopt()

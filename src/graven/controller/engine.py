@@ -644,7 +644,13 @@ class Engine:
                 return False
             if until():
                 return True
-            await self.clock.sleep(min(0.05, max(deadline - self.clock.monotonic(), 0.0)))
+            # Woken at once by a new desire (a rollback in the window must not wait a slice).
+            worker = self.workers.get(service)
+            slice_ = min(0.05, max(deadline - self.clock.monotonic(), 0.0))
+            if worker is not None and not worker.wake.is_set():
+                await self.clock.wait(worker.wake, slice_)
+            else:
+                await self.clock.sleep(slice_)
         return self.state.desired_release(service) == desired
 
     def _promoted(self, rollout_id: int) -> bool:
@@ -666,19 +672,21 @@ class Engine:
         cfg = self.state.release(service, desired).config if desired is not None else None
         if isinstance(step, SetWeights):
             live = {i.id for i in self.state.live_instances(service)}
-            for target, weight in step.weights:
-                if target in live:
-                    self.state.set_weight(target, weight)
+            self.state.set_weights({t: w for t, w in step.weights if t in live})
             self.sync_router(service)
         elif isinstance(step, RoutePreview):
             self.state.set_preview(step.target, True)
             if cfg is not None and cfg.preview_port:
                 await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)
         elif isinstance(step, SwitchTraffic):
-            for inst in self.state.live_instances(service):
-                if inst.state == "healthy":
-                    self.state.set_weight(inst.id, 100 if inst.release == step.to_release else 0)
-                    self.state.set_preview(inst.id, False)
+            self.state.set_weights(
+                {
+                    i.id: 100 if i.release == step.to_release else 0
+                    for i in self.state.live_instances(service)
+                    if i.state == "healthy"
+                },
+                clear_preview=True,
+            )
             self.sync_router(service)
             if cfg is not None and cfg.preview_port:
                 await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)

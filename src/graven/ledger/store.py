@@ -392,9 +392,19 @@ class StateStore:
         )
         return {r["id"]: int(r["weight"]) for r in rows}
 
-    def set_weight(self, instance_id: str, weight: int) -> None:
+    def set_weights(self, weights: dict[str, int], *, clear_preview: bool = False) -> None:
+        """Router weights of several instances, in one transaction (a traffic switch is
+        one change, and on the rollback path every fsync counts)."""
         with self.transaction() as db:
-            db.execute("UPDATE instances SET weight=? WHERE id=?", (weight, instance_id))
+            sql = (
+                "UPDATE instances SET weight=?, preview=0 WHERE id=?"
+                if clear_preview
+                else "UPDATE instances SET weight=? WHERE id=?"
+            )
+            db.executemany(
+                sql,
+                [(w, i) for i, w in weights.items()],
+            )
 
     def set_preview(self, instance_id: str, preview: bool) -> None:
         with self.transaction() as db:

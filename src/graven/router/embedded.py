@@ -42,7 +42,7 @@ from typing import Any, Final
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import Backend, BackendStats
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats
 from graven.router.proxy import BackendSetError, backends_to_json, parse_backends
 
 _MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
@@ -212,6 +212,10 @@ class EmbeddedRouter:
                     inflight=int(b["inflight"]),
                     requests=int(b["requests"]),
                     errors=int(b["errors"]),
+                    # A proxy started by an older graven lacks the newer counters.
+                    weight=int(b.get("weight", 100)),
+                    responses_5xx=int(b.get("responses_5xx", 0)),
+                    latency_buckets=_latency_buckets(b.get("latency_buckets")),
                 )
                 for b in doc["backends"]
             ]
@@ -483,6 +487,20 @@ class EmbeddedRouter:
         if not isinstance(doc, dict):
             raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
         return resp.status, doc
+
+
+def _latency_buckets(value: object) -> tuple[int, ...]:
+    """The histogram from GET /backends: one count per LATENCY_BOUNDS bucket plus the
+    overflow bucket, or () from a proxy that keeps none."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) != len(LATENCY_BOUNDS) + 1:
+        raise ValueError(
+            f"latency_buckets: expected a list of {len(LATENCY_BOUNDS) + 1} counts (got {value!r})"
+        )
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise ValueError(f"latency_buckets: expected non-negative integers (got {value!r})")
+    return tuple(value)
 
 
 def _check_service(service: str) -> None:

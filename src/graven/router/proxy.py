@@ -7,24 +7,60 @@ Run as::
 
 Data plane
     Each client request goes to one backend in state ``ready``, chosen by smooth
-    weighted round-robin. Every request gets a fresh backend connection with
-    ``Connection: close``: a pooled connection could be stale after a backend
-    restart, and a stale connection is the classic way a proxy drops a request.
-    If connecting fails (or the backend resets the connection before answering and
-    the request can safely be sent again) the request is retried on another ready
-    backend, and the failing one sits out a short cooldown. ``drain`` backends get
-    no new requests; their in-flight requests finish.
+    weighted round-robin, over a keep-alive backend connection: an idle one from the
+    backend's pool when there is one, else a fresh one. ``drain`` backends get no new
+    requests (their in-flight requests finish) and their idle connections are closed
+    at once, so an instance about to stop sees no new request on an old connection.
+
+Connection pool
+    Per backend, at most ``POOL_SIZE`` idle connections, most recently used first; one
+    idle for ``POOL_IDLE_TIMEOUT`` (shorter than common backend keep-alive timeouts) is
+    closed. A connection goes back to the pool only when its exchange ended cleanly:
+    the whole request sent, a length-delimited or chunked response read to its end,
+    nothing more in the buffer, no ``Connection: close``, an HTTP/1.1 (or explicitly
+    keep-alive) backend, and the backend still ``ready``. Anything arriving on an idle
+    connection (data or a close) discards it. Requests whose body is streamed
+    (chunked, or longer than ``REPLAY_LIMIT``) always get a fresh connection.
+
+When a request is sent again (``resend_decision``)
+    Never once any byte of the response arrived, never when the body was streamed
+    (it is gone), and never after a response timeout. Otherwise:
+
+    - on a *reused* connection, a clean close (EOF) or a reset / broken pipe before the
+      answer started is the keep-alive race: the backend closed the idle connection as
+      the request was on its way, so it never read it. The request goes once more, on
+      a fresh connection to the same backend, whatever the method (its body is
+      buffered); idempotent methods are also resent after any other socket error. This
+      is HAProxy's ``retry-on conn-failure empty-response``; it counts no error.
+    - on a *fresh* connection, a reset before the answer means the backend closed its
+      listening socket with our connection still queued (the application never saw
+      it), so any method goes to another ready backend; a clean close is ambiguous and
+      only an idempotent request goes to another backend. Both count an error and put
+      the backend on a short cooldown, as does a refused connection.
+
+Metrics (cumulative since the proxy started)
+    Per backend: ``requests`` (times it was chosen), ``errors`` (5xx answers plus
+    attempts that got no usable answer), ``responses_5xx``, and ``latency_buckets``:
+    responses per ``LATENCY_BOUNDS`` bucket (upper bounds, inclusive) plus an overflow
+    bucket, timed from the moment the whole request was handed to the backend's socket
+    to the moment the final response head arrived (the backend's think time, not the
+    client's download time). Their sum is the number of responses the backend gave.
 
 Admin API (HTTP/1.1 + JSON on the unix socket ``--admin``)
     ``GET /health``    -> ``{"ok": true, "pid": .., "service": .., "port": ..}``
     ``GET /backends``  -> ``{"service", "port", "backends": [{id, address, state,
-    weight, inflight, requests, errors}]}``
+    weight, inflight, requests, errors, responses_5xx, latency_buckets,
+    idle_connections}]}``
     ``PUT /backends``  with ``{"backends": [{id, address, state, weight}]}`` replaces
     the set atomically, after persisting it to ``--state``.
 
 Exit codes: 0 after SIGTERM (in-flight requests finish, at most 10 s), 2 bad
 arguments, 3 cannot bind the port or the admin socket, 4 unreadable state file.
 Nothing is written per request; errors go to stderr.
+
+The hot path runs in protocol callbacks: no task, timer or future per request. A
+coroutine takes over only to connect or to stream a body too big to buffer; one
+periodic sweep enforces the timeouts and expires idle pooled connections.
 """
 
 from __future__ import annotations
@@ -43,25 +79,33 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Coroutine, Iterable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, cast
 
 from graven.atomic import write_atomic
 from graven.model import is_valid_name
-from graven.router.base import Backend, BackendState
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendState
 
 log = logging.getLogger("graven.router.proxy")
 
 HEAD_LIMIT: Final = 64 * 1024  # request/response head, chunk-size lines, trailers
 REPLAY_LIMIT: Final = 64 * 1024  # bodies up to this size are buffered so a retry can resend them
 COPY_SIZE: Final = 64 * 1024
+READ_HIGH_WATER: Final = 256 * 1024  # stop reading a socket whose buffer holds this much
+READ_LOW_WATER: Final = 64 * 1024  # ... and read again once it is down to this
 IDLE_TIMEOUT: Final = 60.0  # keep-alive connection waiting for its next request head
 CONNECT_TIMEOUT: Final = 3.0
 RESPONSE_TIMEOUT: Final = 300.0  # backend may think this long before its response head
 COOLDOWN: Final = 2.0  # passive: a backend that refused a connection sits out this long
 DRAIN_TIMEOUT: Final = 10.0  # on SIGTERM, in-flight requests get this long
+POOL_SIZE: Final = 64  # idle keep-alive connections kept per backend
+# Idle pooled connections close after this long: below the keep-alive timeouts of
+# common servers (Node 5 s, uvicorn 5 s, nginx 75 s), so the backend rarely closes first.
+POOL_IDLE_TIMEOUT: Final = 4.0
+SWEEP_INTERVAL: Final = 1.0  # how often timeouts and pool expiry are checked
 ADMIN_BODY_LIMIT: Final = 1024 * 1024
 MAX_WEIGHT: Final = 1000
 EXIT_BIND: Final = 3
@@ -94,6 +138,8 @@ _HEX_RE: Final = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
 _BAD_VALUE_RE: Final = re.compile(rb"[\x00\r\n]")
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 _HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_NO_EXCLUSIONS: Final[frozenset[str]] = frozenset()
+_now = time.monotonic
 
 
 # --------------------------------------------------------------------------- backend sets
@@ -178,8 +224,76 @@ def state_document(service: str, port: int, backends: Iterable[Backend]) -> byte
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
+def latency_bucket(seconds: float) -> int:
+    """Index of the ``LATENCY_BOUNDS`` bucket for ``seconds``: the first bound at or
+    above it, or ``len(LATENCY_BOUNDS)`` (the overflow bucket) past the last one."""
+    return bisect_left(LATENCY_BOUNDS, seconds)
+
+
+class _Pool:
+    """Idle keep-alive connections to one backend; the most recently used is taken
+    first, so spare connections age out instead of all staying barely warm."""
+
+    __slots__ = ("_idle", "closed")
+
+    def __init__(self) -> None:
+        self._idle: list[_Channel] = []  # oldest first
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, now: float) -> _Channel | None:
+        idle = self._idle
+        if not idle:
+            return None
+        chan = idle.pop()
+        if now - chan.idle_since < POOL_IDLE_TIMEOUT:
+            chan.pool = None
+            return chan
+        # The newest is too old, so every other one is as well.
+        idle.append(chan)
+        self.expire(now)
+        return None
+
+    def put(self, chan: _Channel, now: float) -> bool:
+        """Keep ``chan`` for a later request; False (and nothing kept) if closed or full."""
+        if self.closed or len(self._idle) >= POOL_SIZE:
+            return False
+        chan.idle_since = now
+        chan.pool = self
+        chan.listener = chan.leave_pool
+        self._idle.append(chan)
+        return True
+
+    def discard(self, chan: _Channel) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(chan)
+
+    def expire(self, now: float) -> None:
+        """Close the connections idle for ``POOL_IDLE_TIMEOUT`` or longer."""
+        idle = self._idle
+        cutoff = now - POOL_IDLE_TIMEOUT
+        n = 0
+        while n < len(idle) and idle[n].idle_since <= cutoff:
+            n += 1
+        if n:
+            old, self._idle = idle[:n], idle[n:]
+            for chan in old:
+                chan.pool = None
+                chan.close()
+
+    def close(self) -> None:
+        """Close every idle connection and keep none from now on."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for chan in idle:
+            chan.pool = None
+            chan.close()
+
+
 class _Entry:
-    """A backend plus the counters and balancer state the proxy keeps for it."""
+    """A backend plus the counters, balancer state and idle connections kept for it."""
 
     __slots__ = (
         "address",
@@ -190,28 +304,45 @@ class _Entry:
         "host",
         "id",
         "inflight",
+        "latency",
+        "pool",
         "port",
         "requests",
+        "responses_5xx",
         "state",
+        "tag",
         "weight",
     )
 
     def __init__(self, backend: Backend) -> None:
         self.id = backend.id
+        self.tag = b"X-Graven-Backend: " + backend.id.encode() + b"\r\n"
         self.inflight = 0
         self.requests = 0
         self.errors = 0
+        self.responses_5xx = 0
+        self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
         self.current = 0  # smooth weighted round-robin accumulator
         self.cooldown_until = 0.0
         self.configured = True
+        self.pool = _Pool()
+        self.address = ""
         self.update(backend)
 
     def update(self, backend: Backend) -> None:
-        self.address = backend.address
-        self.host, self.port = split_address(backend.address)
+        if backend.address != self.address:
+            self.host, self.port = split_address(backend.address)
+            self.address = backend.address
+            self.reset_pool()  # connections to the old address must not serve the new one
         self.state: BackendState = backend.state
         self.weight = backend.weight
         self.configured = True
+
+    def reset_pool(self) -> None:
+        # A fresh pool object: exchanges that started with the old one will not put
+        # their connection back (see _Exchange.finish).
+        self.pool.close()
+        self.pool = _Pool()
 
 
 class BackendTable:
@@ -220,10 +351,12 @@ class BackendTable:
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._ready: list[_Entry] = []
+        self._cooldowns_until = 0.0  # no backend cools down past this moment
 
     def replace(self, backends: list[Backend]) -> None:
         """Swap in a new set. Counters of ids that stay are kept; removed backends with
-        requests in flight stay (as ``drain``) until their last request ends."""
+        requests in flight stay (as ``drain``) until their last request ends. Idle
+        connections of backends that drain or leave are closed at once."""
         fresh: dict[str, _Entry] = {}
         for b in backends:
             entry = self._entries.get(b.id)
@@ -231,9 +364,14 @@ class BackendTable:
                 entry = _Entry(b)
             else:
                 entry.update(b)
+            if entry.state != "ready":
+                entry.reset_pool()
             fresh[b.id] = entry
         for bid, entry in self._entries.items():
-            if bid not in fresh and entry.inflight > 0:
+            if bid in fresh:
+                continue
+            entry.reset_pool()
+            if entry.inflight > 0:
                 entry.configured = False
                 entry.state = "drain"
                 fresh[bid] = entry
@@ -241,6 +379,13 @@ class BackendTable:
         self._ready = [
             e for e in fresh.values() if e.configured and e.state == "ready" and e.weight > 0
         ]
+
+    def entries(self) -> list[_Entry]:
+        return list(self._entries.values())
+
+    def close_pools(self) -> None:
+        for entry in self._entries.values():
+            entry.pool.close()
 
     def snapshot(self) -> list[dict[str, object]]:
         return [
@@ -252,21 +397,24 @@ class BackendTable:
                 "inflight": e.inflight,
                 "requests": e.requests,
                 "errors": e.errors,
+                "responses_5xx": e.responses_5xx,
+                "latency_buckets": list(e.latency),
+                "idle_connections": len(e.pool),
             }
             for e in self._entries.values()
         ]
 
-    def acquire(self, exclude: set[str]) -> _Entry | None:
+    def acquire(self, exclude: frozenset[str] | set[str] = _NO_EXCLUSIONS) -> _Entry | None:
         """Pick a ready backend not in ``exclude`` and count the request on it.
 
         Backends cooling down after a failure are used only when no other is left:
         the cooldown is a hint, and trying a maybe-broken backend beats a 503.
         """
         ready = self._ready
-        if len(ready) == 1 and not exclude:
-            chosen: _Entry | None = ready[0]
+        if not exclude and (len(ready) == 1 or self._cooldowns_until <= _now()):
+            chosen = ready[0] if len(ready) == 1 else _smooth_weighted_pick(ready)
         else:
-            now = time.monotonic()
+            now = _now()
             fresh = [e for e in ready if e.id not in exclude and e.cooldown_until <= now]
             chosen = _smooth_weighted_pick(fresh or [e for e in ready if e.id not in exclude])
         if chosen is not None:
@@ -282,7 +430,8 @@ class BackendTable:
     def failed(self, entry: _Entry, *, cooldown: bool) -> None:
         entry.errors += 1
         if cooldown:
-            entry.cooldown_until = time.monotonic() + COOLDOWN
+            entry.cooldown_until = _now() + COOLDOWN
+            self._cooldowns_until = max(self._cooldowns_until, entry.cooldown_until)
 
 
 def _smooth_weighted_pick(candidates: list[_Entry]) -> _Entry | None:
@@ -360,6 +509,8 @@ def _tokens(values: list[bytes]) -> list[bytes]:
 
 
 def _content_length(values: list[bytes], status: int) -> int:
+    if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 18:
+        return int(values[0])  # the usual case, decided at once
     # Several equal values ("5, 5") are tolerated by RFC 9112; differing ones are not.
     found = {t.strip(b" \t") for v in values for t in v.split(b",")}
     if len(found) != 1:
@@ -370,7 +521,127 @@ def _content_length(values: list[bytes], status: int) -> int:
     return int(text)
 
 
+# Fast paths. A head in canonical form ("Name: value", one space after the colon, no
+# whitespace around the value: what clients and servers nearly always send) is
+# validated by one regular expression and copied without being rebuilt line by line.
+# A "plain" head, one with no header the proxy must act on (besides Host, or the
+# response's Content-Length), is then done; others have their special lines found and
+# cut. Anything not canonical takes the strict parser, which names the problem. All
+# paths give the same result for any head a faster one accepts (see the unit tests).
+_START_LINE_REQUEST: Final = rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/1\.([01])\r\n"
+_START_LINE_RESPONSE: Final = rb"HTTP/1\.([01]) ([0-9]{3}) ([^\r\n]*)\r\n"
+_CANONICAL_LINE: Final = (
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+: (?:[^\x00\r\n \t](?:[^\x00\r\n]*[^\x00\r\n \t])?)?\r\n"
+)
+_FAST_REQUEST_RE: Final = re.compile(_START_LINE_REQUEST + rb"((?:" + _CANONICAL_LINE + rb")*)\r\n")
+_FAST_RESPONSE_RE: Final = re.compile(
+    _START_LINE_RESPONSE + rb"((?:" + _CANONICAL_LINE + rb")*)\r\n"
+)
+# Hop-by-hop, framing and proxy-owned names (and "close": see below), as a prefix tree
+# so that a line is cleared at its first letter or two.
+_ACTED_ON: Final = (
+    rb"c(?:onnection|lose)|keep-alive|proxy-(?:connection|authenticate|authorization)"
+    rb"|t(?:e|railer|ransfer-encoding)|upgrade|expect|x-(?:forwarded-for|graven-backend)"
+)
+_PLAIN_REQUEST_RE: Final = re.compile(
+    _START_LINE_REQUEST
+    + rb"((?:(?!(?i:"
+    + _ACTED_ON
+    + rb"|content-length):)"
+    + _CANONICAL_LINE
+    + rb")*)\r\n"
+)
+_PLAIN_RESPONSE_RE: Final = re.compile(
+    _START_LINE_RESPONSE + rb"((?:(?!(?i:" + _ACTED_ON + rb"):)" + _CANONICAL_LINE + rb")*)\r\n"
+)
+# Header lines the proxy reads or drops (and "close", so that the rare header named by
+# ``Connection: close`` is left to the strict parser), searched for in the lowercased
+# head of a message the fast path accepted: each line is "name: value\r\n" there.
+_SPECIAL_NAMES: Final = (
+    rb"connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade"
+    rb"|proxy-authenticate|proxy-authorization|content-length|expect|x-forwarded-for|close"
+)
+_REQUEST_SPECIAL_RE: Final = re.compile(rb"\n(" + _SPECIAL_NAMES + rb"|host): ([^\r]*)\r")
+_RESPONSE_SPECIAL_RE: Final = re.compile(
+    rb"\n(" + _SPECIAL_NAMES + rb"|x-graven-backend): ([^\r]*)\r"
+)
+_PLAIN_CONNECTION_TOKENS: Final = frozenset({b"close", b"keep-alive"})
+
+
+def _cut(head: bytes, start: int, end: int, cuts: list[tuple[int, int]]) -> bytes:
+    """``head[start:end]`` without the ``cuts`` spans (ascending, inside the range)."""
+    if not cuts:
+        return head[start:end]
+    pieces = []
+    for cut_start, cut_end in cuts:
+        pieces.append(head[start:cut_start])
+        start = cut_end
+    pieces.append(head[start:end])
+    return b"".join(pieces)
+
+
 def _parse_request(head: bytes) -> _Request:
+    m = _PLAIN_REQUEST_RE.fullmatch(head)
+    if m is not None:
+        return _request_from(
+            m.group(1),
+            m.group(2),
+            11 if m.group(3) == b"1" else 10,
+            [],
+            [],
+            [],
+            [],
+            head.lower().count(b"\nhost: "),
+            False,
+            m.group(4),
+        )
+    m = _FAST_REQUEST_RE.fullmatch(head)
+    if m is None:
+        return _parse_request_strict(head)
+    block_start, block_end = m.span(4)
+    connection: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    xff: list[bytes] = []
+    hosts = 0
+    expect_continue = False
+    cuts: list[tuple[int, int]] = []
+    for special in _REQUEST_SPECIAL_RE.finditer(head.lower(), block_start - 1, block_end):
+        name, value = special.groups()
+        if name == b"host":
+            hosts += 1
+            continue
+        cuts.append((special.start() + 1, special.end() + 1))
+        if name == b"connection":
+            connection.append(value)
+        elif name == b"content-length":
+            lengths.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        elif name == b"x-forwarded-for":
+            xff.append(head[special.start(2) : special.end(2)])  # as sent, not lowercased
+        elif name == b"expect":
+            expect_continue = value == b"100-continue"
+        elif name == b"close":
+            return _parse_request_strict(head)
+    conn_tokens = _tokens(connection) if connection else []
+    if not _PLAIN_CONNECTION_TOKENS.issuperset(conn_tokens):
+        return _parse_request_strict(head)  # it names headers to drop
+    return _request_from(
+        m.group(1),
+        m.group(2),
+        11 if m.group(3) == b"1" else 10,
+        conn_tokens,
+        lengths,
+        codings,
+        xff,
+        hosts,
+        expect_continue,
+        _cut(head, block_start, block_end, cuts),
+    )
+
+
+def _parse_request_strict(head: bytes) -> _Request:
     start, headers = _split_head(head)
     parts = start.split(b" ")
     if len(parts) != 3:
@@ -409,12 +680,32 @@ def _parse_request(head: bytes) -> _Request:
             xff.append(value)
         elif lname == b"expect":
             expect_continue = value.lower() == b"100-continue"
+    conn_tokens = _tokens(connection)
+    if conn_tokens:
+        named = set(conn_tokens)
+        kept = [h for h in kept if h[0] not in named]
+    forward = b"".join(name + b": " + value + b"\r\n" for _, name, value in kept)
+    return _request_from(
+        method, target, ver, conn_tokens, lengths, codings, xff, hosts, expect_continue, forward
+    )
 
+
+def _request_from(
+    method: bytes,
+    target: bytes,
+    ver: int,
+    conn_tokens: list[bytes],
+    lengths: list[bytes],
+    codings: list[bytes],
+    xff: list[bytes],
+    hosts: int,
+    expect_continue: bool,
+    forward: bytes,
+) -> _Request:
     req = _Request()
     req.method = method
     req.target = target
     req.version = ver
-    conn_tokens = _tokens(connection)
     if ver == 11:
         req.keep_alive = b"close" not in conn_tokens
     else:
@@ -434,37 +725,101 @@ def _parse_request(head: bytes) -> _Request:
     elif lengths:
         req.length = _content_length(lengths, 400)
     req.expect_continue = expect_continue and (req.chunked or req.length > 0)
-    if conn_tokens:
-        named = set(conn_tokens)
-        kept = [h for h in kept if h[0] not in named]
-    req.forward = b"".join(name + b": " + value + b"\r\n" for _, name, value in kept)
-    req.xff = b", ".join(xff)
+    req.forward = forward
+    req.xff = b", ".join(xff) if xff else b""
     req.client_ip = b""
     return req
 
 
 class _Response:
-    __slots__ = ("chunked", "close_delimited", "forward", "length", "start", "status")
+    __slots__ = (
+        "chunked",
+        "close_delimited",
+        "forward",
+        "has_body",
+        "keep_alive",
+        "length",
+        "start",
+        "status",
+    )
 
     status: int
     start: bytes  # b"HTTP/1.1 200 OK\r\n"
     forward: bytes
     chunked: bool
     close_delimited: bool
+    keep_alive: bool  # the backend keeps the connection open after this response
+    has_body: bool  # False for HEAD answers, 1xx, 204 and 304
     length: int | None  # None: no Content-Length (or a bodiless response)
 
 
 def _parse_response(head: bytes, method: bytes) -> _Response:
+    m = _PLAIN_RESPONSE_RE.fullmatch(head)
+    if m is not None:
+        status = m.group(2)
+        start = b"HTTP/1.1 " + status + b" " + m.group(3) + b"\r\n"
+        block_start, block_end = m.span(4)
+        lowered = head.lower()
+        at = lowered.find(b"\ncontent-length: ", block_start - 1)
+        if at < 0:
+            return _response_from(
+                status, start, m.group(1) == b"1", set(), [], [], m.group(4), method
+            )
+        line_end = head.index(b"\r\n", at + 1) + 2
+        if lowered.find(b"\ncontent-length: ", line_end - 1) < 0:  # just the one
+            return _response_from(
+                status,
+                start,
+                m.group(1) == b"1",
+                set(),
+                [head[at + 17 : line_end - 2]],
+                [],
+                head[block_start : at + 1] + head[line_end:block_end],
+                method,
+            )
+    m = _FAST_RESPONSE_RE.fullmatch(head)
+    if m is None:
+        return _parse_response_strict(head, method)
+    block_start, block_end = m.span(4)
+    connection: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    cuts: list[tuple[int, int]] = []
+    for special in _RESPONSE_SPECIAL_RE.finditer(head.lower(), block_start - 1, block_end):
+        name, value = special.groups()
+        cuts.append((special.start() + 1, special.end() + 1))
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"connection":
+            connection.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        elif name == b"close":
+            return _parse_response_strict(head, method)
+    named = set(_tokens(connection)) if connection else set()
+    if not _PLAIN_CONNECTION_TOKENS.issuperset(named):
+        return _parse_response_strict(head, method)  # it names headers to drop
+    status = m.group(2)
+    return _response_from(
+        status,
+        b"HTTP/1.1 " + status + b" " + m.group(3) + b"\r\n",
+        m.group(1) == b"1",
+        named,
+        lengths,
+        codings,
+        _cut(head, block_start, block_end, cuts),
+        method,
+    )
+
+
+def _parse_response_strict(head: bytes, method: bytes) -> _Response:
     start, headers = _split_head(head)
     parts = start.split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
         raise _BadMessage(502, "malformed status line from backend")
     if not parts[1].isdigit():
         raise _BadMessage(502, "malformed status line from backend")
-    resp = _Response()
-    resp.status = int(parts[1])
     reason = parts[2] if len(parts) == 3 else b""
-    resp.start = b"HTTP/1.1 " + parts[1] + b" " + reason + b"\r\n"
 
     connection: list[bytes] = []
     lengths: list[bytes] = []
@@ -481,18 +836,43 @@ def _parse_response(head: bytes, method: bytes) -> _Response:
             continue
         else:
             kept.append((lname, name, value))
-    if connection:
-        named = set(_tokens(connection))
+    named = set(_tokens(connection)) if connection else set()
+    if named:
         kept = [h for h in kept if h[0] not in named]
-    resp.forward = b"".join(name + b": " + value + b"\r\n" for _, name, value in kept)
+    return _response_from(
+        parts[1],
+        b"HTTP/1.1 " + parts[1] + b" " + reason + b"\r\n",
+        parts[0] == b"HTTP/1.1",
+        named,
+        lengths,
+        codings,
+        b"".join(name + b": " + value + b"\r\n" for _, name, value in kept),
+        method,
+    )
 
+
+def _response_from(
+    status: bytes,
+    start: bytes,
+    http11: bool,
+    conn_tokens: set[bytes],
+    lengths: list[bytes],
+    codings: list[bytes],
+    forward: bytes,
+    method: bytes,
+) -> _Response:
+    resp = _Response()
+    resp.status = code = int(status)
+    resp.start = start
+    resp.forward = forward
+    resp.keep_alive = b"close" not in conn_tokens and (http11 or b"keep-alive" in conn_tokens)
     resp.chunked = False
     resp.close_delimited = False
     resp.length = None
-    bodiless = method == b"HEAD" or resp.status in (204, 304) or resp.status < 200
-    if bodiless:
+    resp.has_body = not (method == b"HEAD" or code in (204, 304) or code < 200)
+    if not resp.has_body:
         # A HEAD answer's Content-Length describes the GET body; pass it through as is.
-        if lengths and resp.status != 204 and resp.status >= 200:
+        if lengths and code != 204 and code >= 200:
             resp.length = _content_length(lengths, 502)
     elif codings:
         # Transfer-Encoding overrides Content-Length (RFC 9112 6.3); a final coding
@@ -506,10 +886,6 @@ def _parse_response(head: bytes, method: bytes) -> _Response:
     else:
         resp.close_delimited = True
     return resp
-
-
-def _has_body(resp: _Response, method: bytes) -> bool:
-    return not (method == b"HEAD" or resp.status in (204, 304) or resp.status < 200)
 
 
 # --------------------------------------------------------------------------- body copying
@@ -527,7 +903,7 @@ class _BrokenBody(Exception):
     """The backend broke off a short body before the proxy answered the client."""
 
 
-async def _read(src: asyncio.StreamReader, n: int, fail: type[Exception]) -> bytes:
+async def _read(src: _Channel, n: int, fail: type[Exception]) -> bytes:
     try:
         data = await src.read(n)
     except (OSError, asyncio.IncompleteReadError) as exc:
@@ -537,23 +913,24 @@ async def _read(src: asyncio.StreamReader, n: int, fail: type[Exception]) -> byt
     return data
 
 
-async def _read_line(src: asyncio.StreamReader, fail: type[Exception]) -> bytes:
+async def _read_line(src: _Channel, fail: type[Exception]) -> bytes:
     try:
         return await src.readuntil(b"\r\n")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         raise fail(f"bad chunked framing: {exc}") from exc
 
 
-async def _drain(dst: asyncio.StreamWriter, fail: type[Exception]) -> None:
-    try:
-        await dst.drain()
-    except OSError as exc:
-        raise fail(str(exc)) from exc
+async def _drain(dst: _Channel, fail: type[Exception]) -> None:
+    if dst.writing_paused or dst.lost:
+        try:
+            await dst.drain()
+        except OSError as exc:
+            raise fail(str(exc)) from exc
 
 
 async def _copy_fixed(
-    src: asyncio.StreamReader,
-    dst: asyncio.StreamWriter,
+    src: _Channel,
+    dst: _Channel,
     n: int,
     src_fail: type[Exception],
     dst_fail: type[Exception],
@@ -566,8 +943,8 @@ async def _copy_fixed(
 
 
 async def _copy_chunked(
-    src: asyncio.StreamReader,
-    dst: asyncio.StreamWriter,
+    src: _Channel,
+    dst: _Channel,
     reencode: bool,
     src_fail: type[Exception],
     dst_fail: type[Exception],
@@ -608,8 +985,8 @@ async def _copy_chunked(
 
 
 async def _copy_until_close(
-    src: asyncio.StreamReader,
-    dst: asyncio.StreamWriter,
+    src: _Channel,
+    dst: _Channel,
     chunk_it: bool,
     dst_fail: type[Exception],
 ) -> None:
@@ -628,11 +1005,54 @@ async def _copy_until_close(
         dst.write(b"0\r\n\r\n")
 
 
-# --------------------------------------------------------------------------- the server
+# --------------------------------------------------------------------------- retry rule
+
+FailureKind = Literal["eof", "reset", "timeout", "other"]
+Resend = Literal["fresh-connection", "next-backend", "no"]
 
 
-class _Retry:
-    """Outcome: this backend failed before the request could matter; try another."""
+def resend_decision(
+    method: bytes, failure: FailureKind, *, reused: bool, replayable: bool, answered: bool
+) -> Resend:
+    """Whether a request whose backend connection failed may be sent again, and how.
+
+    ``failure`` is how the connection failed before a complete response head: a clean
+    close (``eof``), a reset or broken pipe (``reset``), the response timeout, or
+    another socket error. ``reused``: the connection came from the pool. ``replayable``:
+    the body is buffered. ``answered``: some byte of the response had arrived.
+    See the module docstring for the reasoning.
+    """
+    if answered or not replayable or failure == "timeout":
+        return "no"
+    if reused:
+        if failure in ("eof", "reset") or method in _IDEMPOTENT:
+            return "fresh-connection"
+        return "no"
+    if failure == "reset" or (failure == "eof" and method in _IDEMPOTENT):
+        return "next-backend"
+    return "no"
+
+
+def _failure_kind(chan: _Channel) -> FailureKind:
+    error = chan.error
+    if error is None:
+        return "eof"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return "reset"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    return "other"
+
+
+_FAILURE_TEXT: Final[dict[FailureKind, str]] = {
+    "eof": "closed the connection early",
+    "reset": "reset the connection",
+    "timeout": "did not answer in time",
+    "other": "did not answer properly",
+}
+
+
+# --------------------------------------------------------------------------- connections
 
 
 class _Abort:
@@ -640,9 +1060,10 @@ class _Abort:
     cannot take a truncated body for a complete one."""
 
 
-_RETRY: Final = _Retry()
 _ABORT: Final = _Abort()
-_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# What an exchange leaves its client connection with: True, carry on; False, close
+# after the answer; _ABORT, reset.
+_Outcome = bool | _Abort
 
 
 def _error_response(status: int, message: str, *, keep_alive: bool) -> bytes:
@@ -658,13 +1079,679 @@ def _error_response(status: int, message: str, *, keep_alive: bool) -> bytes:
     return b"".join(lines) + body
 
 
-class _Conn:
-    __slots__ = ("busy", "idle_since", "task")
+class _Channel(asyncio.Protocol):
+    """One TCP connection, client or backend side: a receive buffer that protocol
+    callbacks (through ``listener``) and coroutines (``read*``) both consume.
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.busy = False
-        self.idle_since = time.monotonic()
+    ``listener`` is called on every event (data, EOF, loss, writable again) unless a
+    coroutine is waiting in a ``read*`` call, which is woken instead; either re-checks
+    the state, so an event without news is harmless.
+    """
+
+    __slots__ = (
+        "_read_waiter",
+        "_reading_paused",
+        "_write_waiter",
+        "buf",
+        "eof",
+        "error",
+        "idle_since",
+        "listener",
+        "lost",
+        "on_made",
+        "pool",
+        "received",
+        "transport",
+        "writing_paused",
+    )
+
+    transport: asyncio.Transport
+
+    def __init__(self, on_made: Callable[[_Channel], None] | None = None) -> None:
+        self.buf = bytearray()
+        self.eof = False  # nothing more will arrive
+        self.lost = False  # the connection is gone
+        self.error: Exception | None = None  # why it went, if not a clean close
+        self.received = 0  # bytes that arrived since the owner last reset this
+        self.listener: Callable[[], None] | None = None
+        self.on_made = on_made
+        self.pool: _Pool | None = None  # set while the connection waits in a pool
+        self.idle_since = 0.0
+        self.writing_paused = False
+        self._reading_paused = False
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    # ---------------------------------------------------------------- protocol events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self.on_made is not None:
+            self.on_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        self.received += len(data)
+        if len(buf) > READ_HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        # _wake(), inlined: this is the hot path.
+        waiter = self._read_waiter
+        if waiter is not None:
+            self._read_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.listener is not None:
+            self.listener()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep our sending half open: a half-closed client still gets its answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = self.lost = True
+        if exc is not None and self.error is None:
+            self.error = exc
+        self._wake_writer()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake_writer()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._read_waiter
+        if waiter is not None:
+            self._read_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.listener is not None:
+            self.listener()
+
+    def _wake_writer(self) -> None:
+        waiter = self._write_waiter
+        if waiter is not None:
+            self._write_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ---------------------------------------------------------------- use
+
+    def take(self, n: int) -> bytes:
+        """Remove and return the first ``n`` buffered bytes (fewer if fewer are there)."""
+        buf = self.buf
+        if n >= len(buf):
+            out = bytes(buf)
+            buf.clear()
+        else:
+            out = bytes(buf[:n])
+            del buf[:n]
+        if self._reading_paused and len(buf) <= READ_LOW_WATER:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return out
+
+    def write(self, data: bytes) -> None:
+        if not self.lost and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after sending what is buffered."""
+        self.transport.close()
+
+    def abort(self) -> None:
+        """Reset at once: the peer cannot mistake a cut-short message for a whole one."""
+        self.transport.abort()
+
+    def time_out(self) -> None:
+        self.error = TimeoutError("timed out")
+        self.abort()
+
+    def leave_pool(self) -> None:
+        """Listener while pooled: any event (a close, stray bytes) disqualifies it."""
+        if self.pool is not None:
+            self.pool.discard(self)
+            self.pool = None
+        self.listener = None
+        if self.buf:
+            self.abort()
+        else:
+            self.close()
+
+    async def _readable(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._read_waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._read_waiter = None
+
+    async def readuntil(self, sep: bytes, limit: int = HEAD_LIMIT) -> bytes:
+        """Like ``StreamReader.readuntil``; a lost connection raises its error."""
+        while True:
+            found = self.buf.find(sep)
+            if found >= 0:
+                end = found + len(sep)
+                if end > limit:
+                    raise asyncio.LimitOverrunError("separator beyond the limit", found)
+                return self.take(end)
+            if len(self.buf) > limit:
+                raise asyncio.LimitOverrunError("no separator within the limit", len(self.buf))
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                raise asyncio.IncompleteReadError(self.take(len(self.buf)), None)
+            await self._readable()
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at a clean end."""
+        while not self.buf:
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                return b""
+            await self._readable()
+        return self.take(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.error is not None:
+                raise self.error
+            if self.eof:
+                raise asyncio.IncompleteReadError(self.take(len(self.buf)), n)
+            await self._readable()
+        return self.take(n)
+
+    async def drain(self) -> None:
+        """Wait until the transport takes more; raise if the connection is gone."""
+        while self.writing_paused and not self.lost:
+            waiter = asyncio.get_running_loop().create_future()
+            self._write_waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._write_waiter = None
+        if self.lost:
+            raise self.error or ConnectionResetError("connection lost")
+
+
+# --------------------------------------------------------------------------- exchanges
+
+
+class _Session:
+    """One client connection: its requests one at a time, each an ``_Exchange``;
+    pipelined requests wait in the buffer until the one before is answered."""
+
+    __slots__ = ("_looping", "chan", "client_ip", "closed", "exchange", "idle_since", "proxy")
+
+    def __init__(self, proxy: RouterProxy, chan: _Channel) -> None:
+        self.proxy = proxy
+        self.chan = chan
+        peer = chan.transport.get_extra_info("peername")
+        self.client_ip = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
+        self.exchange: _Exchange | None = None
+        self.idle_since = _now()
+        self.closed = False
+        self._looping = False
+        chan.listener = self.on_event
+
+    def on_event(self) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            self.next_requests()
+        elif exchange.waiting_for_body:
+            try:
+                exchange.body_arrived()
+            except Exception:
+                log.exception("unexpected error on a client connection")
+                self.crash()
+
+    def next_requests(self) -> None:
+        # A loop, not recursion: answers made on the spot (errors, 503) would otherwise
+        # nest one call per pipelined request.
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while self.exchange is None and not self.closed and self._start_next():
+                pass
+        except Exception:
+            log.exception("unexpected error on a client connection")
+            self.crash()
+        finally:
+            self._looping = False
+
+    def _start_next(self) -> bool:
+        """Start the next buffered request; False when there is nothing to do for now."""
+        chan = self.chan
+        if self.proxy.closing:
+            self.close()
+            return False
+        if chan.writing_paused:
+            return False  # the client is not reading its answers; resume_writing calls back
+        buf = chan.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > HEAD_LIMIT:
+            if end >= 0 or len(buf) >= HEAD_LIMIT:
+                self.refuse(431, "request head larger than 64 KiB")
+            elif chan.eof:
+                if chan.error is None and buf.strip():
+                    self.refuse(400, "incomplete request head")
+                else:
+                    self.close()
+            return False
+        head = chan.take(end + 4).lstrip(b"\r\n")  # RFC 9112 2.2: ignore leading empty lines
+        if not head:
+            return True
+        try:
+            req = _parse_request(head)
+        except _BadMessage as exc:
+            self.refuse(exc.status, exc.reason)
+            return False
+        req.client_ip = self.client_ip
+        self.exchange = exchange = _Exchange(self.proxy, self, req)
+        exchange.begin()
+        return True
+
+    def refuse(self, status: int, reason: str) -> None:
+        self.chan.write(_error_response(status, reason, keep_alive=False))
+        self.close()
+
+    def exchange_done(self, outcome: _Outcome, now: float) -> None:
+        self.exchange = None
+        if outcome is _ABORT:
+            self.close(abort=True)
+        elif outcome is False or self.chan.lost:
+            self.close()
+        else:
+            self.idle_since = now
+            chan = self.chan
+            if chan.buf or chan.eof or self.proxy.closing:
+                self.next_requests()  # a pipelined request, or the end of the connection
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if abort:
+            self.chan.abort()
+        else:
+            self.chan.close()
+        self.proxy.forget(self)
+
+    def crash(self) -> None:
+        """After a bug: reset the client, end the exchange, keep the proxy serving."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.crash()
+        self.exchange = None
+        self.close(abort=True)
+
+
+class _Exchange:
+    """One request's trip: pick a backend, send, relay the answer, resend when safe.
+
+    Buffered requests with short, length-delimited answers are handled in callbacks
+    only; a coroutine takes over to connect, or to stream a body in either direction.
+    """
+
+    __slots__ = (
+        "answer",
+        "body_done",
+        "deadline",
+        "done",
+        "entry",
+        "pool",
+        "proxy",
+        "replay",
+        "req",
+        "reused",
+        "sent_at",
+        "session",
+        "tried",
+        "up",
+        "waiting_for_body",
+    )
+
+    def __init__(self, proxy: RouterProxy, session: _Session, req: _Request) -> None:
+        self.proxy = proxy
+        self.session = session
+        self.req = req
+        self.replay: bytes | None = None  # the buffered body; None: streamed, cannot resend
+        self.body_done = True  # the client's body is fully read, so its connection can go on
+        self.waiting_for_body = False
+        self.entry: _Entry | None = None
+        self.pool: _Pool | None = None  # the entry's pool when the backend was chosen
+        self.up: _Channel | None = None
+        self.reused = False
+        self.tried: set[str] | None = None  # backends that failed this request
+        self.answer: _Response | None = None
+        self.sent_at = 0.0
+        self.deadline = 0.0  # for the sweep: body wait or response head wait; 0 = none
+        self.done = False
+
+    # ---------------------------------------------------------------- request side
+
+    def begin(self) -> None:
+        req = self.req
+        if req.length == 0 and not req.chunked:
+            self.replay = b""
+            self.dispatch()
+            return
+        if req.expect_continue:
+            self.session.chan.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if req.chunked or req.length > REPLAY_LIMIT:
+            self.dispatch()  # streamed: replay stays None
+        else:
+            self.waiting_for_body = True
+            self.deadline = _now() + IDLE_TIMEOUT
+            self.body_arrived()
+
+    def body_arrived(self) -> None:
+        chan = self.session.chan
+        if len(chan.buf) >= self.req.length:
+            self.waiting_for_body = False
+            self.deadline = 0.0
+            self.replay = chan.take(self.req.length)
+            self.dispatch()
+        elif chan.eof:
+            self.done = True
+            self.session.exchange_done(False, 0.0)
+
+    def dispatch(self) -> None:
+        """Choose a backend and send, over a pooled connection when one is idle."""
+        entry = self.proxy.table.acquire(self.tried or _NO_EXCLUSIONS)
+        if entry is None:
+            self.no_backend()
+            return
+        self.entry = entry
+        self.pool = entry.pool
+        if self.replay is not None:
+            chan = entry.pool.take(_now())
+            if chan is not None:
+                self.send(chan, reused=True)
+                return
+        self.proxy.spawn(self, self.connect())
+
+    async def connect(self) -> None:
+        entry = self.entry
+        assert entry is not None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, chan = await asyncio.get_running_loop().create_connection(
+                    _Channel, entry.host, entry.port
+                )
+        except (OSError, TimeoutError):
+            if not self.done:
+                self.proxy.table.failed(entry, cooldown=True)
+                self.next_backend()
+            return
+        if self.done:  # the client connection was reset meanwhile
+            chan.close()
+            return
+        if self.replay is not None:
+            self.send(chan, reused=False)
+        else:
+            await self.send_streamed(chan)
+
+    def send(self, up: _Channel, *, reused: bool) -> None:
+        assert self.entry is not None and self.replay is not None
+        self.up = up
+        self.reused = reused
+        up.received = 0
+        up.listener = self.on_upstream
+        # One write, one segment: head and a small body travel together.
+        up.write(self.proxy.upstream_head(self.req, self.entry) + self.replay)
+        self.sent_at = _now()
+        self.deadline = self.sent_at + RESPONSE_TIMEOUT
+
+    async def send_streamed(self, up: _Channel) -> None:
+        assert self.entry is not None
+        req, client = self.req, self.session.chan
+        self.up = up
+        up.received = 0
+        up.write(self.proxy.upstream_head(req, self.entry))
+        try:
+            if req.chunked:
+                await _copy_chunked(client, up, True, _ClientFailed, _BackendFailed)
+            else:
+                await _copy_fixed(client, up, req.length, _ClientFailed, _BackendFailed)
+        except _ClientFailed:
+            # Reset, so the backend cannot take a cut-off body for a whole one.
+            up.abort()
+            self.up = None
+            client.write(_error_response(400, "bad or incomplete request body", keep_alive=False))
+            self.finish(False, reusable=False)
+            return
+        except _BackendFailed:
+            # The backend stopped reading; it may still have answered (say, 413).
+            self.body_done = False
+        self.sent_at = _now()
+        self.deadline = self.sent_at + RESPONSE_TIMEOUT
+        up.listener = self.on_upstream
+        self.on_upstream()  # whatever arrived while the body went out
+
+    def next_backend(self) -> None:
+        """The chosen backend failed before the request could matter: try another."""
+        entry = self.entry
+        assert entry is not None
+        self.proxy.table.release(entry)
+        if self.tried is None:
+            self.tried = set()
+        self.tried.add(entry.id)
+        self.entry = self.pool = None
+        self.dispatch()
+
+    def no_backend(self) -> None:
+        proxy, req = self.proxy, self.req
+        # Without a buffered body the client's body is still unread: close after this.
+        keep = req.keep_alive and self.replay is not None and not proxy.closing
+        if self.tried:
+            message = f"no backend of service {proxy.service!r} could take the request"
+            self.session.chan.write(_error_response(502, message, keep_alive=keep))
+        else:
+            message = f"no ready backend for service {proxy.service!r}"
+            self.session.chan.write(_error_response(503, message, keep_alive=keep))
+        self.finish(keep, reusable=False)
+
+    # ---------------------------------------------------------------- response side
+
+    def on_upstream(self) -> None:
+        try:
+            self._on_upstream()
+        except Exception:
+            log.exception("unexpected error on a backend connection")
+            self.session.crash()
+
+    def _on_upstream(self) -> None:
+        up, entry = self.up, self.entry
+        assert up is not None and entry is not None
+        answer = self.answer
+        if answer is None:
+            while True:  # interim answers (100, 103) are dropped: we sent our own 100
+                buf = up.buf
+                end = buf.find(b"\r\n\r\n")
+                if end < 0 or end + 4 > HEAD_LIMIT:
+                    if end >= 0 or len(buf) >= HEAD_LIMIT:
+                        self.backend_failed("sent a response head larger than 64 KiB")
+                    elif up.eof:
+                        self.connection_failed()
+                    return
+                try:
+                    answer = _parse_response(up.take(end + 4), self.req.method)
+                    if answer.status == 101:
+                        raise _BadMessage(502, "backend switched protocols without being asked")
+                except _BadMessage:
+                    self.backend_failed("sent a malformed response")
+                    return
+                if answer.status >= 200:
+                    break
+            self.answer = answer
+            entry.latency[bisect_left(LATENCY_BOUNDS, _now() - self.sent_at)] += 1
+            if answer.status >= 500:
+                entry.responses_5xx += 1
+                entry.errors += 1
+            if answer.has_body and (answer.length is None or answer.length > COPY_SIZE):
+                # Too big to buffer, or framed by chunks or by the close: stream it.
+                self.deadline = 0.0
+                up.listener = None
+                keep = self.write_head(answer, b"")
+                self.proxy.spawn(self, self.relay_body(answer, keep))
+                return
+        need = answer.length if answer.has_body and answer.length is not None else 0
+        if len(up.buf) < need:
+            if up.eof:
+                # Nothing reached the client yet, so it still gets a clean 502.
+                self.backend_failed("broke off its response")
+            return
+        keep = self.write_head(answer, up.take(need))
+        reusable = answer.keep_alive and self.body_done and not up.buf and not up.eof
+        self.finish(keep, reusable=reusable)
+
+    def write_head(self, answer: _Response, body: bytes) -> bool:
+        """Send the response head (and a short body) to the client; True if the client
+        connection may carry another request afterwards."""
+        req, entry = self.req, self.entry
+        assert entry is not None
+        has_body = answer.has_body
+        keep = req.keep_alive and self.body_done and not self.proxy.closing
+        out = [answer.start, answer.forward]
+        if has_body and req.version == 11 and (answer.chunked or answer.close_delimited):
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        elif answer.length is not None:
+            out.append(b"Content-Length: %d\r\n" % answer.length)
+        elif has_body:
+            keep = False  # an HTTP/1.0 client learns where the body ends by our close
+        out.append(entry.tag)
+        if not keep:
+            out.append(b"Connection: close\r\n\r\n")
+        elif req.version == 10:
+            out.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            out.append(b"\r\n")
+        out.append(body)
+        self.session.chan.write(b"".join(out))
+        return keep
+
+    async def relay_body(self, answer: _Response, keep: bool) -> None:
+        up, client = self.up, self.session.chan
+        assert up is not None and self.entry is not None
+        chunk_out = self.req.version == 11
+        try:
+            if answer.chunked:
+                await _copy_chunked(up, client, chunk_out, _BackendFailed, _ClientFailed)
+            elif answer.length is not None:
+                await _copy_fixed(up, client, answer.length, _BackendFailed, _ClientFailed)
+            else:
+                await _copy_until_close(up, client, chunk_out, _ClientFailed)
+        except _BackendFailed:
+            self.entry.errors += 1
+            self.finish(_ABORT, reusable=False)
+            return
+        except _ClientFailed:
+            self.finish(_ABORT, reusable=False)
+            return
+        reusable = (
+            answer.keep_alive
+            and not answer.close_delimited
+            and self.body_done
+            and not up.buf
+            and not up.eof
+        )
+        self.finish(keep, reusable=reusable)
+
+    # ---------------------------------------------------------------- failures
+
+    def connection_failed(self) -> None:
+        """The backend connection ended before a complete response head."""
+        up, entry, table = self.up, self.entry, self.proxy.table
+        assert up is not None and entry is not None
+        kind = _failure_kind(up)
+        decision = resend_decision(
+            self.req.method,
+            kind,
+            reused=self.reused,
+            replayable=self.replay is not None,
+            answered=up.received > 0,
+        )
+        up.listener = None
+        up.abort()
+        self.up = None
+        if decision == "fresh-connection":
+            self.proxy.spawn(self, self.connect())  # same backend: it is not to blame
+        elif decision == "next-backend":
+            table.failed(entry, cooldown=True)
+            self.next_backend()
+        else:
+            table.failed(entry, cooldown=False)
+            self.fail_502(_FAILURE_TEXT[kind])
+
+    def backend_failed(self, what: str) -> None:
+        """The backend answered, but not usably: 502, no resend."""
+        assert self.up is not None and self.entry is not None
+        self.up.listener = None
+        self.up.abort()
+        self.up = None
+        self.proxy.table.failed(self.entry, cooldown=False)
+        self.fail_502(what)
+
+    def fail_502(self, what: str) -> None:
+        req = self.req
+        keep = req.keep_alive and self.body_done and not self.proxy.closing
+        message = f"backend of service {self.proxy.service!r} {what}"
+        self.session.chan.write(_error_response(502, message, keep_alive=keep))
+        self.finish(keep, reusable=False)
+
+    # ---------------------------------------------------------------- the end
+
+    def finish(self, outcome: _Outcome, *, reusable: bool) -> None:
+        """Pool or close the backend connection, release the backend, hand the client
+        connection back to its session."""
+        if self.done:
+            return
+        self.done = True
+        self.deadline = 0.0
+        now = _now()
+        up, entry = self.up, self.entry
+        if up is not None:
+            up.listener = None
+            # Only a clean end goes back, to the pool it came from (a drain, a removal
+            # or a new address replaced that pool) and only while the backend is ready.
+            pooled = (
+                reusable
+                and entry is not None
+                and entry.state == "ready"
+                and entry.configured
+                and self.pool is entry.pool
+                and not self.proxy.closing
+                and entry.pool.put(up, now)
+            )
+            if not pooled and outcome is _ABORT:
+                up.abort()  # cut short: the backend must not take it for complete
+            elif not pooled:
+                up.close()
+        if entry is not None:
+            self.proxy.table.release(entry)
+        self.session.exchange_done(outcome, now)
+
+    def crash(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.up is not None:
+            self.up.listener = None
+            self.up.abort()
+        if self.entry is not None:
+            self.proxy.table.release(self.entry)
+
+
+# --------------------------------------------------------------------------- the server
 
 
 class RouterProxy:
@@ -675,157 +1762,106 @@ class RouterProxy:
         self.port = port
         self.state_path = state_path
         self.table = table
-        self._conns: set[_Conn] = set()
-        self._closing = False
+        self.closing = False
+        self._sessions: set[_Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._all_closed = asyncio.Event()
         self._put_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
     def begin_shutdown(self) -> None:
         """Stop taking requests; the run loop then drains the in-flight ones."""
-        self._closing = True
+        self.closing = True
         self._stop.set()
 
     async def serve(self, servers: list[asyncio.AbstractServer]) -> None:
         """Serve until ``begin_shutdown``, then drain (bounded) and return."""
-        sweeper = asyncio.create_task(self._sweep_idle())
+        sweeper = asyncio.create_task(self._sweep())
         await self._stop.wait()
         sweeper.cancel()
         for server in servers:
             server.close()
+        self.table.close_pools()
         # Idle keep-alive connections hold no request: close them now. Busy ones
-        # see ``_closing`` after their response and close themselves.
-        for conn in list(self._conns):
-            if not conn.busy:
-                conn.task.cancel()
-        tasks = {c.task for c in self._conns}
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)
-            if pending:
+        # see ``closing`` after their response and close themselves.
+        for session in list(self._sessions):
+            if session.exchange is None:
+                session.close()
+        if self._sessions:
+            try:
+                async with asyncio.timeout(DRAIN_TIMEOUT):
+                    await self._all_closed.wait()
+            except TimeoutError:
                 log.warning(
                     "%d request(s) still in flight after %.0f s; cutting them",
-                    len(pending),
+                    len(self._sessions),
                     DRAIN_TIMEOUT,
                 )
-                for t in pending:
-                    t.cancel()
-                await asyncio.wait(pending, timeout=1.0)
+                for session in list(self._sessions):
+                    session.crash()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
 
-    async def _sweep_idle(self) -> None:
-        # One periodic sweep instead of a timer per request: the hot path arms no
-        # timer while a keep-alive connection waits for its next request head (and a
-        # client trickling a head byte by byte is cut off just the same).
+    async def _sweep(self) -> None:
+        # One periodic sweep instead of a timer per request: idle pooled connections
+        # expire, response heads and request bodies time out, idle clients are let go
+        # (a client trickling a head byte by byte is cut off just the same).
         while True:
-            await asyncio.sleep(IDLE_TIMEOUT / 4)
-            cutoff = time.monotonic() - IDLE_TIMEOUT
-            for conn in list(self._conns):
-                if not conn.busy and conn.idle_since < cutoff:
-                    conn.task.cancel()
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self._sweep_once(_now())
+            except Exception:
+                log.exception("unexpected error while sweeping timeouts")
 
-    # ------------------------------------------------------------------ data plane
+    def _sweep_once(self, now: float) -> None:
+        for entry in self.table.entries():
+            entry.pool.expire(now)
+        idle_cutoff = now - IDLE_TIMEOUT
+        for session in list(self._sessions):
+            exchange = session.exchange
+            if exchange is None:
+                if session.idle_since < idle_cutoff:
+                    session.close()
+            elif exchange.deadline and exchange.deadline < now:
+                if exchange.waiting_for_body:
+                    session.crash()
+                elif exchange.up is not None:
+                    exchange.up.time_out()  # its connection_lost ends the exchange
 
-    async def handle_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """One client connection: requests in sequence while keep-alive holds."""
-        task = asyncio.current_task()
-        assert task is not None
-        conn = _Conn(task)
-        self._conns.add(conn)
-        peer = writer.get_extra_info("peername")
-        client_ip = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
-        outcome: bool | _Abort = False
+    def client_channel(self) -> _Channel:
+        """Protocol factory for the data-plane server."""
+        return _Channel(on_made=self._accept)
+
+    def _accept(self, chan: _Channel) -> None:
+        if self.closing:  # accepted just before the listening socket closed
+            chan.close()
+            return
+        self._sessions.add(_Session(self, chan))
+
+    def forget(self, session: _Session) -> None:
+        self._sessions.discard(session)
+        if self.closing and not self._sessions:
+            self._all_closed.set()
+
+    def spawn(self, exchange: _Exchange, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for ``exchange`` as a task; a bug in it resets that client only."""
+        task = asyncio.get_running_loop().create_task(self._guarded(exchange, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _guarded(exchange: _Exchange, work: Coroutine[Any, Any, None]) -> None:
         try:
-            while not self._closing:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:
-                    writer.write(
-                        _error_response(431, "request head larger than 64 KiB", keep_alive=False)
-                    )
-                    break
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip():
-                        writer.write(
-                            _error_response(400, "incomplete request head", keep_alive=False)
-                        )
-                    break
-                except OSError:
-                    break
-                head = head.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before a request
-                if not head:
-                    continue
-                conn.busy = True
-                try:
-                    outcome = await self._handle_request(head, (reader, writer), client_ip)
-                finally:
-                    conn.busy = False
-                    conn.idle_since = time.monotonic()
-                if outcome is not True:
-                    break
-                await writer.drain()
-        except asyncio.CancelledError:
-            outcome = _ABORT if conn.busy else False
-        except OSError:
-            outcome = _ABORT
+            await work
         except Exception:
-            log.exception("unexpected error on a client connection")
-            outcome = _ABORT
-        finally:
-            self._conns.discard(conn)
-            if outcome is _ABORT:
-                writer.transport.abort()
-            else:
-                writer.close()
+            log.exception("unexpected error in a request")
+            exchange.session.crash()
 
-    async def _handle_request(
-        self, head: bytes, client: _Stream, client_ip: bytes
-    ) -> bool | _Abort:
-        """Answer one request. True: the client connection may carry another."""
-        reader, writer = client
-        try:
-            req = _parse_request(head)
-        except _BadMessage as exc:
-            writer.write(_error_response(exc.status, exc.reason, keep_alive=False))
-            await writer.drain()
-            return False
-        req.client_ip = client_ip
-
-        if req.expect_continue:
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        replay: bytes | None = None  # None: the body is streamed, so it cannot be resent
-        if not req.chunked and req.length <= REPLAY_LIMIT:
-            try:
-                replay = await reader.readexactly(req.length) if req.length else b""
-            except (OSError, asyncio.IncompleteReadError):
-                return False
-
-        tried: set[str] = set()
-        while True:
-            entry = self.table.acquire(tried)
-            if entry is None:
-                break
-            tried.add(entry.id)
-            try:
-                result = await self._forward(entry, req, replay, client)
-            finally:
-                self.table.release(entry)
-            if not isinstance(result, _Retry):
-                return result
-
-        # Without a buffered body the client's body is still unread: close after this.
-        keep = req.keep_alive and replay is not None and not self._closing
-        if tried:
-            message = f"no backend of service {self.service!r} could take the request"
-            writer.write(_error_response(502, message, keep_alive=keep))
-        else:
-            message = f"no ready backend for service {self.service!r}"
-            writer.write(_error_response(503, message, keep_alive=keep))
-        await writer.drain()
-        return keep
-
-    def _upstream_head(self, req: _Request, entry: _Entry) -> bytes:
+    def upstream_head(self, req: _Request, entry: _Entry) -> bytes:
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n", req.forward]
         if not req.has_host:
             parts.append(b"Host: " + entry.address.encode() + b"\r\n")
@@ -835,159 +1871,8 @@ class RouterProxy:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.length or req.method in (b"POST", b"PUT", b"PATCH"):
             parts.append(b"Content-Length: %d\r\n" % req.length)
-        parts.append(b"Connection: close\r\n\r\n")
+        parts.append(b"Connection: keep-alive\r\n\r\n")
         return b"".join(parts)
-
-    async def _forward(
-        self, entry: _Entry, req: _Request, replay: bytes | None, client: _Stream
-    ) -> bool | _Abort | _Retry:
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                backend = await asyncio.open_connection(entry.host, entry.port, limit=HEAD_LIMIT)
-        except (OSError, TimeoutError):
-            self.table.failed(entry, cooldown=True)
-            return _RETRY
-        complete = False
-        try:
-            result = await self._exchange(entry, req, replay, client, backend)
-            complete = result is not _ABORT and not isinstance(result, _Retry)
-            return result
-        finally:
-            # A cut-short exchange is reset, so the backend cannot mistake it for a
-            # complete request.
-            if complete:
-                backend[1].close()
-            else:
-                backend[1].transport.abort()
-
-    async def _exchange(
-        self,
-        entry: _Entry,
-        req: _Request,
-        replay: bytes | None,
-        client: _Stream,
-        backend: _Stream,
-    ) -> bool | _Abort | _Retry:
-        creader, cwriter = client
-        breader, bwriter = backend
-        body_done = True  # the client's body is fully read, so its connection can go on
-        if replay is not None:
-            # One write, one segment: head and a small body travel together.
-            bwriter.write(self._upstream_head(req, entry) + replay)
-        else:
-            bwriter.write(self._upstream_head(req, entry))
-            try:
-                if req.chunked:
-                    await _copy_chunked(creader, bwriter, True, _ClientFailed, _BackendFailed)
-                else:
-                    await _copy_fixed(creader, bwriter, req.length, _ClientFailed, _BackendFailed)
-            except _ClientFailed:
-                # Reset, so the backend cannot take a cut-off body for a whole one.
-                bwriter.transport.abort()
-                cwriter.write(
-                    _error_response(400, "bad or incomplete request body", keep_alive=False)
-                )
-                return False
-            except _BackendFailed:
-                # The backend stopped reading; it may still have answered (say, 413).
-                body_done = False
-
-        try:
-            async with asyncio.timeout(RESPONSE_TIMEOUT):
-                resp, small_body = await self._read_response(breader, req.method)
-        except asyncio.IncompleteReadError as exc:
-            # A clean close is ambiguous (the application may have acted on the
-            # request), so only an idempotent request is sent again after one.
-            if replay is not None and not exc.partial and req.method in _IDEMPOTENT:
-                self.table.failed(entry, cooldown=True)
-                return _RETRY
-            self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done, "closed the connection early")
-        except ConnectionError:
-            # A reset before any answer is what a backend closing its listening socket
-            # does to connections still in its accept queue (or the kernel, to a socket
-            # closed with our request unread): the application never saw the request,
-            # so sending it again is safe whatever the method.
-            if replay is not None:
-                self.table.failed(entry, cooldown=True)
-                return _RETRY
-            self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done, "reset the connection")
-        except (OSError, TimeoutError, asyncio.LimitOverrunError):
-            self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done, "did not answer properly")
-        except _BadMessage:
-            self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done, "sent a malformed response")
-        except _BrokenBody:
-            self.table.failed(entry, cooldown=False)
-            return self._fail_502(req, cwriter, body_done, "broke off its response")
-
-        has_body = _has_body(resp, req.method)
-        if resp.status >= 500:
-            entry.errors += 1
-        keep = req.keep_alive and body_done and not self._closing
-        out = [resp.start, resp.forward]
-        if has_body and req.version == 11 and (resp.chunked or resp.close_delimited):
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        elif resp.length is not None:
-            out.append(b"Content-Length: %d\r\n" % resp.length)
-        elif has_body:
-            keep = False  # an HTTP/1.0 client learns where the body ends by our close
-        out.append(b"X-Graven-Backend: " + entry.id.encode() + b"\r\n")
-        if not keep:
-            out.append(b"Connection: close\r\n\r\n")
-        elif req.version == 10:
-            out.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            out.append(b"\r\n")
-        out.append(small_body)
-        cwriter.write(b"".join(out))
-        if small_body or resp.length == 0:
-            return keep
-
-        chunk_out = req.version == 11
-        try:
-            if has_body and resp.chunked:
-                await _copy_chunked(breader, cwriter, chunk_out, _BackendFailed, _ClientFailed)
-            elif has_body and resp.length is not None:
-                await _copy_fixed(breader, cwriter, resp.length, _BackendFailed, _ClientFailed)
-            elif has_body:
-                await _copy_until_close(breader, cwriter, chunk_out, _ClientFailed)
-        except _BackendFailed:
-            entry.errors += 1
-            return _ABORT
-        except _ClientFailed:
-            return _ABORT
-        return keep
-
-    async def _read_response(
-        self, breader: asyncio.StreamReader, method: bytes
-    ) -> tuple[_Response, bytes]:
-        """The response head and, when short and length-framed, its body: head and body
-        then leave in one write, and a backend dying mid-body still gets a clean 502."""
-        while True:
-            head = await breader.readuntil(b"\r\n\r\n")
-            resp = _parse_response(head, method)
-            if resp.status == 101:
-                raise _BadMessage(502, "backend switched protocols without being asked")
-            # Interim answers (100, 103) are dropped: the proxy sent its own 100 Continue.
-            if resp.status >= 200:
-                break
-        if resp.length is None or resp.length > COPY_SIZE or not _has_body(resp, method):
-            return resp, b""
-        try:
-            return resp, await breader.readexactly(resp.length)
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            raise _BrokenBody(str(exc)) from exc
-
-    def _fail_502(
-        self, req: _Request, cwriter: asyncio.StreamWriter, body_consumed: bool, what: str
-    ) -> bool:
-        keep = req.keep_alive and body_consumed and not self._closing
-        message = f"backend of service {self.service!r} {what}"
-        cwriter.write(_error_response(502, message, keep_alive=keep))
-        return keep
 
     # ------------------------------------------------------------------ admin API
 
@@ -1130,8 +2015,8 @@ async def _run(args: argparse.Namespace) -> int:
     proxy = RouterProxy(service, port, state_path, table)
 
     try:
-        server = await asyncio.start_server(
-            proxy.handle_client, host, port, limit=HEAD_LIMIT, backlog=1024, reuse_address=True
+        server = await asyncio.get_running_loop().create_server(
+            proxy.client_channel, host, port, backlog=1024, reuse_address=True
         )
     except OSError as exc:
         # asyncio wraps the errno text in a long sentence; the plain text reads better.

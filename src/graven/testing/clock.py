@@ -23,3 +23,9 @@ class FakeClock:
     async def sleep(self, seconds: float) -> None:
         self.advance(seconds)
         await asyncio.sleep(0)  # still yield, so other tasks run in between
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
+        if event.is_set():
+            return True
+        await self.sleep(timeout)
+        return event.is_set()
