@@ -178,3 +178,14 @@ def test_a_pipe_gets_plain_lines_and_json_gets_none(
         project, *state, "image", "export", "web", "--layout", str(tmp_path / "out"), "-o", "json"
     )
     assert exported.stderr == ""
+
+
+def test_build_draws_a_step_bar_on_a_terminal(project: Path, tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    stdout, terminal = graven_on_tty(project, *state, "build", "--no-cache")
+    assert BAR in terminal
+    assert "build web" in terminal
+    assert "step 1" in terminal  # the per-step lines stay above the bar
+    assert "built web" in stdout
+    piped = graven_piped(project, *state, "build", "--no-cache")
+    assert BAR not in piped.stderr and "\x1b[" not in piped.stderr

@@ -210,20 +210,23 @@ def _build(
         # Taken before the build reads anything: a file edited meanwhile mismatches later.
         sig, newest = fingerprint.signature(loaded.root, sources, app.state_dir.resolve())
 
-        def on_step(s: Any) -> None:
-            mark = "[dim]cached[/]" if s.cached else f"[cyan]ran[/] {s.seconds:.2f}s"
-            out.progress(f"  step {s.index + 1} {s.kind:<10} {mark}  {s.summary}")
+        with out.bar(f"build {name}", total=len(recipe.steps)) as bar:
 
-        r = build_image(
-            name,
-            recipe,
-            loaded.root,
-            store,
-            no_cache=no_cache,
-            on_step=on_step,
-            built=images,
-            on_progress=lambda line: out.progress(f"  {line}"),
-        )
+            def on_step(s: Any) -> None:
+                mark = "[dim]cached[/]" if s.cached else f"[cyan]ran[/] {s.seconds:.2f}s"
+                bar.line(f"  step {s.index + 1} {s.kind:<10} {mark}  {s.summary}")
+                bar.update(completed=s.index + 1)
+
+            r = build_image(
+                name,
+                recipe,
+                loaded.root,
+                store,
+                no_cache=no_cache,
+                on_step=on_step,
+                built=images,
+                on_progress=lambda line: bar.line(f"  {line}"),
+            )
         images[name] = r.image
         built[name] = (str(r.image.digest), len(r.steps), sources, sig, newest)
         if name not in requested:
