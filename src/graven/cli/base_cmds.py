@@ -10,26 +10,11 @@ from typing import Any
 
 import click
 
-from graven.cli.context import AppContext
+from graven.cli.context import app_context
 from graven.cli.main import cli, output_option
-from graven.cli.output import Output
+from graven.cli.output import Output, human_size
 from graven.model import Image
 from graven.store.cas import ContentStore
-
-
-def _app(ctx: click.Context) -> AppContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
-    return obj
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable
 
 
 def _summary(store: ContentStore, image: Image, **extra: Any) -> dict[str, Any]:
@@ -53,7 +38,7 @@ def _summary(store: ContentStore, image: Image, **extra: Any) -> dict[str, Any]:
 
 def _render(con: Any, d: Any) -> None:
     how = " (reused: made earlier with the same parameters)" if d.get("cached") else ""
-    con.print(f"[green]base[/] {d['name']} {d['digest']}  {_size(d['size'])}{how}")
+    con.print(f"[green]base[/] {d['name']} {d['digest']}  {human_size(d['size'])}{how}")
     interp = d["interpreter"]
     if interp:
         con.print(f"  interpreter: {interp.get('path')} ({interp.get('source')})")
@@ -112,7 +97,7 @@ def debian(
     from graven.build.bases import find_debian_base, make_debian_base
 
     out = Output(output)
-    store = _app(ctx).store()
+    store = app_context(ctx).store()
     packages = _packages(include)
     params: dict[str, Any] = {
         "suite": suite,
@@ -152,7 +137,7 @@ def host_python(
     from graven.build.bases import make_host_python_base
 
     out = Output(output)
-    store = _app(ctx).store()
+    store = app_context(ctx).store()
     out.progress("[bold]base host-python[/]")
     image = make_host_python_base(
         store, python=python, name=name, include_bytecode=bytecode, on_progress=_progress(out)

@@ -11,6 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import click
+
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
@@ -87,6 +89,14 @@ class AppContext:
         client = ControllerClient(self.state_dir)
         client.ensure_running()
         return client
+
+
+def app_context(ctx: click.Context) -> AppContext:
+    """The AppContext the root command stored, from any subcommand's click context."""
+    obj = ctx.find_root().obj
+    if not isinstance(obj, AppContext):
+        raise TypeError("graven's root command did not set up its context")
+    return obj
 
 
 def actor() -> str:

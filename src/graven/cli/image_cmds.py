@@ -11,28 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from graven.cli.context import AppContext
+from graven.cli.context import app_context
 from graven.cli.main import cli, output_option
-from graven.cli.output import Output, short
+from graven.cli.output import Output, human_size, short
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
     from graven.store.oci import LayerProgress
-
-
-def _app(ctx: click.Context) -> AppContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
-    return obj
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable
 
 
 @cli.group("image")
@@ -92,7 +77,7 @@ def export(
             hint="For example: graven image export web --layout out/",
         )
     out = Output(output)
-    store = _app(ctx).store()
+    store = app_context(ctx).store()
     img = store.resolve(image_ref)
     ref = check_ref_name(ref_name or img.name or "latest")
     kind = check_compression(compression)
@@ -107,7 +92,7 @@ def export(
             bar.update(completed=p.index + 1, total=p.count)
             bar.line(
                 f"  layer {p.index + 1}/{p.count} {short(p.blob.digest)} "
-                f"{_size(p.blob.size):>10} {kind:<4} {how}"
+                f"{human_size(p.blob.size):>10} {kind:<4} {how}"
             )
 
         if layout is not None:

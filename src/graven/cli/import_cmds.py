@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from graven.cli.context import AppContext
+from graven.cli.context import app_context
 from graven.cli.image_cmds import image
 from graven.cli.main import output_option
 from graven.cli.output import Output, short
@@ -63,8 +63,7 @@ def import_command(
     """
     from graven.store.oci_import import ImportPolicy, import_layout
 
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
+    obj = app_context(ctx)
     out = Output(output)
     store = obj.store()
     out.progress(f"[bold]import[/] {source}" + (f" ref {ref!r}" if ref else ""))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from graven.cli.context import AppContext, actor, source_commit
+from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.output import Output
 from graven.errors import GravenError, UsageError
 
@@ -93,12 +93,6 @@ def cli(ctx: click.Context, spec_file: Path | None, state_dir: Path | None, debu
     ctx.obj = AppContext(spec_file=spec_file, state_dir_option=state_dir, debug=debug)
 
 
-def _app(ctx: click.Context) -> AppContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
-    return obj
-
-
 # --- project ---------------------------------------------------------------------------
 
 
@@ -126,7 +120,7 @@ def init(directory: Path, force: bool, output: str) -> None:
 @click.pass_context
 def check(ctx: click.Context, output: str) -> None:
     """Validate the spec; every problem names file:line and key path."""
-    loaded = _app(ctx).spec()
+    loaded = app_context(ctx).spec()
     spec = loaded.spec
     data = {
         "file": str(loaded.path),
@@ -271,7 +265,7 @@ def build(ctx: click.Context, images: tuple[str, ...], no_cache: bool, output: s
     A step whose inputs are unchanged never runs again; when nothing at all changed
     since the last build, not even the spec is parsed."""
     out = Output(output)
-    data = {"images": _build(_app(ctx), list(images), out, no_cache=no_cache)}
+    data = {"images": _build(app_context(ctx), list(images), out, no_cache=no_cache)}
 
     def render(con: Any, d: Any) -> None:
         for img in d["images"]:
@@ -288,7 +282,7 @@ def build(ctx: click.Context, images: tuple[str, ...], no_cache: bool, output: s
 @click.pass_context
 def images(ctx: click.Context, output: str) -> None:
     """List images in the store."""
-    listing = _app(ctx).store().list_images()
+    listing = app_context(ctx).store().list_images()
     data = {
         "images": [
             {"name": name, "digest": str(img.digest), "entrypoint": list(img.config.entrypoint)}
@@ -366,7 +360,7 @@ def _wait_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> li
 @click.pass_context
 def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
     """Show what deploy would do, step by step, without doing it."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     chosen = _services_from(app, services)
     candidates = _candidates(app, chosen, out)
@@ -436,7 +430,7 @@ def deploy(
     ctx: click.Context, services: tuple[str, ...], message: str | None, no_wait: bool, output: str
 ) -> None:
     """Build, release and roll out SERVICES (default: all), replacing instances."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     why = _require_message(message, "deploy")
     chosen = _services_from(app, services)
@@ -484,7 +478,7 @@ def rollback(
     ctx: click.Context, service: str, to: int | None, message: str, no_wait: bool, output: str
 ) -> None:
     """Return SERVICE to the release that served before (or --to N)."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     client = app.controller()
     r = client.request(
@@ -509,7 +503,7 @@ def rollback(
 @click.pass_context
 def promote(ctx: click.Context, service: str, message: str, no_wait: bool, output: str) -> None:
     """Let SERVICE's paused rollout go on (a manual blue-green switch, a canary step)."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     client = app.controller()
     r = client.request(
@@ -545,7 +539,7 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
 @click.pass_context
 def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
     """Stop SERVICE's rollout and return to the release that served before it."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     client = app.controller()
     r = client.request(
@@ -560,7 +554,7 @@ def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
 @click.pass_context
 def status(ctx: click.Context, service: str | None, output: str) -> None:
     """Instances, release, image digest and health of each service."""
-    app = _app(ctx)
+    app = app_context(ctx)
     data = app.controller().request("GET", "/v1/status", service=service)
 
     def render(con: Any, d: Any) -> None:
@@ -611,7 +605,7 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
 @click.pass_context
 def releases(ctx: click.Context, service: str, output: str) -> None:
     """List SERVICE's releases, newest last."""
-    app = _app(ctx)
+    app = app_context(ctx)
     st = app.state()
     desired = st.desired_release(service)
     rows = st.releases(service)
@@ -660,7 +654,7 @@ def releases(ctx: click.Context, service: str, output: str) -> None:
 def down(ctx: click.Context, service: str | None, message: str, output: str) -> None:
     """Drain and stop SERVICE's instances and router (default: every service, then
     the controller)."""
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     from graven.controller.client import ControllerClient
 
@@ -715,7 +709,7 @@ def audit(ctx: click.Context, service: str | None, verify: bool, output: str) ->
     from graven.errors import LedgerTampered
     from graven.ledger.chain import verify_chain
 
-    app = _app(ctx)
+    app = app_context(ctx)
     st = app.state()
     entries = st.ledger()
     data: dict[str, Any] = {
@@ -771,7 +765,7 @@ def serve(ctx: click.Context, output: str) -> None:
     """Run the controller in the foreground (other verbs start it when absent)."""
     from graven.controller.daemon import serve as run
 
-    app = _app(ctx)
+    app = app_context(ctx)
     Output(output).progress(
         f"controller for {app.state_dir}; Ctrl-C stops it (instances keep running)"
     )

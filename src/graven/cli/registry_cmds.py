@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 import click
 
-from graven.cli.context import AppContext
+from graven.cli.context import app_context
 from graven.cli.main import cli, output_option
-from graven.cli.output import Output, ProgressBar
+from graven.cli.output import Output, ProgressBar, human_size
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
@@ -45,12 +45,6 @@ def _registry_options(f: F) -> F:
         is_flag=True,
         help="Speak plain HTTP to the registry (loopback registries always do).",
     )(f)
-
-
-def _app(ctx: click.Context) -> AppContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
-    return obj
 
 
 class _Transfers:
@@ -179,23 +173,12 @@ def _documents(out: Output, store: ContentStore, image: Image, compression: str)
         )
 
 
-def _size(n: int) -> str:
-    if n < 1000:
-        return f"{n} B"
-    value = n / 1000
-    for unit in ("kB", "MB"):
-        if value < 1000:
-            return f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"
-
-
 def _blob_line(t: BlobTransfer) -> str:
     from graven.store.oci_types import DOCKER_CONFIG, OCI_CONFIG
 
     kind = "config" if t.media_type in (OCI_CONFIG, DOCKER_CONFIG) else "layer"
     color = {"uploaded": "cyan", "downloaded": "cyan", "mounted": "green"}.get(t.action, "dim")
-    line = f"  [{color}]{t.action:<10}[/] {t.digest.short}  {kind:<6} {_size(t.size):>9}"
+    line = f"  [{color}]{t.action:<10}[/] {t.digest.short}  {kind:<6} {human_size(t.size):>9}"
     if t.action == "mounted" and t.source:
         line += f"  from {t.source}"
     return line
@@ -233,7 +216,7 @@ def push(
 
     out = Output(output)
     ref = parse_reference(reference)
-    store = _app(ctx).store()
+    store = app_context(ctx).store()
     img = store.resolve(image)
     label = img.name or img.digest.short
     out.progress(f"[bold]push[/] {label} -> {ref}")
@@ -257,7 +240,7 @@ def push(
         con.print(
             f"[green]pushed[/] {d['reference']}  ({d['uploaded']} uploaded, "
             f"{d['mounted']} mounted, {d['skipped']} already there; "
-            f"{_size(d['bytes_sent'])} sent)"
+            f"{human_size(d['bytes_sent'])} sent)"
         )
         con.print(f"pull with: graven pull {d['pinned']}")
 
@@ -292,7 +275,7 @@ def pull(
 
     out = Output(output)
     ref = parse_reference(reference)
-    store = _app(ctx).store()
+    store = app_context(ctx).store()
     out.progress(f"[bold]pull[/] {ref}")
     with out.bar(f"pull {ref.repository}", unit="bytes") as bar:
         transfers = _Transfers(bar)
@@ -309,7 +292,7 @@ def pull(
     def render(con: Any, d: Any) -> None:
         con.print(
             f"[green]pulled[/] {d['reference']} as {d['name']}  image {d['image']}  "
-            f"({_size(d['bytes_received'])} received)"
+            f"({human_size(d['bytes_received'])} received)"
         )
 
     out.emit(data, render)

@@ -11,24 +11,9 @@ from typing import Any
 
 import click
 
-from graven.cli.context import AppContext
+from graven.cli.context import app_context
 from graven.cli.main import cli, output_option
-from graven.cli.output import Output, short
-
-
-def _app(ctx: click.Context) -> AppContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, AppContext)
-    return obj
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # unreachable
+from graven.cli.output import Output, human_size, short
 
 
 class _Duration(click.ParamType[float]):
@@ -59,7 +44,7 @@ def fsck(ctx: click.Context, output: str) -> None:
     """Check every object in the store: exit 1 listing each problem found."""
     from graven.controller.paths import store_root
 
-    app = _app(ctx)
+    app = app_context(ctx)
     root = store_root(app.state_dir)
     problems = app.store().fsck() if root.is_dir() else []  # no store yet: sound
     data = {"store": str(root), "ok": not problems, "problems": problems}
@@ -125,7 +110,7 @@ def gc(
     from graven.controller.paths import state_db, store_root
     from graven.store.gc import run_gc
 
-    app = _app(ctx)
+    app = app_context(ctx)
     out = Output(output)
     root = store_root(app.state_dir)
     if not root.is_dir():
@@ -154,8 +139,8 @@ def gc(
             return
         verb = "would delete" if d["dry_run"] else "deleted"
         con.print(
-            f"[green]{verb}[/] {d['objects_deleted']} object(s), {_size(d['bytes_freed'])}; "
-            f"kept {d['objects_kept']} object(s), {_size(d['bytes_kept'])}"
+            f"[green]{verb}[/] {d['objects_deleted']} object(s), {human_size(d['bytes_freed'])}; "
+            f"kept {d['objects_kept']} object(s), {human_size(d['bytes_kept'])}"
         )
         if d["objects_young"]:
             con.print(f"  {d['objects_young']} unreferenced object(s) spared: younger than --grace")
@@ -167,9 +152,8 @@ def gc(
         if d["tmp_removed"]:
             extras.append(f"{d['tmp_removed']} temp file(s)")
         if d["checkouts_removed"]:
-            extras.append(
-                f"{len(d['checkouts_removed'])} checkout(s) ({_size(d['checkout_bytes_freed'])})"
-            )
+            freed = human_size(d["checkout_bytes_freed"])
+            extras.append(f"{len(d['checkouts_removed'])} checkout(s) ({freed})")
         if extras:
             con.print(f"  also {verb}: " + ", ".join(extras))
         if d["kept"]:
