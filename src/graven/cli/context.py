@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import os
 import socket
-import subprocess
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -113,6 +112,7 @@ def actor() -> str:
 
 def source_commit(directory: Path) -> str | None:
     """The git commit the spec's directory is at, with '+dirty' when it has changes."""
+    import subprocess  # only deploys ask
     try:
         head = subprocess.run(
             ["git", "-C", str(directory), "rev-parse", "HEAD"],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,6 +92,7 @@ class ControllerClient:
         """Start a detached controller for this state dir unless one answers."""
         if self.alive():
             return
+        import subprocess  # only when a controller must be started
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_path = controller_log(self.state_dir)
         with log_path.open("ab") as log:

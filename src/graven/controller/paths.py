@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 # sun_path holds 108 bytes; stay well below it.
@@ -27,6 +26,8 @@ def controller_socket(state_dir: Path) -> Path:
     if len(str(path).encode()) <= _MAX_SOCKET_PATH:
         return path
     tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    import tempfile  # rarely needed: keep every CLI verb's start lean
+
     return Path(tempfile.gettempdir()) / f"graven-{tag}.sock"
 
 
