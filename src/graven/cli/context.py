@@ -113,6 +113,7 @@ def actor() -> str:
 def source_commit(directory: Path) -> str | None:
     """The git commit the spec's directory is at, with '+dirty' when it has changes."""
     import subprocess  # only deploys ask
+
     try:
         head = subprocess.run(
             ["git", "-C", str(directory), "rev-parse", "HEAD"],

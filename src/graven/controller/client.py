@@ -93,6 +93,7 @@ class ControllerClient:
         if self.alive():
             return
         import subprocess  # only when a controller must be started
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_path = controller_log(self.state_dir)
         with log_path.open("ab") as log:
