@@ -161,7 +161,7 @@ class EmbeddedRouter:
 
     def ensure(self, service: str, port: int) -> None:
         """Make sure a proxy for ``service`` listens on ``port``; adopt a running one."""
-        _check_service(service)
+        check_service_name(service)
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise UsageError(f"router port must be 1-65535 (got {port!r})")
         files = self._files(service)
@@ -185,7 +185,7 @@ class EmbeddedRouter:
 
     def set_backends(self, service: str, backends: list[Backend]) -> None:
         """Replace the service's backend set (see ``Router.set_backends``)."""
-        _check_service(service)
+        check_service_name(service)
         check_backends(backends)
         body = json.dumps({"backends": backends_to_json(backends)}).encode()
         status, doc = self._admin(self._files(service), "PUT", "/backends", body)
@@ -198,7 +198,7 @@ class EmbeddedRouter:
 
     def stats(self, service: str) -> list[BackendStats]:
         """Per-backend counters as the proxy sees them, drained leftovers included."""
-        _check_service(service)
+        check_service_name(service)
         files = self._files(service)
         status, doc = self._admin(files, "GET", "/backends", None)
         try:
@@ -230,7 +230,7 @@ class EmbeddedRouter:
 
         In-flight requests get the proxy's own drain time. No error if it is not running.
         """
-        _check_service(service)
+        check_service_name(service)
         files = self._files(service)
         with self._locked(files):
             health = self._health(files)
@@ -261,7 +261,7 @@ class EmbeddedRouter:
 
     def pid(self, service: str) -> int | None:
         """The pid of the service's live proxy, or None."""
-        _check_service(service)
+        check_service_name(service)
         record = self._read_record(self._files(service))
         if record is not None and _is_running(record.pid, record.start_time):
             return record.pid
@@ -269,12 +269,12 @@ class EmbeddedRouter:
 
     def admin_socket(self, service: str) -> Path:
         """The unix socket of the service's admin API (``curl --unix-socket`` it)."""
-        _check_service(service)
+        check_service_name(service)
         return self._files(service).sock
 
     def log_path(self, service: str) -> Path:
         """Where the service's proxy writes its start-up messages and errors."""
-        _check_service(service)
+        check_service_name(service)
         return self._files(service).log
 
     # ------------------------------------------------------------------ internals
@@ -404,7 +404,7 @@ class EmbeddedRouter:
             files.pid.unlink()
         raise RouterError(
             f"router for service {files.service!r} on port {port} {what}: "
-            f"{_log_tail(files.log, offset)}",
+            f"{router_log_tail(files.log, offset)}",
             hint=f"If port {port} is in use, stop what holds it or choose another port. "
             f"Full log: {files.log}",
         )
@@ -503,7 +503,7 @@ def _latency_buckets(value: object) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _check_service(service: str) -> None:
+def check_service_name(service: str) -> None:
     if not isinstance(service, str) or not is_valid_name(service):
         raise UsageError(
             f"not a valid service name: {service!r} (lowercase letters, digits and '-', "
@@ -511,7 +511,7 @@ def _check_service(service: str) -> None:
         )
 
 
-def _log_tail(path: Path, offset: int, lines: int = 5) -> str:
+def router_log_tail(path: Path, offset: int, lines: int = 5) -> str:
     try:
         with path.open("rb") as f:
             f.seek(offset)

@@ -77,7 +77,7 @@ from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
-from graven.router.embedded import check_backends
+from graven.router.embedded import check_backends, check_service_name, router_log_tail
 from graven.router.proxy import split_address
 
 HAPROXY_MAX_WEIGHT: Final = 256  # haproxy's own limit; graven weights go to 1000
@@ -426,7 +426,7 @@ class HAProxyRouter:
 
     def ensure(self, service: str, port: int) -> None:
         """Make sure haproxy for ``service`` listens on ``port``; adopt a running one."""
-        _check_service(service)
+        check_service_name(service)
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise UsageError(f"router port must be 1-65535 (got {port!r})")
         files = self._files(service)
@@ -452,7 +452,7 @@ class HAProxyRouter:
 
     def set_backends(self, service: str, backends: list[Backend]) -> None:
         """Replace the service's backend set (see ``Router.set_backends``)."""
-        _check_service(service)
+        check_service_name(service)
         check_backends(backends)
         files = self._files(service)
         desired = [Desired(b, _haproxy_address(b)) for b in backends]
@@ -469,7 +469,7 @@ class HAProxyRouter:
 
         Also deletes leftovers that have become idle (see the module docstring).
         """
-        _check_service(service)
+        check_service_name(service)
         files = self._files(service)
         with self._locked(files):
             rows = self._rows(files)
@@ -518,7 +518,7 @@ class HAProxyRouter:
 
         Requests in flight get up to ``stop_timeout`` to finish. No error if none runs.
         """
-        _check_service(service)
+        check_service_name(service)
         files = self._files(service)
         with self._locked(files):
             live = self._info(files)
@@ -564,7 +564,7 @@ class HAProxyRouter:
 
     def pid(self, service: str) -> int | None:
         """The pid of the service's live haproxy, or None."""
-        _check_service(service)
+        check_service_name(service)
         record = self._read_record(self._files(service))
         if record is not None and _is_running(record.pid, record.start_time):
             return record.pid
@@ -572,7 +572,7 @@ class HAProxyRouter:
 
     def collector_pid(self, service: str) -> int | None:
         """The pid of the service's live latency collector, or None."""
-        _check_service(service)
+        check_service_name(service)
         record = self._read_record(self._files(service))
         if (
             record is not None
@@ -585,22 +585,22 @@ class HAProxyRouter:
 
     def admin_socket(self, service: str) -> Path:
         """haproxy's runtime API socket (``socat - UNIX-CONNECT:PATH`` talks to it)."""
-        _check_service(service)
+        check_service_name(service)
         return self._files(service).admin
 
     def config_path(self, service: str) -> Path:
         """The generated haproxy.cfg of the service."""
-        _check_service(service)
+        check_service_name(service)
         return self._files(service).config
 
     def log_path(self, service: str) -> Path:
         """Where haproxy and the collector write start-up messages and alerts."""
-        _check_service(service)
+        check_service_name(service)
         return self._files(service).log
 
     def command(self, service: str, command: str) -> str:
         """Send one runtime-API command and return haproxy's answer (for operators)."""
-        _check_service(service)
+        check_service_name(service)
         return self._api(self._files(service), command)
 
     # ------------------------------------------------------------------ internals
@@ -914,7 +914,7 @@ class HAProxyRouter:
                 files.record.unlink()
             raise RouterError(
                 f"haproxy for service {files.service!r} on port {port} {what}: "
-                f"{_log_tail(files.log, offset)}",
+                f"{router_log_tail(files.log, offset)}",
                 hint=f"If port {port} is in use, stop what holds it or choose another port. "
                 f"Full log: {files.log}",
             )
@@ -1081,14 +1081,6 @@ def _listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _check_service(service: str) -> None:
-    if not isinstance(service, str) or not is_valid_name(service):
-        raise UsageError(
-            f"not a valid service name: {service!r} (lowercase letters, digits and '-', "
-            "starting with a letter, at most 63 characters)"
-        )
-
-
 def _start_time(pid: int) -> int | None:
     """Kernel start time of ``pid``, or None if it is gone (zombies count as gone)."""
     child = _CHILDREN.get(pid)
@@ -1124,17 +1116,6 @@ def _signal_and_wait(pid: int, start_time: int, first: signal.Signals, wait: flo
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _is_running(pid, start_time):
             time.sleep(_POLL)
-
-
-def _log_tail(path: Path, offset: int, lines: int = 5) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            text = f.read().decode(errors="replace")
-    except OSError as exc:
-        return f"(log unreadable: {exc})"
-    kept = [line for line in text.splitlines() if line.strip() and not line.startswith("--- ")]
-    return " | ".join(kept[-lines:]) or "(nothing logged)"
 
 
 # --------------------------------------------------------------------------- collector
