@@ -10,10 +10,13 @@ C speed, so the backends are not what is measured.
 Targets, each loaded by ``wrk -t2 -c32 -dNs --latency``:
 
 - ``direct``: wrk against the first backend itself (the ceiling);
-- ``embedded``: ``graven.router.proxy`` started through ``EmbeddedRouter``, both backends
-  ready at equal weight;
-- ``haproxy``: a second HAProxy process, roundrobin over the same two backends, http
-  mode, keep-alive to clients and servers (``http-reuse always``).
+- ``embedded``: ``graven.router.proxy`` started through ``EmbeddedRouter`` with its
+  default worker count (one per core, up to 4), both backends ready at equal weight;
+- ``haproxy``: a second HAProxy process with as many threads (``nbthread``) as the
+  embedded router has workers, roundrobin over the same two backends, http mode,
+  keep-alive to clients and servers (``http-reuse always``);
+- ``embedded-1`` and ``haproxy-1``: the same with one worker and one thread (only when
+  the default is more than one), the single-core comparison.
 
 With ``--repeat N`` the targets run round-robin N times and the median of each is
 reported. Every process is ours, on loopback, and stopped by pid at the end.
@@ -39,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from graven.router.base import Backend
-from graven.router.embedded import EmbeddedRouter
+from graven.router.embedded import EmbeddedRouter, default_workers
 
 SERVICE = "bench"
 THREADS = 2
@@ -190,25 +193,32 @@ def median_result(runs: list[Result]) -> Result:
     )
 
 
-def table(results: dict[str, Result]) -> str:
-    d, e, h = results["direct"], results["embedded"], results["haproxy"]
+def table(results: dict[str, Result], workers: int) -> str:
+    d = results["direct"]
     rows = [
         "| target | req/s | p50 | p99 | errors |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in (d, e, h):
+    for r in results.values():
         rows.append(
             f"| {r.target} | {r.rps:,.0f} | {r.p50_ms:.2f} ms | {r.p99_ms:.2f} ms | {r.errors} |"
         )
-    rows += [
-        "",
-        "| ratio | req/s | p99 |",
-        "| --- | ---: | ---: |",
-        f"| embedded / direct | {e.rps / d.rps:.2f} | {e.p99_ms / d.p99_ms:.2f} |",
-        f"| haproxy / direct | {h.rps / d.rps:.2f} | {h.p99_ms / d.p99_ms:.2f} |",
-        f"| embedded / haproxy | **{e.rps / h.rps:.2f}** (goal ≥ 0.5) "
-        f"| **{e.p99_ms / h.p99_ms:.2f}** (goal ≤ 2) |",
-    ]
+    rows += ["", "| ratio | req/s | p99 |", "| --- | ---: | ---: |"]
+    pairs = [("embedded", "haproxy", f"{workers} worker(s) / {workers} thread(s)")]
+    if "embedded-1" in results:
+        pairs.append(("embedded-1", "haproxy-1", "1 worker / 1 thread"))
+    for e_name, h_name, _ in pairs:
+        e, h = results[e_name], results[h_name]
+        rows += [
+            f"| {e_name} / direct | {e.rps / d.rps:.2f} | {e.p99_ms / d.p99_ms:.2f} |",
+            f"| {h_name} / direct | {h.rps / d.rps:.2f} | {h.p99_ms / d.p99_ms:.2f} |",
+        ]
+    for e_name, h_name, what in pairs:
+        e, h = results[e_name], results[h_name]
+        rows.append(
+            f"| {e_name} / {h_name} ({what}) | **{e.rps / h.rps:.2f}** (goal ≥ 0.5) "
+            f"| **{e.p99_ms / h.p99_ms:.2f}** (goal ≤ 2) |"
+        )
     return "\n".join(rows)
 
 
@@ -217,7 +227,11 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds over the targets (median)")
     ap.add_argument(
-        "--haproxy-threads", type=int, default=1, help="nbthread of the peer HAProxy (default 1)"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="embedded router workers, and the peer HAProxy's nbthread "
+        "(default: graven's default, one per core up to 4)",
     )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
@@ -226,19 +240,23 @@ def main() -> None:
             sys.exit(f"{tool} is not installed: run scripts/setup (as root) first")
 
     work = Path(tempfile.mkdtemp(prefix="graven-proxy-bench-"))
-    b1, b2, peer_port, embedded_port = free_port(), free_port(), free_port(), free_port()
+    b1, b2 = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
-    router = EmbeddedRouter(work / "state")
+    routers: list[EmbeddedRouter] = []
+    backends = [Backend("b1", f"127.0.0.1:{b1}"), Backend("b2", f"127.0.0.1:{b2}")]
+    targets = {"direct": b1}
     try:
         procs.append(start_haproxy(ORIGIN_CONFIG.format(b1=b1, b2=b2), work / "origin.cfg"))
-        peer = PEER_CONFIG.format(threads=args.haproxy_threads, port=peer_port, b1=b1, b2=b2)
-        procs.append(start_haproxy(peer, work / "peer.cfg"))
-        router.ensure(SERVICE, embedded_port)
-        router.set_backends(
-            SERVICE,
-            [Backend("b1", f"127.0.0.1:{b1}"), Backend("b2", f"127.0.0.1:{b2}")],
-        )
-        targets = {"direct": b1, "embedded": embedded_port, "haproxy": peer_port}
+        counts = [("", args.workers)] + ([("-1", 1)] if args.workers > 1 else [])
+        for suffix, n in counts:
+            router = EmbeddedRouter(work / f"state{suffix}", workers=n)
+            routers.append(router)
+            targets["embedded" + suffix] = port = free_port()
+            router.ensure(SERVICE, port)
+            router.set_backends(SERVICE, backends)
+            targets["haproxy" + suffix] = port = free_port()
+            peer = PEER_CONFIG.format(threads=n, port=port, b1=b1, b2=b2)
+            procs.append(start_haproxy(peer, work / f"peer{suffix}.cfg"))
         for port in targets.values():
             wait_http(port)
         runs: dict[str, list[Result]] = {name: [] for name in targets}
@@ -247,9 +265,10 @@ def main() -> None:
                 run_wrk(name, port, 1)  # warm-up: connections, pools, caches
                 runs[name].append(run_wrk(name, port, args.duration))
         results = {name: median_result(r) for name, r in runs.items()}
-        stats = router.stats(SERVICE)
+        stats = routers[0].stats(SERVICE)
     finally:
-        router.stop(SERVICE)
+        for router in routers:
+            router.stop(SERVICE)
         for proc in procs:
             stop(proc)
         shutil.rmtree(work, ignore_errors=True)
@@ -260,7 +279,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{args.duration}s"])
         + " --latency",
-        "haproxy_threads": args.haproxy_threads,
+        "workers": args.workers,
         "results": {name: asdict(r) for name, r in results.items()},
         "embedded_stats": {
             s.id: {"requests": s.requests, "errors": s.errors, "responses_5xx": s.responses_5xx}
@@ -271,7 +290,7 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         print(f"{report['machine']}, {report['date']}, {report['command']}")
-        print(table(results))
+        print(table(results, args.workers))
 
 
 if __name__ == "__main__":

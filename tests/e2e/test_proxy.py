@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,9 +113,26 @@ class Proxy:
         return self.router.log_path(SERVICE).read_text(errors="replace")[-2000:]
 
 
+# The proxy runs on uvloop when it is installed; the standard library's loop is its
+# fallback. Tests marked with BOTH_LOOPS run the edge cases (resends, streaming,
+# framing, shutdown) on each. One worker process unless a test asks for more: pool
+# and counter details are per process; WORKERS runs a test on one and on two.
+BOTH_LOOPS = pytest.mark.parametrize(
+    "proxy", [{"loop": "auto"}, {"loop": "asyncio"}], indirect=True, ids=["uvloop", "asyncio"]
+)
+WORKERS = pytest.mark.parametrize(
+    "proxy", [{"workers": 1}, {"workers": 2}], indirect=True, ids=["1-worker", "2-workers"]
+)
+
+
 @pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[Proxy]:
-    p = Proxy(EmbeddedRouter(tmp_path / "state"), free_port(), set())
+def proxy(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Proxy]:
+    param = getattr(request, "param", {})
+    monkeypatch.setenv("GRAVEN_ROUTER_LOOP", param.get("loop", "auto"))
+    router = EmbeddedRouter(tmp_path / "state", workers=param.get("workers", 1))
+    p = Proxy(router, free_port(), set())
     try:
         yield p
     finally:
@@ -432,6 +450,7 @@ def test_requests_reach_only_ready_backends(
     assert b.requests == 0
 
 
+@WORKERS
 def test_weights_are_respected(proxy: Proxy, echoes: Callable[[str], EchoBackend]) -> None:
     light, heavy, off = echoes("light"), echoes("heavy"), echoes("off")
     proxy.start()
@@ -446,6 +465,7 @@ def test_weights_are_respected(proxy: Proxy, echoes: Callable[[str], EchoBackend
     assert off.requests == 0
 
 
+@WORKERS
 def test_no_ready_backend_is_503_and_all_dead_is_502(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -461,6 +481,16 @@ def test_no_ready_backend_is_503_and_all_dead_is_502(
     assert by_id(proxy.router.stats(SERVICE))["dead"].errors >= 1
 
 
+@BOTH_LOOPS
+def test_health_names_the_event_loop_serving(request: pytest.FixtureRequest, proxy: Proxy) -> None:
+    proxy.start()
+    router = proxy.router
+    status, doc = router._call(router._files(SERVICE), "GET", "/health", None, 5.0)
+    expected = "asyncio" if request.node.callspec.params["proxy"]["loop"] == "asyncio" else "uvloop"
+    assert (status, doc["loop"]) == (200, expected)
+
+
+@BOTH_LOOPS
 def test_forwarding_headers(proxy: Proxy, echoes: Callable[[str], EchoBackend]) -> None:
     a = echoes("a")
     proxy.start()
@@ -478,6 +508,7 @@ def test_forwarding_headers(proxy: Proxy, echoes: Callable[[str], EchoBackend]) 
 # --------------------------------------------------------------------------- draining
 
 
+@WORKERS
 def test_a_drained_backend_gets_nothing_new_but_finishes_its_slow_request(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -501,6 +532,7 @@ def test_a_drained_backend_gets_nothing_new_but_finishes_its_slow_request(
     assert eventually(lambda: by_id(proxy.router.stats(SERVICE))["old"].inflight == 0)
 
 
+@WORKERS
 def test_zero_failed_requests_while_backends_are_swapped_under_load(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -534,6 +566,7 @@ def test_zero_failed_requests_while_backends_are_swapped_under_load(
     assert len(load.served_by) >= 5  # traffic really moved across generations
 
 
+@BOTH_LOOPS
 def test_a_backend_that_dies_abruptly_costs_no_request(
     proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
 ) -> None:
@@ -557,6 +590,7 @@ def test_a_backend_that_dies_abruptly_costs_no_request(
     assert load.served_by["a"] > 0
 
 
+@WORKERS
 def test_stopping_a_drained_backend_under_load_costs_no_request(
     proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
 ) -> None:
@@ -635,6 +669,7 @@ def test_draining_or_removing_a_backend_closes_its_idle_connections_at_once(
     assert a.connections == 2  # a drained backend made ready again starts afresh
 
 
+@BOTH_LOOPS
 def test_streamed_bodies_use_fresh_connections_that_are_pooled_afterwards(
     proxy: Proxy, keepalives: Callable[..., KeepAliveBackend]
 ) -> None:
@@ -684,6 +719,7 @@ def test_a_backend_closing_idle_connections_costs_no_request(
     assert stats.errors == 0  # a stale pooled connection is no fault of the backend
 
 
+@BOTH_LOOPS
 @pytest.mark.parametrize("mode", ["eof", "reset"])
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_a_request_that_meets_a_stale_pooled_connection_is_sent_again(
@@ -707,6 +743,7 @@ def test_a_request_that_meets_a_stale_pooled_connection_is_sent_again(
     assert (stats.requests, stats.errors) == (5, 0)
 
 
+@BOTH_LOOPS
 def test_a_fresh_connection_closed_unanswered_resends_only_idempotent_requests(
     proxy: Proxy, flakies: Callable[..., FlakyBackend], keepalives: Callable[..., KeepAliveBackend]
 ) -> None:
@@ -753,6 +790,7 @@ def test_every_answer_is_timed_and_5xx_are_counted(
     assert sum(stats.latency_buckets[LATENCY_BOUNDS.index(0.02) + 1 :]) >= 2
 
 
+@WORKERS
 def test_histograms_sum_to_the_requests_under_load(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -786,6 +824,7 @@ def test_the_proxy_outlives_its_router_object(
     assert proxy.get()[:2] == (200, b"a\n")
 
 
+@WORKERS
 def test_a_restarted_proxy_restores_its_backends(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -803,6 +842,12 @@ def test_a_restarted_proxy_restores_its_backends(
     assert proxy.get()[:2] == (200, b"a\n")
 
 
+@pytest.mark.parametrize(
+    "proxy",
+    [{"loop": "auto"}, {"loop": "asyncio"}, {"workers": 2}],
+    indirect=True,
+    ids=["uvloop", "asyncio", "2-workers"],
+)
 def test_sigterm_lets_in_flight_requests_finish(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -824,6 +869,7 @@ def test_sigterm_lets_in_flight_requests_finish(
     assert "stopped" in proxy.log()
 
 
+@WORKERS
 def test_a_port_in_use_is_a_router_error_naming_the_port(proxy: Proxy) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", proxy.port))
@@ -854,6 +900,7 @@ def test_a_long_state_dir_gets_a_short_admin_socket(
 # --------------------------------------------------------------------------- HTTP framing
 
 
+@BOTH_LOOPS
 def test_chunked_request_and_response_bodies_pass_through(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -886,6 +933,7 @@ def test_chunked_request_and_response_bodies_pass_through(
         conn.close()
 
 
+@BOTH_LOOPS
 def test_http_1_0_clients_get_their_semantics(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -911,6 +959,7 @@ def test_http_1_0_clients_get_their_semantics(
             assert b"Connection: keep-alive" in answer and answer.endswith(b"a\n")
 
 
+@BOTH_LOOPS
 def test_head_answers_keep_length_without_body(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
@@ -928,6 +977,7 @@ def test_head_answers_keep_length_without_body(
         conn.close()
 
 
+@BOTH_LOOPS
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -957,3 +1007,82 @@ def test_malformed_requests_are_refused_and_the_proxy_keeps_serving(
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     assert proxy.get()[:2] == (200, b"a\n")
     assert by_id(proxy.router.stats(SERVICE))["a"].errors == 0
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def health(proxy: Proxy) -> dict[str, Any]:
+    router = proxy.router
+    status, doc = router._call(router._files(SERVICE), "GET", "/health", None, 5.0)
+    assert status == 200
+    return doc
+
+
+TWO_WORKERS = pytest.mark.parametrize("proxy", [{"workers": 2}], indirect=True, ids=["2-workers"])
+
+
+@TWO_WORKERS
+def test_workers_serve_one_port_and_their_counters_add_up(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    workers = health(proxy)["workers"]
+    assert len(workers) == 2 and supervisor not in workers and all(map(pid_alive, workers))
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    answers = Counter(proxy.get()[:2] for _ in range(40))
+    assert answers == {(200, b"a\n"): 40}
+    (stats,) = proxy.router.stats(SERVICE)
+    assert (stats.requests, sum(stats.latency_buckets), stats.inflight) == (40, 40, 0)
+
+
+@TWO_WORKERS
+def test_a_new_backend_set_reaches_every_worker(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b = echoes("a"), echoes("b")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    assert proxy.get()[:2] == (200, b"a\n")
+    proxy.router.set_backends(SERVICE, [a.backend("drain"), b.backend()])
+    # Fresh connections land on either worker: every one must see the new set.
+    assert Counter(proxy.get()[:2] for _ in range(30)) == {(200, b"b\n"): 30}
+    assert [(s.id, s.state) for s in proxy.router.stats(SERVICE)] == [
+        ("a", "drain"),
+        ("b", "ready"),
+    ]
+
+
+@TWO_WORKERS
+def test_a_killed_worker_is_replaced_and_given_the_current_set(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a, b = echoes("a"), echoes("b")
+    proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    victim, other = health(proxy)["workers"]
+    os.kill(victim, signal.SIGKILL)
+    # Changed while the worker is down: its successor must start with this set.
+    proxy.router.set_backends(SERVICE, [b.backend()])
+    assert eventually(lambda: victim not in health(proxy)["workers"], timeout=10)
+    replacement, still = health(proxy)["workers"]
+    assert still == other and pid_alive(replacement)
+    assert Counter(proxy.get()[:2] for _ in range(30)) == {(200, b"b\n"): 30}
+    assert "starting it again" in proxy.log()
+
+
+@TWO_WORKERS
+def test_workers_end_with_their_supervisor_even_after_sigkill(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = health(proxy)["workers"]
+    proxy.pids.update(workers)
+    os.kill(supervisor, signal.SIGKILL)
+    assert eventually(lambda: not any(map(pid_alive, workers)), timeout=10)
+    # The port is free again: a new router takes it and serves the persisted set.
+    assert proxy.start() != supervisor
+    assert proxy.get()[:2] == (200, b"a\n")

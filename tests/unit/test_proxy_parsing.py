@@ -129,6 +129,12 @@ def response_fields(resp: _Response) -> tuple[object, ...]:
 )
 @example(b"GET / HTTP/1.1", [(b"Host", b": ", b"x"), (b"TE", b": ", b"0"), (b"Tee", b": ", b"0")])
 @example(b"GET / HTTP/1.1", [(b"Host", b": ", b"x"), (b"Close", b": ", b"1")])
+@example(
+    b"GET / HTTP/1.1", [(b"Accept", b": ", b"1"), (b"host", b": ", b"x"), (b"Tee", b": ", b"")]
+)
+@example(b"PUT /x HTTP/1.0", [(b"Host", b": ", b"x")])
+@example(b"GET / HTTP/1.1", [(b"Host", b": ", b"x"), (b"HOST", b": ", b"y")])
+@example(b"GET / HTTP/1.1", [(b"Host", b": ", b"padded ")])
 def test_requests_parse_the_same_either_way(
     start: bytes, lines: list[tuple[bytes, bytes, bytes]]
 ) -> None:
@@ -165,6 +171,13 @@ def test_requests_parse_the_same_either_way(
 @example(b"HTTP/1.1 200 OK", b"GET", [(b"ETag", b": ", b"1"), (b"Content-Length", b": ", b"5")])
 @example(b"HTTP/1.0 204 No Content", b"GET", [(b"content-length", b": ", b"0")])
 @example(b"HTTP/1.1 200 OK", b"HEAD", [(b"Content-Length", b": ", b"5, 5")])
+@example(b"HTTP/1.1 200 OK", b"HEAD", [(b"ETag", b": ", b"1"), (b"content-length", b": ", b"5")])
+@example(b"HTTP/1.1 204 No Content", b"GET", [(b"Content-Length", b": ", b"0")])
+@example(b"HTTP/1.1 103 Early Hints", b"GET", [(b"Content-Length", b": ", b"5")])
+@example(b"HTTP/1.0 200 OK", b"GET", [(b"Content-Length", b": ", b"5"), (b"Tee", b": ", b"1")])
+@example(
+    b"HTTP/1.1 200 OK", b"GET", [(b"Content-Length", b": ", b"5"), (b"Content-Length", b": ", b"5")]
+)
 def test_responses_parse_the_same_either_way(
     start: bytes, method: bytes, lines: list[tuple[bytes, bytes, bytes]]
 ) -> None:
@@ -188,6 +201,16 @@ def test_the_fast_path_takes_the_common_heads() -> None:
         b"GET",
     )
     assert (resp.forward, resp.length, resp.keep_alive) == (b"ETag: x\r\n", 2, True)
+    req = _parse_request(b"GET /y HTTP/1.1\r\nAccept: */*\r\nHost: a\r\nUser-Agent: u\r\n\r\n")
+    assert (req.forward, req.keep_alive) == (b"Accept: */*\r\nHost: a\r\nUser-Agent: u\r\n", True)
+    resp = _parse_response(
+        b"HTTP/1.1 404 Not Found\r\nETag: x\r\nContent-Length: 12\r\nVary: y\r\n\r\n", b"GET"
+    )
+    assert (resp.start, resp.forward, resp.length) == (
+        b"HTTP/1.1 404 Not Found\r\n",
+        b"ETag: x\r\nVary: y\r\n",
+        12,
+    )
     resp = _parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", b"GET")
     assert not resp.keep_alive  # HTTP/1.0 without keep-alive closes after the answer
     resp = _parse_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"GET")

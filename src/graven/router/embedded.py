@@ -1,4 +1,5 @@
-"""The embedded Router adapter: one ``graven.router.proxy`` process per service.
+"""The embedded Router adapter: one ``graven.router.proxy`` router per service (a single
+proxy process, or a supervisor with one worker proxy per core).
 
 The proxy runs detached (its own session), so it outlives the controller that
 started it: killing the controller drops no request, and a restarted controller
@@ -134,8 +135,24 @@ def _is_running(pid: int, start_time: int) -> bool:
     return stat is not None and stat[1] == start_time and stat[0] not in ("Z", "X")
 
 
+def default_workers() -> int:
+    """Proxy processes per service: ``GRAVEN_ROUTER_WORKERS``, else one per usable
+    core up to four (past that, one service rarely needs more from its router)."""
+    text = os.environ.get("GRAVEN_ROUTER_WORKERS", "").strip()
+    if text:
+        if not text.isdigit() or not 1 <= int(text) <= 64:
+            raise UsageError(
+                f"GRAVEN_ROUTER_WORKERS must be a number 1-64 (got {text!r})",
+                hint="Unset it to use one worker per core (up to 4).",
+            )
+        return int(text)
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 class EmbeddedRouter:
-    """Router port adapter running graven's own proxy, one process per service.
+    """Router port adapter running graven's own proxy, one router per service: a
+    single proxy process, or with ``workers`` > 1 a supervisor and its worker
+    proxies (``graven.router.workers``); either way one pid and one admin socket.
 
     ``state_dir`` is graven's state directory; routers keep their files in
     ``state_dir/routers``. Proxies listen on ``listen_host`` (loopback by default).
@@ -149,9 +166,11 @@ class EmbeddedRouter:
         *,
         listen_host: str = "127.0.0.1",
         start_timeout: float = 10.0,
-        stop_timeout: float = 12.0,
+        stop_timeout: float = 15.0,
+        workers: int | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.workers = default_workers() if workers is None else workers
         self.dir = self.state_dir / "routers"
         self.listen_host = listen_host
         self.start_timeout = start_timeout
@@ -369,6 +388,8 @@ class EmbeddedRouter:
             str(files.sock),
             "--state",
             str(files.state),
+            "--workers",
+            str(self.workers),
         ]
         try:
             with files.log.open("ab") as log:

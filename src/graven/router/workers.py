@@ -1,0 +1,471 @@
+"""The embedded router across several cores: one supervisor, N worker proxies.
+
+One Python proxy process saturates one core at a few tens of thousands of requests a
+second. With ``--workers N`` (N > 1) the process started for a service becomes a
+supervisor instead:
+
+- it binds the data port once and hands the listening socket to N worker processes,
+  which accept from the same queue (a worker that dies takes no queued connection
+  with it, and the port never has two owners);
+- it keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
+  persisted once, then sent to every worker over its private control channel (a
+  socketpair: nothing on the filesystem, nobody else can reach it) and answered when
+  all of them serve it; ``GET /backends`` sums the workers' counters per backend;
+- it restarts a worker that dies, giving it the current backend set before that
+  worker accepts its first connection;
+- SIGTERM is passed on to the workers, whose in-flight requests finish (their own
+  drain bound), then it exits. A worker whose supervisor vanished (even by SIGKILL)
+  sees its control channel close and shuts down the same way.
+
+Control protocol, one JSON object per line, supervisor -> worker:
+``{"op": "put", "backends": [...]}`` or ``{"op": "get"}``; worker -> supervisor:
+``{"ok": true, "loop": .., "backends": [snapshot...]}`` or ``{"ok": false, "error": ..}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from graven.atomic import write_atomic
+from graven.router.base import LATENCY_BOUNDS, Backend
+from graven.router.proxy import (
+    DRAIN_TIMEOUT,
+    EXIT_BIND,
+    EXIT_STATE,
+    BackendSetError,
+    BackendTable,
+    RouterProxy,
+    backends_to_json,
+    load_state,
+    loop_name,
+    parse_backends,
+    serve_admin_request,
+    state_document,
+)
+
+log = logging.getLogger("graven.router.workers")
+
+CONTROL_TIMEOUT: Final = 5.0  # a worker answers a control message within this
+START_TIMEOUT: Final = 10.0  # a new worker takes its first backend set within this
+RESTART_DELAY: Final = 0.5  # before a dead worker is started again
+CONTROL_LINE_LIMIT: Final = 4 * 1024 * 1024
+_SUMMED: Final = ("inflight", "requests", "errors", "responses_5xx", "idle_connections")
+
+
+class WorkerError(Exception):
+    """A worker did not answer its control channel properly. ``gone``: the worker is
+    not running (its channel closed), so it takes the current set when restarted."""
+
+    def __init__(self, message: str, *, gone: bool) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+
+def merge_snapshots(
+    configured: list[Backend], snapshots: list[list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """One backend list from the workers' own: counters summed per backend id.
+
+    Configured backends come first, in the configured order, with their configured
+    state and weight; then ids a worker still holds after their removal (draining
+    requests in flight), in the order first seen.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for b in configured:
+        merged[b.id] = {
+            "id": b.id,
+            "address": b.address,
+            "state": b.state,
+            "weight": b.weight,
+            **dict.fromkeys(_SUMMED, 0),
+            "latency_buckets": [0] * (len(LATENCY_BOUNDS) + 1),
+        }
+    for snapshot in snapshots:
+        for item in snapshot:
+            into = merged.get(item["id"])
+            if into is None:
+                into = merged[item["id"]] = {
+                    **item,
+                    **dict.fromkeys(_SUMMED, 0),
+                    "latency_buckets": [0] * (len(LATENCY_BOUNDS) + 1),
+                }
+            for key in _SUMMED:
+                into[key] += int(item.get(key, 0))
+            buckets = item.get("latency_buckets") or []
+            for i, n in enumerate(buckets[: len(into["latency_buckets"])]):
+                into["latency_buckets"][i] += int(n)
+    return list(merged.values())
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+async def run_worker(service: str, port: int, listen_fd: int, control_fd: int) -> int:
+    """Serve the inherited listening socket with the backend sets the supervisor sends."""
+    loop = asyncio.get_running_loop()
+    table = BackendTable()
+    proxy = RouterProxy(service, port, Path(os.devnull), table)
+    reader, writer = await asyncio.open_connection(
+        sock=socket.socket(fileno=control_fd), limit=CONTROL_LINE_LIMIT
+    )
+    loop.add_signal_handler(signal.SIGTERM, proxy.begin_shutdown)
+    # A terminal's Ctrl-C reaches the whole group; the supervisor decides for us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    first_set = loop.create_future()
+    control = asyncio.create_task(_control_loop(proxy, reader, writer, first_set))
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            await asyncio.wait({first_set, control}, return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        pass
+    if not first_set.done() or first_set.cancelled():
+        control.cancel()
+        log.error("no backend set from the supervisor; worker exiting")
+        return 1
+    # Accept only now: a connection taken before the first set would get a 503.
+    server = await loop.create_server(
+        proxy.client_channel, sock=socket.socket(fileno=listen_fd), backlog=1024
+    )
+    await proxy.serve([server])
+    control.cancel()
+    writer.close()
+    return 0
+
+
+async def _control_loop(
+    proxy: RouterProxy,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    first_set: asyncio.Future[None],
+) -> None:
+    try:
+        while line := await reader.readline():
+            writer.write(json.dumps(_control_reply(proxy, line, first_set)).encode() + b"\n")
+            await writer.drain()
+    except (OSError, ValueError) as exc:  # ValueError: a line over the limit
+        log.warning("control channel failed: %s", exc)
+    # The supervisor is gone: stop taking requests, finish those in flight.
+    proxy.begin_shutdown()
+    if not first_set.done():
+        first_set.cancel()
+
+
+def _control_reply(
+    proxy: RouterProxy, line: bytes, first_set: asyncio.Future[None]
+) -> dict[str, object]:
+    try:
+        message = json.loads(line)
+        op = message["op"]
+        if op == "put":
+            proxy.table.replace(parse_backends(message["backends"]))
+            if not first_set.done():
+                first_set.set_result(None)
+        elif op != "get":
+            return {"ok": False, "error": f"unknown op {op!r}"}
+    except (ValueError, KeyError, TypeError, BackendSetError) as exc:
+        return {"ok": False, "error": f"bad control message: {exc}"}
+    return {"ok": True, "loop": loop_name(), "backends": proxy.table.snapshot()}
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+class _Worker:
+    """One worker process and the supervisor's end of its control channel."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.loop = ""
+        self.lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def call(self, message: Mapping[str, object]) -> list[dict[str, Any]]:
+        """Send one control message; the worker's backend snapshot, or WorkerError."""
+        async with self.lock:
+            where = f"worker {self.index} (pid {self.pid})"
+            if self.reader is None or self.writer is None:
+                raise WorkerError(f"{where} is not running", gone=True)
+            try:
+                self.writer.write(json.dumps(message).encode() + b"\n")
+                async with asyncio.timeout(CONTROL_TIMEOUT):
+                    await self.writer.drain()
+                    line = await self.reader.readline()
+            except (ConnectionError, EOFError) as exc:
+                raise WorkerError(f"{where}: {exc}", gone=True) from None
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise WorkerError(f"{where}: {exc or 'no answer in time'}", gone=False) from None
+            if not line:
+                raise WorkerError(f"{where} closed its control channel", gone=True)
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                reply = None
+            if not isinstance(reply, dict) or reply.get("ok") is not True:
+                what = reply.get("error") if isinstance(reply, dict) else "a malformed answer"
+                raise WorkerError(f"{where}: {what}", gone=False)
+            self.loop = str(reply.get("loop", ""))
+            return list(reply["backends"])
+
+    def detach(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+class Supervisor:
+    """The admin API and the workers of one service's router."""
+
+    def __init__(
+        self,
+        service: str,
+        host: str,
+        port: int,
+        state_path: Path,
+        backends: list[Backend],
+        listen: socket.socket,
+        workers: int,
+        loop_kind: str,
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self.state_path = state_path
+        self.backends = backends
+        self.listen = listen
+        self.loop_kind = loop_kind
+        self.workers = [_Worker(i) for i in range(workers)]
+        self.closing = False
+        self._put_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._supervising: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ workers
+
+    async def start_all(self) -> None:
+        """Start every worker and give each the backend set; raise if one cannot."""
+        await asyncio.gather(*(self._start(w) for w in self.workers))
+        for w in self.workers:
+            task = asyncio.create_task(self._supervise(w))
+            self._supervising.add(task)
+
+    async def _start(self, worker: _Worker) -> None:
+        parent_end, child_end = socket.socketpair()
+        try:
+            argv = [
+                sys.executable,
+                "-m",
+                "graven.router.proxy",
+                "--service",
+                self.service,
+                "--listen",
+                f"{self.host}:{self.port}",
+                "--loop",
+                self.loop_kind,
+                "--worker-fds",
+                f"{self.listen.fileno()},{child_end.fileno()}",
+            ]
+            # stdout and stderr are the supervisor's: the router's log.
+            worker.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                pass_fds=(self.listen.fileno(), child_end.fileno()),
+            )
+        finally:
+            child_end.close()
+        worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=1 << 24)
+        try:
+            await worker.call({"op": "put", "backends": backends_to_json(self.backends)})
+        except WorkerError:
+            worker.detach()
+            raise
+
+    async def _supervise(self, worker: _Worker) -> None:
+        while True:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            worker.detach()
+            if self.closing:
+                return
+            log.warning(
+                "worker %d (pid %d) exited with code %s; starting it again",
+                worker.index,
+                worker.proc.pid,
+                code,
+            )
+            await asyncio.sleep(RESTART_DELAY)
+            if self.closing:
+                return
+            try:
+                await self._start(worker)
+            except (OSError, WorkerError) as exc:
+                log.warning("worker %d did not start: %s", worker.index, exc)
+
+    # ------------------------------------------------------------------ admin API
+
+    def health(self) -> dict[str, object]:
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "service": self.service,
+            "port": self.port,
+            "loop": next((w.loop for w in self.workers if w.loop), ""),
+            "workers": [w.pid for w in self.workers],
+        }
+
+    async def get_backends(self) -> tuple[int, dict[str, object]]:
+        # A worker being restarted is left out: its counters restarted with it.
+        replies = await asyncio.gather(
+            *(w.call({"op": "get"}) for w in self.workers), return_exceptions=True
+        )
+        snapshots = [r for r in replies if isinstance(r, list)]
+        return 200, self._doc(snapshots)
+
+    async def put_backends(self, backends: list[Backend]) -> tuple[int, dict[str, object]]:
+        async with self._put_lock:
+            data = state_document(self.service, self.port, backends)
+            try:
+                await asyncio.to_thread(write_atomic, self.state_path, data, mode=0o600)
+            except OSError as exc:
+                return 500, {"error": f"cannot write state file {self.state_path}: {exc}"}
+            # From here a restarted worker starts with the new set.
+            self.backends = backends
+            message = {"op": "put", "backends": backends_to_json(backends)}
+            replies = await asyncio.gather(
+                *(w.call(message) for w in self.workers if w.writer is not None),
+                return_exceptions=True,
+            )
+        # A worker that is gone starts again with self.backends: not a failure.
+        failed = [
+            str(r)
+            for r in replies
+            if isinstance(r, BaseException) and not (isinstance(r, WorkerError) and r.gone)
+        ]
+        if failed:
+            return 500, {"error": "not every worker took the backend set: " + "; ".join(failed)}
+        return 200, self._doc([r for r in replies if isinstance(r, list)])
+
+    def _doc(self, snapshots: list[list[dict[str, Any]]]) -> dict[str, object]:
+        return {
+            "service": self.service,
+            "port": self.port,
+            "backends": merge_snapshots(self.backends, snapshots),
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def begin_shutdown(self) -> None:
+        self.closing = True
+        self._stop.set()
+
+    async def serve(self, admin: asyncio.AbstractServer | None) -> None:
+        await self._stop.wait()
+        if admin is not None:
+            admin.close()
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT + 2.0):
+                await asyncio.gather(*(p.wait() for p in procs))
+        except TimeoutError:
+            for p in procs:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+            await asyncio.gather(*(p.wait() for p in procs))
+        for task in self._supervising:
+            task.cancel()
+        for w in self.workers:
+            w.detach()
+        self.listen.close()
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The data port's listening socket, shared by the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+async def run_supervisor(
+    service: str,
+    host: str,
+    port: int,
+    admin_path: Path,
+    state_path: Path,
+    workers: int,
+    loop_kind: str,
+) -> int:
+    from graven.router.proxy import _admin_in_use, _die
+
+    try:
+        backends = load_state(state_path)
+    except (BackendSetError, OSError) as exc:
+        return _die(
+            EXIT_STATE,
+            f"state file {state_path} is unusable: {exc}. Move it aside and restart; "
+            "the controller sends the backend set again.",
+        )
+    try:
+        listen = bind_listener(host, port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        hint = " (another process holds the port)" if exc.errno == errno.EADDRINUSE else ""
+        return _die(EXIT_BIND, f"cannot listen on {host}:{port}: {reason}{hint}")
+    supervisor = Supervisor(service, host, port, state_path, backends, listen, workers, loop_kind)
+    if admin_path.exists():
+        if _admin_in_use(admin_path):
+            listen.close()
+            return _die(EXIT_BIND, f"admin socket {admin_path} is in use by another router")
+        admin_path.unlink()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.begin_shutdown)
+    try:
+        await supervisor.start_all()
+    except (OSError, WorkerError) as exc:
+        supervisor.begin_shutdown()
+        await supervisor.serve(None)
+        return _die(1, f"cannot start the router's workers: {exc}")
+    # The admin socket appears last: answering /health means every worker serves.
+    try:
+        admin = await asyncio.start_unix_server(
+            functools.partial(serve_admin_request, supervisor), path=str(admin_path)
+        )
+    except OSError as exc:
+        supervisor.begin_shutdown()
+        await supervisor.serve(None)
+        return _die(EXIT_BIND, f"cannot bind admin socket {admin_path}: {exc.strerror or exc}")
+    admin_ino = admin_path.stat().st_ino
+    pids = ", ".join(str(w.pid) for w in supervisor.workers)
+    print(
+        f"graven-router: service {service} listening on {host}:{port}, admin {admin_path}, "
+        f"{len(backends)} backend(s) from state, {workers} workers (pids {pids})",
+        file=sys.stderr,
+        flush=True,
+    )
+    await supervisor.serve(admin)
+    with contextlib.suppress(OSError):
+        if admin_path.stat().st_ino == admin_ino:
+            admin_path.unlink()
+    print(f"graven-router: service {service} stopped", file=sys.stderr, flush=True)
+    return 0
