@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -59,7 +60,9 @@ log = logging.getLogger("graven.router.workers")
 
 CONTROL_TIMEOUT: Final = 5.0  # a worker answers a control message within this
 START_TIMEOUT: Final = 10.0  # a new worker takes its first backend set within this
-RESTART_DELAY: Final = 0.5  # before a dead worker is started again
+RESTART_DELAY: Final = 0.5  # before a dead worker is started again; doubles per quick death
+RESTART_DELAY_MAX: Final = 10.0
+STABLE_AFTER: Final = 30.0  # a worker that lived this long resets the delay
 CONTROL_LINE_LIMIT: Final = 4 * 1024 * 1024
 _SUMMED: Final = ("inflight", "requests", "errors", "responses_5xx", "idle_connections")
 
@@ -298,19 +301,25 @@ class Supervisor:
             raise
 
     async def _supervise(self, worker: _Worker) -> None:
+        delay = RESTART_DELAY
         while True:
             assert worker.proc is not None
+            started = time.monotonic()
             code = await worker.proc.wait()
             worker.detach()
             if self.closing:
                 return
+            if time.monotonic() - started >= STABLE_AFTER:
+                delay = RESTART_DELAY
             log.warning(
-                "worker %d (pid %d) exited with code %s; starting it again",
+                "worker %d (pid %d) exited with code %s; starting it again in %.1f s",
                 worker.index,
                 worker.proc.pid,
                 code,
+                delay,
             )
-            await asyncio.sleep(RESTART_DELAY)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_DELAY_MAX)
             if self.closing:
                 return
             try:
