@@ -12,6 +12,7 @@ message and an exit code, never a traceback (unless ``--debug``)::
     ├── RuntimeFailure               an instance could not be started or stopped
     ├── RouterError                  the router process failed or refused a change
     ├── ControllerError              the controller is unreachable or refused a request
+    │   └── ControllerNotRunning     nothing listens on its socket: no request reached it
     ├── RolloutFailed                a rollout could not finish and was rolled back
     ├── LedgerTampered               ``audit --verify`` found an altered entry
     └── InternalError                a broken invariant: please report
@@ -19,7 +20,7 @@ message and an exit code, never a traceback (unless ``--debug``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class GravenError(Exception):
@@ -49,9 +50,11 @@ class NotFoundError(UsageError):
     """A named object does not exist."""
 
 
-@dataclass(frozen=True)
-class SpecProblem:
-    """One problem in a spec file, located precisely."""
+class SpecProblem(NamedTuple):
+    """One problem in a spec file, located precisely.
+
+    A NamedTuple, not a dataclass: every CLI start imports this module, and importing
+    ``dataclasses`` (and with it ``inspect``) is a large share of a lean start-up."""
 
     file: str
     line: int | None
@@ -107,6 +110,11 @@ class RouterError(GravenError):
 
 class ControllerError(GravenError):
     """The controller is unreachable or refused a request."""
+
+
+class ControllerNotRunning(ControllerError):
+    """Nothing listens on the controller's socket, so the request reached no controller
+    (safe to start one and send it again)."""
 
 
 class RolloutFailed(GravenError):

@@ -524,6 +524,22 @@ def test_a_swap_adds_first_and_drains_last() -> None:
     ]
 
 
+def test_a_weight_switch_raises_before_it_lowers() -> None:
+    # Blue-green: the old set (listed first) goes to weight 0, the new set to 100.
+    rows = [
+        ServerRow("old", "127.0.0.1:1", "no check", 256, 0, 0, 0, 0),
+        ServerRow("new", "127.0.0.1:2", "no check", 0, 0, 0, 0, 0),
+    ]
+    desired = [
+        Desired(Backend("old", "127.0.0.1:1", weight=0), "127.0.0.1:1"),
+        Desired(Backend("new", "127.0.0.1:2", weight=100), "127.0.0.1:2"),
+    ]
+    assert [s.command for s in plan_changes("web", desired, rows)] == [
+        "set weight web/new 256",
+        "set weight web/old 0",
+    ]
+
+
 def test_a_server_is_drained_before_its_weight_moves() -> None:
     rows = [ServerRow("a", "127.0.0.1:1", "no check", 256, 0, 0, 0, 0)]
     desired = [Desired(Backend("a", "127.0.0.1:5", "drain", 50), "127.0.0.1:5")]

@@ -194,3 +194,30 @@ def test_deploy_refuses_an_image_the_store_lacks(world: World) -> None:
     with pytest.raises(Exception, match="sha256"):
         world.deploy(Digest("sha256:" + "0" * 64))
     assert world.state.ledger() == []
+
+
+def test_ledger_head_follows_every_change_in_and_out_of_the_loop(world: World) -> None:
+    import json
+
+    def head() -> tuple[int, str]:
+        raw = json.loads((world.engine.state_dir / "ledger.head").read_text())
+        return int(raw["seq"]), str(raw["hash"])
+
+    world.deploy(world.v1)
+    world.converge()
+    world.deploy(world.v2)
+    world.converge()
+    assert head() == (2, world.state.ledger()[-1].hash)  # written at once outside a loop
+
+    async def in_the_controller() -> None:
+        world.engine.rollback("web", None, "ana", "why")
+        # In the loop the head is written off the loop's thread, after the reply.
+        for _ in range(1000):
+            if head()[0] == 3:
+                return
+            await asyncio.sleep(0.001)
+
+    asyncio.run(in_the_controller())
+    entries = world.state.ledger()
+    assert head() == (3, entries[-1].hash)
+    assert verify_chain(entries, head()) == 3

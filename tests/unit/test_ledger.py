@@ -103,3 +103,16 @@ def test_append_is_atomic_with_the_change(tmp_path: Path) -> None:
         st.append_ledger(db, LedgerEntry(at=1.0, actor="a", action="deploy", service="web"))
         raise RuntimeError("crash before commit")
     assert len(st.ledger()) == 1
+
+
+def test_a_commit_that_does_not_wait_for_the_disk_is_still_atomic(tmp_path: Path) -> None:
+    st = _store_with_entries(tmp_path / "s.db", 1)
+    with pytest.raises(RuntimeError), st.transaction(durable=False) as db:
+        db.execute("UPDATE ledger SET message='half' WHERE seq=1")
+        raise RuntimeError("boom")
+    assert st.ledger()[0].message == "change 0"
+    with st.transaction(durable=False) as db:
+        db.execute("UPDATE ledger SET message='shown' WHERE seq=1")
+    assert st.ledger()[0].message == "shown"
+    # Every other commit waits for the disk again.
+    assert st._query("PRAGMA synchronous")[0][0] == 2  # FULL

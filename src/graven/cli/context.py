@@ -1,32 +1,50 @@
-"""What every verb needs: where the spec is, where state lives, who is acting."""
+"""What every verb needs: where the spec is, where state lives, who is acting.
+
+click is only a type here: the lean paths in ``graven.cli.entry`` use this module too.
+"""
 
 from __future__ import annotations
 
 import getpass
 import os
 import socket
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
-
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
+    import click
+
     from graven.controller.client import ControllerClient
     from graven.ledger.store import StateStore
     from graven.spec.loader import LoadedSpec
     from graven.store.cas import ContentStore
 
 
-@dataclass
 class AppContext:
-    spec_file: Path | None = None
-    state_dir_option: Path | None = None
-    debug: bool = False
-    _loaded: LoadedSpec | None = field(default=None, repr=False)
+    """The root command's options, and what they lead to (spec, state dir, clients).
+
+    A plain class, not a dataclass: the lean rollback path uses it too, and importing
+    ``dataclasses`` (and with it ``inspect``) is a large share of a lean start-up."""
+
+    def __init__(
+        self,
+        spec_file: Path | None = None,
+        state_dir_option: Path | None = None,
+        debug: bool = False,
+    ) -> None:
+        self.spec_file = spec_file
+        self.state_dir_option = state_dir_option
+        self.debug = debug
+        self._loaded: LoadedSpec | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"AppContext(spec_file={self.spec_file!r}, "
+            f"state_dir_option={self.state_dir_option!r}, debug={self.debug!r})"
+        )
 
     def spec(self) -> LoadedSpec:
         """The validated spec; raises SpecError with every problem found."""

@@ -15,6 +15,8 @@ import click
 
 from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.output import Output
+from graven.cli.plain import report_error, write_json
+from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
 from graven.errors import GravenError, UsageError
 
 if TYPE_CHECKING:
@@ -335,23 +337,7 @@ def _candidates(app: AppContext, services: list[str], out: Output) -> list[dict[
 
 
 def _wait_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> list[dict[str, Any]]:
-    client = app.controller()
-    pending = dict(rollouts)
-    done: dict[str, dict[str, Any]] = {}
-    last: dict[str, str] = {}
-    while pending:
-        for service, rid in list(pending.items()):
-            r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
-            if r["progress"] and r["progress"] != last.get(service):
-                last[service] = r["progress"]
-                out.progress(f"  {service}: {r['progress']}")
-            # A rollout paused at a manual gate is done as far as this command goes.
-            if r["state"] != "running" or r["progress"].startswith("paused"):
-                done[service] = r
-                del pending[service]
-        if pending:
-            time.sleep(0.1)
-    return [done[s] for s in rollouts]
+    return wait_rollouts(app.controller(), rollouts, out.progress)
 
 
 @cli.command()
@@ -394,29 +380,8 @@ def _require_message(message: str | None, verb: str) -> str:
 
 
 def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
-    def render(con: Any, d: Any) -> None:
-        for r in d["results"]:
-            if not r.get("changed", True):
-                con.print(f"[green]{r['service']}[/]: already at {r['release']}; nothing to do")
-                continue
-            ro = r.get("rollout_result") or {}
-            if ro.get("state") == "running":
-                con.print(f"[yellow]{verb} {r['service']}[/]: {ro.get('progress', '')}")
-            elif ro.get("state") == "succeeded":
-                con.print(f"[green]{verb} {r['service']}[/]: {r.get('release', 'done')} serving")
-            else:
-                con.print(
-                    f"[red]{verb} {r['service']} {ro.get('state', 'failed')}[/]: "
-                    f"{ro.get('reason', '')}"
-                )
-        if d.get("url"):
-            con.print(f"url: {d['url']}")
-
-    out.emit(data, render)
-    finished = ("succeeded", "running")  # running: paused at a manual gate, not failed
-    if any(
-        (r.get("rollout_result") or {}).get("state", "succeeded") not in finished for r in results
-    ):
+    out.emit(data, lambda con, d: render_results(con, d, verb))
+    if any_failed(results):
         sys.exit(1)
 
 
@@ -457,14 +422,7 @@ def deploy(
 
 
 def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait: bool) -> None:
-    waiting = {r["service"]: r["rollout"] for r in results if r.get("rollout")}
-    if no_wait or not waiting:
-        return
-    finished = _wait_rollouts(app, waiting, out)
-    by_service = dict(zip(waiting, finished, strict=True))
-    for r in results:
-        if r["service"] in by_service:
-            r["rollout_result"] = by_service[r["service"]]
+    await_results(app.controller, results, no_wait=no_wait, progress=out.progress)
 
 
 @cli.command()
@@ -817,12 +775,7 @@ def main(argv: list[str] | None = None) -> None:
     except GravenError as exc:
         if debug:
             raise
-        if as_json:
-            _json_error(exc.to_dict())
-        else:
-            click.secho(f"error: {exc.message}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"hint: {exc.hint}", err=True)
+        report_error(exc, as_json=as_json)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -838,6 +791,4 @@ def _wants_json(args: list[str]) -> bool:
 
 
 def _json_error(data: dict[str, Any]) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    write_json(data, sort_keys=False)

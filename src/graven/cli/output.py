@@ -12,10 +12,10 @@ with ``-o json`` it is silent. rich is imported only when something is written.
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
+
+from graven.cli.plain import write_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 Unit = Literal["steps", "bytes"]
 
 
-def _console(stderr: bool = False) -> Console:
+def rich_console(stderr: bool = False) -> Console:
+    """The rich console every command writes through (stdout, or stderr)."""
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
@@ -49,19 +50,18 @@ class Output:
     @property
     def out(self) -> Console:
         if self._out is None:
-            self._out = _console()
+            self._out = rich_console()
         return self._out
 
     @property
     def err(self) -> Console:
         if self._err is None:
-            self._err = _console(stderr=True)
+            self._err = rich_console(stderr=True)
         return self._err
 
     def emit(self, data: Any, render: Callable[[Console, Any], None] | None = None) -> None:
         if self.json:
-            sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-            sys.stdout.flush()
+            write_json(data)
         elif render is not None:
             render(self.out, data)
 

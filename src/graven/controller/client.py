@@ -16,7 +16,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 from graven.controller.paths import controller_log, controller_socket
-from graven.errors import ControllerError, GravenError, NotFoundError, UsageError
+from graven.errors import (
+    ControllerError,
+    ControllerNotRunning,
+    GravenError,
+    NotFoundError,
+    UsageError,
+)
 
 
 def _exchange(path: Path, request: bytes, timeout: float) -> tuple[int, bytes]:
@@ -58,7 +64,13 @@ class ControllerClient:
         try:
             status, raw = _exchange(self.socket, request, self.timeout)
         except OSError as exc:
-            raise ControllerError(
+            # On a unix socket only connect() fails these two ways: nothing was sent.
+            kind = (
+                ControllerNotRunning
+                if isinstance(exc, FileNotFoundError | ConnectionRefusedError)
+                else ControllerError
+            )
+            raise kind(
                 f"cannot reach the controller at {self.socket}: {exc}",
                 hint=f"See {controller_log(self.state_dir)}; "
                 "'graven serve' runs it in the foreground.",

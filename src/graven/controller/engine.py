@@ -13,6 +13,7 @@ import json
 import logging
 import secrets
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ class Engine:
         self.health: dict[str, _HealthMemory] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self.listeners: list[Callable[[str], None]] = []
+        self._head: tuple[int, str] | None = None  # the newest ledger head to write out
+        self._head_scheduled = False
+        self._head_lock = threading.Lock()
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -143,11 +147,38 @@ class Engine:
         sealed = self.state.append_ledger(db, entry)
         return sealed
 
-    def _write_head(self) -> None:
-        entries = self.state.ledger()
-        if entries:
-            head = {"seq": entries[-1].seq, "hash": entries[-1].hash}
-            write_atomic(self.state_dir / "ledger.head", json.dumps(head).encode())
+    def _write_head(self, entry: LedgerEntry) -> None:
+        """Record the ledger's head (``entry``, just committed) outside the database:
+        ``audit --verify`` checks it to catch entries deleted from the end.
+
+        In the controller the file is written on a worker thread, so neither the API
+        reply nor the service worker this change woke waits for its two fsyncs. A head
+        one entry behind (a crash in between) is one the verifier accepts; the change
+        itself is durable in the database already."""
+        self._head = (entry.seq, entry.hash)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # called outside the controller's loop (tools, tests)
+            self._flush_head()
+            return
+        if not self._head_scheduled:
+            self._head_scheduled = True
+            loop.run_in_executor(None, self._flush_head)
+
+    def _flush_head(self) -> None:
+        # Under the lock the newest head is read and written, so a slower thread never
+        # writes an older head over a newer one.
+        with self._head_lock:
+            self._head_scheduled = False
+            if self._head is None:
+                return
+            seq, digest = self._head
+            path = self.state_dir / "ledger.head"
+            try:
+                write_atomic(path, json.dumps({"seq": seq, "hash": digest}).encode())
+            except OSError as exc:
+                # The next change writes it again; the ledger is safe in the database.
+                log.error("cannot write %s: %s", path, exc)  # noqa: TRY400 - no traceback needed
 
     def deploy(
         self,
@@ -190,8 +221,8 @@ class Engine:
                     details={**details, "image_name": image_name, "rollout": rollout},
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
         return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
 
     def rollback_target(self, service: str) -> int:
@@ -242,8 +273,8 @@ class Engine:
                     details={"from": f"{service}@r{desired}", "rollout": rollout},
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
         return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
 
     def down(self, service: str, actor: str, message: str) -> dict[str, Any]:
@@ -269,8 +300,8 @@ class Engine:
                     details={"rollout": rollout},
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
         return {"changed": True, "service": service, "rollout": rollout, "ledger": entry.seq}
 
     # --- the per-service loop ------------------------------------------------------------
@@ -441,6 +472,10 @@ class Engine:
 
     def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
         self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
+        self._notify(service)
+
+    def _notify(self, service: str) -> None:
+        """Tell the listeners that a rollout of ``service`` ended."""
         for listener in self.listeners:
             listener(service)
 
@@ -461,7 +496,7 @@ class Engine:
                 )
             if self.state.desired_release(service) == desired:
                 self.state.set_desired(db, service, back, now)
-            self._record(
+            entry = self._record(
                 db,
                 LedgerEntry(
                     at=now,
@@ -476,8 +511,8 @@ class Engine:
                     },
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
 
     # --- applying steps ------------------------------------------------------------------
 
@@ -693,9 +728,8 @@ class Engine:
             if ro is not None and ro.to_release == step.to_release:
                 # All live traffic is on the new release: the rollout has done its job;
                 # what follows (the warm window, retiring the old set) is housekeeping.
-                self.state.update_rollout(ro.id, switched_at=self.clock.now())
-                self.state.mark_release_healthy(service, step.to_release, self.clock.now())
-                self._finish(ro.id, service, "succeeded", "")
+                self.state.finish_switch(ro.id, service, step.to_release, self.clock.now())
+                self._notify(service)
         elif isinstance(step, KeepWarm):
             await self._hold(service, step.until_seconds, lambda: False)
         elif isinstance(step, RecordProgress):
@@ -765,7 +799,7 @@ class Engine:
         now = self.clock.now()
         with self.state.transaction() as db:
             db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
-            self._record(
+            entry = self._record(
                 db,
                 LedgerEntry(
                     at=now,
@@ -777,8 +811,8 @@ class Engine:
                     details={"rollout": ro.id},
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
         return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
 
     def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
@@ -796,7 +830,7 @@ class Engine:
                 (reason, now, ro.id),
             )
             self.state.set_desired(db, service, ro.from_release, now)
-            self._record(
+            entry = self._record(
                 db,
                 LedgerEntry(
                     at=now,
@@ -813,8 +847,8 @@ class Engine:
                     },
                 ),
             )
-        self._write_head()
         self.wake(service)
+        self._write_head(entry)
         return {"service": service, "rollout": ro.id, "reason": reason}
 
     # --- health after cut-over -----------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -25,9 +24,10 @@ def controller_socket(state_dir: Path) -> Path:
     path = state_dir.resolve() / "controller.sock"
     if len(str(path).encode()) <= _MAX_SOCKET_PATH:
         return path
-    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-    import tempfile  # rarely needed: keep every CLI verb's start lean
+    import hashlib  # rarely needed: keep every CLI verb's start lean
+    import tempfile
 
+    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"graven-{tag}.sock"
 
 

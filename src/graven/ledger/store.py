@@ -148,16 +148,26 @@ class StateStore:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic unit of change: all of it lands, or none of it."""
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of change: all of it lands, or none of it.
+
+        ``durable=False`` commits without waiting for the disk (WAL, synchronous=NORMAL):
+        still atomic and ordered, and made durable by the next durable commit, but an
+        OS crash or power cut may lose it. Only for what is shown, never acted on."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -246,11 +256,14 @@ class StateStore:
 
     def mark_release_healthy(self, service: str, number: int, at: float) -> None:
         with self.transaction() as db:
-            db.execute(
-                "UPDATE releases SET healthy_at=COALESCE(healthy_at, ?) "
-                "WHERE service=? AND number=?",
-                (at, service, number),
-            )
+            self._mark_release_healthy(db, service, number, at)
+
+    @staticmethod
+    def _mark_release_healthy(db: sqlite3.Connection, service: str, number: int, at: float) -> None:
+        db.execute(
+            "UPDATE releases SET healthy_at=COALESCE(healthy_at, ?) WHERE service=? AND number=?",
+            (at, service, number),
+        )
 
     # --- instances (observed state) -----------------------------------------------------
 
@@ -418,16 +431,32 @@ class StateStore:
         return [r["id"] for r in rows]
 
     def set_rollout_progress(self, rollout_id: int, progress: str) -> None:
-        with self.transaction() as db:
+        """The step a rollout is at, for people: written before every step, so it does
+        not wait for the disk (the next pass re-plans from what runs anyway)."""
+        with self.transaction(durable=False) as db:
             db.execute("UPDATE rollouts SET progress=? WHERE id=?", (progress, rollout_id))
 
     def finish_rollout(self, rollout_id: int, state: str, reason: str, at: float) -> None:
         with self.transaction() as db:
-            db.execute(
-                "UPDATE rollouts SET state=?, reason=?, finished_at=? WHERE id=? "
-                "AND state='running'",
-                (state, reason, at, rollout_id),
-            )
+            self._finish_rollout(db, rollout_id, state, reason, at)
+
+    @staticmethod
+    def _finish_rollout(
+        db: sqlite3.Connection, rollout_id: int, state: str, reason: str, at: float
+    ) -> None:
+        db.execute(
+            "UPDATE rollouts SET state=?, reason=?, finished_at=? WHERE id=? AND state='running'",
+            (state, reason, at, rollout_id),
+        )
+
+    def finish_switch(self, rollout_id: int, service: str, release: int, at: float) -> None:
+        """A weighted rollout's traffic switch is done: when it happened (the rollback
+        window starts), the release's first healthy time, and the rollout succeeded,
+        in one transaction."""
+        with self.transaction() as db:
+            db.execute("UPDATE rollouts SET switched_at=? WHERE id=?", (at, rollout_id))
+            self._mark_release_healthy(db, service, release, at)
+            self._finish_rollout(db, rollout_id, "succeeded", "", at)
 
     # --- ledger -------------------------------------------------------------------------
 

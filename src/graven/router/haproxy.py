@@ -240,14 +240,16 @@ class Step:
 def plan_changes(proxy: str, desired: Sequence[Desired], rows: Sequence[ServerRow]) -> list[Step]:
     """Runtime-API commands that turn haproxy's ``rows`` into the ``desired`` set.
 
-    New and re-weighted ready servers come first and drained or removed ones last,
-    so capacity never dips during a swap. Servers no longer wanted are drained, and
-    deleted at once when nothing is in flight on them.
+    New ready servers and those gaining weight come first, ready servers losing weight
+    next, drained or removed ones last, so capacity never dips during a swap (in a
+    blue-green switch no moment has every server at weight 0). Servers no longer
+    wanted are drained, and deleted at once when nothing is in flight on them.
     """
     weights = haproxy_weights([d.backend for d in desired])
     current = {r.name: r for r in rows}
     wanted = {d.name for d in desired}
     first: list[Step] = []
+    lowered: list[Step] = []
     last: list[Step] = []
     for d in desired:
         ref = f"{proxy}/{d.name}"
@@ -278,12 +280,17 @@ def plan_changes(proxy: str, desired: Sequence[Desired], rows: Sequence[ServerRo
                 steps += re_state + re_weight
             else:
                 steps += re_weight + re_state
-        (last if d.backend.state == "drain" else first).extend(steps)
+        if d.backend.state == "drain":
+            last.extend(steps)
+        elif row is not None and weight < row.weight:
+            lowered.extend(steps)
+        else:
+            first.extend(steps)
     for row in rows:
         if row.name in wanted:
             continue
         last.extend(removal_steps(proxy, row))
-    return first + last
+    return first + lowered + last
 
 
 def removal_steps(proxy: str, row: ServerRow) -> list[Step]:
