@@ -10,13 +10,14 @@ C speed, so the backends are not what is measured.
 Targets, each loaded by ``wrk -t2 -c32 -dNs --latency``:
 
 - ``direct``: wrk against the first backend itself (the ceiling);
-- ``embedded``: ``graven.router.proxy`` started through ``EmbeddedRouter`` with its
-  default worker count (one per core, up to 4), both backends ready at equal weight;
+- ``embedded``: ``graven.router.proxy`` started through ``EmbeddedRouter`` with
+  ``--workers`` worker processes (default: graven's own default, at least 2), both
+  backends ready at equal weight;
 - ``haproxy``: a second HAProxy process with as many threads (``nbthread``) as the
   embedded router has workers, roundrobin over the same two backends, http mode,
   keep-alive to clients and servers (``http-reuse always``);
-- ``embedded-1`` and ``haproxy-1``: the same with one worker and one thread (only when
-  the default is more than one), the single-core comparison.
+- ``embedded-1`` and ``haproxy-1``: the same with one worker and one thread, the
+  single-core comparison (graven's default on a 2-core machine).
 
 With ``--repeat N`` the targets run round-robin N times and the median of each is
 reported. Every process is ours, on loopback, and stopped by pid at the end.
@@ -229,9 +230,10 @@ def main() -> None:
     ap.add_argument(
         "--workers",
         type=int,
-        default=default_workers(),
-        help="embedded router workers, and the peer HAProxy's nbthread "
-        "(default: graven's default, one per core up to 4)",
+        default=max(2, default_workers()),
+        help="embedded router workers, and the peer HAProxy's nbthread, for the "
+        "multi-core pair (default: graven's default, at least 2); the single-core pair "
+        "(embedded-1, haproxy-1) always runs too",
     )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()

@@ -71,6 +71,7 @@ class Project:
     root: Path
     port: int
     router: str = "embedded"
+    router_workers: int = 1  # embedded router: proxy processes per service
 
     @property
     def state_dir(self) -> Path:
@@ -102,6 +103,7 @@ class Project:
             "GRAVEN_ACTOR": "tester@ci",
             "PYTHONUNBUFFERED": "1",
             "GRAVEN_ROUTER": self.router,
+            "GRAVEN_ROUTER_WORKERS": str(self.router_workers),
         }
         proc = subprocess.run(
             [sys.executable, "-m", "graven", *args],
@@ -166,9 +168,9 @@ def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _project(root: Path, router: str) -> Iterator[Project]:
+def _project(root: Path, router: str, workers: int = 1) -> Iterator[Project]:
     scaffold(root)
-    proj = Project(root, free_port(), router)
+    proj = Project(root, free_port(), router, workers)
     proj.write_spec()
     try:
         yield proj
@@ -185,7 +187,9 @@ def project(tmp_path: Path) -> Iterator[Project]:
     yield from _project(tmp_path / "proj", "embedded")
 
 
-@pytest.fixture(params=["embedded", "haproxy"])
+@pytest.fixture(params=["embedded", "embedded-2-workers", "haproxy"])
 def routed_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
-    """A project whose controller drives the embedded proxy, then HAProxy."""
-    yield from _project(tmp_path / "proj", request.param)
+    """A project whose controller drives the embedded proxy (one process, then a
+    supervisor with two workers), then HAProxy."""
+    router, _, workers = request.param.partition("-")
+    yield from _project(tmp_path / "proj", router, 2 if workers else 1)

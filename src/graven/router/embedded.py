@@ -1,5 +1,5 @@
 """The embedded Router adapter: one ``graven.router.proxy`` router per service (a single
-proxy process, or a supervisor with one worker proxy per core).
+proxy process, or a supervisor with several worker proxies).
 
 The proxy runs detached (its own session), so it outlives the controller that
 started it: killing the controller drops no request, and a restarted controller
@@ -136,17 +136,19 @@ def _is_running(pid: int, start_time: int) -> bool:
 
 
 def default_workers() -> int:
-    """Proxy processes per service: ``GRAVEN_ROUTER_WORKERS``, else one per usable
-    core up to four (past that, one service rarely needs more from its router)."""
+    """Proxy processes per service: ``GRAVEN_ROUTER_WORKERS``, else one per usable core
+    but one, at most four. The spare core is for the instances and everything else: on
+    2 cores one worker serves as many requests as two, with a shorter tail (two
+    workers, the load and the instances outnumber the cores; ``bench/RESULTS.md``)."""
     text = os.environ.get("GRAVEN_ROUTER_WORKERS", "").strip()
     if text:
         if not text.isdigit() or not 1 <= int(text) <= 64:
             raise UsageError(
                 f"GRAVEN_ROUTER_WORKERS must be a number 1-64 (got {text!r})",
-                hint="Unset it to use one worker per core (up to 4).",
+                hint="Unset it for the default: one worker per core but one, up to 4.",
             )
         return int(text)
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    return max(1, min(len(os.sched_getaffinity(0)) - 1, 4))
 
 
 class EmbeddedRouter:

@@ -1816,6 +1816,12 @@ class _Exchange:
 # --------------------------------------------------------------------------- the server
 
 
+class Closable(Protocol):
+    """Where connections come from (a listening server): closed first at shutdown."""
+
+    def close(self) -> None: ...
+
+
 class RouterProxy:
     """The proxy server: data plane on a TCP port, admin API on a unix socket."""
 
@@ -1838,7 +1844,7 @@ class RouterProxy:
         self.closing = True
         self._stop.set()
 
-    async def serve(self, servers: list[asyncio.AbstractServer]) -> None:
+    async def serve(self, servers: Iterable[Closable]) -> None:
         """Serve until ``begin_shutdown``, then drain (bounded) and return."""
         sweeper = asyncio.create_task(self._sweep())
         await self._stop.wait()
@@ -2169,7 +2175,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="proxy processes sharing the port (N > 1: this one supervises them)",
     )
-    parser.add_argument("--worker-fds", help=argparse.SUPPRESS)  # LISTEN,CONTROL: internal
+    parser.add_argument("--worker-fds", help=argparse.SUPPRESS)  # CONTROL,HANDOFF: internal
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -2207,8 +2213,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
 
     host, port = args.listen
     if args.worker_fds is not None:
-        listen_fd, control_fd = (int(fd) for fd in args.worker_fds.split(","))
-        return await workers.run_worker(args.service, port, listen_fd, control_fd)
+        control_fd, handoff_fd = (int(fd) for fd in args.worker_fds.split(","))
+        return await workers.run_worker(args.service, port, control_fd, handoff_fd)
     return await workers.run_supervisor(
         args.service, host, port, Path(args.admin), Path(args.state), args.workers, args.loop
     )

@@ -4,18 +4,19 @@ One Python proxy process saturates one core at a few tens of thousands of reques
 second. With ``--workers N`` (N > 1) the process started for a service becomes a
 supervisor instead:
 
-- it binds the data port once and hands the listening socket to N worker processes,
-  which accept from the same queue (a worker that dies takes no queued connection
-  with it, and the port never has two owners);
+- it owns the data port: it accepts each new connection and hands it to the next
+  worker in turn (its descriptor passed over a private socketpair), so connections
+  spread evenly, however fast they arrive (workers accepting from one queue
+  themselves would let the first one awake take a whole burst);
 - it keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
   persisted once, then sent to every worker over its private control channel (a
   socketpair: nothing on the filesystem, nobody else can reach it) and answered when
   all of them serve it; ``GET /backends`` sums the workers' counters per backend;
-- it restarts a worker that dies, giving it the current backend set before that
-  worker accepts its first connection;
-- SIGTERM is passed on to the workers, whose in-flight requests finish (their own
-  drain bound), then it exits. A worker whose supervisor vanished (even by SIGKILL)
-  sees its control channel close and shuts down the same way.
+- it restarts a worker that dies, giving it the current backend set before handing
+  it any connection; meanwhile the others take every new connection;
+- SIGTERM closes the port and is passed on to the workers, whose in-flight requests
+  finish (their own drain bound), then it exits. A worker whose supervisor vanished
+  (even by SIGKILL) sees its control channel close and shuts down the same way.
 
 Control protocol, one JSON object per line, supervisor -> worker:
 ``{"op": "put", "backends": [...]}`` or ``{"op": "get"}``; worker -> supervisor:
@@ -48,6 +49,7 @@ from graven.router.proxy import (
     BackendSetError,
     BackendTable,
     RouterProxy,
+    _error_response,
     backends_to_json,
     load_state,
     loop_name,
@@ -115,14 +117,15 @@ def merge_snapshots(
 # --------------------------------------------------------------------------- worker side
 
 
-async def run_worker(service: str, port: int, listen_fd: int, control_fd: int) -> int:
-    """Serve the inherited listening socket with the backend sets the supervisor sends."""
+async def run_worker(service: str, port: int, control_fd: int, handoff_fd: int) -> int:
+    """Serve the connections the supervisor hands over, with the backend sets it sends."""
     loop = asyncio.get_running_loop()
     table = BackendTable()
     proxy = RouterProxy(service, port, Path(os.devnull), table)
     reader, writer = await asyncio.open_connection(
         sock=socket.socket(fileno=control_fd), limit=CONTROL_LINE_LIMIT
     )
+    handoff = _Handoff(proxy, handoff_fd)
     loop.add_signal_handler(signal.SIGTERM, proxy.begin_shutdown)
     # A terminal's Ctrl-C reaches the whole group; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -135,16 +138,65 @@ async def run_worker(service: str, port: int, listen_fd: int, control_fd: int) -
         pass
     if not first_set.done() or first_set.cancelled():
         control.cancel()
+        handoff.close()
         log.error("no backend set from the supervisor; worker exiting")
         return 1
-    # Accept only now: a connection taken before the first set would get a 503.
-    server = await loop.create_server(
-        proxy.client_channel, sock=socket.socket(fileno=listen_fd), backlog=1024
-    )
-    await proxy.serve([server])
+    # Take connections only now: one taken before the first set would get a 503.
+    handoff.start()
+    await proxy.serve([handoff])
     control.cancel()
     writer.close()
     return 0
+
+
+class _Handoff:
+    """The worker's end of the connection hand-off: each message carries one accepted
+    connection's descriptor. Closed first at shutdown, like a listening server."""
+
+    def __init__(self, proxy: RouterProxy, fd: int) -> None:
+        self.proxy = proxy
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.reading = False
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        self.loop.add_reader(self.sock.fileno(), self._receive)
+        self.reading = True
+
+    def _receive(self) -> None:
+        for _ in range(64):  # then let the loop serve what it has
+            try:
+                _, fds, _, _ = socket.recv_fds(self.sock, 1, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("connection hand-off failed: %s", exc)
+                self.close()
+                return
+            if not fds:  # the supervisor closed its end
+                self.close()
+                return
+            conn = socket.socket(fileno=fds[0])
+            if self.proxy.closing:
+                conn.close()
+                continue
+            task = self.loop.create_task(self._adopt(conn))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.proxy.client_channel, conn)
+        except OSError:
+            conn.close()  # the client left already
+
+    def close(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+        self.sock.close()
 
 
 async def _control_loop(
@@ -195,6 +247,7 @@ class _Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.loop = ""
         self.lock = asyncio.Lock()
+        self.handoff: socket.socket | None = None  # set once the worker serves
 
     @property
     def pid(self) -> int | None:
@@ -231,6 +284,9 @@ class _Worker:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
 
 
 class Supervisor:
@@ -259,6 +315,7 @@ class Supervisor:
         self._put_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._supervising: set[asyncio.Task[None]] = set()
+        self._next = 0  # the worker the next connection goes to
 
     # ------------------------------------------------------------------ workers
 
@@ -271,6 +328,7 @@ class Supervisor:
 
     async def _start(self, worker: _Worker) -> None:
         parent_end, child_end = socket.socketpair()
+        hand_parent, hand_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = [
                 sys.executable,
@@ -283,22 +341,61 @@ class Supervisor:
                 "--loop",
                 self.loop_kind,
                 "--worker-fds",
-                f"{self.listen.fileno()},{child_end.fileno()}",
+                f"{child_end.fileno()},{hand_child.fileno()}",
             ]
             # stdout and stderr are the supervisor's: the router's log.
             worker.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(self.listen.fileno(), child_end.fileno()),
+                pass_fds=(child_end.fileno(), hand_child.fileno()),
             )
+        except BaseException:
+            parent_end.close()
+            hand_parent.close()
+            raise
         finally:
             child_end.close()
+            hand_child.close()
         worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=1 << 24)
         try:
             await worker.call({"op": "put", "backends": backends_to_json(self.backends)})
         except WorkerError:
+            hand_parent.close()
             worker.detach()
             raise
+        hand_parent.setblocking(False)
+        worker.handoff = hand_parent
+
+    # ------------------------------------------------------------------ connections
+
+    def accept_ready(self) -> None:
+        """The port has connections waiting: hand each to the next serving worker."""
+        for _ in range(64):  # then let the loop serve what it has
+            try:
+                conn, _ = self.listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the next event retries
+                log.warning("cannot accept a connection: %s", exc)
+                return
+            with conn:
+                self._hand_off(conn)
+
+    def _hand_off(self, conn: socket.socket) -> None:
+        n = len(self.workers)
+        for i in range(n):
+            worker = self.workers[(self._next + i) % n]
+            if worker.handoff is None:
+                continue
+            try:
+                socket.send_fds(worker.handoff, [b"c"], [conn.fileno()])
+            except OSError:  # its queue is full, or it just died: try the next
+                continue
+            self._next = (self._next + i + 1) % n
+            return
+        with contextlib.suppress(OSError):
+            conn.setblocking(False)
+            conn.send(_error_response(503, "no router worker is serving", keep_alive=False))
 
     async def _supervise(self, worker: _Worker) -> None:
         delay = RESTART_DELAY
@@ -386,6 +483,10 @@ class Supervisor:
 
     async def serve(self, admin: asyncio.AbstractServer | None) -> None:
         await self._stop.wait()
+        # The port closes first: new connections are refused, not left queued.
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.listen.fileno())
+        self.listen.close()
         if admin is not None:
             admin.close()
         for w in self.workers:
@@ -406,11 +507,10 @@ class Supervisor:
             task.cancel()
         for w in self.workers:
             w.detach()
-        self.listen.close()
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """The data port's listening socket, shared by the workers."""
+    """The data port's listening socket (the supervisor accepts on it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024)
 
@@ -455,6 +555,8 @@ async def run_supervisor(
         supervisor.begin_shutdown()
         await supervisor.serve(None)
         return _die(1, f"cannot start the router's workers: {exc}")
+    listen.setblocking(False)
+    loop.add_reader(listen.fileno(), supervisor.accept_ready)
     # The admin socket appears last: answering /health means every worker serves.
     try:
         admin = await asyncio.start_unix_server(
