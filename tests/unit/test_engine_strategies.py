@@ -4,6 +4,8 @@ no processes, a fake clock (waits advance time instead of sleeping)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,3 +197,56 @@ def test_plan_shows_the_strategy_steps_before_anything_runs(world: World) -> Non
     kinds = [s["kind"] for s in canary_plan["steps"]["steps"]]
     assert "analyze" in kinds and "set-weights" in kinds
     assert len(world.runtime.started) == started  # planning starts nothing
+
+
+def test_a_restarted_controller_resumes_the_analysis_window_it_was_in(
+    world: World, tmp_path: Path
+) -> None:
+    """The canary errs only before the controller dies, 20 s into a 60 s window. Judged
+    over the whole window it fails; a window restarted from zero would pass it. The
+    30 s pause before the analysis had finished, and is not waited again."""
+    world.deploy(world.v1, canary(((50, 0.0, False),)))
+    world.converge()
+    releases = {s.instance_id: s.release for s in world.runtime.started}
+    erring = [True]
+
+    def traffic(seconds: float) -> None:
+        if "web" not in world.router.running():
+            return
+        releases.update({s.instance_id: s.release for s in world.runtime.started})
+        for b in world.router.stats("web"):
+            if b.state == "ready" and b.weight > 0:
+                bad = erring[0] and releases.get(b.id) == 2
+                world.router.count("web", b.id, requests=10, errors=5 if bad else 0, latency=0.01)
+
+    assert isinstance(world.clock, TrafficClock)
+    world.clock.on_sleep = traffic
+    out = world.deploy(world.v2, canary(((50, 30.0, True),), analysis_window=60.0, min_requests=20))
+    rid = int(out["rollout"])  # type: ignore[call-overload]
+
+    def window_start() -> float | None:
+        gate = world.state.rollout(rid).gate
+        analysis = json.loads(gate).get("analysis") if gate else None
+        return float(analysis["started_at"]) if analysis else None
+
+    async def until_killed() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        await until(lambda: window_start() is not None, task)
+        start = window_start()
+        assert start is not None
+        await until(lambda: world.clock.now() >= start + 20.0, task)
+        task.cancel()  # the controller dies
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(until_killed())
+    erring[0] = False
+    died_at = world.clock.now()
+    world.engine = world.make_engine(tmp_path)  # a new controller, same state
+    world.converge(passes=20)
+
+    rollout = world.state.rollout(rid)
+    assert rollout.state == "failed", rollout
+    assert rollout.reason.startswith("analysis failed:")
+    # It waited out the 40 s left of the window, not a new 30 s pause plus 60 s window.
+    assert world.clock.now() - died_at < 60.0

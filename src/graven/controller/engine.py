@@ -15,7 +15,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from graven.plan.steps import (
 )
 from graven.rollout.analysis import AnalysisThresholds, judge
 from graven.rollout.health import probe as run_probe
-from graven.router.base import Backend, Router
+from graven.router.base import Backend, BackendStats, Router
 from graven.runtime.base import Handle, LaunchSpec, Runtime
 from graven.store.cas import ContentStore
 
@@ -734,7 +734,8 @@ class Engine:
             await self._hold(service, step.until_seconds, lambda: False)
         elif isinstance(step, RecordProgress):
             if ro is not None:
-                self.state.update_rollout(ro.id, step_index=step.step_index)
+                # A new step: its pause and analysis start from nothing.
+                self.state.update_rollout(ro.id, step_index=step.step_index, gate=None)
         elif isinstance(step, Pause):
             if ro is None:
                 return
@@ -742,28 +743,66 @@ class Engine:
                 if not await self._await_promote(service, ro.id, step.reason):
                     return
             else:
+                gate = self._gate(ro)
+                pause = gate.get("pause")
+                if isinstance(pause, dict) and pause.get("done"):
+                    return  # done before a restart; its promote flag was reset then
                 until = ro.paused_until or self.clock.now() + step.seconds
-                self.state.update_rollout(ro.id, paused_until=until)
-                await self._hold(
+                gate["pause"] = {"until": until, "done": False}
+                self.state.update_rollout(ro.id, paused_until=until, gate=json.dumps(gate))
+                held = await self._hold(
                     service,
                     max(until - self.clock.now(), 0.0),
                     lambda: self._promoted(ro.id) and cfg is not None and cfg.strategy == "canary",
                 )
-                self.state.update_rollout(ro.id, paused_until=None)
+                if not held:
+                    return
+                gate["pause"] = {"until": until, "done": True}
+                done: dict[str, Any] = {"paused_until": None, "gate": json.dumps(gate)}
+                if cfg is not None and cfg.strategy == "canary":
+                    done["promoted"] = 0  # a promote moves one step
+                self.state.update_rollout(ro.id, **done)  # both or neither, across a crash
+                return
             if cfg is not None and cfg.strategy == "canary":
                 self.state.update_rollout(ro.id, promoted=0)  # a promote moves one step
         elif isinstance(step, Analyze):
             await self.analyze(service, step, ro.id if ro else None)
 
     async def analyze(self, service: str, step: Analyze, rollout_id: int | None) -> None:
-        """Judge the canary's traffic against the baseline's over ``step.window``."""
+        """Judge the canary's traffic against the baseline's over ``step.window``.
+
+        The window's start (time, router counters, instance releases) is persisted, so
+        a restarted controller waits only what is left of it and judges the whole window.
+        """
         desired = self.state.desired_release(service)
         cfg = self.state.release(service, desired).config if desired is not None else None
         if cfg is None:
             return
+        ro = self.state.rollout(rollout_id) if rollout_id is not None else None
+        gate = self._gate(ro) if ro is not None else {}
+        key = [step.canary_release, step.baseline_release, step.window]
         releases = {i.id: i.release for i in self.state.live_instances(service)}
-        start = await asyncio.to_thread(self.router.stats, service)
-        if not await self._hold(service, step.window, lambda: False):
+        saved = gate.get("analysis")
+        if isinstance(saved, dict) and saved.get("key") == key:
+            started_at = float(saved["started_at"])
+            start = [
+                BackendStats(**{**b, "latency_buckets": tuple(b["latency_buckets"])})
+                for b in saved["start"]
+            ]
+            releases = {**saved["releases"], **releases}
+        else:
+            start = await asyncio.to_thread(self.router.stats, service)
+            started_at = self.clock.now()
+            if ro is not None:
+                gate["analysis"] = {
+                    "key": key,
+                    "started_at": started_at,
+                    "start": [asdict(b) for b in start],
+                    "releases": releases,
+                }
+                self.state.update_rollout(ro.id, gate=json.dumps(gate))
+        left = max(started_at + step.window - self.clock.now(), 0.0)
+        if not await self._hold(service, left, lambda: False):
             return
         end = await asyncio.to_thread(self.router.stats, service)
         releases.update({i.id: i.release for i in self.state.live_instances(service)})
@@ -786,6 +825,15 @@ class Engine:
             why = "analysis inconclusive (" + "; ".join(verdict.reasons) + ")"
             if await self._await_promote(service, rollout_id, why):
                 self.state.update_rollout(rollout_id, promoted=0)
+
+    def _gate(self, ro: Rollout) -> dict[str, Any]:
+        """How far the current step's timed pause and analysis got (persisted, so a
+        restarted controller neither repeats a finished pause nor restarts a window)."""
+        try:
+            gate = json.loads(ro.gate) if ro.gate else {}
+        except ValueError:
+            return {}
+        return gate if isinstance(gate, dict) else {}
 
     # --- manual gates ----------------------------------------------------------------------
 

@@ -89,6 +89,8 @@ _MIGRATIONS = (
     ("rollouts", "promoted", "INTEGER NOT NULL DEFAULT 0"),
     ("rollouts", "switched_at", "REAL"),
     ("rollouts", "paused_until", "REAL"),
+    # JSON: how far the current step's timed pause and analysis got (see Engine).
+    ("rollouts", "gate", "TEXT"),
 )
 
 
@@ -108,9 +110,12 @@ class Rollout:
     promoted: int = 0
     switched_at: float | None = None
     paused_until: float | None = None
+    gate: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        del out["gate"]  # controller bookkeeping, not status
+        return out
 
 
 class StateStore:
@@ -386,8 +391,9 @@ class StateStore:
         return self._rollout(rows[0]) if rows else None
 
     def update_rollout(self, rollout_id: int, **fields: Any) -> None:
-        """Persist rollout status fields (step_index, promoted, switched_at, paused_until)."""
-        allowed = {"step_index", "promoted", "switched_at", "paused_until", "progress"}
+        """Persist rollout status fields (step_index, promoted, switched_at, paused_until,
+        gate)."""
+        allowed = {"step_index", "promoted", "switched_at", "paused_until", "progress", "gate"}
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"unknown rollout fields {sorted(set(fields) - allowed)}")
         assignments = ", ".join(f"{k}=?" for k in fields)
