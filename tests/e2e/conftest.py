@@ -42,12 +42,11 @@ services:
     health:
       path: {health_path}
       interval: 0.5s
-      start_timeout: {start_timeout}
-    drain_timeout: 5s
+{start_timeout}    drain_timeout: 5s
     stop_grace: 5s
-    env:
+{strategy}    env:
       VERSION: {version}
-"""
+{extra_env}"""
 
 
 def free_port() -> int:
@@ -83,15 +82,21 @@ class Project:
         *,
         replicas: int = 3,
         health_path: str = "/healthz",
-        start_timeout: str = "20s",
+        start_timeout: str | None = "20s",
+        strategy: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
+        """The example service's spec. ``strategy``: the lines under ``strategy:``,
+        indented six spaces; ``env``: variables beside ``VERSION``."""
         (self.root / "graven.yaml").write_text(
             SPEC.format(
                 replicas=replicas,
                 port=self.port,
                 version=version,
                 health_path=health_path,
-                start_timeout=start_timeout,
+                start_timeout=f"      start_timeout: {start_timeout}\n" if start_timeout else "",
+                strategy=f"    strategy:\n{strategy}\n" if strategy else "",
+                extra_env="".join(f'      {k}: "{v}"\n' for k, v in (env or {}).items()),
             )
         )
         # A new version is a new image, not only new config.

@@ -21,31 +21,6 @@ from tests.e2e.conftest import Project
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: 2
-    port: {port}
-    health:
-      path: /healthz
-      interval: 0.5s
-    drain_timeout: 5s
-    stop_grace: 5s
-    strategy:
-{strategy}
-    env:
-      VERSION: {version}
-"""
-
 STRATEGIES = {
     "rolling": "      type: rolling",
     "blue-green": "      type: blue-green\n      rollback_window: 2s",
@@ -82,10 +57,7 @@ CASES = [(name, step) for name, count in _STEPS.items() for step in range(1, cou
 
 
 def _write(project: Project, strategy: str, version: str) -> None:
-    (project.root / "graven.yaml").write_text(
-        SPEC.format(port=project.port, strategy=STRATEGIES[strategy], version=version)
-    )
-    (project.root / "app" / "VERSION").write_text(version + "\n")
+    project.write_spec(version, replicas=2, start_timeout=None, strategy=STRATEGIES[strategy])
 
 
 def _rollout(project: Project, rollout_id: int) -> tuple[str, str]:

@@ -16,32 +16,6 @@ from tests.e2e.conftest import Project, Result
 
 pytestmark = pytest.mark.e2e
 
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: 2
-    port: {port}
-    health:
-      path: /healthz
-      interval: 0.5s
-    drain_timeout: 5s
-    stop_grace: 5s
-    strategy:
-      type: blue-green
-      rollback_window: 10m
-    env:
-      VERSION: {version}
-"""
-
 # The full CLI, whatever entry.py would do with the same arguments.
 FULL = [sys.executable, "-c", "import sys; from graven.cli.main import main; main(sys.argv[1:])"]
 
@@ -114,8 +88,12 @@ def shape(value: Any) -> Any:
 def switched(project: Project) -> Project:
     """v1 then v2 deployed blue-green: inside the rollback window."""
     for version in ("v1", "v2"):
-        (project.root / "graven.yaml").write_text(SPEC.format(port=project.port, version=version))
-        (project.root / "app" / "VERSION").write_text(version + "\n")
+        project.write_spec(
+            version,
+            replicas=2,
+            start_timeout=None,
+            strategy="      type: blue-green\n      rollback_window: 10m",
+        )
         project.graven("deploy", "-m", version)
     return project
 

@@ -13,32 +13,6 @@ from tests.e2e.conftest import Project, free_port
 
 pytestmark = pytest.mark.e2e
 
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: 2
-    port: {port}
-    health:
-      path: /healthz
-      interval: 0.5s
-    drain_timeout: 5s
-    stop_grace: 5s
-    strategy:
-{strategy}
-    env:
-      VERSION: {version}
-      ERROR_RATE: "{error_rate}"
-"""
-
 BLUE_GREEN = """\
       type: blue-green
       rollback_window: 10m
@@ -58,10 +32,13 @@ CANARY = """\
 
 
 def write(project: Project, version: str, strategy: str, error_rate: float = 0.0) -> None:
-    (project.root / "graven.yaml").write_text(
-        SPEC.format(port=project.port, version=version, strategy=strategy, error_rate=error_rate)
+    project.write_spec(
+        version,
+        replicas=2,
+        start_timeout=None,
+        strategy=strategy,
+        env={"ERROR_RATE": str(error_rate)},
     )
-    (project.root / "app" / "VERSION").write_text(version + "\n")
 
 
 def versions(report: object) -> set[str]:
