@@ -29,33 +29,11 @@ from graven.errors import RouterError
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
 from graven.router.embedded import EmbeddedRouter
 from graven.testing.fakes import EchoBackend
+from tests.e2e.conftest import eventually, free_port, pid_alive
 
 pytestmark = pytest.mark.e2e
 
 SERVICE = "web"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def remove_short_socket_dir(router: EmbeddedRouter) -> None:
