@@ -356,7 +356,9 @@ class Supervisor:
         finally:
             child_end.close()
             hand_child.close()
-        worker.reader, worker.writer = await asyncio.open_connection(sock=parent_end, limit=1 << 24)
+        worker.reader, worker.writer = await asyncio.open_connection(
+            sock=parent_end, limit=CONTROL_LINE_LIMIT
+        )
         try:
             await worker.call({"op": "put", "backends": backends_to_json(self.backends)})
         except WorkerError:
