@@ -516,6 +516,7 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
     data = app.controller().request("GET", "/v1/status", service=service)
 
     def render(con: Any, d: Any) -> None:
+        from rich.markup import escape
         from rich.table import Table
 
         from graven.cli.output import ago, short
@@ -530,6 +531,27 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
             if s["url"]:
                 head += f"  {s['url']}"
             con.print(head)
+            if s.get("preview_url"):
+                con.print(f"  preview {s['preview_url']}")
+            if s.get("releases"):
+                con.print(
+                    "  traffic: "
+                    + " · ".join(
+                        f"{r['release']} {r['traffic_percent']:g}% {r['role']}"
+                        for r in s["releases"]
+                    )
+                )
+            if s.get("problem"):
+                con.print(f"  [red]problem:[/] {escape(s['problem'])}")
+            if s.get("restarts"):
+                what = "[red]crash-looping[/]" if s.get("crash_looping") else "[yellow]restarted[/]"
+                line = (
+                    f"  {what}: {s['restarts']} unexpected exits in a row, "
+                    f"last: {escape(s['last_exit'])}"
+                )
+                if s.get("next_start_in"):
+                    line += f"; next start in {s['next_start_in']:.0f}s"
+                con.print(line)
             ro = s["rollout"]
             if ro:
                 line = (
@@ -539,14 +561,30 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
                     line += f" ({ro['progress']})"
                 if ro["reason"]:
                     line += f" — {ro['reason']}"
-                con.print(line)
-            t = Table("INSTANCE", "RELEASE", "STATE", "ADDRESS", "PID", "AGE", box=None)
+                con.print(escape(line))
+            t = Table(
+                "INSTANCE",
+                "RELEASE",
+                "STATE",
+                "HEALTH",
+                "TRAFFIC",
+                "RESTARTS",
+                "ADDRESS",
+                "PID",
+                "AGE",
+                box=None,
+            )
             for i in s["instances"]:
                 color = {"healthy": "green", "starting": "yellow"}.get(i["state"], "red")
+                health = i.get("health", "")
+                hcolor = "green" if health == "passing" else "yellow"
                 t.add_row(
                     i["id"],
                     i["release"],
                     f"[{color}]{i['state']}[/]",
+                    f"[{hcolor}]{escape(health)}[/]",
+                    f"{i.get('traffic_percent', 0):g}%" + (" preview" if i.get("preview") else ""),
+                    str(i.get("restarts", 0)),
                     i["address"],
                     str(i["pid"]),
                     ago(now - i["started_at"]),

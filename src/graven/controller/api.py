@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from graven.controller.engine import Engine
+from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import Digest, ServiceConfig
 
@@ -25,6 +25,15 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 
 Handler = Callable[[dict[str, Any], dict[str, list[str]]], Awaitable[Any]]
+
+
+def _health_of(state: str, mem: HealthMemory | None) -> str:
+    """What the probes say of an instance: passing only when the last probe passed."""
+    if state != "healthy":
+        return state
+    if mem is None or mem.passing is None:
+        return "passing"  # passed its start-up check; not re-probed since
+    return "passing" if mem.passing else f"failing ({mem.failures} in a row)"
 
 
 class BadRequest(UsageError):
@@ -87,22 +96,59 @@ class Api:
             release = st.release(name, desired) if desired is not None else None
             row = st.release_row(name, desired) if desired is not None else None
             rollout = st.last_rollout(name)
+            live = st.live_instances(name)
+            weights = st.weights(name)
+            preview = set(st.preview_instances(name))
+            routed = {i.id: weights.get(i.id, 100) for i in live if i.state == "healthy"}
+            total = sum(routed.values())
             instances = []
-            for inst in st.live_instances(name):
+            releases: dict[str, dict[str, Any]] = {}
+            for inst in live:
                 mem = self.engine.health.get(inst.id)
+                share = 100.0 * routed.get(inst.id, 0) / total if total else 0.0
+                rel = f"{name}@r{inst.release}"
+                agg = releases.setdefault(
+                    rel, {"release": rel, "traffic_percent": 0.0, "instances": 0, "healthy": 0}
+                )
+                agg["traffic_percent"] += share
+                agg["instances"] += 1
+                agg["healthy"] += inst.state == "healthy"
+                agg["preview"] = agg.get("preview", False) or inst.id in preview
                 instances.append(
                     {
                         "id": inst.id,
-                        "release": f"{name}@r{inst.release}",
+                        "release": rel,
                         "image": str(inst.image),
                         "address": inst.address,
                         "pid": inst.pid,
                         "state": inst.state,
                         "started_at": inst.started_at,
-                        "health": mem.last if mem else "",
+                        # "passing": the last probe passed; "failing": it did not (the
+                        # instance is taken out after unhealthy_threshold misses in a row).
+                        "health": _health_of(inst.state, mem),
+                        "probe": mem.last if mem else "",
+                        "failed_probes": mem.failures if mem else 0,
+                        "weight": weights.get(inst.id, 100) if inst.id in routed else 0,
+                        "traffic_percent": round(share, 1),
+                        "preview": inst.id in preview,
+                        "restarts": inst.restarts,
+                        "last_exit": inst.last_exit,
                     }
                 )
+            for agg in releases.values():
+                agg["traffic_percent"] = round(agg["traffic_percent"], 1)
+                agg["role"] = (
+                    "live"
+                    if agg["traffic_percent"] > 0
+                    else "preview"
+                    if agg["preview"]
+                    else "warm"
+                    if agg["healthy"]
+                    else "starting"
+                )
             port = running_routers.get(name)
+            preview_port = running_routers.get(f"{name}-preview")
+            crashes = st.crashes(name)
             out.append(
                 {
                     "service": name,
@@ -111,7 +157,16 @@ class Api:
                     "image_name": row["image_name"] if row else None,
                     "replicas": release.config.replicas if release else 0,
                     "url": f"http://127.0.0.1:{port}/" if port else None,
+                    "preview_url": f"http://127.0.0.1:{preview_port}/" if preview_port else None,
                     "rollout": rollout.to_dict() if rollout else None,
+                    "releases": sorted(releases.values(), key=lambda r: str(r["release"])),
+                    "restarts": crashes.restarts,
+                    "last_exit": crashes.last_exit,
+                    "crash_looping": crashes.restarts >= CRASH_LOOP_AFTER,
+                    "next_start_in": round(left, 1)
+                    if (left := self.engine.backoff_left(name)) > 0
+                    else None,
+                    "problem": self.engine.problems.get(name),
                     "instances": instances,
                 }
             )

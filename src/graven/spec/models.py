@@ -711,6 +711,12 @@ class ServiceSpec(_Strict):
         default=10.0, ge=0, description="Time between SIGTERM and SIGKILL."
     )
     target: str = Field(default="local", description="Name of a target under 'targets'.")
+    progress_deadline: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="A rollout that completes no step for this long fails and goes back "
+        "(manual gates, pauses and analysis windows do not count).",
+    )
 
     def to_config(self) -> ServiceConfig:
         h = self.health
@@ -745,6 +751,7 @@ class ServiceSpec(_Strict):
             drain_timeout=self.drain_timeout,
             stop_grace=self.stop_grace,
             target=self.target,
+            progress_deadline=self.progress_deadline,
         )
 
 
