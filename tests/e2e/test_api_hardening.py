@@ -187,6 +187,15 @@ MALFORMED: dict[str, bytes] = {
     "json-nested-5000-deep-in-object": post(
         "/v1/down", b'{"details": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     ),
+    # a service name becomes file names under the state dir
+    "service-name-climbs-out": post(
+        "/v1/plan",
+        b'{"service": "../../x", "image": "sha256:'
+        + b"0" * 64
+        + b'", "config": '
+        + json.dumps(GOOD_CONFIG).encode()
+        + b"}",
+    ),
     "lone-surrogate-service": post(
         "/v1/plan",
         b'{"service": "\\ud800", "image": "sha256:'

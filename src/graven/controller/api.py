@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,10 @@ WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 _DIGITS = frozenset("0123456789")
+# The spec's Name (graven.spec.models.NAME_PATTERN, which a test holds this to): not
+# imported, as pydantic would roughly double the controller's import time.
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
 _METHOD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Visible ASCII: what a request target may hold once percent-encoded.
 _TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
@@ -215,6 +220,14 @@ def field(
     if isinstance(value, int) and not low <= value <= high:
         raise BadRequest(f"request body: {key!r} must be from {low} to {high}, got {value}")
     return value
+
+
+def service_name(body: dict[str, Any], *, required: bool = True) -> Any:
+    """``body["service"]``: a name the spec allows, as it becomes file names."""
+    name = field(body, "service", str, required=required)
+    if name is not None and not _NAME_RE.fullmatch(name):
+        raise BadRequest(f"request body: 'service' must match {NAME_PATTERN}, got {_shown(name)}")
+    return name
 
 
 def query_number(query: dict[str, list[str]], key: str, *, low: int = 1) -> int:
@@ -396,7 +409,7 @@ class Api:
 
     @staticmethod
     def _candidate(body: dict[str, Any]) -> tuple[str, Digest, ServiceConfig]:
-        service = field(body, "service", str)
+        service = service_name(body)
         config = service_config(field(body, "config", dict))
         try:
             image = Digest(field(body, "image", str))
@@ -422,7 +435,7 @@ class Api:
 
     async def rollback(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         return self.engine.rollback(
-            field(body, "service", str),
+            service_name(body),
             field(body, "to", int, required=False, low=1),
             field(body, "actor", str),
             field(body, "message", str),
@@ -430,16 +443,16 @@ class Api:
 
     async def promote(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         return self.engine.promote(
-            field(body, "service", str), field(body, "actor", str), field(body, "message", str)
+            service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
     async def abort(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         return self.engine.abort(
-            field(body, "service", str), field(body, "actor", str), field(body, "message", str)
+            service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
     async def down(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        service = field(body, "service", str, required=False)
+        service = service_name(body, required=False)
         actor = field(body, "actor", str)
         message = field(body, "message", str)
         names = [service] if service else sorted(self.engine.state.services())
@@ -469,11 +482,14 @@ class Api:
                 status, payload = 500, {"error": "InternalError", "message": "controller error"}
             await self._reply(writer, status, payload)
         finally:
-            del self._open[key]
+            self._open.pop(key, None)
 
     def _evict_oldest_reader(self) -> bool:
-        for conn in self._open.values():
+        for key, conn in self._open.items():
             if conn.deadline is not None:
+                # Its slot is free now, not once its task has run: a burst of newcomers
+                # in one loop iteration must not take the count past the bound.
+                del self._open[key]
                 conn.evicted = True
                 conn.deadline.reschedule(asyncio.get_running_loop().time())
                 conn.deadline = None
