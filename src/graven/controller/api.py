@@ -89,6 +89,11 @@ def _shown(text: str, limit: int = 40) -> str:
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
+def _value(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class RequestHead(typing.NamedTuple):
     method: str
     path: str
@@ -165,28 +170,31 @@ def _no_constant(name: str) -> Any:
 
 def _check_tree(body: dict[str, Any]) -> None:
     # Iterative, so a tree json.loads accepted cannot overflow the stack here.
-    stack: list[tuple[Any, str, int]] = [(body, "request body", 1)]
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
     while stack:
-        value, where, depth = stack.pop()
+        value, path, depth = stack.pop()
+        where = f"request body: {path}" if path else "request body"
         if isinstance(value, dict | list):
             if depth > MAX_DEPTH:
                 raise BadRequest(f"request body nests deeper than {MAX_DEPTH} levels")
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
                 if isinstance(key, str):
-                    _check_text(key, f"{where}: key")
-                    child = key if where == "request body" else f"{where}.{key}"
+                    _check_text(key, f"{where}: a key")
+                    child = f"{path}.{key}" if path else key
                 else:
-                    child = f"{where}[{key}]"
+                    child = f"{path}[{key}]"
                 stack.append((item, child, depth + 1))
         elif isinstance(value, str):
             _check_text(value, where)
         elif isinstance(value, bool):
             pass
         elif isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
-            raise BadRequest(f"{where}: integer out of range (at most {MAX_INT})")
+            raise BadRequest(
+                f"{where}: integer {_value(value)} out of range ({-MAX_INT - 1} to {MAX_INT})"
+            )
         elif isinstance(value, float) and not math.isfinite(value):
-            raise BadRequest(f"{where}: number out of range")
+            raise BadRequest(f"{where}: number out of range (got {value})")
 
 
 def _check_text(text: str, where: str) -> None:
@@ -214,9 +222,7 @@ def field(
     if kind is int and isinstance(value, bool):
         raise BadRequest(f"request body: {key!r} must be an integer, got {value!r}")
     if not isinstance(value, kind):
-        raise BadRequest(
-            f"request body: {key!r} must be {kind.__name__}, got {_shown(repr(value))}"
-        )
+        raise BadRequest(f"request body: {key!r} must be {kind.__name__}, got {_value(value)}")
     if isinstance(value, int) and not low <= value <= high:
         raise BadRequest(f"request body: {key!r} must be from {low} to {high}, got {value}")
     return value
@@ -285,25 +291,21 @@ def _check_value(hint: Any, value: Any, where: str, *, port: bool = False) -> No
         _dataclass_fields(HealthCheck, value, where)
     elif hint is bool:
         if not isinstance(value, bool):
-            raise BadRequest(f"{where} must be true or false, got {_shown(repr(value))}")
+            raise BadRequest(f"{where} must be true or false, got {_value(value)}")
     elif hint is int:
         high = MAX_PORT if port else MAX_INT
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-            raise BadRequest(
-                f"{where} must be an integer from 0 to {high}, got {_shown(repr(value))}"
-            )
+            raise BadRequest(f"{where} must be an integer from 0 to {high}, got {_value(value)}")
     elif hint is float:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
             or not 0 <= value <= MAX_INT
         ):
-            raise BadRequest(
-                f"{where} must be a number from 0 to {MAX_INT}, got {_shown(repr(value))}"
-            )
+            raise BadRequest(f"{where} must be a number from 0 to {MAX_INT}, got {_value(value)}")
     elif hint is str:
         if not isinstance(value, str):
-            raise BadRequest(f"{where} must be a string, got {_shown(repr(value))}")
+            raise BadRequest(f"{where} must be a string, got {_value(value)}")
     else:  # pragma: no cover - a new field type: teach _check_value about it
         raise TypeError(f"{where}: no check for {hint!r}")
 
