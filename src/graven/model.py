@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 
 
 class Digest(str):

@@ -99,7 +99,7 @@ _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("images", "*", "base", "registry"),
 )
 
-_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ Name = Annotated[
 
 
 def _check_env_name(name: str) -> str:
-    if not _ENV_NAME_RE.match(name):
+    if not _ENV_NAME_RE.fullmatch(name):
         raise ValueError(
             "expected an environment variable name of letters, digits and '_'"
             f" not starting with a digit, got {name!r}"
@@ -263,7 +263,7 @@ class CmdStep(_Strict):
     )
 
 
-_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?\Z")
 USER_PATTERN = _USER_RE.pattern
 
 
