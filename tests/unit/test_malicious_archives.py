@@ -865,6 +865,23 @@ def _archive_raw(data: bytes) -> Callable[[Path], Path]:
     return build
 
 
+def _archive_smuggled_index(d: Path) -> Path:
+    """A directory member whose "data" is an index.json member: tarfile would read it."""
+    w = _simple(d / "src")
+    index = reg("index.json", (w.path / "index.json").read_bytes())
+    header = index[0].tobuf(tarfile.GNU_FORMAT)
+    data = index[1] or b""
+    payload = header + data + b"\0" * (-len(data) % 512)
+    carrier, _ = dir_("blobs")
+    carrier.size = len(payload)
+    members: list[Member] = [(carrier, payload), dir_("blobs/sha256")]
+    for path in sorted((w.path / "blobs" / "sha256").iterdir()):
+        members.append(reg(f"blobs/sha256/{path.name}", path.read_bytes()))
+    members.append(reg("oci-layout", (w.path / "oci-layout").read_bytes()))
+    (d / "image.tar").write_bytes(tar_of(*members, fmt=tarfile.GNU_FORMAT))
+    return d / "image.tar"
+
+
 ARCHIVE_CASES = [
     Case("archive-traversal", _archive(reg("../../graven-evil-arc", b"pwn")), r"'\.\.' component"),
     Case(
@@ -923,6 +940,27 @@ ARCHIVE_CASES = [
         ImportPolicy(max_archive_bytes=100_000),
     ),
     Case("archive-truncated", lambda d: _truncate(_archive()(d)), r"truncated|end-of-archive"),
+    Case(
+        "archive-directory-with-data-smuggles-index",
+        _archive_smuggled_index,
+        "a dir that declares .* bytes of data",
+    ),
+    Case(
+        "archive-pax-uid-not-a-number",
+        _archive(pax("oci-layout", b"{}", path=f"blobs/sha256/{HEX}", uid="root")),
+        r"uid='root'",
+    ),
+    Case(
+        "archive-global-pax-path",
+        _archive_raw(
+            tar_of(
+                raw_header(tarfile.XGLTYPE, pax_records(path="index.json"), "pax_global_header"),
+                reg("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                fmt=tarfile.GNU_FORMAT,
+            )
+        ),
+        "global pax header sets 'path'",
+    ),
     Case(
         "archive-truncated-inside-a-blob",
         lambda d: _truncate(_archive(reg(f"blobs/sha256/{sha(BLOB)[7:]}", BLOB))(d), 1024 + 100),

@@ -32,20 +32,31 @@ Decisions:
   only normalized modes: 0o644/0o755 files, 0o755 directories) and device nodes are
   left out (a runtime provides ``/dev``). Setgid and sticky bits on *directories*
   (``/var/mail``, ``/tmp`` in every Debian image) are accepted: they grant nothing.
-  Owners, times and extended attributes are ignored.
+  Owners, times and extended attributes are ignored, but values no file system
+  could hold (ids beyond 32 bits, modes beyond ``MAX_MODE``) are refused.
+- Header records are refused where tarfile reads them otherwise than other tools do
+  (a member hidden in plain sight is as bad as one written outside): a non-file that
+  declares data, a pax number that is not a number, ``GNU.sparse.*`` records, a
+  global pax header that renames or resizes the members after it, a GNU long name
+  with a NUL inside.
 - A member below a path that is a symlink (in this layer or below) is rejected, as is
   one below a file: tools that diff real file systems never write through symlinks,
   and following one is how archives escape their root.
 - Whiteouts hide lower-layer content only (image-spec), wherever they stand in the
   tar, so their paths are checked against the layers below: one under a path this
   layer turns into a file or symlink is the old directory's (umoci writes that), one
-  under a path that is a symlink below is rejected. An opaque whiteout of the image
-  root, ``.wh.`` with an empty, ``.`` or ``..`` target, a whiteout name used as a
-  directory and a whiteout that is not a regular file are rejected; AUFS metadata
-  (``.wh..wh.*`` other than the opaque marker) is skipped, as other importers do.
+  under a path that is a symlink below is rejected, as is an opaque whiteout in a
+  path that is a symlink or file below (unless this layer made it a directory
+  first). An opaque whiteout of the image root, ``.wh.`` with an empty, ``.`` or
+  ``..`` target, a whiteout name used as a directory and a whiteout that is not a
+  regular file are rejected; AUFS metadata (``.wh..wh.*`` other than the opaque
+  marker) is skipped, as other importers do.
 - A hardlink becomes a copy of the entry it names (a file or symlink), which must
-  already be in the image (earlier in this layer, or below) and must not be reached
-  through a symlink.
+  already be in the image (earlier in this layer, or below: the image-spec leaves
+  cross-layer hardlinks open, Docker and containerd apply them) and must not be
+  reached through a symlink.
+- Annotations never name anything: only the ref name is read, to match ``--ref`` and
+  in messages, and it must fit the image-spec's grammar.
 - Documents (index, manifest, config) must be UTF-8 JSON without duplicate keys and
   within size caps; every blob is checked against its descriptor's size and digest,
   and every layer against the config's diff_id. A tar must end with its end-of-archive
