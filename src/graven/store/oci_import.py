@@ -450,8 +450,9 @@ def _check_header(
     every later member, and takes ``GNU.sparse.name`` as the name even of a file that is
     not sparse; owners, modes and times beyond any file system's range mark a crafted
     archive (graven records none of them, so valid values are simply dropped)."""
-    for key in _PAX_MEMBER_ONLY.intersection(tar.pax_headers):
-        raise reject(f"a global pax header sets {key!r} for every member that follows")
+    overriding = sorted(_PAX_MEMBER_ONLY.intersection(tar.pax_headers))
+    if overriding:
+        raise reject(f"a global pax header sets {overriding[0]!r} for every member that follows")
     for key, value in m.pax_headers.items():
         if key.startswith("GNU.sparse."):
             raise reject(f"a GNU sparse record ({key!r}): sparse files are not supported")
