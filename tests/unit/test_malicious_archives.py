@@ -323,6 +323,8 @@ def _with_owner(uid: int) -> Member:
     return info, data
 
 
+CAPABILITY = "SCHILY.xattr.security.capability"
+
 POLICY_CASES = [
     # whiteouts
     Case(
@@ -479,6 +481,18 @@ POLICY_CASES = [
         "gnu-long-link-with-nul",
         layout_of(_gnu_long(tarfile.GNUTYPE_LONGLINK, b"lib\0/../../etc\0", sym("l", "x"))),
         "GNU long link target goes on after a NUL",
+    ),
+    Case(
+        "file-capabilities",
+        layout_of(members(pax("bin/ping", b"p", **{CAPABILITY: "\x01\x00\x00\x02 "}))),
+        r"a file with capabilities",
+    ),
+    Case(
+        "file-capabilities-libarchive",
+        layout_of(
+            members(pax("bin/ping", b"p", **{"LIBARCHIVE.xattr.security.capability": "AQAAAg"}))
+        ),
+        r"a file with capabilities",
     ),
     Case(
         "device-node-with-pax-records",
@@ -1070,6 +1084,7 @@ class Neutral:
     id: str
     layers: list[bytes]
     tree: dict[str, str]
+    policy: ImportPolicy = field(default_factory=ImportPolicy)
 
 
 PASSWD = tar_of(dir_("etc"), reg("etc/passwd", b"root"), reg("etc/shadow", b"hash"))
@@ -1148,6 +1163,22 @@ NEUTRALIZED = [
         {"/run": "file +x r", "/d": "dir"},
     ),
     Neutral(
+        "capabilities-are-dropped-when-allowed",
+        [
+            tar_of(
+                pax("ping", b"p", **{CAPABILITY: "x"}),
+                pax("ls", b"l", **{"SCHILY.xattr.user.a": "b"}),
+            )
+        ],
+        {"/ping": "file p", "/ls": "file l"},
+        ImportPolicy(allow_setuid=True),
+    ),
+    Neutral(
+        "other-extended-attributes-are-dropped",
+        [tar_of(pax("ls", b"l", **{"SCHILY.xattr.user.a": "b", "SCHILY.acl.access": "x"}))],
+        {"/ls": "file l"},
+    ),
+    Neutral(
         "git-archive-global-comment-is-fine",
         [
             tar_of(
@@ -1169,7 +1200,7 @@ def test_neutralized_hazards_give_the_tree_the_policy_says(sandbox: Path, case: 
     evil_before = _evil()
     before = tree_listing(sandbox, skip=store_root)
 
-    image = import_layout(store, source, name="victim")
+    image = import_layout(store, source, name="victim", policy=case.policy)
 
     assert _flat(store, image.rootfs) == case.tree
     assert tree_listing(sandbox, skip=store_root) == before

@@ -33,7 +33,8 @@ Decisions:
   left out (a runtime provides ``/dev``). Setgid and sticky bits on *directories*
   (``/var/mail``, ``/tmp`` in every Debian image) are accepted: they grant nothing.
   Owners, times and extended attributes are ignored, but values no file system
-  could hold (ids beyond 32 bits, modes beyond ``MAX_MODE``) are refused.
+  could hold (ids beyond 32 bits, modes beyond ``MAX_MODE``) are refused, and file
+  capabilities (``security.capability``) are treated as setuid.
 - Header records are refused where tarfile reads them otherwise than other tools do
   (a member hidden in plain sight is as bad as one written outside): a non-file that
   declares data, a pax number that is not a number, ``GNU.sparse.*`` records, a
@@ -139,6 +140,10 @@ _PAX_NUMBERS |= dict.fromkeys(("mtime", "atime", "ctime"), _PAX_TIME)
 # What a global pax header may not set: tarfile applies it to every later member, and
 # other readers do not.
 _PAX_MEMBER_ONLY = frozenset({"path", "linkpath", "size"})
+# File capabilities as GNU tar / Go (SCHILY) and libarchive write them.
+_CAPABILITY_RECORDS = frozenset(
+    {"SCHILY.xattr.security.capability", "LIBARCHIVE.xattr.security.capability"}
+)
 _PLATFORM_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LOWER_MEMO = 4096
 _DEFAULT_HINT = (
@@ -765,6 +770,14 @@ class _LayerChanges:
                     f"a {bit} file (mode {m.mode:o})",
                     hint="Pass --allow-setuid (ImportPolicy.allow_setuid) to import it without "
                     "the bit: graven never records setuid or setgid.",
+                )
+            if _CAPABILITY_RECORDS.intersection(m.pax_headers) and not self._policy.allow_setuid:
+                raise self.reject(
+                    name,
+                    "a file with capabilities (the security.capability extended attribute): "
+                    "they grant privilege as setuid does",
+                    hint="Pass --allow-setuid (ImportPolicy.allow_setuid) to import it without "
+                    "them: graven records no extended attributes.",
                 )
             self._view(parts, name, "path")  # fail before storing the content
             digest = self._store_content(tar, m)
