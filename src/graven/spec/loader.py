@@ -727,15 +727,8 @@ def _number_type(info: FieldInfo) -> type | None:
     if _is_duration(info):
         return None
     annotation = _unwrap(info.annotation)
-    options = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation)
-        in (
-            typing.Union,
-            types.UnionType,
-        )
-        else (annotation,)
-    )
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
     numbers = [a for a in options if a is not type(None)]
     if len(numbers) == 1 and numbers[0] in (int, float):
         return typing.cast(type, numbers[0])
