@@ -231,6 +231,7 @@ NUMBER_FIELDS: dict[tuple[str, ...], str] = {
     ("replicas",): "",
     ("drain_timeout",): "",
     ("stop_grace",): "",
+    ("progress_deadline",): "",
     ("health", "interval"): "",
     ("health", "timeout"): "",
     ("health", "start_timeout"): "",
@@ -249,6 +250,7 @@ NUMBER_FIELDS: dict[tuple[str, ...], str] = {
 DURATION_CEILINGS: dict[tuple[str, ...], float] = {
     ("drain_timeout",): 3600,
     ("stop_grace",): 3600,
+    ("progress_deadline",): 86400,
     ("health", "interval"): 3600,
     ("health", "timeout"): 3600,
     ("health", "start_timeout"): 86400,

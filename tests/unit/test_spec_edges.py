@@ -158,6 +158,7 @@ TOO_LARGE = [
     ("    drain_timeout: 2h\n", 11, "services.web.drain_timeout", "at most 1h"),
     ("    stop_grace: 1.0e+300\n", 11, "services.web.stop_grace", "at most 1h"),
     ("    health: {interval: 61m}\n", 11, "services.web.health.interval", "at most 1h"),
+    ("    progress_deadline: 86401\n", 11, "services.web.progress_deadline", "at most 24h"),
     ("    health: {timeout: 3601}\n", 11, "services.web.health.timeout", "at most 1h"),
     (
         "    health: {start_timeout: 25h}\n",
