@@ -102,6 +102,11 @@ MALFORMED = {
         4,
         "services.hello.port",
     ),
+    "nul in env": (
+        'services:\n  hello:\n    image: hello\n    port: 1\n    env:\n      A: "x\\0"\n',
+        6,
+        "services.hello.env.A",
+    ),
     "unknown image": (
         "services:\n  hello:\n    image: nope\n    port: 1\n",
         3,
