@@ -17,9 +17,10 @@ from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.output import Output
 from graven.cli.plain import report_error, write_json
 from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
-from graven.errors import GravenError, UsageError
+from graven.errors import GravenError, SpecProblem, UsageError
 
 if TYPE_CHECKING:
+    from graven.spec.loader import LoadedSpec
     from graven.spec.models import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -121,24 +122,90 @@ def init(directory: Path, force: bool, output: str) -> None:
 @output_option
 @click.pass_context
 def check(ctx: click.Context, output: str) -> None:
-    """Validate the spec; every problem names file:line and key path."""
-    loaded = app_context(ctx).spec()
+    """Validate the spec; every problem names file:line and key path.
+
+    Ports already taken by another program are warnings: the spec is valid, but a
+    deploy could not start the service's router there until the port is freed.
+    """
+    app = app_context(ctx)
+    loaded = app.spec()
     spec = loaded.spec
+    warnings = _port_warnings(app, loaded)
     data = {
         "file": str(loaded.path),
         "valid": True,
         "images": sorted(spec.images),
         "services": sorted(spec.services),
         "targets": sorted(spec.targets),
+        "warnings": [w.to_dict() for w in warnings],
     }
+    out = Output(output)
 
     def render(con: Any, d: Any) -> None:
+        from rich.markup import escape
+
+        for warning in warnings:
+            out.err.print(f"[yellow]warning:[/] {escape(str(warning))}")
         con.print(
             f"[green]ok[/] {d['file']}: {len(d['images'])} image(s), "
             f"{len(d['services'])} service(s), {len(d['targets'])} target(s)"
         )
 
-    Output(output).emit(data, render)
+    out.emit(data, render)
+
+
+# Routers listen on loopback (the spec's 'port' says so).
+ROUTER_HOST = "127.0.0.1"
+
+
+def _port_warnings(app: AppContext, loaded: LoadedSpec) -> list[SpecProblem]:
+    """A warning for each service port (and preview port) another process listens on.
+
+    The service's own graven router, already serving it there, is no reason to warn.
+    """
+    from graven.netports import descends_from, port_holder
+    from graven.router.embedded import EmbeddedRouter
+    from graven.router.haproxy import HAProxyRouter
+
+    routers: list[EmbeddedRouter | HAProxyRouter] = []
+    try:
+        state_dir: Path | None = app.state_dir
+    except GravenError:
+        state_dir = None
+    if loaded.spec.services and state_dir is not None and state_dir.is_dir():
+        routers = [EmbeddedRouter(state_dir, workers=1), HAProxyRouter(state_dir)]
+    running = [(router, router.running()) for router in routers]
+
+    def ours(route: str, port: int, pids: tuple[int, ...]) -> bool:
+        for router, ports in running:
+            if ports.get(route) != port:
+                continue
+            pid = router.pid(route)
+            # No pids: the owner cannot be seen, but our router says it is on the port.
+            if not pids or (pid is not None and any(descends_from(p, pid) for p in pids)):
+                return True
+        return False
+
+    found: list[SpecProblem] = []
+    for name, service in sorted(loaded.spec.services.items()):
+        routes = [(name, "port", service.port)]
+        if preview := service.strategy.preview_port:
+            routes.append((f"{name}-preview", "strategy.preview_port", preview))
+        for route, key, port in routes:
+            holder = port_holder(ROUTER_HOST, port)
+            if holder is None or ours(route, port, holder.pids):
+                continue
+            key_path = f"services.{name}.{key}"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"{holder.describe()}; service {name!r} cannot be served there until it"
+                    " is freed (or choose another port)",
+                )
+            )
+    return found
 
 
 @cli.command()
@@ -184,8 +251,14 @@ def _build(
 
     from graven.build.builder import build_image, build_order
     from graven.model import Image
+    from graven.spec.inputs import MAX_SPEC_BYTES, read_regular_file
 
-    spec_bytes = spec_path.read_bytes()
+    # Read before the spec is parsed, so the bytes remembered are never newer than the
+    # build; a FIFO or an oversized file is refused here at once, and reported below.
+    try:
+        spec_bytes = read_regular_file(spec_path, MAX_SPEC_BYTES)
+    except OSError:
+        spec_bytes = b""  # load_spec says what is wrong; b"" never matches a record
     loaded = app.spec()
     unknown = [n for n in names if n not in loaded.spec.images]
     if unknown:
