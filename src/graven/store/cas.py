@@ -514,7 +514,7 @@ class ContentStore:
             with contextlib.suppress(OSError):
                 path = self._verified_path(digest)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".w-")
+                fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=".w-")
                 try:
                     with os.fdopen(fd, "w") as f:
                         f.write(" ".join(str(n) for n in signature) + "\n")
@@ -1129,7 +1129,9 @@ class ContentStore:
         moved to ``quarantine/<run>/``, and every name pointing at such an image is
         moved there too (its history stays). Nothing is deleted. The next build or pull
         of those images then writes them afresh: no cache or no-op check can answer
-        from a tree that is gone, and a name that is gone is no longer "unchanged"."""
+        from a tree that is gone, and a name that is gone is no longer "unchanged".
+        Repair while nothing else writes the store: a blob healed meanwhile may be
+        moved as well (the next build or pull writes it again)."""
         problems: list[str] = []
         present: set[Digest] = set()
         corrupt: set[Digest] = set()
