@@ -93,6 +93,7 @@ def test_put_file_replaces_a_same_size_corrupt_large_blob(
 def test_a_verified_large_blob_is_not_hashed_again_until_it_is_written(
     store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cas, "SETTLED_NS", 0)  # no waiting for the ctime to settle
     big = project(tmp_path / "src") / "big.bin"
     digest = store.put_file(big)  # written here, so known right
     seen = hashes(monkeypatch)
@@ -104,6 +105,22 @@ def test_a_verified_large_blob_is_not_hashed_again_until_it_is_written(
     ContentStore(store.root).put_file(big)
     assert seen == [store.blob_path(digest)]
     assert store.verify_blob(digest)
+
+
+def test_a_fresh_blob_is_not_trusted_by_its_signature(
+    store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write in the same ctime tick would keep the signature: wait until it settles.
+    monkeypatch.setattr(cas, "SETTLED_NS", 3600 * 10**9)
+    big = project(tmp_path / "src") / "big.bin"
+    digest = store.put_file(big)
+    seen = hashes(monkeypatch)
+
+    store.put_file(big)
+    ContentStore(store.root).put_file(big)
+
+    assert seen == [store.blob_path(digest)] * 2
+    assert not (store.root / "verified").exists()
 
 
 def test_trees_and_images_heal_too(store: ContentStore, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ Layout under ``root``::
     refs/<name>.history       every digest the name pointed at, one a line, newest last
     cache/sha256/ab/cdef...   build step cache: sha256(key) -> small JSON value
     verified/ab/cdef...       stat of a large blob when it last hashed right (see below)
-    quarantine/<run>/         what ``fsck(repair=True)`` moved out of the way
+    quarantine/<run>/         what ``check(repair=True)`` moved out of the way
     tmp/                      temp files, renamed into place once complete and fsynced
     locks/                    flock files serializing read-modify-write updates
 
@@ -23,9 +23,11 @@ skip would double the cost of re-ingesting a build context, so a blob that hashe
 right is remembered by its stat signature (inode, size, mtime_ns, ctime_ns), in
 memory and, for large blobs, in ``verified/``: an untouched blob is not hashed again,
 while any write to it (even one that restores its mtime) changes its ctime and gets
-it hashed. Damage that bypasses the kernel (a failing disk) keeps the signature;
-``fsck`` hashes everything, always, and ``fsck(repair=True)`` quarantines what is
-damaged so the next build or pull writes it afresh.
+it hashed. The ctime ticks coarsely, so a signature is remembered only once the
+blob is ``SETTLED_NS`` old: a write in the same tick cannot hide behind it. Damage
+that bypasses the kernel (a failing disk) keeps the signature; ``fsck`` hashes
+everything, always, and ``check(repair=True)`` quarantines what is damaged so the
+next build or pull writes it afresh.
 
 A *tree* is a canonical-JSON blob listing one directory's entries, sorted by name; a
 directory entry holds the digest of its subtree, so one digest names a whole file
@@ -93,6 +95,8 @@ _Ignore = Callable[[Path, bool], bool]
 _Signature = tuple[int, int, int, int]
 _BlobState = Literal["sound", "absent", "damaged"]
 _VERIFIED_MEMO_SIZE = 1 << 16
+# A blob changed less than this long ago is never trusted by its stat signature.
+SETTLED_NS = 2 * 10**9
 REPAIR_HINT = "Run 'graven store fsck --repair', then rebuild or pull the affected images."
 
 
@@ -506,6 +510,10 @@ class ContentStore:
     def _remember_sound(
         self, digest: Digest, signature: _Signature, *, record: bool = False
     ) -> None:
+        if time.time_ns() - signature[3] < SETTLED_NS:
+            # ctime ticks coarsely: a write just after this one could keep the same
+            # signature. Trusted only once settled (like git's racy index entries).
+            return
         if len(self._verified) >= _VERIFIED_MEMO_SIZE:
             self._verified.clear()
         self._verified[digest] = signature
