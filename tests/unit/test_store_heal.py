@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from graven.build.builder import BuildResult, build_image
 from graven.errors import StoreError
 from graven.model import Digest, ImageConfig
+from graven.spec.models import Recipe
 from graven.store import cas, oci
 from graven.store.cas import ContentStore, Tree
 
@@ -266,3 +268,63 @@ def test_repair_quarantines_stray_files_and_dangling_names(
     assert report.quarantine is not None
     assert (report.quarantine / "stray" / "sha256-zz").read_text() == "not a blob"
     assert store.fsck() == []
+
+
+# --- through the builder: what a cached run step made heals too -----------------------------
+
+
+def run_recipe() -> Recipe:
+    return Recipe.model_validate(
+        {
+            "steps": [
+                {"copy": "app", "to": "/app"},
+                {"workdir": "/app"},
+                {"run": "echo made by a run step > made.txt"},
+                {"entrypoint": ["python3", "main.py"]},
+            ]
+        }
+    )
+
+
+def made_blob(store: ContentStore, result: BuildResult) -> Path:
+    entry = store.lookup(result.image.rootfs, "/app/made.txt")
+    assert entry is not None and entry.digest is not None
+    return store.blob_path(entry.digest)
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    (tmp_path / "ctx" / "app").mkdir(parents=True)
+    (tmp_path / "ctx" / "app" / "main.py").write_text("print('hi')\n")
+    return tmp_path / "ctx"
+
+
+def test_repair_then_a_plain_build_restores_what_a_run_step_made(
+    store: ContentStore, context: Path
+) -> None:
+    first = build_image("web", run_recipe(), context, store)
+    blob = made_blob(store, first)
+    flip_a_byte(blob)
+
+    report = store.check(repair=True)
+
+    assert report.names == ("web",)
+    assert [d.images for d in report.damaged if d.kind == "corrupt"] == [("web",)]
+    again = build_image("web", run_recipe(), context, store)  # the cache is on
+    assert again.image.digest == first.image.digest
+    # Only the step that made the damaged file runs again.
+    assert [s.cached for s in again.steps] == [True, True, False, True]
+    assert blob.read_bytes() == b"made by a run step\n"
+    assert store.check().ok
+
+
+def test_no_cache_rebuild_replaces_what_a_run_step_made(store: ContentStore, context: Path) -> None:
+    first = build_image("web", run_recipe(), context, store)
+    blob = made_blob(store, first)
+    flip_a_byte(blob)
+
+    again = build_image("web", run_recipe(), context, ContentStore(store.root), no_cache=True)
+
+    assert again.image.digest == first.image.digest
+    assert blob.read_bytes() == b"made by a run step\n"
+    assert store.check().ok
