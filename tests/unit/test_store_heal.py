@@ -97,15 +97,19 @@ def test_a_verified_large_blob_is_not_hashed_again_until_it_is_written(
 ) -> None:
     monkeypatch.setattr(cas, "SETTLED_NS", 0)  # no waiting for the ctime to settle
     big = project(tmp_path / "src") / "big.bin"
-    digest = store.put_file(big)  # written here, so known right
+    digest = store.put_file(big)
+    path = store.blob_path(digest)
     seen = hashes(monkeypatch)
     ContentStore(store.root).put_file(big)
     ContentStore(store.root).put_file(big)
-    assert seen == []  # remembered across processes by its stat signature
+    store.put_file(big)
+    # Hashed once, then remembered across processes by its stat signature.
+    assert seen == [path]
+    assert (store.root / "verified" / digest.hex[:2] / digest.hex[2:]).is_file()
 
-    flip_a_byte(store.blob_path(digest))  # a write: the ctime moves, the mtime does not
+    flip_a_byte(path)  # a write: the ctime moves, the mtime does not
     ContentStore(store.root).put_file(big)
-    assert seen == [store.blob_path(digest)]
+    assert seen == [path, path]
     assert store.verify_blob(digest)
 
 

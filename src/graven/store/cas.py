@@ -625,12 +625,8 @@ class ContentStore:
             raise
         if state == "damaged":
             _fsync_dir(final.parent)
+        # Not remembered as verified: it has just changed, so its ctime has not settled.
         self._unsynced = True
-        # Just written from what was hashed: remember it (the rename changed its ctime).
-        with contextlib.suppress(OSError):
-            st = os.lstat(final)
-            if st.st_size == size:
-                self._remember_sound(digest, _signature(st), record=True)
         return digest, size
 
     def open_blob(self, digest: Digest) -> BinaryIO:
