@@ -440,6 +440,8 @@ def _delete_blobs(
         shutil.rmtree(trash, ignore_errors=True)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+    for digest in moved:
+        store.forget_verified(digest)
     report.objects_deleted += len(moved)
     report.bytes_freed += sum(b.size for b in moved.values())
     return set(moved)

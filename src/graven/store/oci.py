@@ -56,7 +56,15 @@ from typing import Any, Literal, Protocol
 from graven.atomic import write_atomic
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, canonical_json
-from graven.store.cas import CHUNK_SIZE, DIR_MODE, FILE_MODE, ContentStore, Tree, TreeEntry
+from graven.store.cas import (
+    CHUNK_SIZE,
+    DIR_MODE,
+    FILE_MODE,
+    REPAIR_HINT,
+    ContentStore,
+    Tree,
+    TreeEntry,
+)
 from graven.store.layers import changes
 from graven.store.oci_types import (
     GRAVEN_IMAGE,
@@ -421,7 +429,7 @@ def _copy_verified(store: ContentStore, digest: Digest, size: int, out: ByteSink
     if copied != size or longer or "sha256:" + h.hexdigest() != digest:
         raise StoreError(
             f"blob {digest} is corrupt: its content does not match its digest and size",
-            hint="Run 'graven store fsck'; rebuild or pull the affected images.",
+            hint=REPAIR_HINT,
         )
 
 
@@ -525,7 +533,9 @@ def _cached_layer(store: ContentStore, key: str) -> LayerBlob | None:
         blob = LayerBlob.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError):
         return None  # a damaged entry only costs a recompression
-    return blob if store.has(blob.digest) else None  # gc may have taken the blob
+    # gc may have taken the blob, or it may be damaged: then it is compressed again,
+    # and the store replaces the damaged copy. Verified once per stat signature.
+    return blob if store.has_verified(blob.digest, blob.size) else None
 
 
 def layer_blob(
