@@ -3,6 +3,7 @@ real listener holding the service's port, a real app that crashes on cue."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ def test_deploy_to_a_busy_port_fails_fast_with_the_reason(
     assert r.code == 1, r.stdout + r.stderr
     assert time.monotonic() - started < 15
     out = r.stdout + r.stderr
-    assert f"port {project.port}" in out and "in use" in out, out
+    assert f"port {project.port} on 127.0.0.1 is in use by pid {os.getpid()} (" in out, out
+    assert "give hello another port in graven.yaml" in out
     assert "Traceback" not in out
     st = project.status()
     assert st["rollout"]["state"] == "failed"

@@ -21,10 +21,11 @@ from typing import Any
 
 from graven.atomic import write_atomic
 from graven.clock import Clock
-from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
+from graven.errors import GravenError, NotFoundError, RouterError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
 from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
+from graven.netports import port_holder
 from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
 from graven.plan.canary import CanaryStep, plan_canary
 from graven.plan.rolling import ObservedInstance, plan_rolling
@@ -54,6 +55,7 @@ from graven.store.cas import ContentStore
 log = logging.getLogger("graven.controller")
 
 CONTROLLER_ACTOR = "graven-controller"
+ROUTER_HOST = "127.0.0.1"  # where routers listen
 
 Probe = Callable[[Instance, HealthCheck], Awaitable[tuple[bool, str]]]
 
@@ -478,9 +480,9 @@ class Engine:
                 # A router that cannot listen (the port is taken) fails the rollout at
                 # once: no retry fixes it until someone frees the port.
                 rollout = self.state.running_rollout(service)
+                reason = await asyncio.to_thread(self._router_failure, service, cfg.port, exc)
                 if rollout is None:
-                    raise
-                reason = exc.message + (f"; {exc.hint}" if exc.hint else "")
+                    raise RouterError(reason) from exc
                 self._fail(service, desired, rollout.id, reason)
                 return
         plan = self.plan(service)
@@ -530,6 +532,17 @@ class Engine:
                 return
         self.problems.pop(service, None)
         self.wake(service)  # verify convergence on the next pass
+
+    def _router_failure(self, service: str, port: int, exc: GravenError) -> str:
+        """Why the router of ``service`` could not start, naming who holds its port."""
+        holder = port_holder(ROUTER_HOST, port)
+        if holder is None or self.router.running().get(service) == port:
+            return exc.message + (f"; {exc.hint}" if exc.hint else "")
+        who = f"pid {holder.pid}" if holder.pid is not None else "the process that holds it"
+        return (
+            f"the router of {service} cannot listen: {holder.describe()}. Stop {who}, or "
+            f"give {service} another port in graven.yaml, then deploy again"
+        )
 
     async def _apply_within_deadline(
         self, service: str, step: Step, slots: dict[str, str], rollout: Rollout | None
