@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from graven.controller.engine import Engine
+from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import Digest, ServiceConfig
 
@@ -68,7 +69,10 @@ class Api:
 
     async def status(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         wanted = query.get("service", [None])[0]
-        return {"services": self.engine_status(wanted)}
+        return {
+            "services": self.engine_status(wanted),
+            "state_dir": self.engine.upkeep.disk.report(),
+        }
 
     def engine_status(self, wanted: str | None) -> list[dict[str, Any]]:
         st = self.engine.state
@@ -192,9 +196,15 @@ class Api:
     ) -> None:
         try:
             status, payload = await self._handle(reader)
-        except Exception:
-            log.exception("API request failed")
-            status, payload = 500, {"error": "InternalError", "message": "controller error"}
+        except Exception as exc:
+            refused = disk_error(exc, self.engine.state_dir)
+            if refused is None:
+                log.exception("API request failed")
+                status, payload = 500, {"error": "InternalError", "message": "controller error"}
+            else:
+                # A full or read-only state dir: what to do, and status shows it too.
+                self.engine.upkeep.disk.refused(exc)
+                status, payload = 507, refused.to_dict()
         data = json.dumps(payload).encode()
         writer.write(
             f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"

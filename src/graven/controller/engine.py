@@ -21,6 +21,7 @@ from typing import Any
 
 from graven.atomic import write_atomic
 from graven.clock import Clock
+from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
@@ -109,6 +110,7 @@ class Engine:
         self._head: tuple[int, str] | None = None  # the newest ledger head to write out
         self._head_scheduled = False
         self._head_lock = threading.Lock()
+        self.upkeep = Upkeep(state_dir)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -319,8 +321,9 @@ class Engine:
             except GravenError as exc:
                 log.error("%s: %s", service, exc.message)  # noqa: TRY400 - expected, no traceback
                 await self.clock.sleep(1.0)
-            except Exception:
-                log.exception("%s: reconcile failed", service)
+            except Exception as exc:
+                if not self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    log.exception("%s: reconcile failed", service)
                 await self.clock.sleep(1.0)
 
     def observe(self, service: str) -> list[ObservedInstance]:
@@ -905,9 +908,23 @@ class Engine:
         while True:
             try:
                 await self.check_health_once()
-            except Exception:
-                log.exception("health loop")
+            except Exception as exc:
+                if not self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    log.exception("health loop")
+            self.keep_state_dir()
             await self.clock.sleep(0.1)
+
+    def keep_state_dir(self) -> None:
+        """Bound the logs of live instances and routers; watch the state dir's space."""
+        try:
+            instances = [inst.id for inst in self.state.live_instances()]
+            logs = log_files(self.runtime, instances) + log_files(
+                self.router, sorted(self.state.services())
+            )
+            self.upkeep.pass_once(logs)
+        except Exception as exc:
+            if not self.upkeep.disk.refused(exc):
+                log.exception("state dir upkeep")
 
     async def check_health_once(self) -> None:
         checks = []
