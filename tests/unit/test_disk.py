@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from graven.atomic import write_atomic
 from graven.disk import StateDirWatch, disk_error, size_setting
 from graven.errors import DiskError, UsageError
 
@@ -190,3 +192,20 @@ def test_each_change_of_condition_is_logged_once(caplog: pytest.LogCaptureFixtur
         ),
         ("INFO", "state dir /srv/state has room again (9.8K free)"),
     ]
+
+
+def test_a_refused_atomic_write_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    target = tmp_path / "ledger.head"
+    with pytest.raises(OSError) as info:
+        write_atomic(target, b"{}")
+    assert info.value.filename == str(target)
+    found = disk_error(info.value)
+    assert found is not None
+    assert found.message == f"cannot write {target}: no space left on device"
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
