@@ -118,21 +118,51 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def takes_writes(path: Path) -> bool:
-    """Whether the directory ``path`` takes a small write now: free space alone cannot
-    tell a quota or a read-only mount."""
+def condition(
+    state_dir: Path, free: int, refused: DiskError | None, min_free: int
+) -> tuple[str, str | None, str | None]:
+    """The state dir's condition (ok, low, full, refusing) with its problem and hint,
+    from its free bytes and the write it refused last (None: none since it took one)."""
+    if refused is not None and refused.errno != errno.ENOSPC:
+        return "refusing", f"state dir {state_dir} refuses writes ({refused.message})", refused.hint
+    if free == 0 or refused is not None:
+        return (
+            "full",
+            f"state dir {state_dir} is full ({free} bytes free)",
+            "Free space on its filesystem (remove files, or 'graven gc' for old images and "
+            "releases). Instances keep serving, but deploys, rollbacks and logs cannot be "
+            "written until then.",
+        )
+    if free < min_free:
+        return (
+            "low",
+            f"state dir {state_dir} is almost full ({human_size(free)} free, below "
+            f"GRAVEN_STATE_MIN_FREE={human_size(min_free)})",
+            "Free space on its filesystem (or 'graven gc') before deploys start failing.",
+        )
+    return "ok", None, None
+
+
+def write_refusal(path: Path) -> OSError | None:
+    """Why the directory ``path`` does not take a small write now, or None if it does:
+    free space alone cannot tell a quota or a read-only mount."""
     probe = path / ".write-probe"
     try:
         with probe.open("wb") as f:
             f.write(b"\0" * 4096)
             f.flush()
             os.fsync(f.fileno())
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-    return True
+    return None
+
+
+def takes_writes(path: Path) -> bool:
+    """Whether the directory ``path`` takes a small write now."""
+    return write_refusal(path) is None
 
 
 class StateDirWatch:
@@ -183,30 +213,7 @@ class StateDirWatch:
         # After a refusal, only a write that works again says the state dir is fine.
         if self._refused is not None and self.probe(self.state_dir):
             self._refused = None
-        where, free = self.state_dir, self.free
-        if self._refused is not None and self._refused.errno != errno.ENOSPC:
-            self._set(
-                "refusing",
-                f"state dir {where} refuses writes ({self._refused.message})",
-                self._refused.hint,
-            )
-        elif free == 0 or self._refused is not None:
-            self._set(
-                "full",
-                f"state dir {where} is full ({free} bytes free)",
-                "Free space on its filesystem (remove files, or 'graven gc' for old images "
-                "and releases). Instances keep serving, but deploys, rollbacks and logs "
-                "cannot be written until then.",
-            )
-        elif free < self.min_free:
-            self._set(
-                "low",
-                f"state dir {where} is almost full ({human_size(free)} free, below "
-                f"GRAVEN_STATE_MIN_FREE={human_size(self.min_free)})",
-                "Free space on its filesystem (or 'graven gc') before deploys start failing.",
-            )
-        else:
-            self._set("ok", None, None)
+        self._set(*condition(self.state_dir, self.free, self._refused, self.min_free))
 
     def _set(self, condition: str, problem: str | None, hint: str | None) -> None:
         self.problem, self.hint = problem, hint

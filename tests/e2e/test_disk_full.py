@@ -5,8 +5,10 @@ and once there is room again everything works. Logs stay within their bounds."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -14,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Project, _project, eventually
+from tests.e2e.conftest import Project, _project, eventually, pid_alive
 
 pytestmark = pytest.mark.e2e
 
 FS_SIZE = "16m"
 LOG_MAX = 64 * 1024
 LOG_KEEP = 2
+FILLER = "filler"
 
 # Wraps the example service: a thread writes CHATTY_BYTES of log lines to stdout at a
 # bounded pace, then one last line, while the service serves as usual.
@@ -63,15 +66,20 @@ def small_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", str(state_dir)],
         check=True,
     )
+    project = _project(tmp_path / "proj", "embedded")
     try:
-        yield from _project(tmp_path / "proj", "embedded")
+        yield next(project)
     finally:
+        # Teardown reads the state database: give it room, even if the test failed full.
+        (state_dir / FILLER).unlink(missing_ok=True)
+        with contextlib.suppress(StopIteration):
+            next(project)
         _unmount(state_dir)
 
 
 def fill(directory: Path) -> Path:
     """Write a file into ``directory`` until its filesystem has no byte left."""
-    filler = directory / "filler"
+    filler = directory / FILLER
     with filler.open("wb", buffering=0) as f:
         for size in (1024 * 1024, 4096, 1):
             chunk = b"\0" * size
@@ -122,6 +130,30 @@ def test_status_reports_a_full_state_dir(small_project: Project) -> None:
     filler.unlink()
     assert eventually(lambda: state_dir_report(project)["problem"] is None, timeout=10)
     assert "is full" not in project.graven("status").stdout
+
+
+def test_a_controller_that_cannot_start_says_the_state_dir_is_full(
+    small_project: Project,
+) -> None:
+    project = small_project
+    project.write_spec("v1", replicas=1)
+    project.graven("deploy", "-m", "first")
+    url = project.status()["url"]
+    pid = project.controller_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    assert eventually(lambda: not pid_alive(pid), timeout=30)
+
+    fill(project.state_dir)
+    result = project.graven("status", check=False)
+    assert result.code == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(
+        f"error: the controller cannot start: state dir {project.state_dir} is full "
+        "(0 bytes free)\n"
+    ), result.stderr
+    assert "hint: Free space" in result.stderr
+    assert serves(url)  # the router and the instance do not need the controller
 
 
 def test_verbs_that_must_write_fail_clearly_and_the_service_keeps_serving(
