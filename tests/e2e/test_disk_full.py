@@ -130,6 +130,13 @@ def test_status_reports_a_full_state_dir(small_project: Project) -> None:
     filler.unlink()
     assert eventually(lambda: state_dir_report(project)["problem"] is None, timeout=10)
     assert "is full" not in project.graven("status").stdout
+    # The controller's log hears of each change once, not on every pass of its loop
+    # (the line saying it was full may itself have found no room).
+    controller_log = project.state_dir / "controller.log"
+    assert eventually(lambda: "has room again" in controller_log.read_text(), timeout=10)
+    text = controller_log.read_text()
+    assert text.count("has room again") == 1
+    assert text.count("is full (0 bytes free)") <= 1
 
 
 def test_a_controller_that_cannot_start_says_the_state_dir_is_full(

@@ -21,6 +21,9 @@ from graven.controller.upkeep import log_files
 from graven.ledger.store import StateStore
 from graven.logfiles import LogLimits, RotatingStreamHandler
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
+from graven.router.embedded import EmbeddedRouter
+from graven.router.haproxy import HAProxyRouter
+from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore, Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
@@ -95,6 +98,13 @@ def test_a_pass_bounds_the_logs_of_live_instances_and_routers(world: World) -> N
 
 def test_owners_without_logs_are_skipped() -> None:
     assert log_files(FakeRuntime(), ["web-r1-abcd"]) == []
+
+
+def test_the_real_runtime_and_routers_have_their_logs_bounded(tmp_path: Path) -> None:
+    runtime = ProcessRuntime(tmp_path, ContentStore(tmp_path / "store"))
+    assert log_files(runtime, ["web-r1-abcd"]) == [tmp_path / "instances/web-r1-abcd/log"]
+    assert log_files(EmbeddedRouter(tmp_path), ["web"]) == [tmp_path / "routers/web.log"]
+    assert log_files(HAProxyRouter(tmp_path), ["web"]) == [tmp_path / "haproxy/web/haproxy.log"]
 
 
 def test_status_reports_the_state_dir(world: World, tmp_path: Path) -> None:
