@@ -594,6 +594,7 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
 
         from graven.cli.output import ago, short
 
+        print_state_dir_problem(con, d)
         if not d["services"]:
             con.print("nothing deployed yet: run 'graven deploy -m WHY'")
         now = time.time()
@@ -865,6 +866,17 @@ def demo(directory: Path, requests_per_phase: int, output: str) -> None:
     run_demo(directory, Output(output), requests_per_phase)
 
 
+def print_state_dir_problem(con: Any, d: Any) -> None:
+    """The state dir's problem (full, refusing writes) from a status reply, if any."""
+    from rich.text import Text
+
+    state_dir = d.get("state_dir") or {}
+    if state_dir.get("problem"):
+        con.print(Text(state_dir["problem"], style="red"))
+        if state_dir.get("hint"):
+            con.print(Text(f"  hint: {state_dir['hint']}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps every error to a message and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -890,6 +902,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        _exit_if_refused_write(exc, debug=debug, as_json=as_json)
+        raise
+
+
+def _exit_if_refused_write(exc: Exception, *, debug: bool, as_json: bool) -> None:
+    """A write the filesystem refused (full, over quota, read-only) is the operator's
+    to fix, not a bug: a message and exit 1, no traceback (unless ``--debug``)."""
+    from graven.disk import disk_error
+
+    refused = disk_error(exc)
+    if refused is None or debug:
+        return
+    report_error(refused, as_json=as_json)
+    sys.exit(refused.exit_code)
 
 
 def _wants_json(args: list[str]) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
+from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import Digest, HealthCheck, ServiceConfig
 
@@ -359,7 +360,10 @@ class Api:
 
     async def status(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         wanted = query.get("service", [None])[0]
-        return {"services": self.engine_status(wanted)}
+        return {
+            "services": self.engine_status(wanted),
+            "state_dir": self.engine.upkeep.disk.report(),
+        }
 
     def engine_status(self, wanted: str | None) -> list[dict[str, Any]]:
         st = self.engine.state
@@ -534,9 +538,15 @@ class Api:
         try:
             try:
                 status, payload = await self._handle(reader, conn)
-            except Exception:
-                log.exception("API request failed")
-                status, payload = 500, {"error": "InternalError", "message": "controller error"}
+            except Exception as exc:
+                refused = disk_error(exc, self.engine.state_dir)
+                if refused is None:
+                    log.exception("API request failed")
+                    status, payload = 500, {"error": "InternalError", "message": "controller error"}
+                else:
+                    # A full or read-only state dir: what to do, and status shows it too.
+                    self.engine.upkeep.disk.refused(exc)
+                    status, payload = 507, refused.to_dict()
             await self._reply(writer, status, payload)
         finally:
             self._open.pop(key, None)

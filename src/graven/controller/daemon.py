@@ -21,9 +21,16 @@ from graven.atomic import write_atomic
 from graven.clock import RealClock
 from graven.controller.api import Api
 from graven.controller.engine import Engine
-from graven.controller.paths import controller_lock, controller_socket, state_db, store_root
-from graven.errors import ControllerError
+from graven.controller.paths import (
+    controller_lock,
+    controller_log,
+    controller_socket,
+    state_db,
+    store_root,
+)
+from graven.errors import ControllerError, GravenError
 from graven.ledger.store import StateStore
+from graven.logfiles import RotatingStreamHandler, appends_to, log_limits
 from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
 from graven.runtime.process import ProcessRuntime
@@ -123,13 +130,26 @@ async def _serve(state_dir: Path) -> None:
         log.info("controller %d stopped; instances and routers keep running", os.getpid())
 
 
-def serve(state_dir: Path) -> None:
-    """Run the controller in the foreground until SIGTERM/SIGINT or a shutdown request."""
+def _log_to_stderr(state_dir: Path) -> None:
+    """Log to stderr; when stderr appends to the state dir's controller log (a
+    controller a verb started), bound that log: rotated by copy-truncate, so stderr
+    stays the current log and a crash's traceback still lands in it."""
+    path = controller_log(state_dir)
+    handler: logging.Handler = (
+        RotatingStreamHandler(sys.stderr, path, log_limits())
+        if appends_to(sys.stderr, path)
+        else logging.StreamHandler(sys.stderr)
+    )
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
+
+
+def serve(state_dir: Path) -> None:
+    """Run the controller in the foreground until SIGTERM/SIGINT or a shutdown request."""
+    _log_to_stderr(state_dir)
     fd = _lock(state_dir)
     try:
         asyncio.run(_serve(state_dir))
@@ -138,4 +158,9 @@ def serve(state_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    serve(Path(sys.argv[1]))
+    try:
+        serve(Path(sys.argv[1]))
+    except GravenError as exc:
+        # The verb that started this controller shows the log's tail: make it the reason.
+        sys.stderr.write(f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
+        sys.exit(exc.exit_code)

@@ -21,6 +21,7 @@ from typing import Any
 
 from graven.atomic import write_atomic
 from graven.clock import Clock
+from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, NotFoundError, RouterError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
@@ -137,6 +138,7 @@ class Engine:
         self.problems: dict[str, str] = {}
         self._waiting: set[str] = set()  # services whose rollout is in a wait step
         self._deadlines: dict[str, tuple[float, Rollout]] = {}  # the step being applied
+        self.upkeep = Upkeep(state_dir)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -350,8 +352,11 @@ class Engine:
                 self._overdue(service)
                 await self.clock.sleep(1.0)
             except Exception as exc:
-                log.exception("%s: reconcile failed", service)
-                self.problems[service] = f"internal error: {exc!r} (see controller.log)"
+                if self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    self.problems[service] = f"cannot write the state dir: {exc}"
+                else:
+                    log.exception("%s: reconcile failed", service)
+                    self.problems[service] = f"internal error: {exc!r} (see controller.log)"
                 self._overdue(service)
                 await self.clock.sleep(1.0)
 
@@ -1106,9 +1111,23 @@ class Engine:
                 passes += 1
                 if passes % 50 == 0:  # every ~5 s: cheap, and a reset is not urgent
                     self._end_crash_loops()
-            except Exception:
-                log.exception("health loop")
+            except Exception as exc:
+                if not self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    log.exception("health loop")
+            self.keep_state_dir()
             await self.clock.sleep(0.1)
+
+    def keep_state_dir(self) -> None:
+        """Bound the logs of live instances and routers; watch the state dir's space."""
+        try:
+            instances = [inst.id for inst in self.state.live_instances()]
+            logs = log_files(self.runtime, instances) + log_files(
+                self.router, sorted(self.state.services())
+            )
+            self.upkeep.pass_once(logs)
+        except Exception as exc:
+            if not self.upkeep.disk.refused(exc):
+                log.exception("state dir upkeep")
 
     async def check_health_once(self) -> None:
         checks = []

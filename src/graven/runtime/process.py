@@ -82,6 +82,10 @@ class ProcessRuntime:
     def _instance_dir(self, instance_id: str) -> Path:
         return self.state_dir / "instances" / instance_id
 
+    def log_path(self, instance_id: str) -> Path:
+        """Where the instance's stdout and stderr go (the controller bounds its size)."""
+        return self._instance_dir(instance_id) / "log"
+
     def checkout_dir(self, spec: LaunchSpec) -> Path:
         return self.state_dir / "checkouts" / spec.image.digest.hex
 
@@ -149,7 +153,8 @@ class ProcessRuntime:
         }
         inst_dir = self._instance_dir(spec.instance_id)
         inst_dir.mkdir(parents=True, exist_ok=True)
-        with (inst_dir / "log").open("ab") as log:
+        # O_APPEND: the controller rotates the log by copy-truncate under the instance.
+        with self.log_path(spec.instance_id).open("ab") as log:
             try:
                 proc = subprocess.Popen(
                     argv,
@@ -210,7 +215,7 @@ class ProcessRuntime:
             time.sleep(0.02)
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
-        path = self._instance_dir(instance_id) / "log"
+        path = self.log_path(instance_id)
         try:
             data = path.read_bytes()[-16384:]
         except OSError:
