@@ -25,6 +25,8 @@ from graven.controller.paths import (
     controller_lock,
     controller_log,
     controller_socket,
+    make_private,
+    require_access,
     state_db,
     store_root,
 )
@@ -70,7 +72,7 @@ def _router(state_dir: Path) -> Router:
         )
     kind = wanted or recorded or "embedded"
     if kind != recorded:
-        write_atomic(recorded_file, kind.encode())
+        write_atomic(recorded_file, kind.encode(), mode=0o600)
     if kind == "haproxy":
         from graven.router.haproxy import HAProxyRouter
 
@@ -149,7 +151,13 @@ def _log_to_stderr(state_dir: Path) -> None:
 
 def serve(state_dir: Path) -> None:
     """Run the controller in the foreground until SIGTERM/SIGINT or a shutdown request."""
+    # Everything the controller creates (database, WAL, ledger head, logs, secrets) is
+    # its user's alone; instances inherit the umask too.
+    os.umask(0o077)
+    require_access(state_dir)
     _log_to_stderr(state_dir)
+    for change in make_private(state_dir):
+        log.warning("tightened permissions of %s", change)
     fd = _lock(state_dir)
     try:
         asyncio.run(_serve(state_dir))
