@@ -147,6 +147,11 @@ class Engine:
 
     def adopt(self) -> None:
         """Reconcile the records with the processes that really run (after a restart)."""
+        recorded = self.state.instance_ids()
+        for inst_id, handle in self.runtime.orphans(recorded):
+            # Started, never recorded, never routed: the controller died in between.
+            log.warning("stopping %s (pid %d): started but never recorded", inst_id, handle.pid)
+            self.runtime.stop(handle, 5.0)
         for inst in self.state.live_instances():
             handle = Handle(inst.pid, self.state.pid_start(inst.id))
             if self.runtime.alive(handle):
