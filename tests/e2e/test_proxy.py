@@ -1068,6 +1068,14 @@ def serving(proxy: Proxy) -> list[int]:
     return list(doc.get("workers") or [doc["pid"]])
 
 
+def answering(proxy: Proxy) -> int | None:
+    """The pid answering on the admin socket; None while there is none."""
+    try:
+        return int(health(proxy)["pid"])
+    except OSError:
+        return None
+
+
 def kill_under_load(proxy: Proxy, victim: int) -> loadgen.LoadReport:
     """SIGKILL ``victim`` once 100 requests went out; go on for 200 more, bounded."""
     with loadgen.Load("127.0.0.1", proxy.port, clients=CLIENTS, max_seconds=60) as load:
@@ -1117,6 +1125,7 @@ def test_a_killed_supervisor_under_load_is_replaced_by_its_worker(
 
     assert_nothing_refused(report)
     # A worker started a new supervisor on the port it held, recorded it, then left.
+    assert eventually(lambda: answering(proxy) not in (None, supervisor), timeout=20)
     successor = proxy.router.pid(SERVICE)
     assert successor is not None and successor != supervisor
     assert health(proxy)["pid"] == successor
