@@ -1,9 +1,11 @@
-"""The embedded Router adapter: one ``graven.router.proxy`` router per service (a single
-proxy process, or a supervisor with several worker proxies).
+"""The embedded Router adapter: one ``graven.router.proxy`` router per service, a
+supervisor holding the port and its worker proxies (``graven.router.workers``).
 
-The proxy runs detached (its own session), so it outlives the controller that
+The router runs detached (its own session), so it outlives the controller that
 started it: killing the controller drops no request, and a restarted controller
-adopts the running proxies instead of replacing them.
+adopts the running routers instead of replacing them. It also outlives its own
+crashes: the supervisor restarts a dead worker, and a worker whose supervisor died
+starts a new one and records it here (``revive_router``), controller or not.
 
 Files, per service, under ``STATE/routers/``::
 
@@ -11,10 +13,11 @@ Files, per service, under ``STATE/routers/``::
                fit a unix socket address; the pid file records which)
     web.json   the backend set, written by the proxy on every change and read when it
                starts, so a restarted proxy serves the same set
-    web.pid    {"pid", "port", "start_time", "admin"}; start_time (field 22 of
-               /proc/PID/stat) tells our proxy from a process that reused its pid
+    web.pid    {"pid", "port", "start_time", "admin"} of the supervisor; start_time
+               (field 22 of /proc/PID/stat) tells it from a process that reused its pid
     web.log    the proxy's stderr: start-up, shutdown and errors, never per request
-    web.lock   serialises ensure/stop between threads and controller processes
+    web.lock   serialises ensure/stop between threads and controller processes, and
+               a worker replacing its dead supervisor
 
 ``stop`` forgets the backend set as well (the service is no longer routed);
 a proxy that crashed, or that ``ensure`` moves to another port, keeps it.
@@ -156,8 +159,8 @@ def default_workers() -> int:
 
 class EmbeddedRouter:
     """Router port adapter running graven's own proxy, one router per service: a
-    single proxy process, or with ``workers`` > 1 a supervisor and its worker
-    proxies (``graven.router.workers``); either way one pid and one admin socket.
+    supervisor and ``workers`` worker proxies (``graven.router.workers``); one pid
+    (the supervisor's) and one admin socket.
 
     ``state_dir`` is graven's state directory; routers keep their files in
     ``state_dir/routers``. Proxies listen on ``listen_host`` (loopback by default).

@@ -1,22 +1,29 @@
-"""The embedded router across several cores: one supervisor, N worker proxies.
+"""The embedded router's processes: one supervisor, N worker proxies (N >= 1).
 
-One Python proxy process saturates one core at a few tens of thousands of requests a
-second. With ``--workers N`` (N > 1) the process started for a service becomes a
-supervisor instead:
+The process started for a service is always a supervisor; the proxy code runs only in
+its workers, so a proxy that crashes leaves the port open and new connections wait in
+its backlog instead of being refused.
 
-- it owns the data port: it accepts each new connection and hands it to the next
-  worker in turn (its descriptor passed over a private socketpair), so connections
-  spread evenly, however fast they arrive (workers accepting from one queue
-  themselves would let the first one awake take a whole burst);
-- it keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
+- The supervisor owns the data port's listening socket. With one worker, the worker
+  accepts on it directly (a lone proxy's speed). With several, the supervisor accepts
+  each new connection and hands it to the next worker in turn (its descriptor passed
+  over a private socketpair), so connections spread evenly, however fast they arrive
+  (workers accepting from one queue themselves would let the first one awake take a
+  whole burst); a connection no worker can take now is held, and accepting paused,
+  until one can (answered 503 after ``HOLD_TIMEOUT``).
+- It keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
   persisted once, then sent to every worker over its private control channel (a
   socketpair: nothing on the filesystem, nobody else can reach it) and answered when
-  all of them serve it; ``GET /backends`` sums the workers' counters per backend;
-- it restarts a worker that dies, giving it the current backend set before handing
-  it any connection; meanwhile the others take every new connection;
+  all of them serve it; ``GET /backends`` sums the workers' counters per backend.
+- It restarts a worker that dies, giving it the current backend set before it takes
+  any connection; meanwhile the others (or the backlog) take every new connection.
 - SIGTERM closes the port and is passed on to the workers, whose in-flight requests
-  finish (their own drain bound), then it exits. A worker whose supervisor vanished
-  (even by SIGKILL) sees its control channel close and shuts down the same way.
+  finish (their own drain bound), then it exits.
+- Every worker holds the listening socket too. A worker whose supervisor vanished
+  (SIGKILL, a crash: its control channel closes without a SIGTERM first) keeps the
+  port open and, given ``--pid-file``, starts a new supervisor on it
+  (``graven.router.embedded.revive_router`` decides, under the router's lock, that
+  the router was neither stopped nor already replaced), then drains and exits.
 
 Control protocol, one JSON object per line, supervisor -> worker:
 ``{"op": "put", "backends": [...]}`` or ``{"op": "get"}``; worker -> supervisor:
