@@ -79,7 +79,7 @@ def control(proxy: RouterProxy, message: object) -> dict[str, object]:
 
 def test_control_messages_apply_good_sets_and_refuse_bad_ones() -> None:
     table = BackendTable()
-    proxy = RouterProxy("web", 8080, Path("/nonexistent"), table)
+    proxy = RouterProxy("web", 8080, table)
     good = {"op": "put", "backends": [{"id": "a", "address": "127.0.0.1:1"}]}
     reply = control(proxy, good)
     assert reply["ok"] is True and [b["id"] for b in reply["backends"]] == ["a"]  # type: ignore[attr-defined]

@@ -88,7 +88,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, cast
 
-from graven.atomic import write_atomic
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState
 
@@ -1821,19 +1820,18 @@ class Closable(Protocol):
 
 
 class RouterProxy:
-    """The proxy server: data plane on a TCP port, admin API on a unix socket."""
+    """One worker's data plane: the client connections it is given, proxied to the
+    backends of ``table`` (the supervisor serves the admin API and the state file)."""
 
-    def __init__(self, service: str, port: int, state_path: Path, table: BackendTable) -> None:
+    def __init__(self, service: str, port: int, table: BackendTable) -> None:
         self.service = service
         self.port = port
-        self.state_path = state_path
         self.table = table
         self.closing = False
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
-        self._put_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1940,37 +1938,6 @@ class RouterProxy:
         parts.append(b"Connection: keep-alive\r\n\r\n")
         return b"".join(parts)
 
-    # ------------------------------------------------------------------ admin API
-
-    # ------------------------------------------------------------------ admin API
-
-    def health(self) -> dict[str, object]:
-        return {
-            "ok": True,
-            "pid": os.getpid(),
-            "service": self.service,
-            "port": self.port,
-            "loop": loop_name(),
-        }
-
-    async def get_backends(self) -> tuple[int, dict[str, object]]:
-        return 200, self._backends_doc()
-
-    async def put_backends(self, backends: list[Backend]) -> tuple[int, dict[str, object]]:
-        async with self._put_lock:
-            # Persist first: if the disk refuses, the change is refused as a whole and
-            # memory and file keep agreeing.
-            data = state_document(self.service, self.port, backends)
-            try:
-                await asyncio.to_thread(write_atomic, self.state_path, data, mode=0o600)
-            except OSError as exc:
-                return 500, {"error": f"cannot write state file {self.state_path}: {exc}"}
-            self.table.replace(backends)
-        return 200, self._backends_doc()
-
-    def _backends_doc(self) -> dict[str, object]:
-        return {"service": self.service, "port": self.port, "backends": self.table.snapshot()}
-
 
 def loop_name() -> str:
     """``uvloop`` or ``asyncio``: the event loop running this process."""
@@ -1978,7 +1945,7 @@ def loop_name() -> str:
 
 
 class AdminHandler(Protocol):
-    """What the admin API serves: a single proxy, or a supervisor of worker proxies."""
+    """What the admin API serves: the supervisor of a router's worker proxies."""
 
     def health(self) -> dict[str, object]: ...
 

@@ -181,7 +181,7 @@ async def run_worker(options: RouterOptions, fds: str) -> int:
     # connections wait in its backlog) and goes to the supervisor started in its place.
     listen = socket.socket(fileno=listen_fd)
     table = BackendTable()
-    proxy = RouterProxy(options.service, options.port, Path(os.devnull), table)
+    proxy = RouterProxy(options.service, options.port, table)
     reader, writer = await asyncio.open_connection(
         sock=socket.socket(fileno=control_fd), limit=CONTROL_LINE_LIMIT
     )
