@@ -1111,6 +1111,29 @@ def test_a_killed_proxy_process_under_load_refuses_no_connection(
     assert Counter(proxy.get()[:2] for _ in range(10)) == {(200, b"a\n"): 10}
 
 
+@TWO_WORKERS
+def test_every_worker_killed_at_once_under_load_refuses_no_connection(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = serving(proxy)
+    proxy.pids.update(workers)
+    with loadgen.Load("127.0.0.1", proxy.port, clients=CLIENTS, max_seconds=60) as load:
+        assert eventually(lambda: load.report.sent >= 100, timeout=30)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        # No worker for a while: connections wait (held, then in the backlog).
+        assert eventually(lambda: load.report.sent >= 300, timeout=40), load.report.to_dict()
+
+    assert_nothing_refused(load.report)
+    assert "HTTP 503" not in load.report.errors, load.report.to_dict()
+    assert proxy.router.pid(SERVICE) == supervisor
+    assert not set(serving(proxy)) & set(workers)
+    proxy.pids.update(serving(proxy))
+
+
 @WORKERS
 def test_a_killed_supervisor_under_load_is_replaced_by_its_worker(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]

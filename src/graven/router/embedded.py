@@ -560,7 +560,8 @@ def revive_router(
     spawns the new supervisor, which is recorded at once, then awaited on the admin
     socket. Its pid, or None when there was nothing to do or it did not come up.
     """
-    assert options.pid_file is not None and options.lock_file is not None
+    if options.pid_file is None or options.lock_file is None:
+        return None  # started without a record to keep: nobody could adopt a successor
     files = _Files(
         service=options.service,
         sock=options.admin,
