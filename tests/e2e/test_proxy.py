@@ -1055,8 +1055,8 @@ def test_a_killed_worker_is_replaced_and_given_the_current_set(
 #
 # Load from graven.testing.load: a few keep-alive clients, each with one request in
 # flight at a time. A process that dies takes the connections it serves with it, so
-# each client may lose the one request it had on such a connection, never more; no
-# client may find the port closed.
+# each client may lose the one request it had on such a connection, never more (per
+# process killed); no client may find the port closed.
 
 CLIENTS = 3
 
@@ -1085,10 +1085,12 @@ def kill_under_load(proxy: Proxy, victim: int) -> loadgen.LoadReport:
     return load.report
 
 
-def assert_nothing_refused(report: loadgen.LoadReport) -> None:
+def assert_nothing_refused(report: loadgen.LoadReport, kills: int = 1) -> None:
+    """No connection refused; per process killed, at most the one request each
+    client had in flight (a client that reconnected after one kill may meet the next)."""
     assert "ConnectionRefusedError" not in report.errors, report.to_dict()
-    assert report.failed <= CLIENTS, report.to_dict()
-    assert report.ok >= 300 - CLIENTS, report.to_dict()
+    assert report.failed <= CLIENTS * kills, report.to_dict()
+    assert report.ok >= 300 - CLIENTS * kills, report.to_dict()
 
 
 @WORKERS
@@ -1127,7 +1129,7 @@ def test_every_worker_killed_at_once_under_load_refuses_no_connection(
         # No worker for a while: connections wait (held, then in the backlog).
         assert eventually(lambda: load.report.sent >= 300, timeout=40), load.report.to_dict()
 
-    assert_nothing_refused(load.report)
+    assert_nothing_refused(load.report, kills=len(workers))
     assert "HTTP 503" not in load.report.errors, load.report.to_dict()
     assert proxy.router.pid(SERVICE) == supervisor
     assert not set(serving(proxy)) & set(workers)
