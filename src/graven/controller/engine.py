@@ -446,6 +446,7 @@ class Engine:
         plan = self.plan(service)
         rollout = self.state.running_rollout(service)
         if plan.empty:
+            await asyncio.to_thread(self._retire_preview, service)
             if desired is None:
                 await asyncio.to_thread(self.router.stop, service)
             elif rollout is not None:
@@ -468,6 +469,9 @@ class Engine:
             except StepFailed as exc:
                 self._fail(service, desired, rollout.id if rollout else None, exc.reason)
                 return
+        # A preview route outlives no preview set: an abort or a down retires the new
+        # set without the switch that would otherwise stop it.
+        await asyncio.to_thread(self._retire_preview, service)
         self.wake(service)  # verify convergence on the next pass
 
     def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
@@ -650,6 +654,12 @@ class Engine:
         if service not in self.router.running():
             return
         self.router.set_backends(service, backends)
+
+    def _retire_preview(self, service: str) -> None:
+        """Stop ``service``'s preview router when no instance is left behind it."""
+        name = f"{service}-preview"
+        if name in self.router.running() and not self.state.preview_instances(service):
+            self.router.stop(name)
 
     def sync_preview(self, service: str, port: int) -> None:
         """The preview route: the new set of a blue-green rollout, before the switch."""
