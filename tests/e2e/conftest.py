@@ -119,18 +119,32 @@ class Project:
         # A new version is a new image, not only new config.
         (self.root / "app" / "VERSION").write_text(version + "\n")
 
-    def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "GRAVEN_ACTOR": "tester@ci",
             "PYTHONUNBUFFERED": "1",
             "GRAVEN_ROUTER": self.router,
             "GRAVEN_ROUTER_WORKERS": str(self.router_workers),
         }
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        """``graven ARGS`` running in the background, stdout and stderr piped."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "graven", *args],
+            cwd=self.root,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "graven", *args],
             cwd=self.root,
-            env=env,
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -81,8 +81,11 @@ def watch_status(
     if not running:
         progress("no rollout running")
         return status, []
-    for name, rid in running.items():
-        progress(f"[bold]following[/] {name}: rollout #{rid}")
+    try:
+        for name, rid in running.items():
+            progress(f"[bold]following[/] {name}: rollout #{rid}")
+    except KeyboardInterrupt:
+        raise StoppedWatching(sorted(running)) from None
     finished = wait_rollouts(client, running, progress)
     for name, ro in zip(running, finished, strict=True):
         progress(f"  {name}: {ro['state']}" + (f" — {ro['reason']}" if ro.get("reason") else ""))
