@@ -287,3 +287,15 @@ def test_down_in_a_paused_blue_green_leaves_no_router(world: World) -> None:
     world.converge(passes=20)
     assert world.router.running() == {}
     assert world.state.live_instances("web") == []
+
+
+def test_down_stops_a_router_left_running_with_nothing_behind_it(world: World) -> None:
+    world.deploy(world.v1, blue_green(preview_port=9901))
+    world.converge()
+    world.engine.down("web", "ana@host", "done")
+    world.converge(passes=20)
+    world.router.ensure("web-preview", 9901)  # left over, e.g. by an older graven
+    out = world.engine.down("web", "ana@host", "again")
+    assert out["changed"] is True
+    world.converge(passes=20)
+    assert world.router.running() == {}

@@ -700,9 +700,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
     if service is None and not ControllerClient(app.state_dir).alive():
         # Nothing to reach; starting a controller only to stop it would be silly,
         # unless something is still recorded as running.
+        from graven.controller.offline import routers_running
         from graven.controller.paths import state_db
 
-        if not state_db(app.state_dir).exists() or not app.state().live_instances():
+        recorded = state_db(app.state_dir).exists()
+        if not recorded or not (app.state().live_instances() or routers_running(app.state_dir)):
             out.emit(
                 {"results": [], "controller": "not running"},
                 lambda c, d: c.print("nothing running"),

@@ -282,7 +282,13 @@ class Engine:
         if service not in services:
             raise NotFoundError(f"service {service!r} was never deployed")
         desired = services[service]
-        if desired is None and not self.state.live_instances(service):
+        routers = self.router.running()
+        if (
+            desired is None
+            and not self.state.live_instances(service)
+            and service not in routers
+            and f"{service}-preview" not in routers  # a router left over still goes
+        ):
             return {"changed": False, "service": service, "rollout": None}
         now = self.clock.now()
         with self.state.transaction() as db:

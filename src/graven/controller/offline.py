@@ -39,6 +39,11 @@ def _recorded_router(state_dir: Path) -> Router:
     return EmbeddedRouter(state_dir)
 
 
+def routers_running(state_dir: Path) -> dict[str, int]:
+    """The routers of this state dir that run (name -> port), controller or not."""
+    return _recorded_router(state_dir).running()
+
+
 def _engine(state_dir: Path, state: StateStore) -> Engine:
     store = ContentStore(store_root(state_dir))
     return Engine(
