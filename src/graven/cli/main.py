@@ -803,7 +803,8 @@ def audit(ctx: click.Context, service: str | None, verify: bool, output: str) ->
 @output_option
 @click.pass_context
 def serve(ctx: click.Context, output: str) -> None:
-    """Run the controller in the foreground (other verbs start it when absent)."""
+    """Run the controller in the foreground (verbs that change state start it when
+    absent)."""
     from graven.controller.daemon import serve as run
 
     app = app_context(ctx)
