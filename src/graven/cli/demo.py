@@ -172,7 +172,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
             )
         )
         for what, command in d["commands"].items():
-            con.print(f"  [bold]{command}[/]   {what}")
+            con.print(f"  [bold]{command}[/]   # {what}")
 
     out.emit(report, render)
     if failed:
