@@ -188,6 +188,17 @@ def test_ctrl_c_stops_watching_and_the_rollout_goes_on(project: Project) -> None
     service = followed.json()["services"][0]
     assert service["rollout"]["state"] == "succeeded"
     assert [i["state"] for i in service["instances"]] == ["healthy"]
+    # The lean rollback path says and does the same.
+    project.write_spec("v2", replicas=1, start_timeout="60s")
+    project.graven("deploy", "-m", "v2", "--detach")
+    assert project.graven("status", "-w", timeout=120).code == 0
+    code, err = interrupt_after(project.spawn("rollback", "hello", "--to", "1"), "hello: step")
+    assert code == 130, err
+    assert "stopped watching; the rollout goes on" in err and "'graven abort hello'" in err
+    assert "Traceback" not in err
+    followed = project.graven("status", "-w", "-o", "json", timeout=120)
+    assert followed.json()["services"][0]["desired_release"] == "hello@r1"
+    assert followed.json()["services"][0]["rollout"]["state"] == "succeeded"
     project.down_leaves_nothing()
 
 
