@@ -9,6 +9,7 @@ message and an exit code, never a traceback (unless ``--debug``)::
     │   └── NotFoundError            a named image, service, release or instance is unknown
     ├── BuildError                   a recipe step failed
     ├── StoreError                   the content store is missing or corrupt data
+    ├── DiskError                    a filesystem refused a write: full, over quota, read-only
     ├── RuntimeFailure               an instance could not be started or stopped
     ├── RouterError                  the router process failed or refused a change
     ├── ControllerError              the controller is unreachable or refused a request
@@ -98,6 +99,15 @@ class BuildError(GravenError):
 
 class StoreError(GravenError):
     """The content store lacks an object or holds a corrupt one."""
+
+
+class DiskError(GravenError):
+    """A filesystem refused a write: no space left, over quota or read-only. ``errno``
+    says which."""
+
+    def __init__(self, message: str, *, hint: str | None = None, errno: int = 0) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno
 
 
 class RuntimeFailure(GravenError):

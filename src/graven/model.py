@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 
 
 class Digest(str):
@@ -148,6 +148,8 @@ class ServiceConfig:
     max_error_rate: float = 0.01
     max_p99: float | None = 1.0
     min_requests: int = 50
+    # A rollout that completes no step for this long fails (waits at gates excepted).
+    progress_deadline: float = 600.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -202,6 +204,10 @@ class Instance:
     pid: int
     started_at: float
     state: str = "starting"  # starting | healthy | unhealthy | draining | stopped
+    # Crash loops: how many instances of the service died unexpectedly, one after the
+    # other, before this one started, and how the last of them ended.
+    restarts: int = 0
+    last_exit: str = ""
 
     @property
     def address(self) -> str:

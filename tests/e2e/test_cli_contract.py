@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Project
+from tests.e2e.conftest import Project, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -94,6 +96,16 @@ MALFORMED = {
         "services:\n  hello:\n    image: hello\n    port: 70000\n",
         4,
         "services.hello.port",
+    ),
+    "boolean port": (
+        "services:\n  hello:\n    image: hello\n    port: yes\n",
+        4,
+        "services.hello.port",
+    ),
+    "nul in env": (
+        'services:\n  hello:\n    image: hello\n    port: 1\n    env:\n      A: "x\\0"\n',
+        6,
+        "services.hello.env.A",
     ),
     "unknown image": (
         "services:\n  hello:\n    image: nope\n    port: 1\n",
@@ -198,3 +210,50 @@ def test_serve_runs_in_the_foreground_and_speaks_json(project: Project) -> None:
             proc.wait()
     assert proc.returncode == 0
     assert json.loads(out)["stopped"] is True
+
+
+@pytest.mark.parametrize("verb", ["check", "build", "plan"])
+def test_a_fifo_as_the_spec_is_refused_at_once(project: Project, verb: str) -> None:
+    fifo = project.root / "spec.fifo"
+    os.mkfifo(fifo)
+    # Nothing ever writes to it: reading it would wait forever (the timeout is a net).
+    for fmt in ("text", "json"):
+        result = project.graven("-f", str(fifo), verb, "-o", fmt, timeout=60, check=False)
+        assert result.code == 2, result
+        assert "Traceback" not in result.stdout + result.stderr
+    assert "is a named pipe (FIFO), not a spec file" in result.json()["problems"][0]["message"]
+
+
+def test_check_warns_about_a_port_another_process_holds(project: Project) -> None:
+    preview = free_port()
+    project.write_spec(strategy=f"      type: blue-green\n      preview_port: {preview}")
+    with socket.socket() as held, socket.socket() as held_preview:
+        held.bind(("127.0.0.1", project.port))
+        held.listen()
+        held_preview.bind(("127.0.0.1", preview))
+        held_preview.listen()
+        text = project.graven("check")
+        data = project.graven("check", "-o", "json").json()
+    me = f"by pid {os.getpid()} ("
+    assert f"warning: {project.root / 'graven.yaml'}:" in text.stderr
+    assert f"port {project.port} on 127.0.0.1 is in use {me}" in text.stderr
+    assert text.stdout.startswith("ok ")
+    assert data["valid"] is True
+    assert [(w["key_path"], w["line"]) for w in data["warnings"]] == [
+        ("services.hello.port", 13),
+        ("services.hello.strategy.preview_port", 22),
+    ]
+    assert f"port {preview} on 127.0.0.1 is in use {me}" in data["warnings"][1]["message"]
+    # Freed: no warning.
+    assert project.graven("check", "-o", "json").json()["warnings"] == []
+
+
+def test_check_does_not_warn_about_the_services_own_router(project: Project) -> None:
+    project.write_spec(replicas=1)
+    project.graven("deploy", "-m", "router up")
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", project.port)) == 0  # the router listens
+
+    result = project.graven("check", "-o", "json")
+    assert result.json()["warnings"] == []
+    assert "warning" not in project.graven("check").stderr

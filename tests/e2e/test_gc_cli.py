@@ -40,7 +40,17 @@ def test_gc_collects_the_old_version_and_fsck_stays_clean(project: Project) -> N
     assert again["objects_deleted"] == 0
 
     fsck = project.graven("store", "fsck", "-o", "json").json()
-    assert fsck == {"store": str(project.state_dir / "store"), "ok": True, "problems": []}
+    assert fsck == {
+        "store": str(project.state_dir / "store"),
+        "ok": True,
+        "problems": [],
+        "damaged": [],
+        "images": [],
+        "names": [],
+        "repaired": False,
+        "quarantine": None,
+        "next": "",
+    }
     # The kept version still builds from the cache and still resolves.
     rebuilt = project.graven("build", "-o", "json").json()["images"][0]
     assert (rebuilt["digest"], rebuilt["steps_run"]) == (v2, 0)

@@ -67,7 +67,16 @@ def releases_masked(text: str) -> str:
     return re.sub(r"hello@r\d+", "hello@rN", text)
 
 
-VOLATILE = {"ledger", "rollout", "id", "started_at", "finished_at", "switched_at", "progress"}
+VOLATILE = {
+    "ledger",
+    "rollout",
+    "id",
+    "started_at",
+    "finished_at",
+    "switched_at",
+    "progress",
+    "progressed_at",
+}
 
 
 def shape(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """Property: no layer, however odd, makes the importer fail other than by refusing it.
 
-Random members (names full of ``..``, ``.wh.`` and symlinks, every tar type, any mode)
+Random members (names full of ``..``, ``.wh.`` and symlinks, every tar type, any mode,
+odd pax records)
 and random damage to a valid layer (digests kept consistent, so the tar parser itself
 is reached) either import or raise a UsageError; never another exception. And an
 accepted image reads back as a valid image.
@@ -22,6 +23,20 @@ from tests.unit.oci_build import Member, dir_, link, reg, sym, tar_of, write_lay
 
 components = st.sampled_from(["a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", ".wh..wh.x", "é"])
 paths = st.lists(components, min_size=1, max_size=4).map("/".join)
+# Pax records tarfile would reinterpret, or that no tool writes, among ordinary ones.
+records = st.sampled_from(
+    [
+        {},
+        {"uid": "abc"},
+        {"uid": "4294967295"},
+        {"size": "x"},
+        {"mtime": "nan"},
+        {"mtime": "-1.5"},
+        {"GNU.sparse.name": "a"},
+        {"path": "../a"},
+        {"linkpath": "a/../../b"},
+    ]
+)
 kinds = st.sampled_from(
     [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
 )
@@ -29,6 +44,13 @@ kinds = st.sampled_from(
 
 @st.composite
 def members(draw: st.DrawFn) -> Member:
+    info, data = draw(plain_members())
+    info.pax_headers = dict(draw(records))
+    return info, data
+
+
+@st.composite
+def plain_members(draw: st.DrawFn) -> Member:
     name, kind, target = draw(paths), draw(kinds), draw(paths)
     if kind == tarfile.REGTYPE:
         return reg(

@@ -217,3 +217,100 @@ def test_arbitrary_data(spec_path: Path, value: Any) -> None:
 @given(value=spec_shaped)
 def test_spec_shaped_data(spec_path: Path, value: Any) -> None:
     check(spec_path, dump(value))
+
+
+# --- numbers: never a boolean, never above their ceiling ---------------------------------
+
+BASE = (
+    "images:\n  web:\n    steps:\n      - copy: app\n      - entrypoint: x\n"
+    "services:\n  web:\n    image: web\n"
+)
+# Where a service holds a number, with what else the place needs to be valid.
+NUMBER_FIELDS: dict[tuple[str, ...], str] = {
+    ("port",): "",
+    ("replicas",): "",
+    ("drain_timeout",): "",
+    ("stop_grace",): "",
+    ("progress_deadline",): "",
+    ("health", "interval"): "",
+    ("health", "timeout"): "",
+    ("health", "start_timeout"): "",
+    ("health", "healthy_threshold"): "",
+    ("health", "unhealthy_threshold"): "",
+    ("strategy", "max_surge"): "      max_unavailable: 1\n",
+    ("strategy", "max_unavailable"): "",
+    ("strategy", "rollback_window"): "",
+    ("strategy", "preview_port"): "      type: blue-green\n",
+    ("strategy", "analysis", "window"): "",
+    ("strategy", "analysis", "max_error_rate"): "",
+    ("strategy", "analysis", "max_p99"): "",
+    ("strategy", "analysis", "min_requests"): "",
+}
+# The ceiling of each duration field, in seconds.
+DURATION_CEILINGS: dict[tuple[str, ...], float] = {
+    ("drain_timeout",): 3600,
+    ("stop_grace",): 3600,
+    ("progress_deadline",): 86400,
+    ("health", "interval"): 3600,
+    ("health", "timeout"): 3600,
+    ("health", "start_timeout"): 86400,
+    ("strategy", "rollback_window"): 86400,
+    ("strategy", "analysis", "window"): 86400,
+    ("strategy", "analysis", "max_p99"): 3600,
+}
+# Every spelling YAML 1.1 reads as a boolean.
+BOOLEAN_SPELLINGS = [
+    s
+    for word in ("yes", "no", "true", "false", "on", "off")
+    for s in (word, word.capitalize(), word.upper())
+]
+
+
+def service_with(path: tuple[str, ...], value: str) -> str:
+    """The base spec with ``services.web.<path>`` set to the raw YAML ``value``."""
+    text = BASE
+    for depth, key in enumerate(path[:-1]):
+        text += "  " * (depth + 2) + f"{key}:\n"
+    text += NUMBER_FIELDS.get(path, "")
+    port = "" if path == ("port",) else "    port: 8080\n"
+    return text + "  " * (len(path) + 1) + f"{path[-1]}: {value}\n" + port
+
+
+def refused_at(path: Path, text: str, key_path: str) -> str:
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    messages = [p.message for p in info.value.problems if p.key_path == key_path]
+    assert messages, [str(p) for p in info.value.problems]
+    return messages[0]
+
+
+@FUZZ
+@given(field=st.sampled_from(sorted(NUMBER_FIELDS)), spelling=st.sampled_from(BOOLEAN_SPELLINGS))
+def test_no_boolean_is_read_as_a_number(
+    spec_path: Path, field: tuple[str, ...], spelling: str
+) -> None:
+    key_path = "services.web." + ".".join(field)
+    message = refused_at(spec_path, service_with(field, spelling), key_path)
+    assert message.startswith("expected ")
+    assert message.endswith(f"got {spelling} (a YAML boolean)") or message.endswith(
+        f"got {spelling.lower()}"
+    )
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(sorted(DURATION_CEILINGS)),
+    over=st.floats(min_value=0.001, max_value=1e300, allow_nan=False, allow_infinity=False),
+    unit=st.sampled_from(["", "s", "ms", "m", "h"]),
+)
+def test_no_duration_above_its_ceiling_loads(
+    spec_path: Path, field: tuple[str, ...], over: float, unit: str
+) -> None:
+    ceiling = DURATION_CEILINGS[field]
+    per_unit = {"": 1, "s": 1, "ms": 0.001, "m": 60, "h": 3600}[unit]
+    # Written as a decimal the duration syntax takes: no exponent, at least 1 ms over.
+    amount = f"{(ceiling + max(over, 0.001)) / per_unit + 1:.3f}"
+    key_path = "services.web." + ".".join(field)
+    message = refused_at(spec_path, service_with(field, f"'{amount}{unit}'"), key_path)
+    assert "at most" in message

@@ -83,6 +83,50 @@ def pax(name: str, data: bytes = b"", **headers: str) -> Member:
     return info, content
 
 
+def pax_records(**records: str) -> bytes:
+    """Pax extended-header records ("LEN key=value\\n"), written as given."""
+    out = b""
+    for key, value in records.items():
+        body = f" {key}={value}\n".encode("utf-8", "surrogateescape")
+        length = len(body) + 1
+        while len(str(length)) + len(body) != length:
+            length += 1
+        out += str(length).encode() + body
+    return out
+
+
+def raw_header(kind: bytes, payload: bytes, name: str = "././@LongLink") -> Member:
+    """A header member of type ``kind`` (a GNU long name, a global pax header) whose
+    data is ``payload`` exactly, for tarfile to interpret."""
+    info = _info(name, kind, 0o644)
+    info.size = len(payload)
+    return info, payload
+
+
+def patched(member: Member, at: int, value: bytes, fmt: int = tarfile.GNU_FORMAT) -> Member:
+    """``member`` with bytes ``at`` of its (last) header replaced by ``value`` and the
+    checksum redone: for numbers tarfile would never write (a mode with bits beyond
+    0o7777, a negative size). ``tar_of`` writes the result as it is."""
+    info, data = member
+    raw = bytearray(info.tobuf(fmt, "utf-8", "surrogateescape"))
+    start = len(raw) - 512
+    raw[start + at : start + at + len(value)] = value
+    raw[start + 148 : start + 156] = b" " * 8
+    raw[start + 148 : start + 156] = b"%06o\x00 " % sum(raw[start:])
+    return _Raw(bytes(raw)), data
+
+
+class _Raw(tarfile.TarInfo):
+    """Header bytes written verbatim by ``tar_of``."""
+
+    def __init__(self, header: bytes) -> None:
+        super().__init__()
+        self._header = header
+
+    def tobuf(self, *args: Any, **kwargs: Any) -> bytes:
+        return self._header
+
+
 def tar_of(
     *members: Member,
     fmt: Literal[0, 1, 2] = tarfile.PAX_FORMAT,

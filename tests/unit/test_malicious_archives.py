@@ -34,16 +34,26 @@ from graven.store.oci_import import (
     import_from_manifest,
     import_layout,
 )
-from graven.store.oci_types import MAX_CONFIG_BYTES, MAX_MANIFEST_BYTES, OCI_INDEX, Descriptor
+from graven.store.oci_types import (
+    MAX_CONFIG_BYTES,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    REF_NAME,
+    Descriptor,
+)
 from tests.unit.oci_build import (
     Member,
     Written,
+    add_manifest,
     archive_of,
     compress,
     dev,
     dir_,
     link,
+    patched,
     pax,
+    pax_records,
+    raw_header,
     reg,
     sha,
     sym,
@@ -249,6 +259,256 @@ LAYER_CASES = [
         layout_of(members(reg("n" * (2 << 20)), fmt=tarfile.GNU_FORMAT)),
         "header records",
         ImportPolicy(max_header_bytes=4096),
+    ),
+]
+
+
+# --- the import policy, hazard by hazard (docs/oci-import.md has the table) --------------------
+#
+# POLICY_CASES are refused, each as a layout and as an oci-archive, by the test above;
+# NEUTRALIZED are imported, and the tree that results is the one the policy says.
+
+
+def _smuggled(carrier: Member, *before: Member) -> Callable[[], bytes]:
+    """``carrier`` (not a file) declares as its data a whole tar header: a reader that
+    skips a member's data sees nothing there, tarfile reads the header as a member."""
+    header = reg("tmp/graven-evil-smuggled", b"pwn")[0].tobuf(tarfile.GNU_FORMAT)
+    info, _ = carrier
+    info.size = len(header) + 512
+    data = header + b"pwn".ljust(512, b"\0")
+    return lambda: tar_of(*before, (info, data), fmt=tarfile.GNU_FORMAT)
+
+
+def _pax_link(name: str, target: str) -> Member:
+    info, _ = link(name, "placeholder")
+    info.pax_headers = {"linkpath": target}
+    return info, None
+
+
+def _pax_device(name: str) -> Member:
+    info, _ = dev(name)
+    info.pax_headers = {"comment": "just a device"}
+    return info, None
+
+
+def _pax_size_garbage() -> bytes:
+    # tarfile reads size=abc as 0, so the file's data is read as the next header.
+    hidden = reg("tmp/graven-evil-pax-size", b"pwn")[0].tobuf(tarfile.GNU_FORMAT)
+    info, _ = pax("carrier", size="abc")
+    info.size = len(hidden) + 512
+    data = hidden + b"pwn".ljust(512, b"\0")
+    head = info.tobuf(tarfile.PAX_FORMAT)
+    return head + data + b"\0" * 1024
+
+
+def _number(value: int, width: int = 8) -> bytes:
+    """A tar number field in base-256 (GNU), as tarfile itself never writes a mode."""
+    if value < 0:
+        return (256**width + value).to_bytes(width, "big")
+    return b"\x80" + value.to_bytes(width - 1, "big")
+
+
+def _gnu_long(kind: bytes, name: bytes, member: Member) -> Callable[[], bytes]:
+    return members(raw_header(kind, name), member, fmt=tarfile.GNU_FORMAT)
+
+
+def _global_pax(**records: str) -> Callable[[], bytes]:
+    header = raw_header(tarfile.XGLTYPE, pax_records(**records), "pax_global_header")
+    return members(header, reg("a", b"x"), fmt=tarfile.GNU_FORMAT)
+
+
+def _with_owner(uid: int) -> Member:
+    info, data = reg("owned", b"x")
+    info.uid = uid
+    return info, data
+
+
+CAPABILITY = "SCHILY.xattr.security.capability"
+
+POLICY_CASES = [
+    # whiteouts
+    Case(
+        "whiteout-below-symlink-to-dir-in-lower",
+        layout_of(
+            members(reg("etc/passwd", b"root"), sym("lnk", "etc")),
+            members(reg("lnk/.wh.passwd")),
+        ),
+        r"whiteout goes through 'lnk', a symlink",
+    ),
+    Case(
+        "opaque-whiteout-below-symlink-in-lower",
+        layout_of(
+            members(reg("etc/passwd", b"root"), sym("lnk", "/etc")),
+            members(reg("lnk/.wh..wh..opq")),
+        ),
+        r"opaque whiteout in 'lnk', which is a symlink in the layers below",
+    ),
+    Case(
+        "opaque-whiteout-below-file-in-lower",
+        layout_of(members(reg("f", b"data")), members(reg("f/.wh..wh..opq"))),
+        r"opaque whiteout in 'f', which is a file in the layers below",
+    ),
+    Case(
+        "opaque-whiteout-below-symlinked-parent-in-lower",
+        layout_of(
+            members(dir_("etc/ssl"), sym("lnk", "etc")), members(reg("lnk/ssl/.wh..wh..opq"))
+        ),
+        r"whiteout goes through 'lnk', a symlink",
+    ),
+    Case(
+        "opaque-whiteout-below-symlink-of-this-layer",
+        layout_of(members(dir_("etc")), members(sym("lnk", "/etc"), reg("lnk/.wh..wh..opq"))),
+        "inside a symlink of this same layer",
+    ),
+    Case(
+        "whiteout-below-file-in-lower",
+        layout_of(members(reg("f", b"data")), members(reg("f/.wh.x"))),
+        r"goes through 'f', which is a file",
+    ),
+    Case("whiteout-of-dotdot-below-dir", layout_of(members(reg("a/.wh..."))), "whiteout of '..'"),
+    # hardlinks
+    Case(
+        "hardlink-below-symlinked-dir-in-lower",
+        layout_of(members(sym("etc", "/etc")), members(link("pw", "etc/passwd"))),
+        r"hardlink target goes through 'etc', a symlink",
+    ),
+    Case(
+        "hardlink-chain-below-symlink",
+        layout_of(members(sym("s", "/etc"), link("h1", "s"), link("h2", "h1/passwd"))),
+        r"hardlink target goes through 'h1', a symlink",
+    ),
+    Case(
+        "hardlink-to-lower-entry-whited-out-earlier",
+        layout_of(members(reg("secret", b"s")), members(reg(".wh.secret"), link("h", "secret"))),
+        "not in the image yet",
+    ),
+    Case(
+        "hardlink-via-pax-linkpath-escape",
+        layout_of(members(reg("f"), _pax_link("h", "../../etc/passwd"))),
+        r"'\.\.' component",
+    ),
+    # header values tarfile would reinterpret, or no tool writes
+    Case(
+        "symlink-with-data-smuggles-a-member",
+        layout_of(_smuggled(sym("s", "target"))),
+        "a symlink that declares 1024 bytes of data",
+    ),
+    Case(
+        "directory-with-data-smuggles-a-member",
+        layout_of(_smuggled(dir_("d"))),
+        "a dir that declares 1024 bytes of data",
+    ),
+    Case(
+        "hardlink-with-data-smuggles-a-member",
+        layout_of(_smuggled(link("h", "f"), reg("f"))),
+        "a hardlink that declares 1024 bytes of data",
+    ),
+    Case("pax-size-not-a-number", layout_of(_pax_size_garbage), r"pax record size='abc'"),
+    Case("pax-uid-not-a-number", layout_of(members(pax("a", uid="abc"))), r"uid='abc'"),
+    Case("pax-uid-negative", layout_of(members(pax("a", uid="-1"))), r"uid='-1'"),
+    Case("pax-uid-too-large", layout_of(members(pax("a", uid="99999999999"))), "out of range"),
+    Case("pax-gid-too-large", layout_of(members(pax("a", gid=str(2**32)))), "gid 4294967296"),
+    Case("pax-uid-is-no-owner", layout_of(members(pax("a", uid=str(2**32 - 1)))), "uid 4294967295"),
+    Case(
+        "base256-uid-too-large",
+        layout_of(members(_with_owner(2**40), fmt=tarfile.GNU_FORMAT)),
+        "uid 1099511627776 is out of range",
+    ),
+    Case(
+        "base256-uid-negative",
+        layout_of(members(_with_owner(-3), fmt=tarfile.GNU_FORMAT)),
+        "uid -3 is out of range",
+    ),
+    Case(
+        "mode-beyond-file-type-bits",
+        layout_of(members(patched(reg("m", b"x"), 100, _number(0o10000644)))),
+        "mode 0o10000644 is out of range",
+    ),
+    Case(
+        "mode-negative-on-a-directory",
+        layout_of(members(patched(dir_("d"), 100, _number(-1)))),
+        "mode -0o1 is out of range",
+    ),
+    Case(
+        "size-negative",
+        layout_of(members(patched(reg("n"), 124, _number(-5, 12)))),
+        "negative size",
+    ),
+    Case("pax-mtime-infinite", layout_of(members(pax("a", mtime="1e400"))), "mtime='1e400'"),
+    Case("pax-mtime-nan", layout_of(members(pax("a", mtime="nan"))), "mtime='nan'"),
+    Case(
+        "pax-mtime-too-many-digits",
+        layout_of(members(pax("a", mtime="9" * 5000))),
+        "is not a valid number",
+    ),
+    Case(
+        "pax-path-escape",
+        layout_of(members(pax("innocent", b"pwn", path="../../tmp/graven-evil-pax"))),
+        r"'\.\.' component",
+    ),
+    Case(
+        "pax-path-absolute",
+        layout_of(members(pax("innocent", b"pwn", path="/tmp/graven-evil-pax-abs"))),
+        "absolute path",
+    ),
+    Case(
+        "pax-gnu-sparse-name-renames-a-plain-file",
+        layout_of(members(pax("innocent", b"x", **{"GNU.sparse.name": "etc/shadow"}))),
+        r"GNU sparse record \('GNU\.sparse\.name'\)",
+    ),
+    Case(
+        "pax-gnu-sparse-1.0",
+        layout_of(
+            members(pax("s", b"1\n0\n1\n", **{"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}))
+        ),
+        "sparse",
+    ),
+    Case(
+        "global-pax-path",
+        layout_of(_global_pax(path="etc/shadow")),
+        "global pax header sets 'path'",
+    ),
+    Case("global-pax-size", layout_of(_global_pax(size="0")), "global pax header sets 'size'"),
+    Case("global-pax-uid-garbage", layout_of(_global_pax(uid="x")), r"uid='x'"),
+    Case(
+        "gnu-long-name-with-nul",
+        layout_of(
+            _gnu_long(tarfile.GNUTYPE_LONGNAME, b"bin/ok\0/../../tmp/graven-evil\0", reg("x"))
+        ),
+        r"member 'bin/ok': its GNU long name goes on after a NUL",
+    ),
+    Case(
+        "gnu-long-link-with-nul",
+        layout_of(_gnu_long(tarfile.GNUTYPE_LONGLINK, b"lib\0/../../etc\0", sym("l", "x"))),
+        "GNU long link target goes on after a NUL",
+    ),
+    Case(
+        "file-capabilities",
+        layout_of(members(pax("bin/ping", b"p", **{CAPABILITY: "\x01\x00\x00\x02 "}))),
+        r"a file with capabilities",
+    ),
+    Case(
+        "file-capabilities-libarchive",
+        layout_of(
+            members(pax("bin/ping", b"p", **{"LIBARCHIVE.xattr.security.capability": "AQAAAg"}))
+        ),
+        r"a file with capabilities",
+    ),
+    Case(
+        "device-node-with-pax-records",
+        layout_of(members(_pax_device("dev/kmem"))),
+        "character device",
+    ),
+    # duplicates that would turn a directory into a symlink to write through it
+    Case(
+        "directory-then-symlink-then-write",
+        layout_of(members(dir_("d"), sym("d", "/tmp"), reg("d/graven-evil-dup", b"pwn"))),
+        "second entry",
+    ),
+    Case(
+        "directory-below-then-symlink-then-write",
+        layout_of(members(dir_("d")), members(sym("d", "/tmp"), reg("d/graven-evil-dup2", b"pwn"))),
+        r"goes through 'd', a symlink",
     ),
 ]
 
@@ -552,6 +812,41 @@ DOCUMENT_CASES: list[Any] = [
 ]
 
 
+def _ref(value: str) -> Callable[[Path], Path]:
+    return _index_hook(_set("manifests.0.annotations", {REF_NAME: value}))
+
+
+def _two_platforms(arch: str) -> Callable[[Path], Path]:
+    def build(d: Path) -> Path:
+        w = _simple(d)
+        add_manifest(w.path, w, "other", {"os": "linux", "architecture": arch})
+        return w.path
+
+    return build
+
+
+def _bad_second_ref(index: dict[str, Any]) -> None:
+    index["manifests"].append({**index["manifests"][0], "annotations": {REF_NAME: "v1\r"}})
+
+
+# Annotations: only org.opencontainers.image.ref.name is read (to match --ref, and in
+# messages); a value the image-spec's grammar does not allow is refused.
+ANNOTATION_CASES = [
+    Case("ref-name-newline", _ref("latest\nerror: forged line"), "not a valid ref name"),
+    Case("ref-name-traversal", _ref("../../tmp/graven-evil-ref"), "not a valid ref name"),
+    Case("ref-name-nul", _ref("latest\x00.tar"), "not a valid ref name"),
+    Case("ref-name-escape-sequence", _ref("\x1b]0;owned\x07latest"), "not a valid ref name"),
+    Case("ref-name-empty", _ref(""), "not a valid ref name"),
+    Case("ref-name-too-long", _ref("a" * 513), r"'a{60}'\.\.\. is not a valid ref name"),
+    Case(
+        "ref-name-bad-in-another-entry",
+        _index_hook(_bad_second_ref),
+        r"manifests\[1\]\.annotations",
+    ),
+    Case("platform-escape-sequence", _two_platforms("\x1b[2Jamd64"), "not an os, architecture"),
+]
+
+
 # --- archives ----------------------------------------------------------------------------------
 
 
@@ -582,6 +877,23 @@ def _archive_raw(data: bytes) -> Callable[[Path], Path]:
         return d / "image.tar"
 
     return build
+
+
+def _archive_smuggled_index(d: Path) -> Path:
+    """A directory member whose "data" is an index.json member: tarfile would read it."""
+    w = _simple(d / "src")
+    index = reg("index.json", (w.path / "index.json").read_bytes())
+    header = index[0].tobuf(tarfile.GNU_FORMAT)
+    data = index[1] or b""
+    payload = header + data + b"\0" * (-len(data) % 512)
+    carrier, _ = dir_("blobs")
+    carrier.size = len(payload)
+    members: list[Member] = [(carrier, payload), dir_("blobs/sha256")]
+    for path in sorted((w.path / "blobs" / "sha256").iterdir()):
+        members.append(reg(f"blobs/sha256/{path.name}", path.read_bytes()))
+    members.append(reg("oci-layout", (w.path / "oci-layout").read_bytes()))
+    (d / "image.tar").write_bytes(tar_of(*members, fmt=tarfile.GNU_FORMAT))
+    return d / "image.tar"
 
 
 ARCHIVE_CASES = [
@@ -643,6 +955,27 @@ ARCHIVE_CASES = [
     ),
     Case("archive-truncated", lambda d: _truncate(_archive()(d)), r"truncated|end-of-archive"),
     Case(
+        "archive-directory-with-data-smuggles-index",
+        _archive_smuggled_index,
+        "a dir that declares .* bytes of data",
+    ),
+    Case(
+        "archive-pax-uid-not-a-number",
+        _archive(pax("oci-layout", b"{}", path=f"blobs/sha256/{HEX}", uid="root")),
+        r"uid='root'",
+    ),
+    Case(
+        "archive-global-pax-path",
+        _archive_raw(
+            tar_of(
+                raw_header(tarfile.XGLTYPE, pax_records(path="index.json"), "pax_global_header"),
+                reg("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                fmt=tarfile.GNU_FORMAT,
+            )
+        ),
+        "global pax header sets 'path'",
+    ),
+    Case(
         "archive-truncated-inside-a-blob",
         lambda d: _truncate(_archive(reg(f"blobs/sha256/{sha(BLOB)[7:]}", BLOB))(d), 1024 + 100),
         r"member 'blobs/sha256/\w+': its data is truncated",
@@ -656,10 +989,12 @@ def _truncate(path: Path, cut: int = 3000) -> Path:
 
 
 def _cases() -> Iterator[Any]:
-    for case in LAYER_CASES:
+    for case in LAYER_CASES + POLICY_CASES:
         yield pytest.param(case, id=f"{case.id}[layout]")
         archived_case = Case(case.id, archived(case.build), case.match, case.policy, case.ref)
         yield pytest.param(archived_case, id=f"{case.id}[archive]")
+    for case in ANNOTATION_CASES:
+        yield pytest.param(case, id=case.id)
     for case in DOCUMENT_CASES:
         if isinstance(case, Case):
             yield pytest.param(case, id=case.id)
@@ -696,6 +1031,8 @@ def test_hostile_input_is_refused_and_nothing_is_written(sandbox: Path, case: Ca
 
     message = info.value.message
     assert re.search(case.match, message), message
+    # Whatever the source holds, what reaches a terminal has no control characters.
+    assert not re.search(r"[\x00-\x1f\x7f]", message + (info.value.hint or "")), message
     assert info.value.exit_code == 2
     assert info.value.hint
     if isinstance(info.value, ImportRejected) and info.value.member is not None:
@@ -711,6 +1048,199 @@ def test_at_least_25_distinct_cases() -> None:
     ids = {c.id for c in LAYER_CASES} | {c.id for c in ARCHIVE_CASES}
     ids |= {(c if isinstance(c, Case) else c.values[0]).id for c in DOCUMENT_CASES}
     assert len(ids) >= 25
+
+
+# --- hazards neutralized: imported, and the tree is what the policy says ----------------------
+
+
+def _flat(store: ContentStore, tree: Digest, prefix: str = "") -> dict[str, str]:
+    """Every path of ``tree``: "dir", "file <content>" (with "+x" when executable) or
+    "-> <target>"."""
+    out: dict[str, str] = {}
+    for e in store.read_tree(tree).entries:
+        path = f"{prefix}/{e.name}"
+        if e.type == "dir":
+            assert e.digest is not None
+            out[path] = "dir"
+            out |= _flat(store, e.digest, path)
+        elif e.type == "symlink":
+            out[path] = f"-> {e.target}"
+        else:
+            assert e.digest is not None
+            exe = "+x " if e.mode & 0o111 else ""
+            out[path] = f"file {exe}{store.read_blob(e.digest).decode()}"
+    return out
+
+
+def _owned(name: str, **fields: int) -> Member:
+    info, data = reg(name, b"o")
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+@dataclass(frozen=True)
+class Neutral:
+    id: str
+    layers: list[bytes]
+    tree: dict[str, str]
+    policy: ImportPolicy = field(default_factory=ImportPolicy)
+
+
+PASSWD = tar_of(dir_("etc"), reg("etc/passwd", b"root"), reg("etc/shadow", b"hash"))
+
+NEUTRALIZED = [
+    # A whiteout below a symlink of this same layer is about the directory the layer
+    # replaced (umoci writes that): it deletes nothing through the link.
+    Neutral(
+        "whiteout-below-symlink-of-this-layer-deletes-nothing-through-it",
+        [PASSWD, tar_of(sym("x", "etc"), reg("x/.wh.passwd"))],
+        {"/etc": "dir", "/etc/passwd": "file root", "/etc/shadow": "file hash", "/x": "-> etc"},
+    ),
+    Neutral(
+        "whiteout-before-the-symlink-of-this-layer",
+        [PASSWD, tar_of(reg("x/.wh.shadow"), sym("x", "/etc"))],
+        {"/etc": "dir", "/etc/passwd": "file root", "/etc/shadow": "file hash", "/x": "-> /etc"},
+    ),
+    Neutral(
+        "whiteout-below-a-file-of-this-layer",
+        [PASSWD, tar_of(reg("f", b"new"), reg("f/.wh.passwd"))],
+        {"/etc": "dir", "/etc/passwd": "file root", "/etc/shadow": "file hash", "/f": "file new"},
+    ),
+    Neutral(
+        "opaque-whiteout-after-this-layer-replaces-a-symlink-with-a-directory",
+        [
+            tar_of(dir_("etc"), reg("etc/a", b"a"), sym("lnk", "etc")),
+            tar_of(dir_("lnk"), reg("lnk/.wh..wh..opq")),
+        ],
+        {"/etc": "dir", "/etc/a": "file a", "/lnk": "dir"},
+    ),
+    # AUFS metadata (the reserved .wh..wh. prefix) is skipped: it whites out nothing.
+    Neutral(
+        "aufs-metadata-whites-out-nothing",
+        [tar_of(reg("foo", b"kept")), tar_of(reg(".wh..wh.foo"), reg(".wh..wh..wh.foo"))],
+        {"/foo": "file kept"},
+    ),
+    # Hardlinks become copies of what they name: a hardlink to a symlink is that symlink
+    # (never the file it points to), however many links lead to it.
+    Neutral(
+        "hardlink-to-hardlink-to-symlink-outside-stays-a-symlink",
+        [tar_of(sym("s", "/etc/passwd"), link("h1", "s"), link("h2", "h1"))],
+        {"/s": "-> /etc/passwd", "/h1": "-> /etc/passwd", "/h2": "-> /etc/passwd"},
+    ),
+    Neutral(
+        "hardlink-to-symlink-to-parent-stays-a-symlink",
+        [tar_of(sym("up", "../../.."), link("h", "up"))],
+        {"/up": "-> ../../..", "/h": "-> ../../.."},
+    ),
+    # ... and may name an entry of a lower layer (as Docker and containerd allow).
+    Neutral(
+        "hardlink-to-a-lower-layer-file",
+        [tar_of(reg("bin/tool", b"T", 0o755)), tar_of(link("bin/alias", "bin/tool"))],
+        {"/bin": "dir", "/bin/tool": "file +x T", "/bin/alias": "file +x T"},
+    ),
+    # Owners and times are not recorded: any value in range imports, and is dropped.
+    Neutral(
+        "owners-and-times-in-range-are-dropped",
+        [
+            tar_of(
+                pax("a", b"1", uid=str(2**32 - 2), gid="0", mtime="-86400.5"),
+                pax("b", b"2", mtime="9" * 20, atime="0", ctime="1700000000.123456789"),
+                _owned("c", uid=2**31, gid=65534, mtime=-1),
+                fmt=tarfile.PAX_FORMAT,
+            )
+        ],
+        {"/a": "file 1", "/b": "file 2", "/c": "file o"},
+    ),
+    Neutral(
+        "file-type-bits-in-the-mode-are-ignored",
+        [
+            tar_of(
+                patched(reg("run", b"r"), 100, b"0100755\x00"),
+                patched(dir_("d"), 100, b"0040755\x00"),
+            )
+        ],
+        {"/run": "file +x r", "/d": "dir"},
+    ),
+    Neutral(
+        "capabilities-are-dropped-when-allowed",
+        [
+            tar_of(
+                pax("ping", b"p", **{CAPABILITY: "x"}),
+                pax("ls", b"l", **{"SCHILY.xattr.user.a": "b"}),
+            )
+        ],
+        {"/ping": "file p", "/ls": "file l"},
+        ImportPolicy(allow_setuid=True),
+    ),
+    Neutral(
+        "other-extended-attributes-are-dropped",
+        [tar_of(pax("ls", b"l", **{"SCHILY.xattr.user.a": "b", "SCHILY.acl.access": "x"}))],
+        {"/ls": "file l"},
+    ),
+    Neutral(
+        "git-archive-global-comment-is-fine",
+        [
+            tar_of(
+                raw_header(tarfile.XGLTYPE, pax_records(comment="0" * 40), "pax_global_header"),
+                reg("a", b"a"),
+                fmt=tarfile.GNU_FORMAT,
+            )
+        ],
+        {"/a": "file a"},
+    ),
+]
+
+
+@pytest.mark.parametrize("case", NEUTRALIZED, ids=[c.id for c in NEUTRALIZED])
+def test_neutralized_hazards_give_the_tree_the_policy_says(sandbox: Path, case: Neutral) -> None:
+    source = write_layout(sandbox / "build" / "layout", case.layers).path
+    store_root = sandbox / "state" / "store"
+    store = ContentStore(store_root)
+    evil_before = _evil()
+    before = tree_listing(sandbox, skip=store_root)
+
+    image = import_layout(store, source, name="victim", policy=case.policy)
+
+    assert _flat(store, image.rootfs) == case.tree
+    assert tree_listing(sandbox, skip=store_root) == before
+    assert _evil() == evil_before
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_annotations_never_name_anything(sandbox: Path) -> None:
+    """Annotations other than the ref name are not read at all: hostile values import,
+    and the only name recorded is the one given."""
+    hostile = {
+        "io.containerd.image.name": "../../../../tmp/graven-evil-ann\n\x00",
+        "org.opencontainers.image.title": "/" * 5000,
+        "x\x1b[2J": "..",
+    }
+
+    def index(doc: dict[str, Any]) -> None:
+        doc["manifests"][0]["annotations"] |= hostile
+
+    def manifest(doc: dict[str, Any]) -> None:
+        doc["annotations"] = hostile
+        doc["layers"][0]["annotations"] = hostile
+
+    source = write_layout(
+        sandbox / "build" / "layout",
+        [tar_of(reg("a", b"a"))],
+        index_hook=index,
+        manifest_hook=manifest,
+    ).path
+    store_root = sandbox / "state" / "store"
+    store = ContentStore(store_root)
+    before = tree_listing(sandbox, skip=store_root)
+    evil_before = _evil()
+
+    image = import_layout(store, source, "latest", name="victim")
+
+    assert _flat(store, image.rootfs) == {"/a": "file a"}
+    assert sorted(p.name for p in (store_root / "refs").iterdir()) == ["victim", "victim.history"]
+    assert tree_listing(sandbox, skip=store_root) == before
+    assert _evil() == evil_before
 
 
 # --- the registry path: streams that lie --------------------------------------------------------

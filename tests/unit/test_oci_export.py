@@ -532,7 +532,7 @@ def test_refuses_what_is_not_a_layout(store: ContentStore, tmp_path: Path) -> No
     with pytest.raises(UsageError, match="not an OCI image layout"):
         oci.export_layout(store, image, busy, "web")
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
-    for bad in ("", "-web", "web//x", "a b", "web:"):
+    for bad in ("", "-web", "web//x", "a b", "web:", "web\n", "a" * 513):
         with pytest.raises(UsageError, match="invalid OCI ref name"):
             oci.export_layout(store, image, tmp_path / "x", bad)
     with pytest.raises(UsageError, match="unknown compression"):

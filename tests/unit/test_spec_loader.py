@@ -283,7 +283,7 @@ CASES: list[tuple[str, str | bytes, int | None, str, str]] = [
         IMAGE + SERVICE + "    health:\n      interval: 2 weeks\n",
         12,
         "services.web.health.interval",
-        "expected a duration greater than 0s (such as 2s or 500ms), got '2 weeks'",
+        "expected a duration greater than 0s and at most 1h (such as 2s or 500ms), got '2 weeks'",
     ),
     (
         "negative-duration",

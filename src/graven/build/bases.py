@@ -89,8 +89,8 @@ MIRROR_TIMEOUT = 20.0
 
 ProgressFn = Callable[[str], None]
 
-_SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+\Z")
 _MIRROR_SCHEMES = ("http", "https", "file")
 # debootstrap's per-package lines; the rest are stages worth showing.
 _PACKAGE_LINE = re.compile(

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from graven.spec.inputs import MAX_SPEC_BYTES, read_regular_file
+
 SCHEMA = "graven.fingerprint/v1"
 RACY_SECONDS = 2.0
 _ALWAYS_SKIPPED = frozenset({".git", ".graven"})
@@ -67,7 +69,8 @@ def unchanged_images(
     """The last build's images when nothing they depend on changed, else None."""
     try:
         record = json.loads(_record_path(state_dir, spec_path).read_bytes())
-        spec_bytes = spec_path.read_bytes()
+        # Not a plain read: a spec that is a FIFO must not block the lean build path.
+        spec_bytes = read_regular_file(spec_path, MAX_SPEC_BYTES)
     except (OSError, ValueError):
         return None
     if record.get("schema") != SCHEMA:

@@ -56,7 +56,7 @@ _SHEBANG_BYTES = 256
 _MAX_SCRIPT_DEPTH = 5
 _MAX_SYMLINK_HOPS = 40
 # Interpreters whose ``--version`` is harmless and fast; nothing else is ever run.
-_VERSIONED = re.compile(r"^(python|pypy|node|nodejs|ruby|perl|bash)[0-9.]*$")
+_VERSIONED = re.compile(r"^(python|pypy|node|nodejs|ruby|perl|bash)[0-9.]*\Z")
 _VERSION_TIMEOUT = 5.0
 
 Source = Literal["image", "host"]

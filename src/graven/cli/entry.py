@@ -233,11 +233,33 @@ def _report_rollback(
     return 1 if any_failed(results) else 0
 
 
+def _refused_write(exc: Exception, argv: list[str]) -> int | None:
+    """A write the filesystem refused (full, over quota, read-only) on a lean path: the
+    full CLI's message and exit code, no traceback (unless ``--debug``, which the lean
+    paths never see: it is not among their arguments)."""
+    import itertools
+
+    from graven.cli.plain import report_error
+    from graven.disk import disk_error
+
+    refused = disk_error(exc)
+    if refused is None:
+        return None
+    as_json = any(a in ("-o", "--output") and b == "json" for a, b in itertools.pairwise(argv))
+    report_error(refused, as_json=as_json)
+    return refused.exit_code
+
+
 def main() -> None:
     argv = sys.argv[1:]
-    handled = _fast_build(argv)
-    if handled is None:
-        handled = _fast_rollback(argv)
+    try:
+        handled = _fast_build(argv)
+        if handled is None:
+            handled = _fast_rollback(argv)
+    except Exception as exc:
+        handled = _refused_write(exc, argv)
+        if handled is None:
+            raise
     if handled is not None:
         sys.exit(handled)
     from graven.cli.main import main as full

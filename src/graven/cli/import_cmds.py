@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 @click.option(
     "--allow-setuid",
     is_flag=True,
-    help="Import setuid/setgid files without the bit instead of refusing the image.",
+    help="Import setuid/setgid files without the bit (and files with capabilities without "
+    "them) instead of refusing the image.",
 )
 @output_option
 @click.pass_context

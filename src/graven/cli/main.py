@@ -23,9 +23,10 @@ from graven.cli.rollouts import (
     render_results,
     wait_rollouts,
 )
-from graven.errors import GravenError, UsageError
+from graven.errors import GravenError, SpecProblem, UsageError
 
 if TYPE_CHECKING:
+    from graven.spec.loader import LoadedSpec
     from graven.spec.models import Recipe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -127,24 +128,90 @@ def init(directory: Path, force: bool, output: str) -> None:
 @output_option
 @click.pass_context
 def check(ctx: click.Context, output: str) -> None:
-    """Validate the spec; every problem names file:line and key path."""
-    loaded = app_context(ctx).spec()
+    """Validate the spec; every problem names file:line and key path.
+
+    Ports already taken by another program are warnings: the spec is valid, but a
+    deploy could not start the service's router there until the port is freed.
+    """
+    app = app_context(ctx)
+    loaded = app.spec()
     spec = loaded.spec
+    warnings = _port_warnings(app, loaded)
     data = {
         "file": str(loaded.path),
         "valid": True,
         "images": sorted(spec.images),
         "services": sorted(spec.services),
         "targets": sorted(spec.targets),
+        "warnings": [w.to_dict() for w in warnings],
     }
+    out = Output(output)
 
     def render(con: Any, d: Any) -> None:
+        from rich.markup import escape
+
+        for warning in warnings:
+            out.err.print(f"[yellow]warning:[/] {escape(str(warning))}")
         con.print(
             f"[green]ok[/] {d['file']}: {len(d['images'])} image(s), "
             f"{len(d['services'])} service(s), {len(d['targets'])} target(s)"
         )
 
-    Output(output).emit(data, render)
+    out.emit(data, render)
+
+
+# Routers listen on loopback (the spec's 'port' says so).
+ROUTER_HOST = "127.0.0.1"
+
+
+def _port_warnings(app: AppContext, loaded: LoadedSpec) -> list[SpecProblem]:
+    """A warning for each service port (and preview port) another process listens on.
+
+    The service's own graven router, already serving it there, is no reason to warn.
+    """
+    from graven.netports import descends_from, port_holder
+    from graven.router.embedded import EmbeddedRouter
+    from graven.router.haproxy import HAProxyRouter
+
+    routers: list[EmbeddedRouter | HAProxyRouter] = []
+    try:
+        state_dir: Path | None = app.state_dir
+    except GravenError:
+        state_dir = None
+    if loaded.spec.services and state_dir is not None and state_dir.is_dir():
+        routers = [EmbeddedRouter(state_dir, workers=1), HAProxyRouter(state_dir)]
+    running = [(router, router.running()) for router in routers]
+
+    def ours(route: str, port: int, pids: tuple[int, ...]) -> bool:
+        for router, ports in running:
+            if ports.get(route) != port:
+                continue
+            pid = router.pid(route)
+            # No pids: the owner cannot be seen, but our router says it is on the port.
+            if not pids or (pid is not None and any(descends_from(p, pid) for p in pids)):
+                return True
+        return False
+
+    found: list[SpecProblem] = []
+    for name, service in sorted(loaded.spec.services.items()):
+        routes = [(name, "port", service.port)]
+        if preview := service.strategy.preview_port:
+            routes.append((f"{name}-preview", "strategy.preview_port", preview))
+        for route, key, port in routes:
+            holder = port_holder(ROUTER_HOST, port)
+            if holder is None or ours(route, port, holder.pids):
+                continue
+            key_path = f"services.{name}.{key}"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"{holder.describe()}; service {name!r} cannot be served there until it"
+                    " is freed (or choose another port)",
+                )
+            )
+    return found
 
 
 @cli.command()
@@ -190,8 +257,14 @@ def _build(
 
     from graven.build.builder import build_image, build_order
     from graven.model import Image
+    from graven.spec.inputs import MAX_SPEC_BYTES, read_regular_file
 
-    spec_bytes = spec_path.read_bytes()
+    # Read before the spec is parsed, so the bytes remembered are never newer than the
+    # build; a FIFO or an oversized file is refused here at once, and reported below.
+    try:
+        spec_bytes = read_regular_file(spec_path, MAX_SPEC_BYTES)
+    except OSError:
+        spec_bytes = b""  # load_spec says what is wrong; b"" never matches a record
     loaded = app.spec()
     unknown = [n for n in names if n not in loaded.spec.images]
     if unknown:
@@ -594,11 +667,13 @@ def status(ctx: click.Context, service: str | None, watch: bool, output: str) ->
     data, failed = _status_data(app_context(ctx), service, watch, out)
 
     def render(con: Any, d: Any) -> None:
+        from rich.markup import escape
         from rich.table import Table
 
         from graven.cli.output import ago, short
 
         _say_if_stopped(con, d)
+        print_state_dir_problem(con, d)
         if not d["services"]:
             con.print("nothing deployed yet: run 'graven deploy -m WHY'")
         now = time.time()
@@ -609,6 +684,27 @@ def status(ctx: click.Context, service: str | None, watch: bool, output: str) ->
             if s["url"]:
                 head += f"  {s['url']}"
             con.print(head)
+            if s.get("preview_url"):
+                con.print(f"  preview {s['preview_url']}")
+            if s.get("releases"):
+                con.print(
+                    "  traffic: "
+                    + " · ".join(
+                        f"{r['release']} {r['traffic_percent']:g}% {r['role']}"
+                        for r in s["releases"]
+                    )
+                )
+            if s.get("problem"):
+                con.print(f"  [red]problem:[/] {escape(s['problem'])}")
+            if s.get("restarts"):
+                what = "[red]crash-looping[/]" if s.get("crash_looping") else "[yellow]restarted[/]"
+                line = (
+                    f"  {what}: {s['restarts']} unexpected exits in a row, "
+                    f"last: {escape(s['last_exit'])}"
+                )
+                if s.get("next_start_in"):
+                    line += f"; next start in {s['next_start_in']:.0f}s"
+                con.print(line)
             ro = s["rollout"]
             if ro:
                 line = (
@@ -618,14 +714,30 @@ def status(ctx: click.Context, service: str | None, watch: bool, output: str) ->
                     line += f" ({ro['progress']})"
                 if ro["reason"]:
                     line += f" — {ro['reason']}"
-                con.print(line)
-            t = Table("INSTANCE", "RELEASE", "STATE", "ADDRESS", "PID", "AGE", box=None)
+                con.print(escape(line))
+            t = Table(
+                "INSTANCE",
+                "RELEASE",
+                "STATE",
+                "HEALTH",
+                "TRAFFIC",
+                "RESTARTS",
+                "ADDRESS",
+                "PID",
+                "AGE",
+                box=None,
+            )
             for i in s["instances"]:
                 color = {"healthy": "green", "starting": "yellow"}.get(i["state"], "red")
+                health = i.get("health", "")
+                hcolor = "green" if health == "passing" else "yellow"
                 t.add_row(
                     i["id"],
                     i["release"],
                     f"[{color}]{i['state']}[/]",
+                    f"[{hcolor}]{escape(health)}[/]",
+                    f"{i.get('traffic_percent', 0):g}%" + (" preview" if i.get("preview") else ""),
+                    str(i.get("restarts", 0)),
                     i["address"],
                     str(i["pid"]),
                     ago(now - i["started_at"]),
@@ -838,6 +950,17 @@ def demo(directory: Path, requests_per_phase: int, output: str) -> None:
     run_demo(directory, Output(output), requests_per_phase)
 
 
+def print_state_dir_problem(con: Any, d: Any) -> None:
+    """The state dir's problem (full, refusing writes) from a status reply, if any."""
+    from rich.text import Text
+
+    state_dir = d.get("state_dir") or {}
+    if state_dir.get("problem"):
+        con.print(Text(state_dir["problem"], style="red"))
+        if state_dir.get("hint"):
+            con.print(Text(f"  hint: {state_dir['hint']}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps every error to a message and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -869,6 +992,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        _exit_if_refused_write(exc, debug=debug, as_json=as_json)
+        raise
+
+
+def _exit_if_refused_write(exc: Exception, *, debug: bool, as_json: bool) -> None:
+    """A write the filesystem refused (full, over quota, read-only) is the operator's
+    to fix, not a bug: a message and exit 1, no traceback (unless ``--debug``)."""
+    from graven.disk import disk_error
+
+    refused = disk_error(exc)
+    if refused is None or debug:
+        return
+    report_error(refused, as_json=as_json)
+    sys.exit(refused.exit_code)
 
 
 def _wants_json(args: list[str]) -> bool:

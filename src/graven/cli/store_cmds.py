@@ -7,13 +7,16 @@ Registered on the root ``cli`` group when ``graven.cli.main`` is imported.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from graven.cli.context import app_context
 from graven.cli.main import cli, output_option
 from graven.cli.output import Output, human_size, short
+
+if TYPE_CHECKING:
+    from graven.store.cas import FsckReport
 
 
 class _Duration(click.ParamType[float]):
@@ -38,16 +41,38 @@ def store_group() -> None:
 
 
 @store_group.command("fsck")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Move damaged objects, and the names of images holding them, to the store's "
+    "quarantine/ so the next build or pull writes them afresh.",
+)
 @output_option
 @click.pass_context
-def fsck(ctx: click.Context, output: str) -> None:
-    """Check every object in the store: exit 1 listing each problem found."""
+def fsck(ctx: click.Context, repair: bool, output: str) -> None:
+    """Hash every object in the store: exit 1 listing each problem found and the images
+    it damages. With --repair, also quarantine what is damaged (nothing is deleted)."""
     from graven.controller.paths import store_root
+    from graven.store.cas import FsckReport
 
     app = app_context(ctx)
     root = store_root(app.state_dir)
-    problems = app.store().fsck() if root.is_dir() else []  # no store yet: sound
-    data = {"store": str(root), "ok": not problems, "problems": problems}
+    # No store yet: sound.
+    report = app.store().check(repair=repair) if root.is_dir() else FsckReport(problems=())
+    images = list(report.images)
+    data = {
+        "store": str(root),
+        "ok": report.ok,
+        "problems": list(report.problems),
+        "damaged": [d.to_dict() for d in report.damaged],
+        "images": images,
+        "names": list(report.names),
+        "repaired": report.quarantine is not None,
+        "quarantine": str(report.quarantine) if report.quarantine else None,
+        "next": _next_step(report),
+    }
+
+    from rich.markup import escape
 
     def render(con: Any, d: Any) -> None:
         if d["ok"]:
@@ -56,11 +81,36 @@ def fsck(ctx: click.Context, output: str) -> None:
         con.print(f"[red]{len(d['problems'])} problem(s)[/] in {d['store']}:")
         for p in d["problems"]:
             con.print(f"  - {p}", markup=False)
-        con.print("Rebuild or pull the affected images; 'graven gc' never deletes damaged data.")
+        if d["images"]:
+            con.print("damaged images: " + ", ".join(d["images"]), markup=False)
+        if d["repaired"]:
+            names = f" and the name(s) {', '.join(d['names'])}" if d["names"] else ""
+            con.print(
+                f"[yellow]quarantined[/] {len(d['damaged'])} object(s){escape(names)} "
+                f"in {escape(d['quarantine'])}"
+            )
+        con.print(d["next"], markup=False)
 
     Output(output).emit(data, render)
-    if problems:
+    if not report.ok:
         sys.exit(1)
+
+
+def _next_step(report: FsckReport) -> str:
+    """What to do about ``report``, in one sentence ("" when the store is sound)."""
+    if report.ok:
+        return ""
+    named = " ".join(report.images) or "IMAGE"
+    restore = (
+        f"rebuild the images built here ('graven build {named}') and pull again the ones "
+        "pulled ('graven pull REF --name IMAGE')"
+    )
+    if report.quarantine is not None:
+        return f"Now {restore}. Delete {report.quarantine} once you no longer need it."
+    return (
+        f"Run 'graven store fsck --repair' to quarantine what is damaged, then {restore}; "
+        "'graven gc' never deletes damaged data."
+    )
 
 
 @cli.command("gc")

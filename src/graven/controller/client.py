@@ -19,6 +19,7 @@ from graven.controller.paths import controller_log, controller_socket
 from graven.errors import (
     ControllerError,
     ControllerNotRunning,
+    DiskError,
     GravenError,
     NotFoundError,
     UsageError,
@@ -43,6 +44,23 @@ def _exchange(path: Path, request: bytes, timeout: float) -> tuple[int, bytes]:
     if not sep or len(status_line) < 2 or not status_line[1].isdigit():
         raise ControllerError(f"the controller sent a malformed reply: {raw[:200]!r}")
     return int(status_line[1]), body
+
+
+def _raise_if_unwritable(state_dir: Path) -> None:
+    """A controller cannot start in a state dir that takes no writes (it could not
+    even open its database): say that, rather than what its log says about it."""
+    from graven.disk import condition, disk_error, free_bytes, write_refusal
+
+    refused = write_refusal(state_dir)
+    found = disk_error(refused, state_dir) if refused is not None else None
+    if found is None:
+        return
+    try:
+        free = free_bytes(state_dir)
+    except OSError:
+        free = 0
+    _, problem, hint = condition(state_dir, free, found, 0)
+    raise DiskError(f"the controller cannot start: {problem}", hint=hint, errno=found.errno)
 
 
 class ControllerClient:
@@ -127,6 +145,7 @@ class ControllerClient:
                 time.sleep(0.2)
                 if self.alive():
                     return
+                _raise_if_unwritable(self.state_dir)
                 tail = log_path.read_text(errors="replace").splitlines()[-10:]
                 raise ControllerError(
                     "the controller exited while starting:\n" + "\n".join(tail),

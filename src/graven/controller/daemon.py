@@ -27,9 +27,16 @@ from graven.atomic import write_atomic
 from graven.clock import RealClock
 from graven.controller.api import Api
 from graven.controller.engine import Engine
-from graven.controller.paths import controller_lock, controller_socket, state_db, store_root
-from graven.errors import ControllerError
+from graven.controller.paths import (
+    controller_lock,
+    controller_log,
+    controller_socket,
+    state_db,
+    store_root,
+)
+from graven.errors import ControllerError, GravenError
 from graven.ledger.store import StateStore
+from graven.logfiles import RotatingStreamHandler, appends_to, log_limits
 from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
 from graven.runtime.process import ProcessRuntime
@@ -194,14 +201,27 @@ async def _serve(state_dir: Path, idle: float | None) -> None:
         log.info("controller %d stopped; instances and routers keep running", os.getpid())
 
 
-def serve(state_dir: Path, *, idle_default: float | None = None) -> None:
-    """Run the controller in the foreground until SIGTERM/SIGINT, a shutdown request,
-    or (see ``idle_limit``) an idle period with nothing to do."""
+def _log_to_stderr(state_dir: Path) -> None:
+    """Log to stderr; when stderr appends to the state dir's controller log (a
+    controller a verb started), bound that log: rotated by copy-truncate, so stderr
+    stays the current log and a crash's traceback still lands in it."""
+    path = controller_log(state_dir)
+    handler: logging.Handler = (
+        RotatingStreamHandler(sys.stderr, path, log_limits())
+        if appends_to(sys.stderr, path)
+        else logging.StreamHandler(sys.stderr)
+    )
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
+
+
+def serve(state_dir: Path, *, idle_default: float | None = None) -> None:
+    """Run the controller in the foreground until SIGTERM/SIGINT, a shutdown request,
+    or (see ``idle_limit``) an idle period with nothing to do."""
+    _log_to_stderr(state_dir)
     idle = idle_limit(idle_default)
     fd = _lock(state_dir)
     try:
@@ -214,6 +234,7 @@ if __name__ == "__main__":
     # Started by a verb (graven.controller.client): exits when idle.
     try:
         serve(Path(sys.argv[1]), idle_default=DEFAULT_IDLE)
-    except ControllerError as exc:
+    except GravenError as exc:
+        # The verb that started this controller shows the log's tail: make it the reason.
         sys.stderr.write(f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))
         sys.exit(exc.exit_code)

@@ -21,10 +21,12 @@ from typing import Any
 
 from graven.atomic import write_atomic
 from graven.clock import Clock
-from graven.errors import GravenError, NotFoundError, RuntimeFailure, UsageError
+from graven.controller.upkeep import Upkeep, log_files
+from graven.errors import GravenError, NotFoundError, RouterError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
 from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
+from graven.netports import port_holder
 from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
 from graven.plan.canary import CanaryStep, plan_canary
 from graven.plan.rolling import ObservedInstance, plan_rolling
@@ -54,26 +56,49 @@ from graven.store.cas import ContentStore
 log = logging.getLogger("graven.controller")
 
 CONTROLLER_ACTOR = "graven-controller"
+ROUTER_HOST = "127.0.0.1"  # where routers listen
 
 Probe = Callable[[Instance, HealthCheck], Awaitable[tuple[bool, str]]]
 
 # Steps only weighted strategies use; the rest start, route, drain and stop instances.
 _TRAFFIC_STEPS = (SetWeights, Pause, Analyze, SwitchTraffic, KeepWarm, RoutePreview, RecordProgress)
+# Steps that wait on purpose (for a person, a timer or a traffic window): the progress
+# deadline does not run while a rollout is in one of them.
+_WAIT_STEPS = (Pause, Analyze, KeepWarm)
+
+# Crash loops: the n-th consecutive unexpected death delays the replacement by
+# BACKOFF_BASE * 2**(n-1) seconds, at most BACKOFF_MAX; instances that stay up for
+# CRASH_RESET seconds end the loop. From CRASH_LOOP_AFTER deaths on it is shown as one.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 300.0
+CRASH_RESET = 60.0
+CRASH_LOOP_AFTER = 3
+DEFAULT_PROGRESS_DEADLINE = 600.0
+
+
+def backoff(restarts: int) -> float:
+    """Seconds to wait before replacing an instance after ``restarts`` deaths in a row."""
+    if restarts <= 0:
+        return 0.0
+    return float(min(BACKOFF_BASE * 2 ** min(restarts - 1, 30), BACKOFF_MAX))
 
 
 class StepFailed(Exception):
-    """A plan step could not complete; ``reason`` is written for humans."""
+    """A plan step could not complete; ``reason`` is written for humans. ``exit`` says
+    how the instance ended when the step failed because it died."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, exit: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.exit = exit
 
 
 @dataclass
-class _HealthMemory:
-    failures: int = 0
+class HealthMemory:
+    failures: int = 0  # consecutive failed probes
     last: str = ""
     checked_at: float = float("-inf")
+    passing: bool | None = None  # the last probe's verdict; None: not probed since routing
 
 
 @dataclass
@@ -103,12 +128,17 @@ class Engine:
         self.router = router
         self.clock = clock
         self.workers: dict[str, ServiceWorker] = {}
-        self.health: dict[str, _HealthMemory] = {}
+        self.health: dict[str, HealthMemory] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self.listeners: list[Callable[[str], None]] = []
         self._head: tuple[int, str] | None = None  # the newest ledger head to write out
         self._head_scheduled = False
         self._head_lock = threading.Lock()
+        # Why the last pass of a service could not do its work (shown by status).
+        self.problems: dict[str, str] = {}
+        self._waiting: set[str] = set()  # services whose rollout is in a wait step
+        self._deadlines: dict[str, tuple[float, Rollout]] = {}  # the step being applied
+        self.upkeep = Upkeep(state_dir)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -324,9 +354,16 @@ class Engine:
                 await self.reconcile(service)
             except GravenError as exc:
                 log.error("%s: %s", service, exc.message)  # noqa: TRY400 - expected, no traceback
+                self.problems[service] = exc.message
+                self._overdue(service)
                 await self.clock.sleep(1.0)
-            except Exception:
-                log.exception("%s: reconcile failed", service)
+            except Exception as exc:
+                if self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    self.problems[service] = f"cannot write the state dir: {exc}"
+                else:
+                    log.exception("%s: reconcile failed", service)
+                    self.problems[service] = f"internal error: {exc!r} (see controller.log)"
+                self._overdue(service)
                 await self.clock.sleep(1.0)
 
     def observe(self, service: str) -> list[ObservedInstance]:
@@ -448,7 +485,17 @@ class Engine:
         desired = self.state.desired_release(service)
         if desired is not None:
             cfg = self.state.release(service, desired).config
-            await asyncio.to_thread(self.router.ensure, service, cfg.port)
+            try:
+                await asyncio.to_thread(self.router.ensure, service, cfg.port)
+            except GravenError as exc:
+                # A router that cannot listen (the port is taken) fails the rollout at
+                # once: no retry fixes it until someone frees the port.
+                rollout = self.state.running_rollout(service)
+                reason = await asyncio.to_thread(self._router_failure, service, cfg.port, exc)
+                if rollout is None:
+                    raise RouterError(reason) from exc
+                self._fail(service, desired, rollout.id, reason)
+                return
         plan = self.plan(service)
         rollout = self.state.running_rollout(service)
         if plan.empty:
@@ -459,26 +506,114 @@ class Engine:
                 self.state.mark_release_healthy(service, desired, self.clock.now())
             if rollout is not None:
                 self._finish(rollout.id, service, "succeeded", "")
+            self.problems.pop(service, None)
+            return
+        starts = any(isinstance(st, StartInstance) for st in plan.steps)
+        if rollout is None and starts and self.backoff_left(service) > 0:
+            # Self-healing after instances died waits out the crash loop's back-off
+            # (status shows the loop and when the next start is).
             return
         slots: dict[str, str] = {}
         total = len(plan.steps)
         for n, step in enumerate(plan.steps, start=1):
             if self.state.desired_release(service) != desired:
                 return  # superseded: the next pass plans toward the new desire
+            waits = isinstance(step, _WAIT_STEPS)
             if rollout is not None:
+                if not waits and self._overdue(service):
+                    return
                 shown = bind_slots(step, slots)
                 self.state.set_rollout_progress(
-                    rollout.id, f"step {n}/{total}: {shown.describe(service)}"
+                    rollout.id, f"step {n}/{total}: {shown.describe(service)}", at=self.clock.now()
                 )
             try:
-                await self.apply(service, step, slots)
+                if waits:
+                    self._waiting.add(service)
+                    try:
+                        await self.apply(service, step, slots)
+                    finally:
+                        self._waiting.discard(service)
+                    if rollout is not None:  # the deadline counts from the end of a wait
+                        self.state.update_rollout(rollout.id, progressed_at=self.clock.now())
+                else:
+                    await self._apply_within_deadline(service, step, slots, rollout)
             except StepFailed as exc:
+                if rollout is None and isinstance(step, (StartInstance, AwaitHealthy)):
+                    self._replacement_failed(service, exc.exit or exc.reason.splitlines()[0])
                 self._fail(service, desired, rollout.id if rollout else None, exc.reason)
                 return
+        self.problems.pop(service, None)
         # A preview route outlives no preview set: an abort or a down retires the new
         # set without the switch that would otherwise stop it.
         await asyncio.to_thread(self._retire_preview, service)
         self.wake(service)  # verify convergence on the next pass
+
+    def _router_failure(self, service: str, port: int, exc: GravenError) -> str:
+        """Why the router of ``service`` could not start, naming who holds its port."""
+        holder = port_holder(ROUTER_HOST, port)
+        if holder is None or self.router.running().get(service) == port:
+            return exc.message + (f"; {exc.hint}" if exc.hint else "")
+        who = f"pid {holder.pid}" if holder.pid is not None else "the process that holds it"
+        return (
+            f"the router of {service} cannot listen: {holder.describe()}. Stop {who}, or "
+            f"give {service} another port in graven.yaml, then deploy again"
+        )
+
+    async def _apply_within_deadline(
+        self, service: str, step: Step, slots: dict[str, str], rollout: Rollout | None
+    ) -> None:
+        if rollout is None:
+            await self.apply(service, step, slots)
+            return
+        rollout = self.state.rollout(rollout.id)  # progressed_at moved since the pass began
+        left = max(self._deadline_left(rollout), 0.0)
+        # Steps that poll (start-up health) look at this deadline on the clock; the
+        # timeout catches a step stuck in a call that never returns.
+        self._deadlines[service] = (self.clock.now() + left, rollout)
+        try:
+            async with asyncio.timeout(left):
+                await self.apply(service, step, slots)
+        except TimeoutError:
+            raise StepFailed(self._deadline_reason(service, rollout)) from None
+        finally:
+            self._deadlines.pop(service, None)
+
+    def _deadline_hit(self, service: str) -> str | None:
+        """The reason to give up if the rollout of ``service`` is past its deadline."""
+        at = self._deadlines.get(service)
+        if at is None or self.clock.now() < at[0]:
+            return None
+        return self._deadline_reason(service, at[1])
+
+    def _progress_deadline(self, rollout: Rollout) -> float:
+        if rollout.to_release is None:
+            return DEFAULT_PROGRESS_DEADLINE
+        return self.state.release(rollout.service, rollout.to_release).config.progress_deadline
+
+    def _deadline_left(self, rollout: Rollout) -> float:
+        since = rollout.progressed_at if rollout.progressed_at is not None else rollout.started_at
+        return since + self._progress_deadline(rollout) - self.clock.now()
+
+    def _deadline_reason(self, service: str, rollout: Rollout) -> str:
+        current = self.state.rollout(rollout.id)
+        reason = (
+            f"no progress for {self._progress_deadline(rollout):g}s (the progress deadline) "
+            f"at {current.progress or 'its first step'}"
+        )
+        if problem := self.problems.get(service):
+            reason += f"; last error: {problem}"
+        return (
+            f"{reason}. Find the cause in 'graven status {service}' and the instance logs; "
+            "raise the service's progress_deadline if it needs longer"
+        )
+
+    def _overdue(self, service: str) -> bool:
+        """Fail the running rollout if it made no progress within its deadline."""
+        rollout = self.state.running_rollout(service)
+        if rollout is None or service in self._waiting or self._deadline_left(rollout) > 0:
+            return False
+        self._fail(service, rollout.to_release, rollout.id, self._deadline_reason(service, rollout))
+        return True
 
     def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
         self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
@@ -570,7 +705,8 @@ class Engine:
         try:
             handle = await asyncio.to_thread(self.runtime.start, spec)
         except GravenError as exc:
-            raise StepFailed(exc.message) from exc
+            raise StepFailed(exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
+        crashes = self.state.crashes(service)
         self.state.add_instance(
             Instance(
                 id=inst_id,
@@ -582,6 +718,8 @@ class Engine:
                 pid=handle.pid,
                 started_at=self.clock.now(),
                 state="starting",
+                restarts=crashes.restarts,
+                last_exit=crashes.last_exit,
             ),
             handle.pid_start,
         )
@@ -605,10 +743,16 @@ class Engine:
         while self.clock.monotonic() < deadline:
             if not self.runtime.alive(handle):
                 tail = self.runtime.log_tail(inst_id)
-                await self.stop_instance(inst.service, inst_id, reason="exited while starting")
+                how = self.runtime.exit_reason(handle) or "exited"
+                self.runtime.forget(handle)
+                await self.stop_instance(inst.service, inst_id, reason=f"{how} while starting")
                 raise StepFailed(
-                    f"{inst_id} exited before it became healthy; last log lines:\n{tail}"
+                    f"{inst_id} {how} before it became healthy; last log lines:\n{tail}",
+                    exit=f"{how} while starting",
                 )
+            if (late := self._deadline_hit(inst.service)) is not None:
+                await self.stop_instance(inst.service, inst_id, reason="progress deadline")
+                raise StepFailed(late)
             ok, reason = await self.probe(inst, hc)
             streak = streak + 1 if ok else 0
             if streak >= hc.healthy_threshold:
@@ -915,35 +1059,112 @@ class Engine:
         self._write_head(entry)
         return {"service": service, "rollout": ro.id, "reason": reason}
 
+    # --- crash loops ------------------------------------------------------------------------
+
+    def _instance_died(self, inst: Instance, how: str) -> None:
+        """``inst`` died on its own: record how, count it, and ledger its replacement."""
+        now = self.clock.now()
+        with self.state.transaction() as db:
+            self.state.mark_stopped(db, inst.id, at=now, reason=f"died: {how}")
+            restarts = self.state.record_crash(db, inst.service, how, now)
+            entry = self._record(
+                db,
+                LedgerEntry(
+                    at=now,
+                    actor=CONTROLLER_ACTOR,
+                    action="instance-died",
+                    service=inst.service,
+                    release=f"{inst.service}@r{inst.release}",
+                    image=str(inst.image),
+                    message=f"{inst.id} {how}; it is replaced by a new instance",
+                    details={
+                        "instance": inst.id,
+                        "exit": how,
+                        "restarts": restarts,
+                        "backoff_seconds": backoff(restarts),
+                    },
+                ),
+            )
+        self._write_head(entry)
+        log.warning(
+            "%s %s (restart %d, next start in %gs)", inst.id, how, restarts, backoff(restarts)
+        )
+
+    def _replacement_failed(self, service: str, how: str) -> None:
+        """A replacement started while self-healing did not come up: one more crash."""
+        with self.state.transaction() as db:
+            self.state.record_crash(db, service, how, self.clock.now())
+
+    def backoff_left(self, service: str) -> float:
+        """Seconds until a dead instance of ``service`` may be replaced (0: now)."""
+        crashes = self.state.crashes(service)
+        if crashes.restarts == 0 or crashes.last_exit_at is None:
+            return 0.0
+        return crashes.last_exit_at + backoff(crashes.restarts) - self.clock.now()
+
+    def _end_crash_loops(self) -> None:
+        """A service whose instances all stayed healthy for CRASH_RESET seconds since its
+        last death is out of its crash loop: the next death starts the back-off anew."""
+        now = self.clock.now()
+        for service in self.state.services():
+            crashes = self.state.crashes(service)
+            if crashes.restarts == 0 or crashes.last_exit_at is None:
+                continue
+            if now - crashes.last_exit_at < max(CRASH_RESET, backoff(crashes.restarts)):
+                continue
+            live = self.state.live_instances(service)
+            if live and all(i.state == "healthy" for i in live):
+                self.state.reset_crashes(service)
+                log.info("%s: instances stayed up; crash loop over", service)
+
     # --- health after cut-over -----------------------------------------------------------
 
     async def _health_loop(self) -> None:
+        passes = 0
         while True:
             try:
                 await self.check_health_once()
-            except Exception:
-                log.exception("health loop")
+                passes += 1
+                if passes % 50 == 0:  # every ~5 s: cheap, and a reset is not urgent
+                    self._end_crash_loops()
+            except Exception as exc:
+                if not self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
+                    log.exception("health loop")
+            self.keep_state_dir()
             await self.clock.sleep(0.1)
+
+    def keep_state_dir(self) -> None:
+        """Bound the logs of live instances and routers; watch the state dir's space."""
+        try:
+            instances = [inst.id for inst in self.state.live_instances()]
+            logs = log_files(self.runtime, instances) + log_files(
+                self.router, sorted(self.state.services())
+            )
+            self.upkeep.pass_once(logs)
+        except Exception as exc:
+            if not self.upkeep.disk.refused(exc):
+                log.exception("state dir upkeep")
 
     async def check_health_once(self) -> None:
         checks = []
         for inst in self.state.live_instances():
             if inst.state != "healthy":
                 continue
-            mem = self.health.setdefault(inst.id, _HealthMemory())
+            mem = self.health.setdefault(inst.id, HealthMemory())
             checks.append((inst, mem))
         results = await asyncio.gather(*(self._check(inst, mem) for inst, mem in checks))
         for service in {s for s in results if s}:
             self.wake(service)
 
-    async def _check(self, inst: Instance, mem: _HealthMemory) -> str | None:
+    async def _check(self, inst: Instance, mem: HealthMemory) -> str | None:
         handle = Handle(inst.pid, self.state.pid_start(inst.id))
         if not self.runtime.alive(handle):
-            self.state.set_instance_state(
-                inst.id, "stopped", at=self.clock.now(), reason="exited unexpectedly"
+            how = self.runtime.exit_reason(handle) or (
+                "exited (status unknown: an earlier controller started it)"
             )
+            self.runtime.forget(handle)
+            self._instance_died(inst, how)
             self.sync_router(inst.service)
-            log.warning("%s exited unexpectedly", inst.id)
             return inst.service
         cfg = self.state.release(inst.service, inst.release).config
         now = self.clock.monotonic()
@@ -952,6 +1173,7 @@ class Engine:
         mem.checked_at = now
         ok, reason = await self.probe(inst, cfg.health)
         mem.last = reason
+        mem.passing = ok
         mem.failures = 0 if ok else mem.failures + 1
         if mem.failures >= cfg.health.unhealthy_threshold:
             self.state.set_instance_state(inst.id, "unhealthy", reason=f"health check: {reason}")

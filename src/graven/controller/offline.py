@@ -81,9 +81,12 @@ def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
                 handle = Handle(inst["pid"], state.pid_start(inst["id"]))
                 if not engine.runtime.alive(handle):
                     inst["state"] = "not running"
+        data: dict[str, Any] = {"services": services, "controller": STOPPED}
+        if state_dir.is_dir():
+            data["state_dir"] = engine.upkeep.disk.report()  # as the controller reports it
     finally:
         state.close()
-    return {"services": services, "controller": STOPPED}
+    return data
 
 
 def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:

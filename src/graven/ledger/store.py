@@ -91,6 +91,15 @@ _MIGRATIONS = (
     ("rollouts", "paused_until", "REAL"),
     # JSON: how far the current step's timed pause and analysis got (see Engine).
     ("rollouts", "gate", "TEXT"),
+    # When the rollout last completed a step: its progress deadline counts from here.
+    ("rollouts", "progressed_at", "REAL"),
+    # Crash loops: how many times the instances before this one died unexpectedly
+    # (consecutively), and how the last one ended.
+    ("instances", "restarts", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "last_exit", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "restarts", "INTEGER NOT NULL DEFAULT 0"),
+    ("services", "last_exit", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "last_exit_at", "REAL"),
 )
 
 
@@ -111,11 +120,21 @@ class Rollout:
     switched_at: float | None = None
     paused_until: float | None = None
     gate: str | None = None
+    progressed_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         del out["gate"]  # controller bookkeeping, not status
         return out
+
+
+@dataclass(frozen=True)
+class Crashes:
+    """A service's crash loop: consecutive unexpected deaths, and how the last one ended."""
+
+    restarts: int = 0
+    last_exit: str = ""
+    last_exit_at: float | None = None
 
 
 class StateStore:
@@ -195,6 +214,30 @@ class StateStore:
             "updated_at=excluded.updated_at",
             (service, release, at),
         )
+
+    def crashes(self, service: str) -> Crashes:
+        rows = self._query(
+            "SELECT restarts, last_exit, last_exit_at FROM services WHERE name=?", (service,)
+        )
+        if not rows:
+            return Crashes()
+        r = rows[0]
+        return Crashes(int(r["restarts"]), str(r["last_exit"]), r["last_exit_at"])
+
+    @staticmethod
+    def record_crash(db: sqlite3.Connection, service: str, how: str, at: float) -> int:
+        """One more unexpected death in a row for ``service``; returns the new count."""
+        db.execute(
+            "UPDATE services SET restarts=restarts+1, last_exit=?, last_exit_at=? WHERE name=?",
+            (how, at, service),
+        )
+        row = db.execute("SELECT restarts FROM services WHERE name=?", (service,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def reset_crashes(self, service: str) -> None:
+        """The service's instances stay up again: the crash loop (and its back-off) is over."""
+        with self.transaction() as db:
+            db.execute("UPDATE services SET restarts=0 WHERE name=? AND restarts>0", (service,))
 
     # --- releases -----------------------------------------------------------------------
 
@@ -284,6 +327,8 @@ class StateStore:
             pid=row["pid"],
             started_at=row["started_at"],
             state=row["state"],
+            restarts=row["restarts"],
+            last_exit=row["last_exit"],
         )
 
     def live_instances(self, service: str | None = None) -> list[Instance]:
@@ -313,7 +358,7 @@ class StateStore:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO instances(id, service, release, image, host, port, pid, pid_start, "
-                "started_at, state) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "started_at, state, restarts, last_exit) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     inst.id,
                     inst.service,
@@ -325,18 +370,27 @@ class StateStore:
                     pid_start,
                     inst.started_at,
                     inst.state,
+                    inst.restarts,
+                    inst.last_exit,
                 ),
             )
+
+    @staticmethod
+    def mark_stopped(
+        db: sqlite3.Connection, instance_id: str, *, at: float | None, reason: str
+    ) -> None:
+        """``set_instance_state(..., "stopped")`` inside the caller's transaction."""
+        db.execute(
+            "UPDATE instances SET state='stopped', stopped_at=?, reason=? WHERE id=?",
+            (at, reason, instance_id),
+        )
 
     def set_instance_state(
         self, instance_id: str, state: str, *, at: float | None = None, reason: str = ""
     ) -> None:
         with self.transaction() as db:
             if state == "stopped":
-                db.execute(
-                    "UPDATE instances SET state=?, stopped_at=?, reason=? WHERE id=?",
-                    (state, at, reason, instance_id),
-                )
+                self.mark_stopped(db, instance_id, at=at, reason=reason)
             else:
                 db.execute(
                     "UPDATE instances SET state=?, reason=? WHERE id=?",
@@ -365,9 +419,9 @@ class StateStore:
             (at, service),
         )
         cur = db.execute(
-            "INSERT INTO rollouts(service, kind, from_release, to_release, state, started_at) "
-            "VALUES (?,?,?,?, 'running', ?)",
-            (service, kind, from_release, to_release, at),
+            "INSERT INTO rollouts(service, kind, from_release, to_release, state, started_at, "
+            "progressed_at) VALUES (?,?,?,?, 'running', ?, ?)",
+            (service, kind, from_release, to_release, at, at),
         )
         return int(cur.lastrowid or 0)
 
@@ -393,7 +447,15 @@ class StateStore:
     def update_rollout(self, rollout_id: int, **fields: Any) -> None:
         """Persist rollout status fields (step_index, promoted, switched_at, paused_until,
         gate)."""
-        allowed = {"step_index", "promoted", "switched_at", "paused_until", "progress", "gate"}
+        allowed = {
+            "step_index",
+            "promoted",
+            "switched_at",
+            "paused_until",
+            "progress",
+            "gate",
+            "progressed_at",
+        }
         if not fields or not set(fields) <= allowed:
             raise ValueError(f"unknown rollout fields {sorted(set(fields) - allowed)}")
         assignments = ", ".join(f"{k}=?" for k in fields)
@@ -436,11 +498,15 @@ class StateStore:
         )
         return [r["id"] for r in rows]
 
-    def set_rollout_progress(self, rollout_id: int, progress: str) -> None:
-        """The step a rollout is at, for people: written before every step, so it does
-        not wait for the disk (the next pass re-plans from what runs anyway)."""
+    def set_rollout_progress(self, rollout_id: int, progress: str, *, at: float) -> None:
+        """The step a rollout is at, for people, and when it got there (its progress
+        deadline counts from then). Written before every step, so it does not wait for
+        the disk: the next pass re-plans from what runs anyway."""
         with self.transaction(durable=False) as db:
-            db.execute("UPDATE rollouts SET progress=? WHERE id=?", (progress, rollout_id))
+            db.execute(
+                "UPDATE rollouts SET progress=?, progressed_at=? WHERE id=?",
+                (progress, at, rollout_id),
+            )
 
     def finish_rollout(self, rollout_id: int, state: str, reason: str, at: float) -> None:
         with self.transaction() as db:
@@ -520,4 +586,4 @@ class StateStore:
         return out
 
 
-__all__ = ["LIVE_STATES", "Rollout", "StateStore", "chain_hash"]
+__all__ = ["LIVE_STATES", "Crashes", "Rollout", "StateStore", "chain_hash"]

@@ -143,8 +143,8 @@ _TARGET_RE: Final = re.compile(rb"^[\x21-\x7e]+$")
 _DIGITS_RE: Final = re.compile(rb"^[0-9]{1,18}$")
 _HEX_RE: Final = re.compile(rb"^[0-9A-Fa-f]{1,15}$")
 _BAD_VALUE_RE: Final = re.compile(rb"[\x00\r\n]")
-_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-_HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+_HOSTNAME_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 _NO_EXCLUSIONS: Final[frozenset[str]] = frozenset()
 _now = time.monotonic
 

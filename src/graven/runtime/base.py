@@ -44,4 +44,13 @@ class Runtime(Protocol):
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
         ...
 
+    def exit_reason(self, handle: Handle) -> str:
+        """How a dead instance ended (``exited with code 1``, ``killed by SIGKILL``),
+        or "" when the runtime cannot tell."""
+        ...
+
+    def forget(self, handle: Handle) -> None:
+        """Drop what the runtime keeps about a dead instance (after ``exit_reason``)."""
+        ...
+
     def log_tail(self, instance_id: str, lines: int = 20) -> str: ...

@@ -46,9 +46,29 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+# Instances this process started, by pid: reaping them through Popen keeps their exit
+# status, which tells a crash loop's operator how each instance ended.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        child.poll()
+        return
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 1`` or ``killed by SIGKILL``, from a Popen return code."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
 
 
 class ProcessRuntime:
@@ -61,6 +81,10 @@ class ProcessRuntime:
 
     def _instance_dir(self, instance_id: str) -> Path:
         return self.state_dir / "instances" / instance_id
+
+    def log_path(self, instance_id: str) -> Path:
+        """Where the instance's stdout and stderr go (the controller bounds its size)."""
+        return self._instance_dir(instance_id) / "log"
 
     def checkout_dir(self, spec: LaunchSpec) -> Path:
         return self.state_dir / "checkouts" / spec.image.digest.hex
@@ -129,7 +153,8 @@ class ProcessRuntime:
         }
         inst_dir = self._instance_dir(spec.instance_id)
         inst_dir.mkdir(parents=True, exist_ok=True)
-        with (inst_dir / "log").open("ab") as log:
+        # O_APPEND: the controller rotates the log by copy-truncate under the instance.
+        with self.log_path(spec.instance_id).open("ab") as log:
             try:
                 proc = subprocess.Popen(
                     argv,
@@ -142,7 +167,16 @@ class ProcessRuntime:
                     close_fds=True,
                 )
             except OSError as exc:
-                raise RuntimeFailure(f"{spec.instance_id}: cannot start {argv[0]}: {exc}") from exc
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: cannot start {argv[0]}: {exc.strerror or exc}",
+                    hint="Fix the recipe's 'entrypoint' step, rebuild and deploy again.",
+                ) from exc
+            except ValueError as exc:  # e.g. a NUL byte in an environment value
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: cannot start {argv[0]}: {exc}",
+                    hint="Check the service's env in graven.yaml ('graven check' names the key).",
+                ) from exc
+        _CHILDREN[proc.pid] = proc
         started = process_start_time(proc.pid)
         if started is None:
             raise RuntimeFailure(
@@ -152,6 +186,19 @@ class ProcessRuntime:
 
     def alive(self, handle: Handle) -> bool:
         return process_start_time(handle.pid) == handle.pid_start
+
+    def exit_reason(self, handle: Handle) -> str:
+        """How a dead instance ended, when this process started it (else unknown)."""
+        child = _CHILDREN.get(handle.pid)
+        if child is None or child.poll() is None:
+            return ""
+        return describe_exit(child.returncode)
+
+    def forget(self, handle: Handle) -> None:
+        """Drop what is kept about a dead instance."""
+        child = _CHILDREN.get(handle.pid)
+        if child is not None and child.poll() is not None:
+            del _CHILDREN[handle.pid]
 
     def stop(self, handle: Handle, grace: float) -> None:
         if not self.alive(handle):
@@ -168,7 +215,7 @@ class ProcessRuntime:
             time.sleep(0.02)
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
-        path = self._instance_dir(instance_id) / "log"
+        path = self.log_path(instance_id)
         try:
             data = path.read_bytes()[-16384:]
         except OSError:

@@ -28,7 +28,7 @@ import difflib
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,12 @@ from pydantic_core import ErrorDetails
 
 from graven.errors import SpecError, SpecProblem, UsageError
 from graven.model import is_valid_name
+from graven.spec.inputs import MAX_SPEC_BYTES, FileTooLarge, NotARegularFile, read_regular_file
 from graven.spec.locate import INIT_HINT, SPEC_FILENAME
 from graven.spec.models import (
     BASE_KIND_ERROR,
     BASE_KINDS,
+    DAY,
     EXTENSION_PREFIX,
     STEP_KIND_ERROR,
     STEP_KINDS,
@@ -51,7 +53,9 @@ from graven.spec.models import (
     ServiceSpec,
     Spec,
     base_kind,
+    duration_text,
     parse_duration,
+    parse_pause,
     step_kind,
 )
 
@@ -62,8 +66,8 @@ except ImportError:  # PyYAML built without libyaml
 
 
 # A spec is a page of YAML; these bounds only stop hostile input (a huge file, an
-# alias bomb, absurd nesting) from exhausting memory or the stack.
-MAX_SPEC_BYTES = 4 * 1024 * 1024
+# alias bomb, absurd nesting) from exhausting memory or the stack. MAX_SPEC_BYTES
+# (in graven.spec.inputs) applies before parsing.
 MAX_VALUES = 100_000
 MAX_DEPTH = 64
 
@@ -99,7 +103,7 @@ _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("images", "*", "base", "registry"),
 )
 
-_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 
 @dataclass(frozen=True)
@@ -175,18 +179,25 @@ def _read_text(path: Path, file: str) -> str:
         return SpecError([SpecProblem(file, line, "", message)], hint=hint)
 
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_SPEC_BYTES + 1)
+        # Before any parsing: a FIFO or device is refused without blocking, and a huge
+        # file without reading more than the limit.
+        data = read_regular_file(path, MAX_SPEC_BYTES)
     except FileNotFoundError:
         raise fail("file not found", hint=INIT_HINT) from None
-    except IsADirectoryError:
-        raise fail(f"is a directory, not a spec file (expected {SPEC_FILENAME})") from None
+    except (IsADirectoryError, NotARegularFile) as exc:
+        kind = exc.kind if isinstance(exc, NotARegularFile) else "a directory"
+        raise fail(
+            f"is {kind}, not a spec file; graven reads the spec from a regular file",
+            hint=f"Pass the path of a YAML file (such as {SPEC_FILENAME}) with -f.",
+        ) from None
+    except FileTooLarge:
+        raise fail(
+            f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB; is it a spec?"
+        ) from None
     except PermissionError:
         raise fail("cannot read the file: permission denied") from None
     except OSError as exc:
         raise fail(f"cannot read the file: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise fail(f"file is larger than {MAX_SPEC_BYTES // (1024 * 1024)} MiB; is it a spec?")
     try:
         # utf-8-sig: editors on Windows like to prepend a byte-order mark.
         return data.decode("utf-8-sig")
@@ -218,6 +229,8 @@ class _YamlTree:
     value_lines: dict[KeyPath, int] = field(default_factory=dict)
     problems: list[SpecProblem] = field(default_factory=list)
     dropped: set[KeyPath] = field(default_factory=set)  # values replaced by None
+    # YAML 1.1 booleans spelt otherwise than true/false (yes, off, ...), as written.
+    spellings: dict[KeyPath, str] = field(default_factory=dict)
     _budget: int = MAX_VALUES
     _merged: dict[int, tuple[list[_Entry], list[_Entry]]] = field(default_factory=dict)
     _constructor: yaml.constructor.SafeConstructor = field(
@@ -247,30 +260,17 @@ class _YamlTree:
         try:
             tree.data = tree._value(root, (), frozenset())
         except _TooBig:
-            tree._problem(
-                tree.root_line,
-                (),
-                f"the spec expands to more than {MAX_VALUES} values (through aliases?);"
-                " a spec this large is not supported",
-            )
+            tree._problem(tree.root_line, (), _too_many_values_text(through_aliases=True))
         return tree
 
     def _compose(self, text: str) -> yaml.Node | None:
         try:
             # Composing is recursive (libyaml's composer crashes the process on a few
-            # thousand nested brackets), so measure the nesting on the flat event
-            # stream first.
-            depth = 0
-            for event in yaml.parse(text, Loader=_YamlLoader):
-                if isinstance(event, yaml.CollectionStartEvent):
-                    depth += 1
-                    if depth > MAX_DEPTH:
-                        mark = event.start_mark
-                        line = mark.line + 1 if mark is not None else None
-                        self._problem(line, (), f"nested deeper than {MAX_DEPTH} levels")
-                        return None
-                elif isinstance(event, yaml.CollectionEndEvent):
-                    depth -= 1
+            # thousand nested brackets) and builds a node per value (a few megabytes of
+            # '[1,1,1,...' make millions), so nesting and values are measured on the
+            # flat event stream first, which is dropped as it goes.
+            if self._too_much(yaml.parse(text, Loader=_YamlLoader)):
+                return None
             return yaml.compose(text, Loader=_YamlLoader)
         except yaml.composer.ComposerError as exc:
             mark = exc.problem_mark or exc.context_mark
@@ -304,6 +304,40 @@ class _YamlTree:
         except yaml.YAMLError as exc:
             self._problem(None, (), f"invalid YAML: {exc}")
         return None
+
+    def _too_much(self, events: Iterable[yaml.Event]) -> bool:
+        """Report (and say True) when the events nest deeper than ``MAX_DEPTH`` or hold
+        more than ``MAX_VALUES`` values; stops reading at the first excess."""
+        # One entry per open collection: -1 for a list, else how many keys and values
+        # of the mapping came so far (even: the next node is a key, not a value).
+        open_collections: list[int] = []
+        values = 0
+        for event in events:
+            if isinstance(event, yaml.CollectionEndEvent):
+                open_collections.pop()
+                continue
+            if not isinstance(event, yaml.NodeEvent):
+                continue  # stream and document events
+            is_key = (
+                bool(open_collections)
+                and open_collections[-1] >= 0
+                and (open_collections[-1] % 2 == 0)
+            )
+            if open_collections and open_collections[-1] >= 0:
+                open_collections[-1] += 1
+            mark = event.start_mark
+            line = mark.line + 1 if mark is not None else None
+            if not is_key:
+                values += 1
+                if values > MAX_VALUES:
+                    self._problem(line, (), _too_many_values_text())
+                    return True
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_collections.append(0 if isinstance(event, yaml.MappingStartEvent) else -1)
+                if len(open_collections) > MAX_DEPTH:
+                    self._problem(line, (), f"nested deeper than {MAX_DEPTH} levels")
+                    return True
+        return False
 
     def _problem(self, line: int | None, path: KeyPath, message: str) -> None:
         if line is not None:
@@ -434,10 +468,19 @@ class _YamlTree:
         if tag not in (_TAG + "str", _TAG + "null") and _is_text_slot(path):
             return node.value
         try:
-            return self._constructor.construct_object(node)
+            value = self._constructor.construct_object(node)
         except (ValueError, KeyError, IndexError, yaml.YAMLError):
             # Only an explicit tag on a value that does not fit it gets here (!!int x).
             return self._drop(line, path, f"{node.value!r} is not a valid {_short_tag(tag)}")
+        if isinstance(value, bool) and node.value not in ("true", "false"):
+            self.spellings[path] = node.value
+        return value
+
+
+def _too_many_values_text(*, through_aliases: bool = False) -> str:
+    how = "expands to" if through_aliases else "holds"
+    why = " (through aliases?)" if through_aliases else ""
+    return f"the spec {how} more than {MAX_VALUES} values{why}; a spec this large is not supported"
 
 
 def _short_tag(tag: str) -> str:
@@ -535,12 +578,18 @@ class _ErrorTranslator:
         ctx = err.get("ctx") or {}
         info = _field_at(path, self.tree.data)
         shown = _show(got)
+        if isinstance(got, bool) and path in self.tree.spellings:
+            # 'port: yes' reads as true in YAML 1.1: say both, or the message puzzles.
+            shown = f"{self.tree.spellings[path]} (a YAML boolean)"
         if kind == STEP_KIND_ERROR:
             return _step_kind_text(got)
         if kind == BASE_KIND_ERROR:
             return _base_kind_text(got)
-        if info is not None and info.annotation is int and _is_number_error(kind):
+        number = _number_type(info) if info is not None else None
+        if info is not None and number is int and _is_number_error(kind):
             return f"expected {_int_range_text(info)}, got {shown}"
+        if info is not None and number is float and _is_number_error(kind):
+            return f"expected {_float_range_text(info)}, got {shown}"
         if info is not None and _is_duration(info) and _is_number_error(kind):
             return f"expected {_duration_range_text(info)}, got {shown}"
         if kind == "value_error":
@@ -660,9 +709,35 @@ def _keys_of(model: type[BaseModel]) -> list[str]:
     return [info.alias or name for name, info in model.model_fields.items()]
 
 
+def _metadata(info: FieldInfo) -> list[Any]:
+    """The constraints and validators of a field, also those of the type inside an
+    optional (``ShortDuration | None``)."""
+    found = list(info.metadata)
+    for arg in typing.get_args(info.annotation):
+        if typing.get_origin(arg) is typing.Annotated:
+            found.extend(typing.get_args(arg)[1:])
+    for meta in list(found):
+        if isinstance(meta, FieldInfo):  # Field(le=...) inside Annotated
+            found.extend(meta.metadata)
+    return found
+
+
+def _number_type(info: FieldInfo) -> type | None:
+    """int or float for a field holding a plain number (or nothing), else None."""
+    if _is_duration(info):
+        return None
+    annotation = _unwrap(info.annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if union else (annotation,)
+    numbers = [a for a in options if a is not type(None)]
+    if len(numbers) == 1 and numbers[0] in (int, float):
+        return typing.cast(type, numbers[0])
+    return None
+
+
 def _bounds(info: FieldInfo) -> tuple[Any, Any, Any, Any]:
     ge = gt = le = lt = None
-    for meta in info.metadata:
+    for meta in _metadata(info):
         ge = getattr(meta, "ge", ge)
         gt = getattr(meta, "gt", gt)
         le = getattr(meta, "le", le)
@@ -683,18 +758,38 @@ def _int_range_text(info: FieldInfo) -> str:
     return "an integer"
 
 
+def _float_range_text(info: FieldInfo) -> str:
+    ge, gt, le, lt = _bounds(info)
+    low, high = (ge if ge is not None else gt), (le if le is not None else lt)
+    if low is not None and high is not None:
+        return f"a number from {low:g} to {high:g}"
+    if low is not None:
+        return f"a number of at least {low:g}"
+    if high is not None:
+        return f"a number of at most {high:g}"
+    return "a number"
+
+
 def _duration_range_text(info: FieldInfo) -> str:
-    ge, gt, _, _ = _bounds(info)
+    ge, gt, le, _ = _bounds(info)
+    # Every duration of the spec has an upper bound, a day unless the field says less.
+    most = f"at most {duration_text(le if le is not None else DAY)}"
     example = "(such as 2s or 500ms)"
     if gt is not None:
-        return f"a duration greater than {gt:g}s {example}"
-    if ge is not None and ge > 0:
-        return f"a duration of at least {ge:g}s {example}"
-    return f"a duration {example}"
+        text = f"a duration greater than {gt:g}s and {most} {example}"
+    elif ge is not None and ge > 0:
+        text = f"a duration of at least {ge:g}s and {most} {example}"
+    else:
+        text = f"a duration of {most} {example}"
+    if any(getattr(meta, "func", None) is parse_pause for meta in _metadata(info)):
+        text += ", or 'manual'"
+    return text
 
 
 def _is_duration(info: FieldInfo) -> bool:
-    return any(getattr(meta, "func", None) is parse_duration for meta in info.metadata)
+    return any(
+        getattr(meta, "func", None) in (parse_duration, parse_pause) for meta in _metadata(info)
+    )
 
 
 def _is_number_error(kind: str) -> bool:

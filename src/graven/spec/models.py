@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from graven.model import HealthCheck, ServiceConfig, is_valid_name
 
@@ -44,30 +45,80 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
-        raise ValueError(f"expected a duration such as 2s or 500ms, got {value!r}")
+        raise ValueError(f"expected a duration such as 2s or 500ms, got {_shown(value)}")
     # YAML spells infinity '.inf'; a timeout that never fires is a hang, not a setting.
     if not math.isfinite(seconds):
-        raise ValueError(f"expected a finite duration such as 2s or 500ms, got {value!r}")
+        raise ValueError(f"expected a finite duration such as 2s or 500ms, got {_shown(value)}")
     if seconds < 0:
-        raise ValueError(f"a duration cannot be negative, got {value!r}")
+        raise ValueError(f"a duration cannot be negative, got {_shown(value)}")
     return seconds
 
 
+def _shown(value: Any) -> str:
+    # As YAML spells it: true, not True.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+# Upper bounds of durations, in seconds. Nothing in a rollout waits longer than a day
+# (a canary that must hold longer pauses for 'manual'); a probe, a drain or a grace
+# period of more than an hour is a typo, and unbounded values overflow the clocks.
+MINUTE = 60.0
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+
+def _duration_schema(most: float) -> dict[str, Any]:
+    return {
+        "anyOf": [
+            {"type": "number", "minimum": 0, "maximum": most, "description": "Seconds."},
+            {
+                "type": "string",
+                "pattern": DURATION_PATTERN,
+                "description": "A number with an optional unit: ms, s, m or h"
+                f" (at most {duration_text(most)}).",
+            },
+        ]
+    }
+
+
+def duration_text(seconds: float) -> str:
+    """``3600`` -> ``1h``, ``90`` -> ``90s``: a bound as a user would write it."""
+    for unit, size in (("h", HOUR), ("m", MINUTE)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+# A duration of at most a day.
 Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0, "description": "Seconds."},
-                {
-                    "type": "string",
-                    "pattern": DURATION_PATTERN,
-                    "description": "A number with an optional unit: ms, s, m or h.",
-                },
-            ]
-        }
-    ),
+    float, BeforeValidator(parse_duration), Field(le=DAY), WithJsonSchema(_duration_schema(DAY))
+]
+# A duration of at most an hour: probes, drains, grace periods.
+ShortDuration = Annotated[
+    float, BeforeValidator(parse_duration), Field(le=HOUR), WithJsonSchema(_duration_schema(HOUR))
+]
+MANUAL: Literal["manual"] = "manual"
+
+
+def parse_pause(value: Any) -> float | str:
+    """A canary step's pause: 'manual', or a duration of at most a day."""
+    if value == MANUAL:
+        return MANUAL
+    seconds = parse_duration(value)
+    if seconds > DAY:
+        raise ValueError(
+            f"expected a duration of at most {duration_text(DAY)}, or 'manual' to wait for"
+            f" 'graven promote', got {value!r}"
+        )
+    return seconds
+
+
+Pause = Annotated[
+    float | Literal["manual"],
+    BeforeValidator(parse_pause),
+    WithJsonSchema({"anyOf": [_duration_schema(DAY), {"const": MANUAL}]}),
 ]
 
 
@@ -87,7 +138,7 @@ Name = Annotated[
 
 
 def _check_env_name(name: str) -> str:
-    if not _ENV_NAME_RE.match(name):
+    if not _ENV_NAME_RE.fullmatch(name):
         raise ValueError(
             "expected an environment variable name of letters, digits and '_'"
             f" not starting with a digit, got {name!r}"
@@ -111,13 +162,24 @@ def _env_values(v: Any) -> Any:
     return v
 
 
+def _check_env_value(value: str) -> str:
+    # The kernel passes the environment as NUL-terminated strings: the value would be cut.
+    if "\x00" in value:
+        raise ValueError(
+            "an environment value cannot contain a NUL character"
+            f" (at character {value.index(chr(0)) + 1} of {value!r})"
+        )
+    return value
+
+
 EnvName = Annotated[
     str,
     AfterValidator(_check_env_name),
     WithJsonSchema({"type": "string", "pattern": ENV_NAME_PATTERN}),
 ]
+EnvValue = Annotated[str, AfterValidator(_check_env_value)]
 EnvMap = Annotated[
-    dict[EnvName, str],
+    dict[EnvName, EnvValue],
     BeforeValidator(_env_values),
     WithJsonSchema(
         {
@@ -130,7 +192,7 @@ EnvMap = Annotated[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
 
 # --- recipe steps ---------------------------------------------------------------------
@@ -263,7 +325,7 @@ class CmdStep(_Strict):
     )
 
 
-_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
+_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?\Z")
 USER_PATTERN = _USER_RE.pattern
 
 
@@ -579,8 +641,8 @@ class HealthSpec(_Strict):
     """How graven decides an instance may receive traffic."""
 
     path: str = Field(default="/healthz", pattern=r"^/", description="HTTP path probed with GET.")
-    interval: Duration = Field(default=1.0, gt=0, description="Time between probes.")
-    timeout: Duration = Field(default=1.0, gt=0, description="Budget of one probe.")
+    interval: ShortDuration = Field(default=1.0, gt=0, description="Time between probes.")
+    timeout: ShortDuration = Field(default=1.0, gt=0, description="Budget of one probe.")
     healthy_threshold: int = Field(
         default=1, ge=1, le=100, description="Successes in a row to become healthy."
     )
@@ -617,7 +679,7 @@ class CanaryStepSpec(_Strict):
     """One canary step: shift ``weight`` percent of live traffic, then wait and judge."""
 
     weight: int = Field(ge=1, le=100, description="Percent of live traffic to the canary.")
-    pause: Duration | Literal["manual"] = Field(
+    pause: Pause = Field(
         default=0.0,
         description="How long to hold this step, or 'manual' to wait for 'graven promote'.",
     )
@@ -627,6 +689,10 @@ class CanaryStepSpec(_Strict):
     )
 
 
+# More requests than one analysis window of a busy service could see.
+MAX_REQUESTS = 1_000_000
+
+
 class AnalysisSpec(_Strict):
     """When a canary passes, fails (abort and roll back) or is inconclusive (pause)."""
 
@@ -634,11 +700,11 @@ class AnalysisSpec(_Strict):
     max_error_rate: float = Field(
         default=0.01, ge=0, le=1, description="Largest canary 5xx/failure rate (0.01 = 1%)."
     )
-    max_p99: Duration | None = Field(
+    max_p99: ShortDuration | None = Field(
         default=1.0, description="Largest canary p99 latency; null for no limit."
     )
     min_requests: int = Field(
-        default=50, ge=1, description="Canary requests needed before any verdict."
+        default=50, ge=1, le=MAX_REQUESTS, description="Canary requests needed before any verdict."
     )
 
 
@@ -704,13 +770,19 @@ class ServiceSpec(_Strict):
     health: HealthSpec = Field(default_factory=HealthSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     env: EnvMap = Field(default_factory=dict, description="Environment of every instance.")
-    drain_timeout: Duration = Field(
+    drain_timeout: ShortDuration = Field(
         default=10.0, ge=0, description="How long in-flight requests may finish after removal."
     )
-    stop_grace: Duration = Field(
+    stop_grace: ShortDuration = Field(
         default=10.0, ge=0, description="Time between SIGTERM and SIGKILL."
     )
     target: str = Field(default="local", description="Name of a target under 'targets'.")
+    progress_deadline: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="A rollout that completes no step for this long fails and goes back "
+        "(manual gates, pauses and analysis windows do not count).",
+    )
 
     def to_config(self) -> ServiceConfig:
         h = self.health
@@ -745,6 +817,7 @@ class ServiceSpec(_Strict):
             drain_timeout=self.drain_timeout,
             stop_grace=self.stop_grace,
             target=self.target,
+            progress_deadline=self.progress_deadline,
         )
 
 
@@ -774,6 +847,14 @@ class Spec(_Strict):
     targets: dict[Name, TargetSpec] = Field(
         default_factory=lambda: {"local": TargetSpec()}, description="Where services run."
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, v: Any) -> Any:
+        # Literal[1] takes True (True == 1 in Python); 'version: yes' is not a version.
+        if isinstance(v, bool):
+            raise PydanticCustomError("literal_error", "Input should be 1", {"expected": "1"})
+        return v
 
     @model_validator(mode="before")
     @classmethod

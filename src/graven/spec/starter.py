@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from graven.atomic import write_atomic
+from graven.disk import disk_error
 from graven.errors import UsageError
 
 # Destination in the new project -> file in the package data.
@@ -39,6 +40,8 @@ def scaffold(directory: Path, *, force: bool = False) -> list[Path]:
         try:
             write_atomic(path, content)
         except OSError as exc:
-            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise disk_error(exc) or UsageError(
+                f"cannot write {path}: {exc.strerror or exc}"
+            ) from exc
         written.append(path)
     return written

@@ -6,12 +6,28 @@ Layout under ``root``::
     refs/<name>               the image digest a name points at
     refs/<name>.history       every digest the name pointed at, one a line, newest last
     cache/sha256/ab/cdef...   build step cache: sha256(key) -> small JSON value
+    verified/ab/cdef...       stat of a large blob when it last hashed right (see below)
+    quarantine/<run>/         what ``check(repair=True)`` moved out of the way
     tmp/                      temp files, renamed into place once complete and fsynced
     locks/                    flock files serializing read-modify-write updates
 
 Every write goes to a temp file in ``tmp/`` (same filesystem), is fsynced and renamed
 into place, so a reader sees an object whole or not at all. Two writers of the same
 content race harmlessly: both renames leave identical bytes behind.
+
+A write of a blob that is already present is skipped only once the present one is
+proven right: a small blob is compared with the bytes being written, a large one is
+hashed. So a damaged blob (bit rot, a stray write) is replaced by the next build or
+pull that writes it, by temp file, fsync and rename. Hashing a large blob on every
+skip would double the cost of re-ingesting a build context, so a blob that hashed
+right is remembered by its stat signature (inode, size, mtime_ns, ctime_ns), in
+memory and, for large blobs, in ``verified/``: an untouched blob is not hashed again,
+while any write to it (even one that restores its mtime) changes its ctime and gets
+it hashed. The ctime ticks coarsely, so a signature is remembered only once the
+blob is ``SETTLED_NS`` old: a write in the same tick cannot hide behind it. Damage
+that bypasses the kernel (a failing disk) keeps the signature; ``fsck`` hashes
+everything, always, and ``check(repair=True)`` quarantines what is damaged so the
+next build or pull writes it afresh.
 
 A *tree* is a canonical-JSON blob listing one directory's entries, sorted by name; a
 directory entry holds the digest of its subtree, so one digest names a whole file
@@ -37,6 +53,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,6 +91,13 @@ _READ_ONLY_FILE = {FILE_MODE: 0o444, EXEC_MODE: 0o555}
 _READ_ONLY_DIR = 0o555
 # ingest(ignore=...): (absolute path, is a real directory) -> leave it out?
 _Ignore = Callable[[Path, bool], bool]
+# (inode, size, mtime_ns, ctime_ns): any write to a file changes its ctime.
+_Signature = tuple[int, int, int, int]
+_BlobState = Literal["sound", "absent", "damaged"]
+_VERIFIED_MEMO_SIZE = 1 << 16
+# A blob changed less than this long ago is never trusted by its stat signature.
+SETTLED_NS = 2 * 10**9
+REPAIR_HINT = "Run 'graven store fsck --repair', then rebuild or pull the affected images."
 
 
 class InvalidDocument(ValueError):
@@ -301,6 +325,35 @@ def _libc_syncfs() -> Callable[[int], int] | None:
     return fn
 
 
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _check_blob(path: Path, digest: Digest, data: bytes | None) -> _Signature | None:
+    """The signature of the blob at ``path`` when its content is ``data`` (or, without
+    ``data``, hashes to ``digest``); None when it is not, or cannot be read. The
+    signature is taken from the file that was read, not from a path looked up again."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            if data is not None:
+                same = f.read(len(data) + 1) == data
+            else:
+                h = hashlib.sha256()
+                while chunk := f.read(CHUNK_SIZE):
+                    h.update(chunk)
+                same = "sha256:" + h.hexdigest() == digest
+        except OSError:
+            return None
+    return _signature(st) if same else None
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -341,6 +394,7 @@ class ContentStore:
         self._cache = self.root / "cache" / "sha256"
         self.tmp_dir = self.root / "tmp"
         self._locks = self.root / "locks"
+        self._verified_dir = self.root / "verified"
         try:
             for d in (self._blobs, self._refs, self._cache, self.tmp_dir, self._locks):
                 d.mkdir(parents=True, exist_ok=True)
@@ -348,6 +402,8 @@ class ContentStore:
             raise StoreError(f"cannot open the content store at {self.root}: {e}") from e
         # Trees are immutable by digest, so parsed ones can be remembered freely.
         self._trees: dict[Digest, Tree] = {}
+        # Blobs proven right, by stat signature: a skipped write need not read them again.
+        self._verified: dict[Digest, _Signature] = {}
         # Blobs are written without an fsync each; one syncfs makes them durable before
         # anything durable (a ref, a cache entry) may point at them.
         self._unsynced = False
@@ -423,18 +479,92 @@ class ContentStore:
     def has(self, digest: Digest) -> bool:
         return self.blob_path(digest).is_file()
 
-    def _has_sized(self, digest: Digest, size: int) -> bool:
-        """Present with the right length: a blob cut short by a power loss is rewritten."""
+    def _blob_state(self, digest: Digest, size: int, data: bytes | None = None) -> _BlobState:
+        """Whether the blob is present and right (``sound``), absent, or ``damaged``
+        (wrong length, wrong content, not a regular file).
+
+        ``data``, when given, is the blob's content: compared byte for byte instead of
+        hashed. A signature remembered from an earlier check spares the read."""
+        path = self.blob_path(digest)
         try:
-            return self.blob_path(digest).stat().st_size == size
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "absent"
         except OSError:
-            return False
+            return "damaged"
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return "damaged"  # a blob cut short by a power loss, say
+        signature = _signature(st)
+        if self._verified.get(digest) == signature:
+            return "sound"
+        large = data is None
+        if large and self._recorded(digest) == signature:
+            self._remember_sound(digest, signature)
+            return "sound"
+        checked = _check_blob(path, digest, data)
+        if checked is None:
+            return "damaged"
+        self._remember_sound(digest, checked, record=large)
+        return "sound"
+
+    def _remember_sound(
+        self, digest: Digest, signature: _Signature, *, record: bool = False
+    ) -> None:
+        if time.time_ns() - signature[3] < SETTLED_NS:
+            # ctime ticks coarsely: a write just after this one could keep the same
+            # signature. Trusted only once settled (like git's racy index entries).
+            return
+        if len(self._verified) >= _VERIFIED_MEMO_SIZE:
+            self._verified.clear()
+        self._verified[digest] = signature
+        if record:
+            # Not fsynced: a lost or torn record only costs one more hash.
+            with contextlib.suppress(OSError):
+                path = self._verified_path(digest)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=".w-")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        f.write(" ".join(str(n) for n in signature) + "\n")
+                    Path(tmp).replace(path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+
+    def _verified_path(self, digest: Digest) -> Path:
+        hex_ = Digest(digest).hex
+        return self._verified_dir / hex_[:2] / hex_[2:]
+
+    def _recorded(self, digest: Digest) -> _Signature | None:
+        try:
+            fields = self._verified_path(digest).read_text().split()
+            ino, size, mtime, ctime = (int(n) for n in fields)
+        except (OSError, ValueError):
+            return None
+        return (ino, size, mtime, ctime)
+
+    def forget_verified(self, digest: Digest) -> None:
+        """Drop what is remembered about ``digest`` having hashed right (when it goes)."""
+        self._verified.pop(digest, None)
+        self._trees.pop(digest, None)
+        with contextlib.suppress(OSError):
+            self._verified_path(digest).unlink()
+
+    def has_verified(self, digest: Digest, size: int) -> bool:
+        """True when the blob is present, ``size`` bytes long and hashes to ``digest``.
+
+        Remembered by stat signature (see the module docstring), so asking again about
+        an untouched blob costs a stat, not a read."""
+        return self._blob_state(digest, size) == "sound"
 
     def put_bytes(self, data: bytes) -> Digest:
-        """Store ``data``; return its digest. A no-op when the blob is present."""
+        """Store ``data``; return its digest. A no-op when the blob is present and right;
+        a damaged one is replaced (durably)."""
         digest = Digest.of_bytes(data)
-        if not self._has_sized(digest, len(data)):
-            self._write_atomic(self.blob_path(digest), data, mode=0o444, durable=False)
+        state = self._blob_state(digest, len(data), data)
+        if state != "sound":
+            path = self.blob_path(digest)
+            self._write_atomic(path, data, mode=0o444, durable=state == "damaged")
         return digest
 
     def put_file(self, path: Path) -> Digest:
@@ -466,7 +596,8 @@ class ContentStore:
         while chunk := f.read(CHUNK_SIZE):
             h.update(chunk)
         digest = Digest("sha256:" + h.hexdigest())
-        if self._has_sized(digest, f.tell()):
+        state = self._blob_state(digest, f.tell())
+        if state == "sound":
             return digest, f.tell()
         # Copy, hashing again: the file may change between the passes, and the store
         # must name what it actually holds.
@@ -480,6 +611,10 @@ class ContentStore:
                     h.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
+                if state == "damaged":
+                    # Replacing a damaged blob: durable before it takes the old one's place.
+                    out.flush()
+                    os.fsync(out.fileno())
             Path(tmp).chmod(0o444)
             digest = Digest("sha256:" + h.hexdigest())
             final = self.blob_path(digest)
@@ -488,6 +623,9 @@ class ContentStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if state == "damaged":
+            _fsync_dir(final.parent)
+        # Not remembered as verified: it has just changed, so its ctime has not settled.
         self._unsynced = True
         return digest, size
 
@@ -498,7 +636,7 @@ class ContentStore:
         except FileNotFoundError:
             raise StoreError(
                 f"blob {digest} is missing from the store at {self.root}",
-                hint="Run 'graven store fsck' to check the store; rebuild what needs it.",
+                hint=REPAIR_HINT,
             ) from None
 
     def read_blob(self, digest: Digest) -> bytes:
@@ -508,7 +646,7 @@ class ContentStore:
         if Digest.of_bytes(data) != digest:
             raise StoreError(
                 f"blob {digest} is corrupt: its content does not match its digest",
-                hint="Run 'graven store fsck'; rebuild or pull the affected images.",
+                hint=REPAIR_HINT,
             )
         return data
 
@@ -761,7 +899,7 @@ class ContentStore:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
                 try:
-                    self._materialize(tree, tmp, read_only)
+                    self._materialize(tree, tmp, read_only, "")
                     tmp.rename(dest)
                 except BaseException:
                     _force_remove(tmp)
@@ -771,21 +909,22 @@ class ContentStore:
             self._write_atomic(marker, wanted, tmp_dir=dest.parent)
         return dest
 
-    def _materialize(self, digest: Digest, directory: Path, read_only: bool) -> None:
+    def _materialize(self, digest: Digest, directory: Path, read_only: bool, where: str) -> None:
         for entry in self.read_tree(digest).entries:
             path = directory / entry.name
+            inside = f"{where}/{entry.name}"
             if entry.type == "symlink" and entry.target is not None:
                 path.symlink_to(entry.target)
             elif entry.type == "dir" and entry.digest is not None:
                 path.mkdir(0o700)
-                self._materialize(entry.digest, path, read_only)
+                self._materialize(entry.digest, path, read_only, inside)
             elif entry.type == "file" and entry.digest is not None:
-                self._copy_blob(entry.digest, path)
+                self._copy_blob(entry.digest, path, inside)
                 path.chmod(_READ_ONLY_FILE[entry.mode] if read_only else entry.mode)
         # Last, so the directory stays writable while it is being filled.
         directory.chmod(_READ_ONLY_DIR if read_only else DIR_MODE)
 
-    def _copy_blob(self, digest: Digest, path: Path) -> None:
+    def _copy_blob(self, digest: Digest, path: Path, inside: str) -> None:
         h = hashlib.sha256()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         with self.open_blob(digest) as src, os.fdopen(os.open(path, flags, 0o600), "wb") as out:
@@ -793,9 +932,11 @@ class ContentStore:
                 h.update(chunk)
                 out.write(chunk)
         if "sha256:" + h.hexdigest() != digest:
+            # The whole checkout is thrown away: never a file with the wrong content.
             raise StoreError(
-                f"blob {digest} is corrupt: its content does not match its digest",
-                hint="Run 'graven store fsck'; rebuild or pull the affected images.",
+                f"blob {digest} (the file {inside}) is corrupt: its content does not "
+                "match its digest",
+                hint=REPAIR_HINT,
             )
 
     def remove_checkout(self, dest: Path) -> None:
@@ -981,50 +1122,214 @@ class ContentStore:
 
     def fsck(self) -> list[str]:
         """Problems found in the store: corrupt blobs, dangling references. Empty if sound."""
+        return list(self.check().problems)
+
+    def check(self, *, repair: bool = False) -> FsckReport:
+        """Hash every blob and follow every tree and image: what is damaged, and which
+        names' images hold it. Never uses remembered verifications.
+
+        With ``repair``, every damaged object (corrupt blobs, stray files, and the
+        trees and images naming a missing or damaged object, up to the images) is
+        moved to ``quarantine/<run>/``, and every name pointing at such an image is
+        moved there too (its history stays). Nothing is deleted. The next build or pull
+        of those images then writes them afresh: no cache or no-op check can answer
+        from a tree that is gone, and a name that is gone is no longer "unchanged".
+        Repair while nothing else writes the store: a blob healed meanwhile may be
+        moved as well (the next build or pull writes it again)."""
         problems: list[str] = []
         present: set[Digest] = set()
+        corrupt: set[Digest] = set()
+        strays: list[Path] = []
         for fan in sorted(self._blobs.iterdir()):
             for path in sorted(fan.iterdir()) if fan.is_dir() else [fan]:
                 digest = self._digest_or_none(f"sha256:{fan.name}{path.name}")
-                if digest is None or path.parent != fan:
+                if digest is None or path.parent != fan or path.is_symlink() or not path.is_file():
                     problems.append(f"stray file in the blob store: {path}")
+                    strays.append(path)
                 elif not self.verify_blob(digest):
-                    problems.append(f"blob {digest}: content does not match its digest (corrupt)")
+                    corrupt.add(digest)
                 else:
                     present.add(digest)
-        for digest in sorted(present):
-            problems.extend(self._check_document(digest, present))
+        links = {d: found for d in sorted(present) if (found := self._links(d)) is not None}
+        heads: dict[str, Digest] = {}
+        unreadable: list[str] = []
         for name in self._names():
             try:
                 head = self._read_ref(name)
             except StoreError as e:
                 problems.append(e.message)
+                unreadable.append(name)
                 continue
-            if head is not None and head not in present:
-                problems.append(f"ref {name!r} points at missing or corrupt image {head}")
-        return problems
+            if head is not None:
+                heads[name] = head
+        damaged = _damaged(corrupt, present, links)
+        holders = _holders(damaged | corrupt, links, heads)
 
-    def _check_document(self, digest: Digest, present: set[Digest]) -> list[str]:
-        """Dangling references of one blob, if it is a tree or an image."""
+        def held(digest: Digest) -> str:
+            names = holders.get(digest, ())
+            return f"; in images: {', '.join(names)}" if names else ""
+
+        for digest in sorted(corrupt):
+            problems.append(
+                f"blob {digest}: content does not match its digest (corrupt){held(digest)}"
+            )
+        for digest, (kind, named) in links.items():
+            for what, child in named:
+                if child not in present:
+                    state = "corrupt" if child in corrupt else "missing"
+                    problems.append(f"{kind} {digest}: {what} {child} is {state}{held(digest)}")
+        broken = list(unreadable)
+        for name, head in heads.items():
+            if head not in present:
+                problems.append(f"ref {name!r} points at missing or corrupt image {head}")
+            if head not in present or head in damaged:
+                broken.append(name)
+        report = FsckReport(
+            problems=tuple(problems),
+            damaged=tuple(
+                Damage(d, "corrupt" if d in corrupt else "incomplete", holders.get(d, ()))
+                for d in sorted(damaged | corrupt)
+            ),
+            strays=tuple(strays),
+            names=tuple(sorted(broken)),
+        )
+        if repair and (report.damaged or strays or broken):
+            return self._quarantine(report)
+        return report
+
+    def _links(self, digest: Digest) -> tuple[str, list[tuple[str, Digest]]] | None:
+        """What a tree or image blob names: ("tree" or "image", [(what, digest)]), e.g.
+        ``file 'app.py'`` or ``rootfs tree``; None for any other blob."""
         path = self.blob_path(digest)
         if path.stat().st_size > _MAX_DOCUMENT:
-            return []
+            return None
         with path.open("rb") as f:
             data = f.read()
         if not data.startswith(b'{"'):
-            return []
+            return None
         with contextlib.suppress(ValueError):
             tree = parse_tree(data)
-            return [
-                f"tree {digest}: entry {e.name!r} references missing {e.type} {e.digest}"
-                for e in tree.entries
-                if e.digest is not None and e.digest not in present
+            return "tree", [
+                (f"{e.type} {e.name!r}", e.digest) for e in tree.entries if e.digest is not None
             ]
         with contextlib.suppress(ValueError):
             image = parse_image(digest, data)
-            if image.rootfs not in present:
-                return [f"image {digest}: rootfs tree {image.rootfs} is missing"]
-        return []
+            named = [("rootfs tree", image.rootfs)]
+            named += [("layer tree", d) for d in dict.fromkeys(image.layers) if d != image.rootfs]
+            return "image", named
+        return None
+
+    def _quarantine(self, report: FsckReport) -> FsckReport:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        run = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=self._mkdir(self.root / "quarantine")))
+        try:
+            for damage in report.damaged:
+                blobs = self._mkdir(run / "blobs" / "sha256")
+                with contextlib.suppress(FileNotFoundError):
+                    self.blob_path(damage.digest).replace(blobs / damage.digest.hex)
+                self.forget_verified(damage.digest)
+            for path in report.strays:
+                stray = self._mkdir(run / "stray")
+                with contextlib.suppress(FileNotFoundError):
+                    path.replace(stray / f"{path.parent.name}-{path.name}")
+            with self._lock("refs"):
+                for name in report.names:
+                    refs = self._mkdir(run / "refs")
+                    with contextlib.suppress(FileNotFoundError):
+                        self._ref_path(name).replace(refs / name)
+            _fsync_dir(run)
+        except OSError as e:
+            raise StoreError(
+                f"cannot move damaged objects to {run}: {e.strerror or e}",
+                hint="Check the permissions and free space of the state dir.",
+            ) from e
+        return replace(report, quarantine=run)
+
+    @staticmethod
+    def _mkdir(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged object: ``corrupt`` (its bytes do not hash to its digest) or
+    ``incomplete`` (a tree or image naming an object that is missing or damaged).
+    ``images`` are the names whose current image holds it."""
+
+    digest: Digest
+    kind: Literal["corrupt", "incomplete"]
+    images: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"digest": str(self.digest), "kind": self.kind, "images": list(self.images)}
+
+
+@dataclass(frozen=True)
+class FsckReport:
+    """What ``ContentStore.check`` found (and, with ``quarantine``, moved away).
+
+    ``names`` are the names whose image is missing or damaged (moved away on repair,
+    so a rebuild or pull restores them); ``strays`` files in the blob store that are
+    not blobs."""
+
+    problems: tuple[str, ...]
+    damaged: tuple[Damage, ...] = ()
+    strays: tuple[Path, ...] = ()
+    names: tuple[str, ...] = ()
+    quarantine: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """Every name whose image must be rebuilt or pulled again, sorted."""
+        return tuple(sorted({*self.names, *(n for d in self.damaged for n in d.images)}))
+
+
+def _damaged(
+    corrupt: set[Digest],
+    present: set[Digest],
+    links: dict[Digest, tuple[str, list[tuple[str, Digest]]]],
+) -> set[Digest]:
+    """The present documents that name, directly or through others, an object that is
+    corrupt or missing: they can no longer be checked out, exported or pushed."""
+    parents: dict[Digest, list[Digest]] = {}
+    for digest, (_, named) in links.items():
+        for _, child in named:
+            parents.setdefault(child, []).append(digest)
+    queue = [c for c in parents if c not in present or c in corrupt]
+    damaged: set[Digest] = set()
+    while queue:
+        for parent in parents.get(queue.pop(), ()):
+            if parent not in damaged:
+                damaged.add(parent)
+                queue.append(parent)
+    return damaged
+
+
+def _holders(
+    damaged: set[Digest],
+    links: dict[Digest, tuple[str, list[tuple[str, Digest]]]],
+    heads: dict[str, Digest],
+) -> dict[Digest, tuple[str, ...]]:
+    """Damaged object -> the names whose current image holds it. Only damaged objects
+    are walked: every object above a damaged one is damaged too."""
+    found: dict[Digest, set[str]] = {}
+    for name, head in heads.items():
+        if head not in damaged:
+            continue
+        stack, seen = [head], {head}
+        while stack:
+            digest = stack.pop()
+            found.setdefault(digest, set()).add(name)
+            for _, child in links.get(digest, ("", []))[1]:
+                if child in damaged and child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+    return {d: tuple(sorted(names)) for d, names in found.items()}
 
 
 def _read_marker(marker: Path) -> bytes | None:

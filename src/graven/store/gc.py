@@ -62,7 +62,7 @@ DEFAULT_KEEP_HISTORY = 1
 STEP_RESULT_SCHEMA = "graven.step-result/v1"  # graven.build.builder's cache entries
 
 _DIGEST_IN_TEXT = re.compile(r"sha256:[0-9a-f]{64}")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _CHECKOUT_TMP = re.compile(r"^\.tmp-[0-9a-f]{64}-")
 _MAX_DOCUMENT = 64 << 20
 # Longer than a run step may take (graven.build.sandbox.DEFAULT_TIMEOUT is an hour).
@@ -440,6 +440,8 @@ def _delete_blobs(
         shutil.rmtree(trash, ignore_errors=True)
         raise
     shutil.rmtree(trash, ignore_errors=True)
+    for digest in moved:
+        store.forget_verified(digest)
     report.objects_deleted += len(moved)
     report.bytes_freed += sum(b.size for b in moved.values())
     return set(moved)

@@ -43,7 +43,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import struct
 import tarfile
 import tempfile
@@ -57,10 +56,19 @@ from typing import Any, Literal, Protocol
 from graven.atomic import write_atomic
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, canonical_json
-from graven.store.cas import CHUNK_SIZE, DIR_MODE, FILE_MODE, ContentStore, Tree, TreeEntry
+from graven.store.cas import (
+    CHUNK_SIZE,
+    DIR_MODE,
+    FILE_MODE,
+    REPAIR_HINT,
+    ContentStore,
+    Tree,
+    TreeEntry,
+)
 from graven.store.layers import changes
 from graven.store.oci_types import (
     GRAVEN_IMAGE,
+    MAX_REF_NAME,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_LAYER_GZIP,
@@ -70,6 +78,7 @@ from graven.store.oci_types import (
     REF_NAME,
     Descriptor,
     InvalidOCI,
+    is_valid_ref_name,
 )
 
 Compression = Literal["gzip", "zstd", "none"]
@@ -96,9 +105,6 @@ _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _FILE_MODE = 0o644
 _DIR_MODE = 0o755
-# The image-spec's grammar for org.opencontainers.image.ref.name.
-_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
-_REF_NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 # platform.machine() -> (GOARCH, variant)
 _GOARCH: dict[str, tuple[str, str | None]] = {
     "x86_64": ("amd64", None),
@@ -255,10 +261,11 @@ def check_compression(value: str) -> Compression:
 
 def check_ref_name(ref_name: str) -> str:
     """``ref_name`` if it fits the image-spec's ``org.opencontainers.image.ref.name``."""
-    if not _REF_NAME_RE.match(ref_name):
+    if not is_valid_ref_name(ref_name):
         raise UsageError(
-            f"invalid OCI ref name {ref_name!r}: use letters and digits, separated by "
-            "one of - . _ : @ + (or --), with / between components",
+            f"invalid OCI ref name {ref_name!r:.80}: use letters and digits, separated by "
+            f"one of - . _ : @ + (or --), with / between components, at most "
+            f"{MAX_REF_NAME} characters",
             hint="For example 'latest', 'web', 'web:v2'.",
         )
     return ref_name
@@ -422,7 +429,7 @@ def _copy_verified(store: ContentStore, digest: Digest, size: int, out: ByteSink
     if copied != size or longer or "sha256:" + h.hexdigest() != digest:
         raise StoreError(
             f"blob {digest} is corrupt: its content does not match its digest and size",
-            hint="Run 'graven store fsck'; rebuild or pull the affected images.",
+            hint=REPAIR_HINT,
         )
 
 
@@ -526,7 +533,9 @@ def _cached_layer(store: ContentStore, key: str) -> LayerBlob | None:
         blob = LayerBlob.from_dict(json.loads(text))
     except (ValueError, KeyError, TypeError):
         return None  # a damaged entry only costs a recompression
-    return blob if store.has(blob.digest) else None  # gc may have taken the blob
+    # gc may have taken the blob, or it may be damaged: then it is compressed again,
+    # and the store replaces the damaged copy. Verified once per stat signature.
+    return blob if store.has_verified(blob.digest, blob.size) else None
 
 
 def layer_blob(

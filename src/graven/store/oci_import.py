@@ -32,20 +32,32 @@ Decisions:
   only normalized modes: 0o644/0o755 files, 0o755 directories) and device nodes are
   left out (a runtime provides ``/dev``). Setgid and sticky bits on *directories*
   (``/var/mail``, ``/tmp`` in every Debian image) are accepted: they grant nothing.
-  Owners, times and extended attributes are ignored.
+  Owners, times and extended attributes are ignored, but values no file system
+  could hold (ids beyond 32 bits, modes beyond ``MAX_MODE``) are refused, and file
+  capabilities (``security.capability``) are treated as setuid.
+- Header records are refused where tarfile reads them otherwise than other tools do
+  (a member hidden in plain sight is as bad as one written outside): a non-file that
+  declares data, a pax number that is not a number, ``GNU.sparse.*`` records, a
+  global pax header that renames or resizes the members after it, a GNU long name
+  with a NUL inside.
 - A member below a path that is a symlink (in this layer or below) is rejected, as is
   one below a file: tools that diff real file systems never write through symlinks,
   and following one is how archives escape their root.
 - Whiteouts hide lower-layer content only (image-spec), wherever they stand in the
   tar, so their paths are checked against the layers below: one under a path this
   layer turns into a file or symlink is the old directory's (umoci writes that), one
-  under a path that is a symlink below is rejected. An opaque whiteout of the image
-  root, ``.wh.`` with an empty, ``.`` or ``..`` target, a whiteout name used as a
-  directory and a whiteout that is not a regular file are rejected; AUFS metadata
-  (``.wh..wh.*`` other than the opaque marker) is skipped, as other importers do.
+  under a path that is a symlink below is rejected, as is an opaque whiteout in a
+  path that is a symlink or file below (unless this layer made it a directory
+  first). An opaque whiteout of the image root, ``.wh.`` with an empty, ``.`` or
+  ``..`` target, a whiteout name used as a directory and a whiteout that is not a
+  regular file are rejected; AUFS metadata (``.wh..wh.*`` other than the opaque
+  marker) is skipped, as other importers do.
 - A hardlink becomes a copy of the entry it names (a file or symlink), which must
-  already be in the image (earlier in this layer, or below) and must not be reached
-  through a symlink.
+  already be in the image (earlier in this layer, or below: the image-spec leaves
+  cross-layer hardlinks open, Docker and containerd apply them) and must not be
+  reached through a symlink.
+- Annotations never name anything: only the ref name is read, to match ``--ref`` and
+  in messages, and it must fit the image-spec's grammar.
 - Documents (index, manifest, config) must be UTF-8 JSON without duplicate keys and
   within size caps; every blob is checked against its descriptor's size and digest,
   and every layer against the config's diff_id. A tar must end with its end-of-archive
@@ -94,6 +106,7 @@ from graven.store.oci_types import (
     MANIFEST_TYPES,
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
+    MAX_REF_NAME,
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_LAYER_ZSTD,
@@ -101,6 +114,7 @@ from graven.store.oci_types import (
     REF_NAME,
     Descriptor,
     InvalidOCI,
+    is_valid_ref_name,
 )
 
 BlobOpener = Callable[[Descriptor], AbstractContextManager[BinaryIO]]
@@ -112,10 +126,25 @@ MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 256
 MAX_LAYOUT_MARKER = 4096
+MAX_ID = 2**32 - 2  # (uid_t)-1 is no owner at all: chown(2) reads it as "leave unchanged"
+MAX_MODE = 0o177777  # permission bits, and the file-type bits some writers copy from st_mode
 
 _BLOCK = 512
 _TAR_BUFSIZE = 64 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# pax numbers as POSIX writes them: decimal; times may be negative and have a fraction.
+_PAX_COUNT = re.compile(r"[0-9]{1,20}")
+_PAX_TIME = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]+)?")
+_PAX_NUMBERS = {"size": _PAX_COUNT, "uid": _PAX_COUNT, "gid": _PAX_COUNT}
+_PAX_NUMBERS |= dict.fromkeys(("mtime", "atime", "ctime"), _PAX_TIME)
+# What a global pax header may not set: tarfile applies it to every later member, and
+# other readers do not.
+_PAX_MEMBER_ONLY = frozenset({"path", "linkpath", "size"})
+# File capabilities as GNU tar / Go (SCHILY) and libarchive write them.
+_CAPABILITY_RECORDS = frozenset(
+    {"SCHILY.xattr.security.capability", "LIBARCHIVE.xattr.security.capability"}
+)
+_PLATFORM_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _LOWER_MEMO = 4096
 _DEFAULT_HINT = (
     "Nothing was imported. Rebuild or re-export the image with a standard tool "
@@ -377,6 +406,71 @@ class _TarEndProblem(Exception):
         self.reason = reason
 
 
+class _HeaderProblem(Exception):
+    """A member's header records say something tarfile would quietly reinterpret."""
+
+    def __init__(self, reason: str, member: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.member = member
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses a GNU long name or long link target with a NUL inside.
+
+    tarfile (as GNU tar and Go) cuts such a record at its first NUL: whatever follows is
+    hidden from every reader, which is only ever useful to hide something."""
+
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        # tarfile's own method, with the check: the record cannot be read twice.
+        fileobj = cast(BinaryIO, tar.fileobj)
+        record = fileobj.read(-(-self.size // _BLOCK) * _BLOCK)[: self.size].rstrip(b"\0")
+        try:
+            following = self.fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError(str(e)) from None  # what tarfile makes of it
+        following.offset = self.offset
+        cut = record.split(b"\0", 1)[0].decode(tar.encoding or "utf-8", tar.errors)
+        what = "long name"
+        if self.type == tarfile.GNUTYPE_LONGNAME:
+            following.name = cut
+        else:
+            following.linkname, what = cut, "long link target"
+        if following.isdir():
+            following.name = following.name.removesuffix("/")
+        if b"\0" in record:
+            raise _HeaderProblem(
+                f"its GNU {what} goes on after a NUL byte (readers cut it there)",
+                following.name,
+            )
+        return following
+
+
+def _check_header(
+    tar: tarfile.TarFile, m: tarfile.TarInfo, reject: Callable[[str], ImportRejected]
+) -> None:
+    """Refuse header values no tool writes, or that readers would take differently.
+
+    tarfile reads a malformed pax number as 0, lets a global pax header rename or resize
+    every later member, and takes ``GNU.sparse.name`` as the name even of a file that is
+    not sparse; owners, modes and times beyond any file system's range mark a crafted
+    archive (graven records none of them, so valid values are simply dropped)."""
+    overriding = sorted(_PAX_MEMBER_ONLY.intersection(tar.pax_headers))
+    if overriding:
+        raise reject(f"a global pax header sets {overriding[0]!r} for every member that follows")
+    for key, value in m.pax_headers.items():
+        if key.startswith("GNU.sparse."):
+            raise reject(f"a GNU sparse record ({key!r}): sparse files are not supported")
+        pattern = _PAX_NUMBERS.get(key)
+        if pattern is not None and not pattern.fullmatch(value):
+            raise reject(f"the pax record {key}={value!r:.40} is not a valid number")
+    for field_name, owner in (("uid", m.uid), ("gid", m.gid)):
+        if not 0 <= owner <= MAX_ID:
+            raise reject(f"{field_name} {owner} is out of range (0 to {MAX_ID})")
+    if not 0 <= m.mode <= MAX_MODE:
+        raise reject(f"mode {m.mode:#o} is out of range (at most {MAX_MODE:#o})")
+
+
 def _open_tar(stream: _TarStream, header_limit: int, error: Callable[[], ImportRejected]) -> Any:
     with stream.header_budget(header_limit, error):
         try:
@@ -384,6 +478,7 @@ def _open_tar(stream: _TarStream, header_limit: int, error: Callable[[], ImportR
                 fileobj=cast(BinaryIO, stream),
                 mode="r|",
                 bufsize=_TAR_BUFSIZE,
+                tarinfo=_StrictTarInfo,
                 encoding="utf-8",
                 errors="surrogateescape",  # undecodable names stay visible, and are refused
             )
@@ -480,6 +575,11 @@ _KINDS: dict[bytes, str] = {
     tarfile.FIFOTYPE: "fifo",
 }
 _DEVICES = frozenset({"character device", "block device", "fifo"})
+# tarfile reads the next header right after such a member, other readers after its data.
+_DATA_ON_NON_FILE = (
+    "a {kind} that declares {size} bytes of data: only files carry data, and readers "
+    "disagree on where the next member starts"
+)
 
 
 # --- one layer's changes ---------------------------------------------------------------------
@@ -633,6 +733,9 @@ class _LayerChanges:
             raise reject(f"unsupported tar member type {m.type!r}")
         if m.size < 0:
             raise reject("negative size")
+        if kind != "file" and m.size:
+            raise reject(_DATA_ON_NON_FILE.format(kind=kind, size=m.size))
+        _check_header(tar, m, reject)
         if not parts:
             if kind != "dir":
                 raise reject(f"the image root must be a directory, not a {kind}")
@@ -667,6 +770,14 @@ class _LayerChanges:
                     f"a {bit} file (mode {m.mode:o})",
                     hint="Pass --allow-setuid (ImportPolicy.allow_setuid) to import it without "
                     "the bit: graven never records setuid or setgid.",
+                )
+            if _CAPABILITY_RECORDS.intersection(m.pax_headers) and not self._policy.allow_setuid:
+                raise self.reject(
+                    name,
+                    "a file with capabilities (the security.capability extended attribute): "
+                    "they grant privilege as setuid does",
+                    hint="Pass --allow-setuid (ImportPolicy.allow_setuid) to import it without "
+                    "them: graven records no extended attributes.",
                 )
             self._view(parts, name, "path")  # fail before storing the content
             digest = self._store_content(tar, m)
@@ -735,10 +846,19 @@ class _LayerChanges:
             )
         if kind != "file":
             raise self.reject(m.name, f"a whiteout must be a regular file, not a {kind}")
-        self._view(parts[:-1], m.name, "whiteout")  # the parents of the directory
+        here = self._view(parts[:-1], m.name, "whiteout")  # checks its parents
         mine = self._upper_node(parts[:-1])
         if isinstance(mine, TreeEntry):
             raise self.reject(m.name, f"an opaque whiteout inside a {mine.type} of this same layer")
+        if isinstance(here, TreeEntry) and here.type != "dir":
+            # The layer has not (yet) replaced it with a directory: marking it opaque would
+            # mean one through a symlink, or a directory made up out of a file.
+            where = "/".join(parts[:-1])
+            raise self.reject(
+                m.name,
+                f"an opaque whiteout in {where!r}, which is a {here.type} in the layers below "
+                "(a directory entry of this layer must come first)",
+            )
         self._claim(parts, m.name)
         self._upper_dir(parts[:-1]).opaque = True
         _skip_data(tar, m)
@@ -1156,6 +1276,8 @@ def _import_layer(
         # the checks above refuse is refused as it is (no reading on to find out).
         except _TarEndProblem as e:
             raise _blame(blob, e) or ImportRejected(e.reason, layer=layer) from e
+        except _HeaderProblem as e:
+            raise changes.reject(e.member, e.reason) from e
         except _DECODE_ERRORS as e:
             raise _blame(blob, e) or ImportRejected(
                 f"not a valid {_format(desc.media_type)}: {e}", layer=layer
@@ -1267,6 +1389,15 @@ def _index_entries(data: bytes, where: str) -> list[_IndexEntry]:
     entries = []
     for i, item in enumerate(manifests):
         desc = _descriptor(item, f"{where} manifests[{i}]")
+        ref = dict(desc.annotations).get(REF_NAME)
+        if ref is not None and not is_valid_ref_name(ref):
+            # Only this annotation is ever read, and only to match --ref and to list the
+            # images in messages; a value outside the image-spec's grammar (a NUL, a
+            # newline, an escape sequence, '..') marks a crafted index.
+            raise ImportRejected(
+                f"{where} manifests[{i}].annotations: {REF_NAME} {_shown(ref)} is not a "
+                f"valid ref name (the image-spec's grammar, at most {MAX_REF_NAME} characters)"
+            )
         raw = item.get("platform")
         platform: tuple[str, str, str | None] | None = None
         if raw is not None:
@@ -1278,8 +1409,19 @@ def _index_entries(data: bytes, where: str) -> list[_IndexEntry]:
             ):
                 raise ImportRejected(f"{where} manifests[{i}].platform is malformed")
             platform = (raw["os"], raw["architecture"], raw.get("variant"))
+            for word in filter(None, platform):
+                if not _PLATFORM_WORD.fullmatch(word):
+                    raise ImportRejected(
+                        f"{where} manifests[{i}].platform: {_shown(word)} is not an os, "
+                        "architecture or variant name"
+                    )
         entries.append(_IndexEntry(desc, platform))
     return entries
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` quoted for a message: control characters escaped, cut at ``limit``."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 def _on_host(platform: tuple[str, str, str | None] | None) -> bool:
@@ -1404,6 +1546,8 @@ def _spool_archive(source: Path, spool: Path, policy: ImportPolicy) -> None:
                     raise reject(m.name, f"its data is truncated or corrupt ({e})") from e
     except _TarEndProblem as e:
         raise reject(None, e.reason) from e
+    except _HeaderProblem as e:
+        raise reject(e.member, e.reason) from e
     except _DECODE_ERRORS as e:
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.filename:
             raise UsageError(f"cannot read {source}: {e.strerror}") from e
@@ -1414,7 +1558,10 @@ def _spool_member(
     tar: tarfile.TarFile, m: tarfile.TarInfo, spool: Path, reject: Callable[[str], ImportRejected]
 ) -> None:
     path = "/".join(_path_parts(m.name, reject))
+    _check_header(tar, m, reject)
     if m.isdir():
+        if m.size:
+            raise reject(_DATA_ON_NON_FILE.format(kind="dir", size=m.size))
         if path in ("", "blobs", "blobs/sha256"):
             return
         raise reject(

@@ -6,6 +6,7 @@ validates what it is given and says which field is wrong.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,11 @@ MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
 REF_NAME = "org.opencontainers.image.ref.name"
+# The image-spec's grammar for REF_NAME values, and graven's cap on their length (the
+# grammar has none; a reference a registry accepts is far shorter).
+_REF_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME_RE = re.compile(rf"{_REF_COMPONENT}(?:/{_REF_COMPONENT})*")
+MAX_REF_NAME = 512
 # graven's own annotation on exported manifests: the graven image digest they carry.
 GRAVEN_IMAGE = "dev.graven.image.digest"
 
@@ -79,3 +85,9 @@ class Descriptor:
         ):
             raise InvalidOCI(f"{where}.annotations: expected a map of strings")
         return cls(media_type, parsed, size, tuple(sorted(annotations.items())))
+
+
+def is_valid_ref_name(ref_name: str) -> bool:
+    """Whether ``ref_name`` fits the image-spec's grammar for REF_NAME (and MAX_REF_NAME):
+    no NUL, newline, ``..`` or empty component can pass."""
+    return len(ref_name) <= MAX_REF_NAME and _REF_NAME_RE.fullmatch(ref_name) is not None

@@ -57,6 +57,8 @@ class FakeRouter:
         self._kept: dict[str, dict[str, _FakeBackend]] = {}
         self.history: list[tuple[str, tuple[Backend, ...]]] = []
         self.starts: dict[str, int] = {}
+        # Ports some other program holds: a router asked to listen there cannot start.
+        self.foreign_ports: dict[int, str] = {}
 
     # ------------------------------------------------------------------ Router port
 
@@ -68,6 +70,12 @@ class FakeRouter:
         current = self._services.get(service)
         if current is not None and current.port == port:
             return
+        if port in self.foreign_ports:
+            raise RouterError(
+                f"router for service {service!r} cannot listen: port {port} on 127.0.0.1 is "
+                f"in use by {self.foreign_ports[port]}",
+                hint=f"Stop what holds port {port}, or give the service another port.",
+            )
         for other, svc in self._services.items():
             if other != service and svc.port == port:
                 raise RouterError(

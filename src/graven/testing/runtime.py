@@ -23,6 +23,7 @@ class FakeRuntime:
     healthy_ports: set[int] = field(default_factory=set)
     unhealthy_releases: set[int] = field(default_factory=set)
     fail_start: bool = False
+    exits: dict[int, str] = field(default_factory=dict)
     _next_pid: int = 1000
 
     def start(self, spec: LaunchSpec) -> Handle:
@@ -44,9 +45,16 @@ class FakeRuntime:
             self.stopped.append(handle.pid)
             self.healthy_ports.discard(spec.port)
 
-    def kill(self, pid: int) -> None:
+    def kill(self, pid: int, how: str = "exited with code 1") -> None:
         spec = self.running.pop(pid)
         self.healthy_ports.discard(spec.port)
+        self.exits[pid] = how
+
+    def exit_reason(self, handle: Handle) -> str:
+        return self.exits.get(handle.pid, "")
+
+    def forget(self, handle: Handle) -> None:
+        self.exits.pop(handle.pid, None)
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
         return f"(fake log of {instance_id})"

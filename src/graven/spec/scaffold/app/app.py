@@ -18,13 +18,17 @@ import signal
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 
 VERSION = os.environ.get("VERSION", "dev")
 INSTANCE = os.environ.get("GRAVEN_INSTANCE", "local")
 # Share of requests to / answered with HTTP 500: a bad release to watch a canary abort.
 ERROR_RATE = float(os.environ.get("ERROR_RATE", "0"))
+# While this file exists the instance crashes (exit code 3): a crash loop to watch.
+CRASH_FILE = os.environ.get("CRASH_FILE", "")
 
 
 class Server(ThreadingHTTPServer):
@@ -112,6 +116,13 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write(f"{INSTANCE} {self.address_string()} {format % args}\n")
 
 
+def crash_when_told() -> None:
+    while not Path(CRASH_FILE).exists():
+        time.sleep(0.1)
+    print(f"{INSTANCE}: crashing ({CRASH_FILE} exists)", flush=True)
+    os._exit(3)
+
+
 def main() -> int:
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "8000"))
@@ -123,6 +134,8 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if CRASH_FILE:
+        threading.Thread(target=crash_when_told, daemon=True).start()
     bound = server.server_address[1]  # differs from PORT when PORT is 0
     print(f"{INSTANCE}: version {VERSION} serving on http://{host}:{bound}", flush=True)
     server.serve_forever(poll_interval=0.1)
