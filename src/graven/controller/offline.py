@@ -8,6 +8,7 @@ reports over what the store records, and nothing in it starts, stops or writes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,11 @@ def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
 
 def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:
     """What ``POST /v1/plan`` answers for ``candidate``, planned from the records."""
+    # As the controller would get it: the wire form (lists, not tuples).
+    wire = json.loads(json.dumps(candidate))
     state = _state(state_dir)
     try:
-        service, image, config = Api._candidate(candidate)
+        service, image, config = Api._candidate(wire)
         return _engine(state_dir, state).preview(service, image, config)
     finally:
         state.close()
