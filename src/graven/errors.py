@@ -10,6 +10,7 @@ message and an exit code, never a traceback (unless ``--debug``)::
     ├── BuildError                   a recipe step failed
     ├── StoreError                   the content store is missing or corrupt data
     ├── DiskError                    a filesystem refused a write: full, over quota, read-only
+    ├── StateAccessError             the state dir is not this user's to read
     ├── RuntimeFailure               an instance could not be started or stopped
     ├── RouterError                  the router process failed or refused a change
     ├── ControllerError              the controller is unreachable or refused a request
@@ -108,6 +109,11 @@ class DiskError(GravenError):
     def __init__(self, message: str, *, hint: str | None = None, errno: int = 0) -> None:
         super().__init__(message, hint=hint)
         self.errno = errno
+
+
+class StateAccessError(GravenError):
+    """The state dir or a file in it cannot be read by this user (it is private to
+    the user that owns it)."""
 
 
 class RuntimeFailure(GravenError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Project, eventually
+from tests.e2e.conftest import Project, eventually, free_port, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -88,3 +88,30 @@ def test_a_crash_looping_instance_backs_off_is_ledgered_and_recovers(
     assert eventually(serving, 60), project.status()
     (now,) = project.status()["instances"]
     assert now["restarts"] >= 3 and now["last_exit"].startswith("exited with code 3")
+
+
+def test_an_instance_started_but_never_recorded_is_stopped_by_the_next_controller(
+    project: Project,
+) -> None:
+    """A controller killed between spawning an instance and recording it left the
+    process running, unrouted, past every 'graven down'."""
+    from graven.controller.paths import store_root
+    from graven.runtime.base import LaunchSpec
+    from graven.runtime.process import ProcessRuntime
+    from graven.store.cas import ContentStore
+
+    project.write_spec(replicas=1)
+    project.graven("deploy", "-m", "first")
+    project.graven("down", "-m", "stop")
+    store = ContentStore(store_root(project.state_dir))
+    image = store.resolve("hello")
+    # What the dead controller had done: the spawn, and nothing after it.
+    runtime = ProcessRuntime(project.state_dir, store)
+    handle = runtime.start(
+        LaunchSpec("hello-r1-0rph", "hello", 1, image, (("VERSION", "v1"),), free_port())
+    )
+    assert pid_alive(handle.pid)
+    project.graven("deploy", "-m", "again")
+    assert eventually(lambda: not pid_alive(handle.pid), 10)
+    log = (project.state_dir / "controller.log").read_text()
+    assert "hello-r1-0rph" in log and "never recorded" in log

@@ -28,6 +28,7 @@ import pytest
 from graven.errors import RouterError
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
 from graven.router.embedded import EmbeddedRouter
+from graven.testing import load as loadgen
 from graven.testing.fakes import EchoBackend
 from tests.e2e.conftest import eventually, free_port, pid_alive
 
@@ -809,7 +810,7 @@ def test_a_restarted_proxy_restores_its_backends(
     a, b = echoes("a"), echoes("b")
     pid = proxy.start()
     proxy.router.set_backends(SERVICE, [a.backend(weight=10), b.backend("drain")])
-    os.kill(pid, signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)  # the whole router: supervisor and workers
     assert eventually(lambda: proxy.router.running() == {})
 
     assert proxy.start() != pid
@@ -1050,17 +1051,180 @@ def test_a_killed_worker_is_replaced_and_given_the_current_set(
     assert "starting it again" in proxy.log()
 
 
-@TWO_WORKERS
-def test_workers_end_with_their_supervisor_even_after_sigkill(
+# --------------------------------------------------------------------------- crashes
+#
+# Load from graven.testing.load: a few keep-alive clients, each with one request in
+# flight at a time. A process that dies takes the connections it serves with it, so
+# each client may lose the one request it had on such a connection, never more (per
+# process killed); no client may find the port closed.
+
+CLIENTS = 3
+
+
+def serving(proxy: Proxy) -> list[int]:
+    """The processes that serve the port's traffic (a router without a supervisor is
+    its own)."""
+    doc = health(proxy)
+    return list(doc.get("workers") or [doc["pid"]])
+
+
+def answering(proxy: Proxy) -> int | None:
+    """The pid answering on the admin socket; None while there is none."""
+    try:
+        return int(health(proxy)["pid"])
+    except OSError:
+        return None
+
+
+def kill_under_load(proxy: Proxy, victim: int) -> loadgen.LoadReport:
+    """SIGKILL ``victim`` once 100 requests went out; go on for 200 more, bounded."""
+    with loadgen.Load("127.0.0.1", proxy.port, clients=CLIENTS, max_seconds=60) as load:
+        assert eventually(lambda: load.report.sent >= 100, timeout=30)
+        os.kill(victim, signal.SIGKILL)
+        assert eventually(lambda: load.report.sent >= 300, timeout=40), load.report.to_dict()
+    return load.report
+
+
+def assert_nothing_refused(report: loadgen.LoadReport, kills: int = 1) -> None:
+    """No connection refused; per process killed, at most the one request each
+    client had in flight (a client that reconnected after one kill may meet the next)."""
+    assert "ConnectionRefusedError" not in report.errors, report.to_dict()
+    assert report.failed <= CLIENTS * kills, report.to_dict()
+    assert report.ok >= 300 - CLIENTS * kills, report.to_dict()
+
+
+@WORKERS
+def test_a_killed_proxy_process_under_load_refuses_no_connection(
     proxy: Proxy, echoes: Callable[[str], EchoBackend]
 ) -> None:
     a = echoes("a")
     supervisor = proxy.start()
     proxy.router.set_backends(SERVICE, [a.backend()])
-    workers = health(proxy)["workers"]
+    victim = serving(proxy)[0]
+    proxy.pids.update(serving(proxy))
+
+    report = kill_under_load(proxy, victim)
+
+    assert_nothing_refused(report)
+    assert not pid_alive(victim)
+    assert proxy.router.pid(SERVICE) == supervisor  # nothing but the proxy restarted
+    assert victim not in serving(proxy)
+    proxy.pids.update(serving(proxy))
+    assert Counter(proxy.get()[:2] for _ in range(10)) == {(200, b"a\n"): 10}
+
+
+@TWO_WORKERS
+def test_every_worker_killed_at_once_under_load_refuses_no_connection(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = serving(proxy)
     proxy.pids.update(workers)
-    os.kill(supervisor, signal.SIGKILL)
-    assert eventually(lambda: not any(map(pid_alive, workers)), timeout=10)
-    # The port is free again: a new router takes it and serves the persisted set.
-    assert proxy.start() != supervisor
+    with loadgen.Load("127.0.0.1", proxy.port, clients=CLIENTS, max_seconds=60) as load:
+        assert eventually(lambda: load.report.sent >= 100, timeout=30)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        # No worker for a while: connections wait (held, then in the backlog).
+        assert eventually(lambda: load.report.sent >= 300, timeout=40), load.report.to_dict()
+
+    assert_nothing_refused(load.report, kills=len(workers))
+    assert "HTTP 503" not in load.report.errors, load.report.to_dict()
+    assert proxy.router.pid(SERVICE) == supervisor
+    assert not set(serving(proxy)) & set(workers)
+    proxy.pids.update(serving(proxy))
+
+
+@WORKERS
+def test_a_killed_supervisor_under_load_is_replaced_by_its_worker(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = serving(proxy)
+    proxy.pids.update(workers)
+
+    report = kill_under_load(proxy, supervisor)
+
+    assert_nothing_refused(report)
+    # A worker started a new supervisor on the port it held, recorded it, then left.
+    assert eventually(lambda: answering(proxy) not in (None, supervisor), timeout=20)
+    successor = proxy.router.pid(SERVICE)
+    assert successor is not None and successor != supervisor
+    assert health(proxy)["pid"] == successor
+    proxy.pids.update([successor, *serving(proxy)])
+    assert not set(serving(proxy)) & set(workers)
+    assert eventually(lambda: not any(map(pid_alive, workers)), timeout=20)
+    proxy.router.set_backends(SERVICE, [a.backend("drain")])  # its admin API works
+    assert proxy.get()[0] == 503
+    # And it stops like the first one: nothing left, the port closed.
+    proxy.router.stop(SERVICE)
+    assert not any(map(pid_alive, proxy.pids))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+
+
+@WORKERS
+def test_a_router_stopped_while_its_supervisor_is_dead_stays_stopped(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = serving(proxy)
+    proxy.pids.update(workers)
+    for pid in workers:  # so that the stop comes first
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        os.kill(supervisor, signal.SIGKILL)
+        proxy.router.stop(SERVICE)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    # The workers see their supervisor gone and the router stopped: they leave.
+    assert eventually(lambda: not any(map(pid_alive, workers)), timeout=20)
+    assert proxy.router.running() == {}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5).close()
+    assert "no new supervisor (the router was stopped" in proxy.log()
+
+
+@WORKERS
+def test_ensure_adopts_the_supervisor_a_worker_starts_in_place_of_a_dead_one(
+    proxy: Proxy, echoes: Callable[[str], EchoBackend]
+) -> None:
+    a = echoes("a")
+    supervisor = proxy.start()
+    proxy.router.set_backends(SERVICE, [a.backend()])
+    workers = serving(proxy)
+    proxy.pids.update(workers)
+    for pid in workers:  # the controller gets there first
+        os.kill(pid, signal.SIGSTOP)
+    outcome: list[BaseException | None] = []
+
+    def ensure() -> None:
+        try:
+            proxy.router.ensure(SERVICE, proxy.port)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    try:
+        os.kill(supervisor, signal.SIGKILL)
+        assert eventually(lambda: not pid_alive(supervisor))
+        thread = threading.Thread(target=ensure, daemon=True)
+        thread.start()
+        thread.join(timeout=1.0)  # a spawn on the held port would have failed by now
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    thread.join(timeout=30)
+    assert outcome == [None]
+    successor = proxy.router.pid(SERVICE)
+    assert successor is not None and successor != supervisor
+    assert health(proxy)["pid"] == successor
+    proxy.pids.update([successor, *serving(proxy)])
     assert proxy.get()[:2] == (200, b"a\n")
+    assert "cannot listen" not in proxy.log()

@@ -1,15 +1,25 @@
-"""The router supervisor's pure parts: summing the workers' counters, and the worker's
-answers to control messages (a malformed one is refused, never applied)."""
+"""The router supervisor's pure parts: summing the workers' counters, the worker's
+answers to control messages (a malformed one is refused, never applied), the command
+line a worker starts a new supervisor with, and what it may hand over."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from pathlib import Path
 
+import pytest
+
 from graven.router.base import LATENCY_BOUNDS, Backend
-from graven.router.proxy import BackendTable, RouterProxy
-from graven.router.workers import _control_reply, merge_snapshots
+from graven.router.proxy import BackendTable, RouterProxy, main, split_address
+from graven.router.workers import (
+    RouterOptions,
+    _control_reply,
+    inherited_listener,
+    merge_snapshots,
+)
 
 BUCKETS = len(LATENCY_BOUNDS) + 1
 
@@ -69,7 +79,7 @@ def control(proxy: RouterProxy, message: object) -> dict[str, object]:
 
 def test_control_messages_apply_good_sets_and_refuse_bad_ones() -> None:
     table = BackendTable()
-    proxy = RouterProxy("web", 8080, Path("/nonexistent"), table)
+    proxy = RouterProxy("web", 8080, table)
     good = {"op": "put", "backends": [{"id": "a", "address": "127.0.0.1:1"}]}
     reply = control(proxy, good)
     assert reply["ok"] is True and [b["id"] for b in reply["backends"]] == ["a"]  # type: ignore[attr-defined]
@@ -84,3 +94,43 @@ def test_control_messages_apply_good_sets_and_refuse_bad_ones() -> None:
         assert "error" in reply
     assert [e.id for e in table.entries()] == ["a"]  # nothing bad was applied
     assert control(proxy, {"op": "get"})["ok"] is True
+
+
+def test_router_options_make_a_supervisor_command_line_the_proxy_parses_back() -> None:
+    options = RouterOptions(
+        service="web",
+        host="::1",
+        port=8080,
+        admin=Path("/s/web.sock"),
+        state=Path("/s/web.json"),
+        workers=1,
+        loop="auto",
+        pid_file=Path("/s/web.pid"),
+        lock_file=Path("/s/web.lock"),
+    )
+    argv = options.argv()
+    assert argv[argv.index("--listen") + 1] == "[::1]:8080"
+    assert split_address("[::1]:8080") == ("::1", 8080)
+    assert argv[argv.index("--pid-file") + 1] == "/s/web.pid"
+    assert argv[argv.index("--lock-file") + 1] == "/s/web.lock"
+    bare = RouterOptions("web", "127.0.0.1", 8080, Path("a"), Path("b"), 2, "asyncio").argv()
+    assert "--pid-file" not in bare and bare[bare.index("--workers") + 1] == "2"
+
+
+def test_a_pid_file_without_its_lock_file_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--service", "web", "--listen", "127.0.0.1:1", "--admin", "a", "--state", "b",
+              "--pid-file", "p"])  # fmt: skip
+    assert exc.value.code == 2
+    assert "--pid-file and --lock-file go together" in capsys.readouterr().err
+
+
+def test_only_a_listening_tcp_socket_is_taken_over() -> None:
+    with socket.socket() as plain, pytest.raises(OSError, match="not a listening TCP socket"):
+        inherited_listener(os.dup(plain.fileno()))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        taken = inherited_listener(os.dup(server.fileno()))
+        assert taken.getsockname() == server.getsockname()
+        taken.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,22 +90,27 @@ class AppContext:
         return state_dir
 
     def store(self) -> ContentStore:
-        from graven.controller.paths import store_root
+        from graven.controller.paths import make_private, store_root
         from graven.store.cas import ContentStore
 
+        for change in make_private(self.state_dir):
+            sys.stderr.write(f"graven: tightened permissions of {change}\n")
         return ContentStore(store_root(self.state_dir))
 
     def state(self) -> StateStore:
-        from graven.controller.paths import state_db
+        from graven.controller.paths import require_access, state_db
         from graven.ledger.store import StateStore
 
+        require_access(self.state_dir, state_db(self.state_dir))
         return StateStore(state_db(self.state_dir), read_only=True)
 
     def controller(self) -> ControllerClient:
         """A client of this state dir's controller, started if none runs: for the
         verbs that change state."""
         from graven.controller.client import ControllerClient
+        from graven.controller.paths import require_access
 
+        require_access(self.state_dir)
         client = ControllerClient(self.state_dir)
         client.ensure_running()
         return client

@@ -5,6 +5,7 @@ Exit codes scripts can trust: 0 success, 1 failure, 2 usage or invalid input.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -80,7 +81,8 @@ class _Group(click.Group):
 )
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    # readable=False: graven itself says whose state dir it is when it cannot be read.
+    type=click.Path(path_type=Path, file_okay=False, readable=False),
     help="Where graven keeps images, state and the ledger (default: .graven beside the spec; "
     "env GRAVEN_STATE_DIR).",
 )
@@ -403,16 +405,32 @@ def _candidates(app: AppContext, services: list[str], out: Output) -> list[dict[
     """Build each service's image (cached) and describe the release deploy would make."""
     spec = app.spec().spec
     image_names = sorted({spec.services[s].image for s in services})
+    configs = {s: _config_and_secrets(app, s) for s in services}  # before a long build
     built = {r["name"]: r["digest"] for r in _build(app, image_names, out, no_cache=False)}
     return [
         {
             "service": s,
             "image": built[spec.services[s].image],
             "image_name": spec.services[s].image,
-            "config": spec.services[s].to_config().to_dict(),
+            **configs[s],
         }
         for s in services
     ]
+
+
+def _config_and_secrets(app: AppContext, service: str) -> dict[str, Any]:
+    """The release config with plain env only; secret values go apart, for the
+    controller's secrets store (they are never part of a record or an output)."""
+    from graven.spec.envfile import resolve_service_env
+
+    loaded = app.spec()
+    svc = loaded.spec.services[service]
+    env = resolve_service_env(
+        service, svc.env, svc.env_file, loaded.root, str(loaded.path), loaded.lines, os.environ
+    )
+    config = svc.to_config().to_dict()
+    config["env"] = sorted([k, v] for k, v in env.plain.items())
+    return {"config": config, "secrets": env.secret}
 
 
 def _wait_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> list[dict[str, Any]]:

@@ -29,11 +29,14 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
+from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import Digest, HealthCheck, ServiceConfig
 
 log = logging.getLogger("graven.controller.api")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
@@ -468,21 +471,44 @@ class Api:
             ],
         }
 
-    @staticmethod
-    def _candidate(body: dict[str, Any]) -> tuple[str, Digest, ServiceConfig]:
+    def _candidate(
+        self, body: dict[str, Any], *, keep_secrets: bool = False
+    ) -> tuple[str, Digest, ServiceConfig]:
         service = service_name(body)
         config = service_config(field(body, "config", dict))
         try:
             image = Digest(field(body, "image", str))
         except ValueError as exc:
             raise BadRequest(f"request body: 'image': {exc}") from exc
-        return service, image, config
+        secrets = field(body, "secrets", dict, required=False) or {}
+        return service, image, self._seal(config, secrets, keep=keep_secrets)
+
+    def _seal(self, config: ServiceConfig, secrets: dict[str, Any], *, keep: bool) -> ServiceConfig:
+        """``config`` with each secret env value as a reference; ``keep`` stores the
+        values (deploy), else they are only hashed (plan). No value is ever echoed."""
+        env = dict(config.env)
+        for key, value in env.items():
+            if is_secret_ref(value):
+                raise BadRequest(
+                    f"env {key}: values of the form '<secret sha256:…>' are reserved for secrets",
+                    hint="Set a secret with env_file, ${VAR} or {secret_file: PATH} instead.",
+                )
+        for key, value in secrets.items():
+            if not _ENV_NAME.fullmatch(key) or not isinstance(value, str) or "\0" in value:
+                raise BadRequest(
+                    f"request body: secret {_shown(key)} needs a variable name and a text value"
+                )
+            if key in env:
+                raise BadRequest(f"request body: env {key} is both plain and secret")
+            store = self.engine.secrets
+            env[key] = store.put(value) if keep else store.reference(value)
+        return dataclasses.replace(config, env=tuple(sorted(env.items())))
 
     async def plan(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         return self.engine.preview(*self._candidate(body))
 
     async def deploy(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        service, image, config = self._candidate(body)
+        service, image, config = self._candidate(body, keep_secrets=True)
         details = field(body, "details", dict, required=False) or {}
         return self.engine.deploy(
             service,

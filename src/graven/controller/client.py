@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from graven.controller.paths import controller_log, controller_socket
+from graven.controller.paths import (
+    controller_log,
+    controller_socket,
+    make_private,
+    require_access,
+)
 from graven.errors import (
     ControllerError,
     ControllerNotRunning,
@@ -82,6 +87,8 @@ class ControllerClient:
         try:
             status, raw = _exchange(self.socket, request, self.timeout)
         except OSError as exc:
+            if isinstance(exc, PermissionError):
+                require_access(self.state_dir)  # another user's state dir: say whose
             # On a unix socket only connect() fails these two ways: nothing was sent.
             kind = (
                 ControllerNotRunning
@@ -124,9 +131,11 @@ class ControllerClient:
             return
         import subprocess  # only when a controller must be started
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for change in make_private(self.state_dir):
+            sys.stderr.write(f"graven: tightened permissions of {change}\n")
         log_path = controller_log(self.state_dir)
-        with log_path.open("ab") as log:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "graven.controller.daemon", str(self.state_dir.resolve())],
                 stdin=subprocess.DEVNULL,

@@ -31,6 +31,8 @@ from graven.controller.paths import (
     controller_lock,
     controller_log,
     controller_socket,
+    make_private,
+    require_access,
     state_db,
     store_root,
 )
@@ -127,7 +129,7 @@ def _router(state_dir: Path) -> Router:
         )
     kind = wanted or recorded or "embedded"
     if kind != recorded:
-        write_atomic(recorded_file, kind.encode())
+        write_atomic(recorded_file, kind.encode(), mode=0o600)
     if kind == "haproxy":
         from graven.router.haproxy import HAProxyRouter
 
@@ -221,7 +223,13 @@ def _log_to_stderr(state_dir: Path) -> None:
 def serve(state_dir: Path, *, idle_default: float | None = None) -> None:
     """Run the controller in the foreground until SIGTERM/SIGINT, a shutdown request,
     or (see ``idle_limit``) an idle period with nothing to do."""
+    # Everything the controller creates (database, WAL, ledger head, logs, secrets) is
+    # its user's alone; instances inherit the umask too.
+    os.umask(0o077)
+    require_access(state_dir)
     _log_to_stderr(state_dir)
+    for change in make_private(state_dir):
+        log.warning("tightened permissions of %s", change)
     idle = idle_limit(idle_default)
     fd = _lock(state_dir)
     try:

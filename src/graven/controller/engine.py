@@ -21,6 +21,8 @@ from typing import Any
 
 from graven.atomic import write_atomic
 from graven.clock import Clock
+from graven.controller.paths import secrets_dir
+from graven.controller.secret_store import SecretStore
 from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, NotFoundError, RouterError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
@@ -139,11 +141,17 @@ class Engine:
         self._waiting: set[str] = set()  # services whose rollout is in a wait step
         self._deadlines: dict[str, tuple[float, Rollout]] = {}  # the step being applied
         self.upkeep = Upkeep(state_dir)
+        self.secrets = SecretStore(secrets_dir(state_dir))
 
     # --- start-up ------------------------------------------------------------------------
 
     def adopt(self) -> None:
         """Reconcile the records with the processes that really run (after a restart)."""
+        recorded = self.state.instance_ids()
+        for inst_id, handle in self.runtime.orphans(recorded):
+            # Started, never recorded, never routed: the controller died in between.
+            log.warning("stopping %s (pid %d): started but never recorded", inst_id, handle.pid)
+            self.runtime.stop(handle, 5.0)
         for inst in self.state.live_instances():
             handle = Handle(inst.pid, self.state.pid_start(inst.id))
             if self.runtime.alive(handle):
@@ -205,7 +213,7 @@ class Engine:
             seq, digest = self._head
             path = self.state_dir / "ledger.head"
             try:
-                write_atomic(path, json.dumps({"seq": seq, "hash": digest}).encode())
+                write_atomic(path, json.dumps({"seq": seq, "hash": digest}).encode(), mode=0o600)
             except OSError as exc:
                 # The next change writes it again; the ledger is safe in the database.
                 log.error("cannot write %s: %s", path, exc)  # noqa: TRY400 - no traceback needed
@@ -471,7 +479,12 @@ class Engine:
             if current.image != image:
                 changes.append(f"image {current.image.short} -> {image.short}")
             old, new = current.config.to_dict(), config.to_dict()
-            changes += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(new) if old[k] != new[k]]
+            changes += [
+                f"{k}: {old[k]!r} -> {new[k]!r}"
+                for k in sorted(new)
+                if k != "env" and old[k] != new[k]
+            ]
+            changes += env_changes(current.config.env, config.env)
         return {
             "changed": True,
             "from": current.id if current else None,
@@ -694,15 +707,15 @@ class Engine:
         image = self.store.get_image(release.image)
         inst_id = f"{service}-r{number}-{secrets.token_hex(2)}"
         port = self._free_port()
-        spec = LaunchSpec(
-            instance_id=inst_id,
-            service=service,
-            release=number,
-            image=image,
-            env=release.config.env,
-            port=port,
-        )
         try:
+            spec = LaunchSpec(
+                instance_id=inst_id,
+                service=service,
+                release=number,
+                image=image,
+                env=self.secrets.reveal_env(release.config.env),  # the values, only here
+                port=port,
+            )
             handle = await asyncio.to_thread(self.runtime.start, spec)
         except GravenError as exc:
             raise StepFailed(exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
@@ -1181,3 +1194,18 @@ class Engine:
             log.warning("%s unhealthy: %s", inst.id, reason)
             return inst.service
         return None
+
+
+def env_changes(old: tuple[tuple[str, str], ...], new: tuple[tuple[str, str], ...]) -> list[str]:
+    """One line per changed variable; a secret shows as its reference, so a rotated
+    secret is a visible change that reveals nothing."""
+    before, after = dict(old), dict(new)
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        if key not in after:
+            out.append(f"env {key}: removed")
+        elif key not in before:
+            out.append(f"env {key}: added {after[key]!r}")
+        elif before[key] != after[key]:
+            out.append(f"env {key}: {before[key]!r} -> {after[key]!r}")
+    return out

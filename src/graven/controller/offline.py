@@ -96,7 +96,7 @@ def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:
     wire = json.loads(json.dumps(candidate))
     state = _state(state_dir)
     try:
-        service, image, config = Api._candidate(wire)
-        return _engine(state_dir, state).preview(service, image, config)
+        engine = _engine(state_dir, state)
+        return engine.preview(*Api(engine, lambda: None)._candidate(wire))
     finally:
         state.close()

@@ -45,3 +45,70 @@ def state_db(state_dir: Path) -> Path:
 
 def store_root(state_dir: Path) -> Path:
     return state_dir / "store"
+
+
+def secrets_dir(state_dir: Path) -> Path:
+    return state_dir / "secrets"
+
+
+# What holds secrets, the record of every change or program output (logs and their
+# rotated copies): private to the state dir's owner.
+_PRIVATE = (
+    "state.db*",
+    "ledger.head",
+    "controller.log*",
+    "instances/*/log*",
+    "routers/*.log*",
+    "haproxy/*/*.log*",
+    "secrets",
+    "secrets/*",
+)
+
+
+def make_private(state_dir: Path) -> list[str]:
+    """Create ``state_dir`` as 0700, and tighten an existing one (and its database,
+    ledger head and logs) that is more open than that: they hold secret references,
+    the ledger and instance output. Returns what was changed, for the log."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    require_access(state_dir)
+    changed = []
+    candidates = [state_dir, *(p for pattern in _PRIVATE for p in state_dir.glob(pattern))]
+    for path in candidates:
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        if path.is_symlink() or not mode & 0o077:
+            continue
+        private = 0o700 if path.is_dir() else 0o600
+        try:
+            path.chmod(private)
+        except PermissionError:
+            continue  # another user's file: theirs to tighten
+        changed.append(f"{path} {mode & 0o777:o} -> {private:o}")
+    return changed
+
+
+def require_access(state_dir: Path, what: Path | None = None) -> None:
+    """Raise a clear ``StateAccessError`` when this user may not read ``what`` (default:
+    the state dir itself), rather than a traceback from deep inside sqlite or a walk."""
+    target = what or state_dir
+    try:
+        info = state_dir.stat()
+    except FileNotFoundError:
+        return  # nothing there yet: the caller says what that means
+    except PermissionError:
+        info = None
+    readable = os.access(state_dir, os.R_OK | os.X_OK) and (
+        target == state_dir or not target.exists() or os.access(target, os.R_OK)
+    )
+    if info is not None and readable:
+        return
+    from graven.errors import StateAccessError
+
+    owner = f"uid {info.st_uid}" if info is not None else "its owner"
+    raise StateAccessError(
+        f"cannot read {target}: permission denied",
+        hint=f"Run graven as the user that owns the state dir ({owner}); it is private "
+        "to that user because it holds the ledger and secret references.",
+    )

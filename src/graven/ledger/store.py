@@ -346,6 +346,10 @@ class StateStore:
             )
         return [self._instance(r) for r in rows]
 
+    def instance_ids(self) -> set[str]:
+        """Every instance ever recorded, live or not."""
+        return {r["id"] for r in self._query("SELECT id FROM instances")}
+
     def pid_start(self, instance_id: str) -> int:
         rows = self._query("SELECT pid_start FROM instances WHERE id=?", (instance_id,))
         return int(rows[0]["pid_start"]) if rows else 0

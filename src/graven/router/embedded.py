@@ -1,9 +1,11 @@
-"""The embedded Router adapter: one ``graven.router.proxy`` router per service (a single
-proxy process, or a supervisor with several worker proxies).
+"""The embedded Router adapter: one ``graven.router.proxy`` router per service, a
+supervisor holding the port and its worker proxies (``graven.router.workers``).
 
-The proxy runs detached (its own session), so it outlives the controller that
+The router runs detached (its own session), so it outlives the controller that
 started it: killing the controller drops no request, and a restarted controller
-adopts the running proxies instead of replacing them.
+adopts the running routers instead of replacing them. It also outlives its own
+crashes: the supervisor restarts a dead worker, and a worker whose supervisor died
+starts a new one and records it here (``revive_router``), controller or not.
 
 Files, per service, under ``STATE/routers/``::
 
@@ -11,10 +13,11 @@ Files, per service, under ``STATE/routers/``::
                fit a unix socket address; the pid file records which)
     web.json   the backend set, written by the proxy on every change and read when it
                starts, so a restarted proxy serves the same set
-    web.pid    {"pid", "port", "start_time", "admin"}; start_time (field 22 of
-               /proc/PID/stat) tells our proxy from a process that reused its pid
+    web.pid    {"pid", "port", "start_time", "admin"} of the supervisor; start_time
+               (field 22 of /proc/PID/stat) tells it from a process that reused its pid
     web.log    the proxy's stderr: start-up, shutdown and errors, never per request
-    web.lock   serialises ensure/stop between threads and controller processes
+    web.lock   serialises ensure/stop between threads and controller processes, and
+               a worker replacing its dead supervisor
 
 ``stop`` forgets the backend set as well (the service is no longer routed);
 a proxy that crashed, or that ``ensure`` moves to another port, keeps it.
@@ -35,16 +38,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats
 from graven.router.proxy import BackendSetError, backends_to_json, parse_backends
+
+if TYPE_CHECKING:
+    from graven.router.workers import RouterOptions
 
 _MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
 _HEALTH_TIMEOUT: Final = 2.0
@@ -153,8 +159,8 @@ def default_workers() -> int:
 
 class EmbeddedRouter:
     """Router port adapter running graven's own proxy, one router per service: a
-    single proxy process, or with ``workers`` > 1 a supervisor and its worker
-    proxies (``graven.router.workers``); either way one pid and one admin socket.
+    supervisor and ``workers`` worker proxies (``graven.router.workers``); one pid
+    (the supervisor's) and one admin socket.
 
     ``state_dir`` is graven's state directory; routers keep their files in
     ``state_dir/routers``. Proxies listen on ``listen_host`` (loopback by default).
@@ -186,23 +192,43 @@ class EmbeddedRouter:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise UsageError(f"router port must be 1-65535 (got {port!r})")
         files = self._files(service)
-        with self._locked(files):
-            health = self._health(files)
-            if health is not None:
-                pid, live_port = health
-                if live_port == port:
-                    self._adopt(files, pid, port)
+        for patient in (True, False):
+            with self._locked(files):
+                if self._ensure_locked(files, port, patient=patient):
                     return
-                self._terminate(files, pid)
-            else:
-                record = self._read_record(files)
-                if record is not None and _is_running(record.pid, record.start_time):
-                    # Alive but silent: still starting, or wedged. Give it the start
-                    # timeout before replacing it.
-                    if record.port == port and self._wait_healthy(files, record.pid, None):
-                        return
-                    self._terminate(files, record.pid)
-            self._spawn(files, port)
+            # A worker whose supervisor died holds the port and starts a new
+            # supervisor under this lock: let it, then adopt what it started.
+            deadline = time.monotonic() + self.start_timeout
+            while time.monotonic() < deadline and self._health(files) is None:
+                time.sleep(_POLL)
+
+    def _ensure_locked(self, files: _Files, port: int, *, patient: bool) -> bool:
+        """One attempt of ``ensure``; False (only when ``patient``) if the recorded
+        supervisor is dead but its port is still held: a worker is reviving it."""
+        health = self._health(files)
+        if health is not None:
+            pid, live_port = health
+            if live_port == port:
+                self._adopt(files, pid, port)
+                return True
+            self._terminate(files, pid)
+        else:
+            record = self._read_record(files)
+            if record is not None and _is_running(record.pid, record.start_time):
+                # Alive but silent: still starting, or wedged. Give it the start
+                # timeout before replacing it.
+                if record.port == port and self._wait_healthy(files, record.pid, None):
+                    return True
+                self._terminate(files, record.pid)
+            elif (
+                patient
+                and record is not None
+                and record.port == port
+                and _port_held(self.listen_host, port)
+            ):
+                return False
+        self._spawn(files, port)
+        return True
 
     def set_backends(self, service: str, backends: list[Backend]) -> None:
         """Replace the service's backend set (see ``Router.set_backends``)."""
@@ -347,7 +373,8 @@ class EmbeddedRouter:
         finally:
             os.close(fd)
 
-    def _read_record(self, files: _Files) -> _Record | None:
+    @staticmethod
+    def _read_record(files: _Files) -> _Record | None:
         try:
             doc = json.loads(files.pid.read_bytes())
             return _Record(
@@ -362,7 +389,8 @@ class EmbeddedRouter:
             # A damaged pid file proves nothing; the admin socket is the authority.
             return None
 
-    def _write_record(self, files: _Files, pid: int, port: int) -> None:
+    @staticmethod
+    def _write_record(files: _Files, pid: int, port: int) -> None:
         stat = _proc_stat(pid)
         if stat is None:
             return
@@ -392,6 +420,10 @@ class EmbeddedRouter:
             str(files.state),
             "--workers",
             str(self.workers),
+            "--pid-file",
+            str(files.pid),
+            "--lock-file",
+            str(files.lock),
         ]
         try:
             with files.log.open("ab") as log:
@@ -467,10 +499,11 @@ class EmbeddedRouter:
                 time.sleep(_POLL)
         _reap(pid)
 
-    def _health(self, files: _Files) -> tuple[int, int] | None:
+    @staticmethod
+    def _health(files: _Files) -> tuple[int, int] | None:
         """``(pid, port)`` of the proxy answering on the admin socket, or None."""
         try:
-            status, doc = self._call(files, "GET", "/health", None, _HEALTH_TIMEOUT)
+            status, doc = EmbeddedRouter._call(files, "GET", "/health", None, _HEALTH_TIMEOUT)
             if status != 200 or doc.get("ok") is not True or doc.get("service") != files.service:
                 return None
             return int(doc["pid"]), int(doc["port"])
@@ -510,6 +543,77 @@ class EmbeddedRouter:
         if not isinstance(doc, dict):
             raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
         return resp.status, doc
+
+
+def revive_router(
+    options: RouterOptions,
+    dead_pid: int,
+    start: Callable[[], subprocess.Popen[bytes]],
+    *,
+    timeout: float,
+) -> int | None:
+    """Start a supervisor in place of ``dead_pid``, for a worker that outlived it.
+
+    Under the router's lock, and only if the pid file still names ``dead_pid``: if it
+    is gone, ``stop`` ran (the service is no longer routed); if it names another
+    process, someone (another worker, the controller) already replaced it. ``start``
+    spawns the new supervisor, which is recorded at once, then awaited on the admin
+    socket. Its pid, or None when there was nothing to do or it did not come up.
+    """
+    if options.pid_file is None or options.lock_file is None:
+        return None  # started without a record to keep: nobody could adopt a successor
+    files = _Files(
+        service=options.service,
+        sock=options.admin,
+        state=options.state,
+        pid=options.pid_file,
+        log=Path(os.devnull),
+        lock=options.lock_file,
+    )
+    try:
+        fd = os.open(files.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(_POLL)
+        record = EmbeddedRouter._read_record(files)
+        if record is None or record.pid != dead_pid:
+            return None
+        proc = start()
+        _CHILDREN[proc.pid] = proc
+        EmbeddedRouter._write_record(files, proc.pid, options.port)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            health = EmbeddedRouter._health(files)
+            if health is not None and health[0] == proc.pid:
+                return proc.pid
+            time.sleep(_POLL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        return None
+    finally:
+        os.close(fd)
+
+
+def _port_held(host: str, port: int) -> bool:
+    """True if something listens on ``host:port`` (a bind of our own is refused)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _latency_buckets(value: object) -> tuple[int, ...]:

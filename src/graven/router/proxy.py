@@ -55,8 +55,8 @@ Admin API (HTTP/1.1 + JSON on the unix socket ``--admin``)
     ``PUT /backends``  with ``{"backends": [{id, address, state, weight}]}`` replaces
     the set atomically, after persisting it to ``--state``.
 
-With ``--workers N`` (N > 1) the process supervises N proxies sharing the port; see
-``graven.router.workers``.
+The process started is a supervisor that holds the port and the admin socket and runs
+``--workers N`` proxy processes (one by default); see ``graven.router.workers``.
 
 Exit codes: 0 after SIGTERM (in-flight requests finish, at most 10 s), 2 bad
 arguments, 3 cannot bind the port or the admin socket, 4 unreadable state file.
@@ -72,8 +72,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
-import functools
 import ipaddress
 import json
 import logging
@@ -90,7 +88,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, cast
 
-from graven.atomic import write_atomic
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState
 
@@ -1823,19 +1820,18 @@ class Closable(Protocol):
 
 
 class RouterProxy:
-    """The proxy server: data plane on a TCP port, admin API on a unix socket."""
+    """One worker's data plane: the client connections it is given, proxied to the
+    backends of ``table`` (the supervisor serves the admin API and the state file)."""
 
-    def __init__(self, service: str, port: int, state_path: Path, table: BackendTable) -> None:
+    def __init__(self, service: str, port: int, table: BackendTable) -> None:
         self.service = service
         self.port = port
-        self.state_path = state_path
         self.table = table
         self.closing = False
         self._sessions: set[_Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self._all_closed = asyncio.Event()
-        self._put_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1942,37 +1938,6 @@ class RouterProxy:
         parts.append(b"Connection: keep-alive\r\n\r\n")
         return b"".join(parts)
 
-    # ------------------------------------------------------------------ admin API
-
-    # ------------------------------------------------------------------ admin API
-
-    def health(self) -> dict[str, object]:
-        return {
-            "ok": True,
-            "pid": os.getpid(),
-            "service": self.service,
-            "port": self.port,
-            "loop": loop_name(),
-        }
-
-    async def get_backends(self) -> tuple[int, dict[str, object]]:
-        return 200, self._backends_doc()
-
-    async def put_backends(self, backends: list[Backend]) -> tuple[int, dict[str, object]]:
-        async with self._put_lock:
-            # Persist first: if the disk refuses, the change is refused as a whole and
-            # memory and file keep agreeing.
-            data = state_document(self.service, self.port, backends)
-            try:
-                await asyncio.to_thread(write_atomic, self.state_path, data, mode=0o600)
-            except OSError as exc:
-                return 500, {"error": f"cannot write state file {self.state_path}: {exc}"}
-            self.table.replace(backends)
-        return 200, self._backends_doc()
-
-    def _backends_doc(self) -> dict[str, object]:
-        return {"service": self.service, "port": self.port, "backends": self.table.snapshot()}
-
 
 def loop_name() -> str:
     """``uvloop`` or ``asyncio``: the event loop running this process."""
@@ -1980,7 +1945,7 @@ def loop_name() -> str:
 
 
 class AdminHandler(Protocol):
-    """What the admin API serves: a single proxy, or a supervisor of worker proxies."""
+    """What the admin API serves: the supervisor of a router's worker proxies."""
 
     def health(self) -> dict[str, object]: ...
 
@@ -2100,65 +2065,6 @@ def _die(code: int, message: str) -> int:
     return code
 
 
-async def _run(args: argparse.Namespace) -> int:
-    service: str = args.service
-    host, port = args.listen
-    admin_path = Path(args.admin)
-    state_path = Path(args.state)
-    try:
-        backends = load_state(state_path)
-    except (BackendSetError, OSError) as exc:
-        return _die(
-            EXIT_STATE,
-            f"state file {state_path} is unusable: {exc}. Move it aside and restart; "
-            "the controller sends the backend set again.",
-        )
-    table = BackendTable()
-    table.replace(backends)
-    proxy = RouterProxy(service, port, state_path, table)
-
-    try:
-        server = await asyncio.get_running_loop().create_server(
-            proxy.client_channel, host, port, backlog=1024, reuse_address=True
-        )
-    except OSError as exc:
-        # asyncio wraps the errno text in a long sentence; the plain text reads better.
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        hint = " (another process holds the port)" if exc.errno == errno.EADDRINUSE else ""
-        return _die(EXIT_BIND, f"cannot listen on {host}:{port}: {reason}{hint}")
-
-    if admin_path.exists():
-        if _admin_in_use(admin_path):
-            server.close()
-            return _die(EXIT_BIND, f"admin socket {admin_path} is in use by another router")
-        admin_path.unlink()
-    try:
-        admin = await asyncio.start_unix_server(
-            functools.partial(serve_admin_request, proxy), path=str(admin_path)
-        )
-    except OSError as exc:
-        server.close()
-        return _die(EXIT_BIND, f"cannot bind admin socket {admin_path}: {exc.strerror or exc}")
-    admin_ino = admin_path.stat().st_ino
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, proxy.begin_shutdown)
-    print(
-        f"graven-router: service {service} listening on {host}:{port}, admin {admin_path}, "
-        f"{len(backends)} backend(s) from state",
-        file=sys.stderr,
-        flush=True,
-    )
-    await proxy.serve([server, admin])
-    # Remove the socket only if it is still ours: a successor may have bound anew.
-    with contextlib.suppress(OSError):
-        if admin_path.stat().st_ino == admin_ino:
-            admin_path.unlink()
-    print(f"graven-router: service {service} stopped", file=sys.stderr, flush=True)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the proxy until SIGTERM; returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -2175,7 +2081,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="proxy processes sharing the port (N > 1: this one supervises them)",
     )
-    parser.add_argument("--worker-fds", help=argparse.SUPPRESS)  # CONTROL,HANDOFF: internal
+    parser.add_argument(
+        "--pid-file",
+        metavar="FILE",
+        help="the router's record (pid, port, start time); a worker that outlives its "
+        "supervisor starts a new one and rewrites it, holding --lock-file",
+    )
+    parser.add_argument("--lock-file", metavar="FILE", help="serialises changes to --pid-file")
+    # Internal: a listening socket inherited from a worker reviving its supervisor, and
+    # a worker's CONTROL,LISTEN[,HANDOFF] descriptors.
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-fds", help=argparse.SUPPRESS)
     parser.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -2186,8 +2102,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not is_valid_name(args.service):
         parser.error(f"--service: not a valid service name: {args.service!r}")
-    if args.worker_fds is None and (args.admin is None or args.state is None):
+    if args.admin is None or args.state is None:
         parser.error("--admin and --state are required")
+    if (args.pid_file is None) != (args.lock_file is None):
+        parser.error("--pid-file and --lock-file go together")
     if not 1 <= args.workers <= 64:
         parser.error(f"--workers: expected 1-64 (got {args.workers})")
     logging.basicConfig(
@@ -2207,17 +2125,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _dispatch(args: argparse.Namespace) -> int:
-    if args.worker_fds is None and args.workers == 1:
-        return await _run(args)
+    # Every configuration runs a supervisor: the process holding the port never runs
+    # proxy code, so a proxy that dies leaves new connections queued, not refused.
     from graven.router import workers
 
     host, port = args.listen
-    if args.worker_fds is not None:
-        control_fd, handoff_fd = (int(fd) for fd in args.worker_fds.split(","))
-        return await workers.run_worker(args.service, port, control_fd, handoff_fd)
-    return await workers.run_supervisor(
-        args.service, host, port, Path(args.admin), Path(args.state), args.workers, args.loop
+    options = workers.RouterOptions(
+        service=args.service,
+        host=host,
+        port=port,
+        admin=Path(args.admin),
+        state=Path(args.state),
+        workers=args.workers,
+        loop=args.loop,
+        pid_file=Path(args.pid_file) if args.pid_file else None,
+        lock_file=Path(args.lock_file) if args.lock_file else None,
     )
+    if args.worker_fds is not None:
+        return await workers.run_worker(options, args.worker_fds)
+    return await workers.run_supervisor(options, args.listen_fd)
 
 
 def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:

@@ -1,22 +1,29 @@
-"""The embedded router across several cores: one supervisor, N worker proxies.
+"""The embedded router's processes: one supervisor, N worker proxies (N >= 1).
 
-One Python proxy process saturates one core at a few tens of thousands of requests a
-second. With ``--workers N`` (N > 1) the process started for a service becomes a
-supervisor instead:
+The process started for a service is always a supervisor; the proxy code runs only in
+its workers, so a proxy that crashes leaves the port open and new connections wait in
+its backlog instead of being refused.
 
-- it owns the data port: it accepts each new connection and hands it to the next
-  worker in turn (its descriptor passed over a private socketpair), so connections
-  spread evenly, however fast they arrive (workers accepting from one queue
-  themselves would let the first one awake take a whole burst);
-- it keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
+- The supervisor owns the data port's listening socket. With one worker, the worker
+  accepts on it directly (a lone proxy's speed). With several, the supervisor accepts
+  each new connection and hands it to the next worker in turn (its descriptor passed
+  over a private socketpair), so connections spread evenly, however fast they arrive
+  (workers accepting from one queue themselves would let the first one awake take a
+  whole burst); a connection no worker can take now is held, and accepting paused,
+  until one can (answered 503 after ``HOLD_TIMEOUT``).
+- It keeps the admin socket, the state file and the backend set. ``PUT /backends`` is
   persisted once, then sent to every worker over its private control channel (a
   socketpair: nothing on the filesystem, nobody else can reach it) and answered when
-  all of them serve it; ``GET /backends`` sums the workers' counters per backend;
-- it restarts a worker that dies, giving it the current backend set before handing
-  it any connection; meanwhile the others take every new connection;
+  all of them serve it; ``GET /backends`` sums the workers' counters per backend.
+- It restarts a worker that dies, giving it the current backend set before it takes
+  any connection; meanwhile the others (or the backlog) take every new connection.
 - SIGTERM closes the port and is passed on to the workers, whose in-flight requests
-  finish (their own drain bound), then it exits. A worker whose supervisor vanished
-  (even by SIGKILL) sees its control channel close and shuts down the same way.
+  finish (their own drain bound), then it exits.
+- Every worker holds the listening socket too. A worker whose supervisor vanished
+  (SIGKILL, a crash: its control channel closes without a SIGTERM first) keeps the
+  port open and, given ``--pid-file``, starts a new supervisor on it
+  (``graven.router.embedded.revive_router`` decides, under the router's lock, that
+  the router was neither stopped nor already replaced), then drains and exits.
 
 Control protocol, one JSON object per line, supervisor -> worker:
 ``{"op": "put", "backends": [...]}`` or ``{"op": "get"}``; worker -> supervisor:
@@ -26,6 +33,7 @@ Control protocol, one JSON object per line, supervisor -> worker:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import functools
@@ -34,9 +42,11 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +58,7 @@ from graven.router.proxy import (
     EXIT_STATE,
     BackendSetError,
     BackendTable,
+    Closable,
     RouterProxy,
     _error_response,
     backends_to_json,
@@ -65,6 +76,8 @@ START_TIMEOUT: Final = 10.0  # a new worker takes its first backend set within t
 RESTART_DELAY: Final = 0.5  # before a dead worker is started again; doubles per quick death
 RESTART_DELAY_MAX: Final = 10.0
 STABLE_AFTER: Final = 30.0  # a worker that lived this long resets the delay
+HOLD_RETRY: Final = 0.02  # a connection no worker could take is offered again after this
+HOLD_TIMEOUT: Final = 10.0  # ... and answered 503 after this long without a worker
 CONTROL_LINE_LIMIT: Final = 4 * 1024 * 1024
 _SUMMED: Final = ("inflight", "requests", "errors", "responses_5xx", "idle_connections")
 
@@ -76,6 +89,46 @@ class WorkerError(Exception):
     def __init__(self, message: str, *, gone: bool) -> None:
         super().__init__(message)
         self.gone = gone
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """One service's router as started: what a supervisor needs, and what a worker
+    needs to start a new supervisor in place of a dead one."""
+
+    service: str
+    host: str
+    port: int
+    admin: Path
+    state: Path
+    workers: int
+    loop: str
+    pid_file: Path | None = None
+    lock_file: Path | None = None
+
+    def argv(self) -> list[str]:
+        """The supervisor's command line."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        argv = [
+            sys.executable,
+            "-m",
+            "graven.router.proxy",
+            "--service",
+            self.service,
+            "--listen",
+            f"{host}:{self.port}",
+            "--admin",
+            str(self.admin),
+            "--state",
+            str(self.state),
+            "--workers",
+            str(self.workers),
+            "--loop",
+            self.loop,
+        ]
+        if self.pid_file is not None and self.lock_file is not None:
+            argv += ["--pid-file", str(self.pid_file), "--lock-file", str(self.lock_file)]
+        return argv
 
 
 def merge_snapshots(
@@ -117,20 +170,28 @@ def merge_snapshots(
 # --------------------------------------------------------------------------- worker side
 
 
-async def run_worker(service: str, port: int, control_fd: int, handoff_fd: int) -> int:
-    """Serve the connections the supervisor hands over, with the backend sets it sends."""
+async def run_worker(options: RouterOptions, fds: str) -> int:
+    """Serve the port (one worker: accepting on it; several: the connections the
+    supervisor hands over) with the backend sets the supervisor sends. ``fds``:
+    ``CONTROL,LISTEN[,HANDOFF]``, descriptors inherited from the supervisor."""
     loop = asyncio.get_running_loop()
+    control_fd, listen_fd, *handoff_fd = (int(fd) for fd in fds.split(","))
+    supervisor_pid = os.getppid()
+    # Held in every mode: if the supervisor dies, this copy keeps the port open (new
+    # connections wait in its backlog) and goes to the supervisor started in its place.
+    listen = socket.socket(fileno=listen_fd)
     table = BackendTable()
-    proxy = RouterProxy(service, port, Path(os.devnull), table)
+    proxy = RouterProxy(options.service, options.port, table)
     reader, writer = await asyncio.open_connection(
         sock=socket.socket(fileno=control_fd), limit=CONTROL_LINE_LIMIT
     )
-    handoff = _Handoff(proxy, handoff_fd)
+    handoff = _Handoff(proxy, handoff_fd[0]) if handoff_fd else None
     loop.add_signal_handler(signal.SIGTERM, proxy.begin_shutdown)
     # A terminal's Ctrl-C reaches the whole group; the supervisor decides for us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     first_set = loop.create_future()
-    control = asyncio.create_task(_control_loop(proxy, reader, writer, first_set))
+    orphaned = functools.partial(_revive_supervisor, options, listen_fd, supervisor_pid)
+    control = asyncio.create_task(_control_loop(proxy, reader, writer, first_set, orphaned))
     try:
         async with asyncio.timeout(START_TIMEOUT):
             await asyncio.wait({first_set, control}, return_when=asyncio.FIRST_COMPLETED)
@@ -138,15 +199,52 @@ async def run_worker(service: str, port: int, control_fd: int, handoff_fd: int) 
         pass
     if not first_set.done() or first_set.cancelled():
         control.cancel()
-        handoff.close()
+        if handoff is not None:
+            handoff.close()
+        listen.close()
         log.error("no backend set from the supervisor; worker exiting")
         return 1
     # Take connections only now: one taken before the first set would get a 503.
-    handoff.start()
-    await proxy.serve([handoff])
+    sources: list[Closable]
+    if handoff is None:
+        sources = [await loop.create_server(proxy.client_channel, sock=listen, backlog=1024)]
+    else:
+        handoff.start()
+        sources = [handoff, listen]
+    await proxy.serve(sources)
     control.cancel()
     writer.close()
     return 0
+
+
+async def _revive_supervisor(options: RouterOptions, listen_fd: int, dead: int) -> None:
+    """The supervisor died (nobody asked it to stop): start a new one on the port this
+    worker still holds, then leave. Only with a pid file to record it in: the lock and
+    the pid file decide between the workers, the controller and ``stop``."""
+    if options.pid_file is None or options.lock_file is None:
+        return
+    from graven.router.embedded import revive_router
+
+    argv = [*options.argv(), "--listen-fd", str(listen_fd)]
+
+    def start() -> subprocess.Popen[bytes]:
+        # Its own session, like the first one: it outlives this worker.
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, pass_fds=(listen_fd,), start_new_session=True
+        )
+
+    log.warning("supervisor (pid %d) is gone; starting a new one unless stopped", dead)
+    try:
+        pid = await asyncio.to_thread(
+            revive_router, options, dead, start, timeout=START_TIMEOUT + CONTROL_TIMEOUT
+        )
+    except Exception:
+        log.exception("cannot start a new supervisor")
+        return
+    if pid is None:
+        log.warning("no new supervisor (the router was stopped or replaced); worker exiting")
+    else:
+        log.warning("supervisor pid %d serves the port; this worker finishes and exits", pid)
 
 
 class _Handoff:
@@ -204,6 +302,7 @@ async def _control_loop(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     first_set: asyncio.Future[None],
+    orphaned: Callable[[], Awaitable[None]],
 ) -> None:
     try:
         while line := await reader.readline():
@@ -211,10 +310,14 @@ async def _control_loop(
             await writer.drain()
     except (OSError, ValueError) as exc:  # ValueError: a line over the limit
         log.warning("control channel failed: %s", exc)
-    # The supervisor is gone: stop taking requests, finish those in flight.
-    proxy.begin_shutdown()
     if not first_set.done():
         first_set.cancel()
+    elif not proxy.closing:
+        # The supervisor died without stopping us (a supervisor that stops sends
+        # SIGTERM first): keep serving until a new one holds the port.
+        await orphaned()
+    # Stop taking requests, finish those in flight.
+    proxy.begin_shutdown()
 
 
 def _control_reply(
@@ -293,29 +396,24 @@ class Supervisor:
     """The admin API and the workers of one service's router."""
 
     def __init__(
-        self,
-        service: str,
-        host: str,
-        port: int,
-        state_path: Path,
-        backends: list[Backend],
-        listen: socket.socket,
-        workers: int,
-        loop_kind: str,
+        self, options: RouterOptions, backends: list[Backend], listen: socket.socket
     ) -> None:
-        self.service = service
-        self.host = host
-        self.port = port
-        self.state_path = state_path
+        self.options = options
+        self.service = options.service
+        self.port = options.port
+        self.state_path = options.state
         self.backends = backends
         self.listen = listen
-        self.loop_kind = loop_kind
-        self.workers = [_Worker(i) for i in range(workers)]
+        # One worker accepts on the port itself: no hand-off hop, a lone proxy's speed.
+        self.direct = options.workers == 1
+        self.workers = [_Worker(i) for i in range(options.workers)]
         self.closing = False
         self._put_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._supervising: set[asyncio.Task[None]] = set()
         self._next = 0  # the worker the next connection goes to
+        self._held: collections.deque[tuple[socket.socket, float]] = collections.deque()
+        self._retry: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ workers
 
@@ -328,47 +426,49 @@ class Supervisor:
 
     async def _start(self, worker: _Worker) -> None:
         parent_end, child_end = socket.socketpair()
-        hand_parent, hand_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        hand_parent = hand_child = None
+        if not self.direct:
+            hand_parent, hand_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        fds = [child_end.fileno(), self.listen.fileno()]
+        if hand_child is not None:
+            fds.append(hand_child.fileno())
         try:
-            argv = [
-                sys.executable,
-                "-m",
-                "graven.router.proxy",
-                "--service",
-                self.service,
-                "--listen",
-                f"{self.host}:{self.port}",
-                "--loop",
-                self.loop_kind,
-                "--worker-fds",
-                f"{child_end.fileno()},{hand_child.fileno()}",
-            ]
+            argv = [*self.options.argv(), "--worker-fds", ",".join(map(str, fds))]
             # stdout and stderr are the supervisor's: the router's log.
             worker.proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(child_end.fileno(), hand_child.fileno()),
+                *argv, stdin=asyncio.subprocess.DEVNULL, pass_fds=fds
             )
         except BaseException:
             parent_end.close()
-            hand_parent.close()
+            if hand_parent is not None:
+                hand_parent.close()
             raise
         finally:
             child_end.close()
-            hand_child.close()
+            if hand_child is not None:
+                hand_child.close()
         worker.reader, worker.writer = await asyncio.open_connection(
             sock=parent_end, limit=CONTROL_LINE_LIMIT
         )
         try:
             await worker.call({"op": "put", "backends": backends_to_json(self.backends)})
         except WorkerError:
-            hand_parent.close()
+            if hand_parent is not None:
+                hand_parent.close()
             worker.detach()
             raise
-        hand_parent.setblocking(False)
-        worker.handoff = hand_parent
+        if hand_parent is not None:
+            hand_parent.setblocking(False)
+            worker.handoff = hand_parent
+            self._release_held()
 
     # ------------------------------------------------------------------ connections
+
+    def start_accepting(self) -> None:
+        """Hand connections to the workers (several); one worker accepts them itself."""
+        if not self.direct:
+            self.listen.setblocking(False)
+            asyncio.get_running_loop().add_reader(self.listen.fileno(), self.accept_ready)
 
     def accept_ready(self) -> None:
         """The port has connections waiting: hand each to the next serving worker."""
@@ -380,10 +480,11 @@ class Supervisor:
             except OSError as exc:  # out of descriptors, say: the next event retries
                 log.warning("cannot accept a connection: %s", exc)
                 return
-            with conn:
-                self._hand_off(conn)
+            if not self._hand_off(conn):
+                self._hold(conn)
+                return
 
-    def _hand_off(self, conn: socket.socket) -> None:
+    def _hand_off(self, conn: socket.socket) -> bool:
         n = len(self.workers)
         for i in range(n):
             worker = self.workers[(self._next + i) % n]
@@ -394,10 +495,41 @@ class Supervisor:
             except OSError:  # its queue is full, or it just died: try the next
                 continue
             self._next = (self._next + i + 1) % n
+            conn.close()
+            return True
+        return False
+
+    def _hold(self, conn: socket.socket) -> None:
+        """No worker takes connections now (all restarting, or all busy): keep this one
+        and stop accepting, so the next ones wait in the port's backlog, not refused."""
+        self._held.append((conn, time.monotonic()))
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.listen.fileno())
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(HOLD_RETRY, self._release_held)
+
+    def _release_held(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not self._held or self.closing:
             return
-        with contextlib.suppress(OSError):
-            conn.setblocking(False)
-            conn.send(_error_response(503, "no router worker is serving", keep_alive=False))
+        now = time.monotonic()
+        while self._held:
+            conn, since = self._held[0]
+            if not self._hand_off(conn):
+                if now - since < HOLD_TIMEOUT:
+                    self._retry = asyncio.get_running_loop().call_later(
+                        HOLD_RETRY, self._release_held
+                    )
+                    return
+                # Bounded: after this long without a worker, say so.
+                with contextlib.suppress(OSError):
+                    conn.setblocking(False)
+                    conn.send(_error_response(503, "no router worker is serving", keep_alive=False))
+                conn.close()
+            self._held.popleft()
+        asyncio.get_running_loop().add_reader(self.listen.fileno(), self.accept_ready)
 
     async def _supervise(self, worker: _Worker) -> None:
         delay = RESTART_DELAY
@@ -489,6 +621,10 @@ class Supervisor:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.listen.fileno())
         self.listen.close()
+        if self._retry is not None:
+            self._retry.cancel()
+        while self._held:
+            self._held.popleft()[0].close()
         if admin is not None:
             admin.close()
         for w in self.workers:
@@ -512,22 +648,28 @@ class Supervisor:
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """The data port's listening socket (the supervisor accepts on it)."""
+    """The data port's listening socket (the supervisor holds it, workers share it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=1024)
 
 
-async def run_supervisor(
-    service: str,
-    host: str,
-    port: int,
-    admin_path: Path,
-    state_path: Path,
-    workers: int,
-    loop_kind: str,
-) -> int:
+def inherited_listener(fd: int) -> socket.socket:
+    """The listening socket a worker passed on when it started this supervisor."""
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.close()
+        raise OSError(errno.ENOTSOCK, f"descriptor {fd} is not a listening TCP socket")
+    return sock
+
+
+async def run_supervisor(options: RouterOptions, listen_fd: int | None = None) -> int:
+    """Hold the port and the admin socket, run the workers; until SIGTERM."""
     from graven.router.proxy import _admin_in_use, _die
 
+    service, host, port = options.service, options.host, options.port
+    admin_path, state_path = options.admin, options.state
     try:
         backends = load_state(state_path)
     except (BackendSetError, OSError) as exc:
@@ -537,12 +679,12 @@ async def run_supervisor(
             "the controller sends the backend set again.",
         )
     try:
-        listen = bind_listener(host, port)
+        listen = bind_listener(host, port) if listen_fd is None else inherited_listener(listen_fd)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         hint = " (another process holds the port)" if exc.errno == errno.EADDRINUSE else ""
         return _die(EXIT_BIND, f"cannot listen on {host}:{port}: {reason}{hint}")
-    supervisor = Supervisor(service, host, port, state_path, backends, listen, workers, loop_kind)
+    supervisor = Supervisor(options, backends, listen)
     if admin_path.exists():
         if _admin_in_use(admin_path):
             listen.close()
@@ -557,8 +699,7 @@ async def run_supervisor(
         supervisor.begin_shutdown()
         await supervisor.serve(None)
         return _die(1, f"cannot start the router's workers: {exc}")
-    listen.setblocking(False)
-    loop.add_reader(listen.fileno(), supervisor.accept_ready)
+    supervisor.start_accepting()
     # The admin socket appears last: answering /health means every worker serves.
     try:
         admin = await asyncio.start_unix_server(
@@ -570,9 +711,11 @@ async def run_supervisor(
         return _die(EXIT_BIND, f"cannot bind admin socket {admin_path}: {exc.strerror or exc}")
     admin_ino = admin_path.stat().st_ino
     pids = ", ".join(str(w.pid) for w in supervisor.workers)
+    taken = "" if listen_fd is None else " (port taken over from a worker)"
     print(
-        f"graven-router: service {service} listening on {host}:{port}, admin {admin_path}, "
-        f"{len(backends)} backend(s) from state, {workers} workers (pids {pids})",
+        f"graven-router: service {service} listening on {host}:{port}{taken}, "
+        f"admin {admin_path}, {len(backends)} backend(s) from state, "
+        f"{options.workers} worker(s) (pids {pids})",
         file=sys.stderr,
         flush=True,
     )

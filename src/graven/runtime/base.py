@@ -6,6 +6,7 @@ image, and stops it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,11 @@ class Runtime(Protocol):
 
     def stop(self, handle: Handle, grace: float) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
+        ...
+
+    def orphans(self, recorded: Collection[str]) -> list[tuple[str, Handle]]:
+        """Instances running without a record among ``recorded`` instance ids (their
+        controller died between starting and recording them), to be stopped."""
         ...
 
     def exit_reason(self, handle: Handle) -> str:

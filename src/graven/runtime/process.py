@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from graven.errors import RuntimeFailure
@@ -26,7 +27,13 @@ from graven.runtime.base import Handle, LaunchSpec
 from graven.store.cas import ContentStore
 
 # Runs inside the new mount namespace: make the checkout read-only, then become the entrypoint.
-_READ_ONLY_SHIM = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"'
+_READ_ONLY_SHIM = (
+    'echo $$ > "$0" && mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" '
+    '&& shift && exec "$@"'
+)
+# Without isolation: only the pid file. The instance writes it itself, before it becomes
+# the entrypoint, so a controller killed right after the spawn still finds it.
+_PID_SHIM = 'echo $$ > "$0" && exec "$@"'
 
 
 def process_start_time(pid: int) -> int | None:
@@ -125,7 +132,10 @@ class ProcessRuntime:
                 "in the image",
                 hint="Fix the recipe's 'workdir' step.",
             )
-        argv = self.argv(spec, root)
+        command = self.argv(spec, root)
+        inst_dir = self._instance_dir(spec.instance_id)
+        inst_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = str(inst_dir / "pid")
         if self.isolate:
             argv = [
                 "unshare",
@@ -136,9 +146,12 @@ class ProcessRuntime:
                 "/bin/sh",
                 "-c",
                 _READ_ONLY_SHIM,
+                pid_file,
                 str(root),
-                *argv,
+                *command,
             ]
+        else:
+            argv = ["/bin/sh", "-c", _PID_SHIM, pid_file, *command]
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -151,8 +164,6 @@ class ProcessRuntime:
             "GRAVEN_RELEASE": f"{spec.service}@r{spec.release}",
             "GRAVEN_IMAGE": str(spec.image.digest),
         }
-        inst_dir = self._instance_dir(spec.instance_id)
-        inst_dir.mkdir(parents=True, exist_ok=True)
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             try:
@@ -168,12 +179,12 @@ class ProcessRuntime:
                 )
             except OSError as exc:
                 raise RuntimeFailure(
-                    f"{spec.instance_id}: cannot start {argv[0]}: {exc.strerror or exc}",
+                    f"{spec.instance_id}: cannot start {command[0]}: {exc.strerror or exc}",
                     hint="Fix the recipe's 'entrypoint' step, rebuild and deploy again.",
                 ) from exc
             except ValueError as exc:  # e.g. a NUL byte in an environment value
                 raise RuntimeFailure(
-                    f"{spec.instance_id}: cannot start {argv[0]}: {exc}",
+                    f"{spec.instance_id}: cannot start {command[0]}: {exc}",
                     hint="Check the service's env in graven.yaml ('graven check' names the key).",
                 ) from exc
         _CHILDREN[proc.pid] = proc
@@ -186,6 +197,25 @@ class ProcessRuntime:
 
     def alive(self, handle: Handle) -> bool:
         return process_start_time(handle.pid) == handle.pid_start
+
+    def orphans(self, recorded: Collection[str]) -> list[tuple[str, Handle]]:
+        """Instances that run but are not in ``recorded``: started by a controller that
+        died before it could record them. Each wrote its pid file as it started."""
+        found = []
+        for pid_file in sorted((self.state_dir / "instances").glob("*/pid")):
+            instance_id = pid_file.parent.name
+            if instance_id in recorded:
+                continue
+            try:
+                pid = int(pid_file.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            started = process_start_time(pid)
+            # The pid may have been reused since: only a process that carries the
+            # instance's own id in its environment is that instance.
+            if started is not None and _environ_has(pid, f"GRAVEN_INSTANCE={instance_id}"):
+                found.append((instance_id, Handle(pid, started)))
+        return found
 
     def exit_reason(self, handle: Handle) -> str:
         """How a dead instance ended, when this process started it (else unknown)."""
@@ -221,6 +251,14 @@ class ProcessRuntime:
         except OSError:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _environ_has(pid: int, entry: str) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return entry.encode() in environ.split(b"\0")
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -84,6 +84,9 @@ _LITERAL_TAGS = {_TAG + "timestamp", _TAG + "value"}
 # Places where the spec always wants text ('*' any key, '#' any list index).
 _TEXT_SLOTS: tuple[tuple[str, ...], ...] = (
     ("services", "*", "env", "*"),
+    ("services", "*", "env", "*", "secret_file"),
+    ("services", "*", "env_file"),
+    ("services", "*", "env_file", "#"),
     ("images", "*", "steps", "#", "env", "*"),
     ("images", "*", "steps", "#", "run"),
     ("images", "*", "steps", "#", "copy"),

@@ -19,12 +19,13 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     Tag,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from graven.model import HealthCheck, ServiceConfig, is_valid_name
 
@@ -761,6 +762,58 @@ class StrategySpec(_Strict):
         return self
 
 
+class SecretFileSpec(_Strict):
+    """An env value read from a file at deploy time and kept out of every record."""
+
+    secret_file: str = Field(
+        min_length=1,
+        description="File holding the value, relative to graven.yaml (one trailing newline "
+        "is dropped).",
+    )
+
+
+def _service_env_value(v: Any) -> str | SecretFileSpec:
+    if isinstance(v, str):
+        return _check_env_value(v)
+    if isinstance(v, SecretFileSpec):
+        return v
+    if not isinstance(v, dict):
+        raise PydanticKnownError("string_type")  # the loader words this one already
+    if set(v) == {"secret_file"}:
+        path = v["secret_file"]
+        if isinstance(path, str) and path:
+            return SecretFileSpec(secret_file=path)
+    raise ValueError(f"expected text or {{secret_file: PATH}}, got {v!r}")
+
+
+# Service env values may also be secrets: ${VAR} (text) or {secret_file: PATH}.
+ServiceEnvMap = Annotated[
+    dict[EnvName, Annotated[str | SecretFileSpec, PlainValidator(_service_env_value)]],
+    BeforeValidator(_env_values),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": ENV_NAME_PATTERN},
+            "additionalProperties": {
+                "anyOf": [
+                    {"type": ["string", "number", "boolean"]},
+                    {
+                        "type": "object",
+                        "properties": {"secret_file": {"type": "string", "minLength": 1}},
+                        "required": ["secret_file"],
+                        "additionalProperties": False,
+                    },
+                ]
+            },
+        }
+    ),
+]
+
+
+def _env_file_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
 class ServiceSpec(_Strict):
     """Desired state of one service."""
 
@@ -769,7 +822,23 @@ class ServiceSpec(_Strict):
     port: int = Field(ge=1, le=65535, description="Port the router listens on (loopback).")
     health: HealthSpec = Field(default_factory=HealthSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
-    env: EnvMap = Field(default_factory=dict, description="Environment of every instance.")
+    env: ServiceEnvMap = Field(
+        default_factory=dict,
+        description="Environment of every instance. '${VAR}' in a value takes VAR from the "
+        "deploying command's environment; {secret_file: PATH} reads a file. Both are secrets: "
+        "recorded and shown only as '<secret sha256:…>'.",
+    )
+    env_file: Annotated[
+        list[str],
+        BeforeValidator(_env_file_list),
+        WithJsonSchema(
+            {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        ),
+    ] = Field(
+        default_factory=list,
+        description="Dotenv files (KEY=VALUE lines) relative to graven.yaml; every key they "
+        "set is a secret.",
+    )
     drain_timeout: ShortDuration = Field(
         default=10.0, ge=0, description="How long in-flight requests may finish after removal."
     )
@@ -799,7 +868,10 @@ class ServiceSpec(_Strict):
                 kind=h.type,
                 command=tuple(h.command),
             ),
-            env=tuple(sorted(self.env.items())),
+            # Secrets (env_file, ${VAR}, secret_file) are resolved at deploy time, apart.
+            env=tuple(
+                sorted((k, v) for k, v in self.env.items() if isinstance(v, str) and "${" not in v)
+            ),
             strategy=self.strategy.type,
             max_surge=self.strategy.max_surge,
             max_unavailable=self.strategy.max_unavailable,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from graven.errors import RuntimeFailure
@@ -49,6 +50,13 @@ class FakeRuntime:
         spec = self.running.pop(pid)
         self.healthy_ports.discard(spec.port)
         self.exits[pid] = how
+
+    def orphans(self, recorded: Collection[str]) -> list[tuple[str, Handle]]:
+        return [
+            (spec.instance_id, Handle(pid, 1))
+            for pid, spec in self.running.items()
+            if spec.instance_id not in recorded
+        ]
 
     def exit_reason(self, handle: Handle) -> str:
         return self.exits.get(handle.pid, "")
