@@ -119,7 +119,9 @@ class AppContext:
         """A client of the controller if one runs, else None: the verbs that only look
         never start one."""
         from graven.controller.client import ControllerClient
+        from graven.controller.paths import require_access
 
+        require_access(self.state_dir)
         client = ControllerClient(self.state_dir)
         return client if client.alive() else None
 
