@@ -119,18 +119,32 @@ class Project:
         # A new version is a new image, not only new config.
         (self.root / "app" / "VERSION").write_text(version + "\n")
 
-    def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
-        env = {
+    def env(self) -> dict[str, str]:
+        return {
             **os.environ,
             "GRAVEN_ACTOR": "tester@ci",
             "PYTHONUNBUFFERED": "1",
             "GRAVEN_ROUTER": self.router,
             "GRAVEN_ROUTER_WORKERS": str(self.router_workers),
         }
+
+    def spawn(self, *args: str) -> subprocess.Popen[str]:
+        """``graven ARGS`` running in the background, stdout and stderr piped."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "graven", *args],
+            cwd=self.root,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "graven", *args],
             cwd=self.root,
-            env=env,
+            env=self.env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -178,6 +192,54 @@ class Project:
         if (pid := self.controller_pid()) is not None:
             found.append((pid, process_start_time(pid)))
         return found
+
+    def graven_processes(self) -> set[tuple[int, int]]:
+        """Every live process graven started for this project, as (pid, start time):
+        those it recorded (instances, routers, HAProxy and its collector, the
+        controller) and all their descendants (router workers, instance children)."""
+        found = {
+            (pid, started)
+            for pid, started in self.known_pids()
+            if started is not None and process_start_time(pid) == started
+        }
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = stat.read_text()
+                ppid = int(text[text.rindex(")") + 2 :].split()[1])
+                children.setdefault(ppid, []).append(int(stat.parent.name))
+        todo = [pid for pid, _ in found]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                started = process_start_time(child)
+                if started is not None and (child, started) not in found:
+                    found.add((child, started))
+                    todo.append(child)
+        return found
+
+    def down_leaves_nothing(self, timeout: float = 20.0) -> None:
+        """``graven down``, then assert that no process graven started survives it,
+        checked by pid (and start time, so a recycled pid is not mistaken for one)."""
+        before = self.graven_processes()
+        assert before, "nothing recorded as started: the check would prove nothing"
+        self.graven("down", timeout=120)
+        before |= self.graven_processes()  # anything down itself started
+
+        def survivors() -> list[int]:
+            return sorted(pid for pid, started in before if process_start_time(pid) == started)
+
+        eventually(lambda: not survivors(), timeout)
+        left = survivors()
+        assert not left, "still running after 'graven down': " + ", ".join(
+            f"{pid} ({_cmdline(pid)})" for pid in left
+        )
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return "gone"
 
 
 def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:

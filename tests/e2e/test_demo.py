@@ -42,6 +42,31 @@ def test_fresh_clone_runs_the_demo_with_zero_failures(tmp_path: Path) -> None:
         service = report["status"]["services"][0]
         assert service["desired_release"] == "hello@r1"
         assert len(service["instances"]) == 3
+        # The commands it prints work in a fresh shell: no virtualenv on PATH, elsewhere.
+        fresh = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        for command in report["commands"].values():
+            assert command.startswith(str(clone / ".venv" / "bin" / "graven") + " ")
+        shown = subprocess.run(
+            ["bash", "-c", report["commands"]["what runs"] + " -o json"],
+            cwd=tmp_path,
+            env=fresh,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["services"][0]["desired_release"] == "hello@r1"
+        stopped = subprocess.run(
+            ["bash", "-c", report["commands"]["stop everything"]],
+            cwd=tmp_path,
+            env=fresh,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert stopped.returncode == 0, stopped.stderr
     finally:
         graven = clone / ".venv" / "bin" / "graven"
         if graven.exists() and (demo_dir / "graven.yaml").exists():

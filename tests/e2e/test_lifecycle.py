@@ -12,7 +12,7 @@ import time
 import pytest
 
 from graven.testing.load import Load
-from tests.e2e.conftest import Project
+from tests.e2e.conftest import Project, eventually, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,11 @@ def test_controller_kill9_drops_nothing_and_is_adopted(project: Project) -> None
         os.kill(pid, signal.SIGKILL)
         time.sleep(1.0)  # traffic flows with no controller at all
     assert load.report.failed == 0, load.report.to_dict()
-    after = project.status()  # restarts the controller
+    # A verb that changes state starts a controller ('status' only looks); the same
+    # deploy again records nothing.
+    same = project.graven("deploy", "-m", "first", "--detach", "-o", "json").json()
+    assert same["results"][0]["changed"] is False
+    after = project.status()
     assert project.controller_pid() != pid
     time.sleep(3)  # give a wrongly-duplicating controller the time to do it
     again = project.status()
@@ -136,3 +140,116 @@ def test_instances_run_from_read_only_checkout(project: Project) -> None:
     )
     assert probe.returncode != 0
     assert "Read-only file system" in probe.stderr
+
+
+# --- watching, detaching, and what outlives the CLI -----------------------------------
+
+
+def slow_start(project: Project, seconds: int) -> None:
+    """Make the example service take ``seconds`` before it listens."""
+    app = project.root / "app" / "app.py"
+    text = app.read_text()
+    marker = 'VERSION = os.environ.get("VERSION", "dev")'
+    assert marker in text
+    app.write_text(
+        text.replace(marker, f'__import__("time").sleep(float("{seconds}"))\n{marker}', 1)
+    )
+
+
+def interrupt_after(proc: subprocess.Popen[str], line_starts: str) -> tuple[int, str]:
+    """Send SIGINT to ``proc`` once its stderr has a line starting with
+    ``line_starts``; its exit code and all of its stderr."""
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for line in proc.stderr:  # bounded: the process ends (or the test's timeout hits)
+        seen.append(line)
+        if line.lstrip().startswith(line_starts):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=60)
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_stops_watching_and_the_rollout_goes_on(project: Project) -> None:
+    project.write_spec(replicas=1, start_timeout="60s")
+    slow_start(project, 8)
+    code, err = interrupt_after(project.spawn("deploy", "-m", "slow start"), "hello: step")
+    assert code == 130, err
+    assert (
+        "stopped watching; the rollout goes on — 'graven status -w' to follow, "
+        "'graven abort hello' to stop it"
+    ) in err
+    assert "Traceback" not in err
+    # Watching again, and stopping that, stops nothing either.
+    code, err = interrupt_after(project.spawn("status", "-w"), "following")
+    assert code == 130, err
+    assert "stopped watching" in err and "Traceback" not in err
+    followed = project.graven("status", "-w", "-o", "json", timeout=120)
+    service = followed.json()["services"][0]
+    assert service["rollout"]["state"] == "succeeded"
+    assert [i["state"] for i in service["instances"]] == ["healthy"]
+    # The lean rollback path says and does the same.
+    project.write_spec("v2", replicas=1, start_timeout="60s")
+    project.graven("deploy", "-m", "v2", "--detach")
+    assert project.graven("status", "-w", timeout=120).code == 0
+    code, err = interrupt_after(project.spawn("rollback", "hello", "--to", "1"), "hello: step")
+    assert code == 130, err
+    assert "stopped watching; the rollout goes on" in err and "'graven abort hello'" in err
+    assert "Traceback" not in err
+    followed = project.graven("status", "-w", "-o", "json", timeout=120)
+    assert followed.json()["services"][0]["desired_release"] == "hello@r1"
+    assert followed.json()["services"][0]["rollout"]["state"] == "succeeded"
+    project.down_leaves_nothing()
+
+
+def test_detach_returns_at_once_and_status_w_exits_with_the_outcome(project: Project) -> None:
+    detached = project.graven("deploy", "-m", "first", "--detach", "-o", "json").json()
+    assert "rollout_result" not in detached["results"][0]
+    assert project.graven("status", "-w", check=False).code == 0
+    assert project.status()["rollout"]["state"] == "succeeded"
+    project.write_spec("v2", health_path="/does-not-exist", start_timeout="3s")
+    project.graven("deploy", "-m", "broken", "--detach")
+    watched = project.graven("status", "-w", "-o", "json", check=False)
+    assert watched.code == 1, watched.stderr
+    assert watched.json()["services"][0]["rollout"]["state"] == "failed"
+    # --no-wait stays an alias, on the lean rollback path too.
+    project.graven("rollback", "hello", "--to", "1", "--no-wait")
+    project.down_leaves_nothing()
+
+
+def test_read_only_verbs_start_no_controller(project: Project) -> None:
+    project.graven("deploy", "-m", "first")
+    project.graven("down", "hello")  # the service stops; the controller is told to stop
+    project.graven("down")
+    pid = project.controller_pid()
+    assert pid is not None
+    assert eventually(lambda: not pid_alive(pid), 15)
+    for verb in (["status"], ["plan"], ["images"], ["releases", "hello"], ["audit"]):
+        result = project.graven(*verb)
+        assert project.controller_pid() == pid and not pid_alive(pid), verb
+        assert "Traceback" not in result.stderr
+    status = project.graven("status", "-o", "json").json()
+    assert status["controller"] == "stopped"
+    assert status["services"][0]["desired_release"] is None
+    assert "controller: stopped" in project.graven("status").stdout
+    plan = project.graven("plan", "-o", "json").json()
+    assert plan["controller"] == "stopped"
+    assert plan["plans"][0]["changed"] is True
+    assert not (project.state_dir / "controller.sock").exists()
+
+
+def test_an_idle_controller_exits_but_never_while_a_service_runs(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAVEN_CONTROLLER_IDLE", "1")
+    project.graven("deploy", "-m", "first")
+    pid = project.controller_pid()
+    assert pid is not None
+    time.sleep(4)  # several idle periods: a controller with live services stays
+    assert pid_alive(pid)
+    assert project.status()["instances"][0]["state"] == "healthy"
+    # Once nothing runs, it goes by itself (no 'graven down' to tell it to).
+    project.graven("down", "hello")
+    assert eventually(lambda: not pid_alive(pid), 30), "the idle controller never exited"
+    log = (project.state_dir / "controller.log").read_text()
+    assert "nothing to do for 1s: exiting" in log

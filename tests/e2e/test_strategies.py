@@ -4,12 +4,13 @@ continuous bounded load."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 
 import pytest
 
 from graven.testing.load import Load
-from tests.e2e.conftest import Project, free_port
+from tests.e2e.conftest import Project, eventually, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -84,6 +85,7 @@ def test_blue_green_with_promote_and_instant_rollback(routed_project: Project) -
     assert took < 30  # a switch, not a re-roll (timing goals live in bench/)
     actions = [e["action"] for e in routed_project.graven("audit", "-o", "json").json()["entries"]]
     assert actions == ["deploy", "deploy", "promote", "rollback"]
+    routed_project.down_leaves_nothing()
 
 
 def test_canary_to_full_replacement_under_load(routed_project: Project) -> None:
@@ -101,6 +103,7 @@ def test_canary_to_full_replacement_under_load(routed_project: Project) -> None:
     status = routed_project.status()
     assert status["desired_release"] == "hello@r2"
     assert versions(load.report) == {"v1", "v2"}
+    routed_project.down_leaves_nothing()
 
 
 def test_a_failing_canary_aborts_by_itself_and_says_why(routed_project: Project) -> None:
@@ -126,6 +129,7 @@ def test_a_failing_canary_aborts_by_itself_and_says_why(routed_project: Project)
     ) as after:
         pass
     assert after.report.failed == 0 and versions(after.report) == {"v1"}
+    routed_project.down_leaves_nothing()
 
 
 def test_rolling_deploy_and_rollback_under_load(routed_project: Project) -> None:
@@ -145,3 +149,27 @@ def test_rolling_deploy_and_rollback_under_load(routed_project: Project) -> None
         routed_project.graven("rollback", "hello", "-m", "back")
     assert load.report.failed == 0, load.report.to_dict()
     assert routed_project.status()["desired_release"] == "hello@r1"
+    routed_project.down_leaves_nothing()
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_an_aborted_blue_green_leaves_no_preview_router(routed_project: Project) -> None:
+    preview = free_port()
+    write(routed_project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
+    routed_project.graven("deploy", "-m", "v1")
+    write(routed_project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
+    paused = routed_project.graven("deploy", "-m", "v2 behind preview", "-o", "json").json()
+    assert paused["results"][0]["rollout_result"]["progress"].startswith("paused")
+    assert listening(preview)
+    routed_project.graven("abort", "hello", "-m", "preview looks wrong")
+    assert eventually(lambda: routed_project.status()["rollout"]["state"] == "aborted")
+    # Back on v1 alone, the preview route goes with the set behind it.
+    assert eventually(
+        lambda: {i["release"] for i in routed_project.status()["instances"]} == {"hello@r1"}, 60
+    )
+    assert eventually(lambda: not listening(preview), 30), "the preview router still listens"
+    routed_project.down_leaves_nothing()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -16,7 +17,7 @@ from rich.errors import MarkupError
 
 from graven.cli import entry
 from graven.cli.plain import PlainConsole, plain_text, report_error, unstyled
-from graven.cli.rollouts import render_results
+from graven.cli.rollouts import StoppedWatching, render_results, wait_rollouts
 from graven.errors import ControllerNotRunning, NotFoundError, SpecError, SpecProblem
 
 COLOR_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "COLUMNS")
@@ -170,6 +171,7 @@ def test_a_rollout_not_waited_for_is_not_called_failed(capsys: pytest.CaptureFix
             ["rollback", "web", "--message", "", "--output", "text"],
             ("web", None, "", False, "text"),
         ),
+        (["rollback", "web", "--detach"], ("web", None, "rollback", True, "text")),
     ],
 )
 def test_rollback_arguments_it_handles(argv: list[str], expected: tuple[object, ...]) -> None:
@@ -238,3 +240,27 @@ def test_a_missing_socket_is_controller_not_running(tmp_path: Path) -> None:
 
     with pytest.raises(ControllerNotRunning, match="cannot reach the controller"):
         ControllerClient(tmp_path).request("GET", "/v1/health")
+
+
+# --- Ctrl-C while waiting ----------------------------------------------------------------
+
+
+class _InterruptedClient:
+    """A controller client whose user presses Ctrl-C during the first poll."""
+
+    def request(self, method: str, path: str, body: object = None, **query: object) -> object:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_waiting_stops_watching_not_the_rollout() -> None:
+    client: Any = _InterruptedClient()
+    with pytest.raises(StoppedWatching) as caught:
+        wait_rollouts(client, {"hello": 3}, lambda line: None)
+    assert caught.value.exit_code == 130
+    assert caught.value.message == (
+        "stopped watching; the rollout goes on — 'graven status -w' to follow, "
+        "'graven abort hello' to stop it"
+    )
+    with pytest.raises(StoppedWatching) as caught:
+        wait_rollouts(client, {"web": 3, "api": 4}, lambda line: None)
+    assert "'graven abort SERVICE' to stop it (rolling out: api, web)" in caught.value.message

@@ -250,3 +250,52 @@ def test_a_restarted_controller_resumes_the_analysis_window_it_was_in(
     assert rollout.reason.startswith("analysis failed:")
     # It waited out the 40 s left of the window, not a new 30 s pause plus 60 s window.
     assert world.clock.now() - died_at < 60.0
+
+
+def test_an_aborted_blue_green_stops_its_preview_router(world: World) -> None:
+    world.deploy(world.v1, blue_green(preview_port=9901))
+    world.converge()
+    out = world.deploy(world.v2, blue_green(auto_promote=False, preview_port=9901))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        rid = int(out["rollout"])  # type: ignore[call-overload]
+        await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
+        assert world.router.running().get("web-preview") == 9901
+        world.engine.abort("web", "ana@host", "preview looks wrong")
+        await task
+
+    asyncio.run(scenario())
+    world.converge(passes=20)
+    assert "web-preview" not in world.router.running()
+    assert weights_by_release(world) == {1: [100, 100]}
+
+
+def test_down_in_a_paused_blue_green_leaves_no_router(world: World) -> None:
+    world.deploy(world.v1, blue_green(preview_port=9901))
+    world.converge()
+    out = world.deploy(world.v2, blue_green(auto_promote=False, preview_port=9901))
+
+    async def scenario() -> None:
+        task = asyncio.create_task(world.engine.reconcile("web"))
+        rid = int(out["rollout"])  # type: ignore[call-overload]
+        await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
+        world.engine.down("web", "ana@host", "done for today")
+        await task
+
+    asyncio.run(scenario())
+    world.converge(passes=20)
+    assert world.router.running() == {}
+    assert world.state.live_instances("web") == []
+
+
+def test_down_stops_a_router_left_running_with_nothing_behind_it(world: World) -> None:
+    world.deploy(world.v1, blue_green(preview_port=9901))
+    world.converge()
+    world.engine.down("web", "ana@host", "done")
+    world.converge(passes=20)
+    world.router.ensure("web-preview", 9901)  # left over, e.g. by an older graven
+    out = world.engine.down("web", "ana@host", "again")
+    assert out["changed"] is True
+    world.converge(passes=20)
+    assert world.router.running() == {}

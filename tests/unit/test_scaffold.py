@@ -94,3 +94,12 @@ def test_example_app_serves_keep_alive_and_stops_cleanly_on_sigterm(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_scaffolded_spec_promises_only_what_is_built(tmp_path: Path) -> None:
+    # Signing and attestations are not built yet: the first file a user reads must not
+    # say their images are signed.
+    scaffold(tmp_path)
+    text = (tmp_path / "graven.yaml").read_text().lower()
+    for unbuilt in ("sign", "attest", "provenance", "kubernetes", "ssh"):
+        assert unbuilt not in text, unbuilt

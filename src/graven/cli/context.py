@@ -105,6 +105,8 @@ class AppContext:
         return StateStore(state_db(self.state_dir), read_only=True)
 
     def controller(self) -> ControllerClient:
+        """A client of this state dir's controller, started if none runs: for the
+        verbs that change state."""
         from graven.controller.client import ControllerClient
         from graven.controller.paths import require_access
 
@@ -112,6 +114,16 @@ class AppContext:
         client = ControllerClient(self.state_dir)
         client.ensure_running()
         return client
+
+    def running_controller(self) -> ControllerClient | None:
+        """A client of the controller if one runs, else None: the verbs that only look
+        never start one."""
+        from graven.controller.client import ControllerClient
+        from graven.controller.paths import require_access
+
+        require_access(self.state_dir)
+        client = ControllerClient(self.state_dir)
+        return client if client.alive() else None
 
 
 def app_context(ctx: click.Context) -> AppContext:

@@ -7,7 +7,11 @@ live traffic flows through the router, and counts every failed request.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
 import socket
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,6 +59,19 @@ def _free_port(preferred: int) -> int:
     raise GravenError("no free loopback port for the demo router")
 
 
+def graven_command() -> str:
+    """The ``graven`` this demo runs as, by full path, quoted for a shell: a fresh shell
+    need not have the virtualenv on its PATH, so the commands the demo prints say
+    which ``graven`` they mean."""
+    beside = Path(sys.executable).parent / "graven"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return shlex.quote(str(beside.absolute()))
+    found = shutil.which("graven")
+    if found:
+        return shlex.quote(str(Path(found).absolute()))
+    return shlex.join([sys.executable, "-m", "graven"])
+
+
 def _write_spec(directory: Path, port: int, version: str) -> None:
     write_atomic(directory / "graven.yaml", _SPEC.format(port=port, version=version).encode())
 
@@ -84,6 +101,13 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     _write_spec(directory, port, "v1")
     (directory / "app" / "RELEASE_NOTES").unlink(missing_ok=True)
     report: dict[str, Any] = {"directory": str(directory), "url": f"http://127.0.0.1:{port}/"}
+    report["graven"] = graven_command()
+    base = f"{report['graven']} -f {shlex.quote(str(directory / 'graven.yaml'))}"
+    report["commands"] = {
+        "what runs": f"{base} status",
+        "who changed what": f"{base} audit --verify",
+        "stop everything": f"{base} down",
+    }
 
     out.progress(f"\n[bold]1. Build and deploy v1[/] (3 replicas) from {directory}/graven.yaml")
     first = _deploy(app, out, "demo: first deploy of v1")
@@ -138,7 +162,17 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
             f"{d['rollback_traffic']['failed']} during rollback[/]"
         )
         con.print(f"\nThe service is running: [bold]curl {d['url']}[/]")
-        con.print(f"Stop everything with: [bold]graven -f {d['directory']}/graven.yaml down[/]")
+        activate = Path(sys.executable).parent / "activate"
+        con.print(
+            "Try these from any shell"
+            + (
+                f" (or run 'source {activate}' to type plain 'graven'):"
+                if activate.exists()
+                else ":"
+            )
+        )
+        for what, command in d["commands"].items():
+            con.print(f"  [bold]{command}[/]   # {what}")
 
     out.emit(report, render)
     if failed:

@@ -118,13 +118,14 @@ _ROLLBACK_VALUES = {
 
 
 def _rollback_args(rest: list[str]) -> tuple[str, int | None, str, bool, str] | None:
-    """``SERVICE [--to N] [-m MSG] [--no-wait] [-o json|text]`` in any order, each
-    option once, as (service, to, message, no_wait, output); None for anything else."""
+    """``SERVICE [--to N] [-m MSG] [--detach|--no-wait] [-o json|text]`` in any order,
+    each option once, as (service, to, message, no_wait, output); None for anything
+    else."""
     service: str | None = None
     seen: dict[str, str] = {}
     args = iter(rest)
     for arg in args:
-        if arg == "--no-wait":
+        if arg in ("--detach", "--no-wait"):
             name, value = "no_wait", ""
         elif arg in _ROLLBACK_VALUES:
             name, value = _ROLLBACK_VALUES[arg], next(args, "-")
@@ -167,6 +168,7 @@ def _fast_rollback(argv: list[str]) -> int | None:
     from pathlib import Path
 
     from graven.cli.context import AppContext, actor
+    from graven.cli.rollouts import StoppedWatching
     from graven.controller.client import ControllerClient
     from graven.errors import ControllerNotRunning, GravenError
 
@@ -193,6 +195,9 @@ def _fast_rollback(argv: list[str]) -> int | None:
         from graven.cli.plain import report_error
 
         report_error(exc, as_json=as_json)
+        return exc.exit_code
+    except StoppedWatching as exc:
+        sys.stderr.write(exc.message + "\n")
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

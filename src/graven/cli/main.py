@@ -17,7 +17,13 @@ import click
 from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.output import Output
 from graven.cli.plain import report_error, write_json
-from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
+from graven.cli.rollouts import (
+    StoppedWatching,
+    any_failed,
+    await_results,
+    render_results,
+    wait_rollouts,
+)
 from graven.errors import GravenError, SpecProblem, UsageError
 
 if TYPE_CHECKING:
@@ -441,13 +447,21 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
     out = Output(output)
     chosen = _services_from(app, services)
     candidates = _candidates(app, chosen, out)
-    client = app.controller()
-    plans = [client.request("POST", "/v1/plan", c) for c in candidates]
-    data = {
+    client = app.running_controller()  # a look starts no controller
+    if client is None:
+        from graven.controller.offline import STOPPED, stopped_plan
+
+        plans = [stopped_plan(app.state_dir, c) for c in candidates]
+    else:
+        plans = [client.request("POST", "/v1/plan", c) for c in candidates]
+    data: dict[str, Any] = {
         "plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]
     }
+    if client is None:
+        data["controller"] = STOPPED
 
     def render(con: Any, d: Any) -> None:
+        _say_if_stopped(con, d)
         for p in d["plans"]:
             if not p["changed"]:
                 con.print(f"[green]{p['service']}[/]: up to date ({p['from']}); nothing to do")
@@ -479,7 +493,13 @@ def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], ve
 @cli.command()
 @click.argument("services", nargs=-1)
 @click.option("-m", "--message", help="Why: recorded in the ledger (required).")
-@click.option("--no-wait", is_flag=True, help="Return once the release is recorded.")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the release recorded; the rollout goes on ('graven status -w').",
+)
 @output_option
 @click.pass_context
 def deploy(
@@ -520,7 +540,13 @@ def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait:
 @click.argument("service")
 @click.option("--to", "to", type=int, metavar="N", help="Release number to return to (r N).")
 @click.option("-m", "--message", help="Why: recorded in the ledger.", default="rollback")
-@click.option("--no-wait", is_flag=True, help="Return once the rollback is recorded.")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the rollback recorded; it goes on ('graven status -w').",
+)
 @output_option
 @click.pass_context
 def rollback(
@@ -547,7 +573,13 @@ def rollback(
 @cli.command()
 @click.argument("service")
 @click.option("-m", "--message", default="promote", help="Why: recorded in the ledger.")
-@click.option("--no-wait", is_flag=True, help="Return once the promotion is recorded.")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the promotion recorded; the rollout goes on ('graven status -w').",
+)
 @output_option
 @click.pass_context
 def promote(ctx: click.Context, service: str, message: str, no_wait: bool, output: str) -> None:
@@ -562,15 +594,15 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
     data = {"service": service, "rollout": r["rollout"], "release": r["release"]}
     if not no_wait:
         # Until it finishes or pauses again.
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            ro = client.request("GET", "/v1/rollout", id=r["rollout"])["rollout"]
-            if ro["state"] != "running" or (
-                ro["progress"].startswith("paused") and not ro["promoted"]
-            ):
-                break
-            time.sleep(0.1)
-        data["rollout_result"] = ro
+        data["rollout_result"] = wait_rollouts(
+            client,
+            {service: r["rollout"]},
+            out.progress,
+            ended=lambda ro: (
+                ro["state"] != "running"
+                or (ro["progress"].startswith("paused") and not ro["promoted"])
+            ),
+        )[0]
 
     def render(con: Any, d: Any) -> None:
         ro = d.get("rollout_result") or {}
@@ -597,14 +629,60 @@ def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
     out.emit(r, lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
 
 
+def _say_if_stopped(con: Any, d: dict[str, Any]) -> None:
+    if d.get("controller") == "stopped":
+        con.print(
+            "[yellow]controller: stopped[/] (answered from the records; 'graven serve' "
+            "or any verb that changes state starts it)"
+        )
+
+
+def _status_data(
+    app: AppContext, service: str | None, watch: bool, out: Output
+) -> tuple[dict[str, Any], bool]:
+    """The status to show (after following running rollouts, with ``watch``), and
+    whether a rollout it followed failed or was aborted."""
+    from graven.cli.rollouts import watch_status
+
+    client = app.running_controller()  # a look starts no controller
+    if client is None:
+        from graven.controller.offline import stopped_status
+
+        data = stopped_status(app.state_dir, service)
+        running = [
+            s["service"]
+            for s in data["services"]
+            if s["rollout"] and s["rollout"]["state"] == "running"
+        ]
+        if watch and running:
+            from graven.errors import ControllerNotRunning
+
+            raise ControllerNotRunning(
+                f"the controller is stopped: the rollout of {', '.join(running)} waits for it",
+                hint="Start it with 'graven serve' (or any verb that changes state), "
+                "then 'graven status -w' again.",
+            )
+        return data, False
+    if not watch:
+        return client.request("GET", "/v1/status", service=service), False
+    data, finished = watch_status(client, service, out.progress)
+    return data, any(ro["state"] not in ("succeeded", "running") for ro in finished)
+
+
 @cli.command()
 @click.argument("service", required=False)
+@click.option(
+    "-w",
+    "--watch",
+    is_flag=True,
+    help="Follow running rollouts to their end; exit 1 if one failed or was aborted.",
+)
 @output_option
 @click.pass_context
-def status(ctx: click.Context, service: str | None, output: str) -> None:
+def status(ctx: click.Context, service: str | None, watch: bool, output: str) -> None:
     """Instances, release, image digest and health of each service."""
-    app = app_context(ctx)
-    data = app.controller().request("GET", "/v1/status", service=service)
+    out = Output(output)
+    data, failed = _status_data(app_context(ctx), service, watch, out)
 
     def render(con: Any, d: Any) -> None:
         from rich.markup import escape
@@ -612,6 +690,7 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
 
         from graven.cli.output import ago, short
 
+        _say_if_stopped(con, d)
         print_state_dir_problem(con, d)
         if not d["services"]:
             con.print("nothing deployed yet: run 'graven deploy -m WHY'")
@@ -684,7 +763,9 @@ def status(ctx: click.Context, service: str | None, output: str) -> None:
             if s["instances"]:
                 con.print(t)
 
-    Output(output).emit(data, render)
+    out.emit(data, render)
+    if failed:
+        sys.exit(1)
 
 
 @cli.command()
@@ -749,9 +830,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
     if service is None and not ControllerClient(app.state_dir).alive():
         # Nothing to reach; starting a controller only to stop it would be silly,
         # unless something is still recorded as running.
+        from graven.controller.offline import routers_running
         from graven.controller.paths import state_db
 
-        if not state_db(app.state_dir).exists() or not app.state().live_instances():
+        recorded = state_db(app.state_dir).exists()
+        if not recorded or not (app.state().live_instances() or routers_running(app.state_dir)):
             out.emit(
                 {"results": [], "controller": "not running"},
                 lambda c, d: c.print("nothing running"),
@@ -850,7 +933,8 @@ def audit(ctx: click.Context, service: str | None, verify: bool, output: str) ->
 @output_option
 @click.pass_context
 def serve(ctx: click.Context, output: str) -> None:
-    """Run the controller in the foreground (other verbs start it when absent)."""
+    """Run the controller in the foreground (verbs that change state start it when
+    absent)."""
     from graven.controller.daemon import serve as run
 
     app = app_context(ctx)
@@ -904,7 +988,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="graven", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            click.echo("interrupted", err=True)  # Ctrl-C outside a rollout wait
+            sys.exit(130)
         click.echo("aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
@@ -917,6 +1004,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         report_error(exc, as_json=as_json)
+        sys.exit(exc.exit_code)
+    except StoppedWatching as exc:
+        sys.stderr.write(exc.message + "\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

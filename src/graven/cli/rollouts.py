@@ -15,26 +15,81 @@ if TYPE_CHECKING:
     from graven.controller.client import ControllerClient
 
 
+class StoppedWatching(Exception):
+    """Ctrl-C while a verb waits for rollouts: the verb stops watching, the controller
+    goes on. Both CLI paths print ``message`` and exit 130."""
+
+    exit_code = 130
+
+    def __init__(self, services: list[str]) -> None:
+        self.services = services
+        target = services[0] if len(services) == 1 else "SERVICE"
+        self.message = (
+            "stopped watching; the rollout goes on — 'graven status -w' to follow, "
+            f"'graven abort {target}' to stop it"
+        )
+        if len(services) > 1:
+            self.message += f" (rolling out: {', '.join(services)})"
+        super().__init__(self.message)
+
+
 def wait_rollouts(
-    client: ControllerClient, rollouts: dict[str, int], progress: Callable[[str], None]
+    client: ControllerClient,
+    rollouts: dict[str, int],
+    progress: Callable[[str], None],
+    *,
+    ended: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Poll each rollout until it ends or pauses; ``progress`` gets each new step."""
+    """Poll each rollout until it ends or pauses (or ``ended`` says so); ``progress``
+    gets each new step. Ctrl-C raises StoppedWatching: watching is all it stops."""
     pending = dict(rollouts)
     done: dict[str, dict[str, Any]] = {}
     last: dict[str, str] = {}
-    while pending:
-        for service, rid in list(pending.items()):
-            r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
-            if r["progress"] and r["progress"] != last.get(service):
-                last[service] = r["progress"]
-                progress(f"  {service}: {r['progress']}")
-            # A rollout paused at a manual gate is done as far as this command goes.
-            if r["state"] != "running" or r["progress"].startswith("paused"):
-                done[service] = r
-                del pending[service]
-        if pending:
-            time.sleep(0.1)
+    try:
+        while pending:
+            for service, rid in list(pending.items()):
+                r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
+                if r["progress"] and r["progress"] != last.get(service):
+                    last[service] = r["progress"]
+                    progress(f"  {service}: {r['progress']}")
+                # A rollout paused at a manual gate is done as far as this command goes.
+                if (ended or _ended)(r):
+                    done[service] = r
+                    del pending[service]
+            if pending:
+                time.sleep(0.1)
+    except KeyboardInterrupt:
+        raise StoppedWatching(sorted(pending)) from None
     return [done[s] for s in rollouts]
+
+
+def _ended(rollout: dict[str, Any]) -> bool:
+    return rollout["state"] != "running" or str(rollout["progress"]).startswith("paused")
+
+
+def watch_status(
+    client: ControllerClient, service: str | None, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``graven status -w``: follow the rollouts running now to their end (or a manual
+    gate), then the status as it is then, and how each watched rollout ended."""
+    status = client.request("GET", "/v1/status", service=service)
+    running = {
+        s["service"]: s["rollout"]["id"]
+        for s in status["services"]
+        if s["rollout"] and s["rollout"]["state"] == "running"
+    }
+    if not running:
+        progress("no rollout running")
+        return status, []
+    try:
+        for name, rid in running.items():
+            progress(f"[bold]following[/] {name}: rollout #{rid}")
+    except KeyboardInterrupt:
+        raise StoppedWatching(sorted(running)) from None
+    finished = wait_rollouts(client, running, progress)
+    for name, ro in zip(running, finished, strict=True):
+        progress(f"  {name}: {ro['state']}" + (f" — {ro['reason']}" if ro.get("reason") else ""))
+    return client.request("GET", "/v1/status", service=service), finished
 
 
 def await_results(

@@ -4,6 +4,12 @@ One per state dir (an exclusive lock makes sure). It holds one task group: the A
 server, one worker per service and the health loop. Stopping it (SIGTERM, or a
 crash, or kill -9) stops none of the instances or routers: they are separate
 processes, and the next controller adopts them.
+
+A controller a verb started exits by itself once it has had nothing to do for
+GRAVEN_CONTROLLER_IDLE seconds (default 300): no service wants a release, no
+instance or router runs, no request came. While anything runs it stays: it is the
+health loop of the live services. ``graven serve`` only exits idle when that
+variable is set.
 """
 
 from __future__ import annotations
@@ -39,6 +45,57 @@ from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 
 log = logging.getLogger("graven.controller")
+
+IDLE_ENV = "GRAVEN_CONTROLLER_IDLE"
+DEFAULT_IDLE = 300.0
+
+
+def idle_limit(default: float | None) -> float | None:
+    """Seconds of nothing to do after which the controller exits (None: never), from
+    $GRAVEN_CONTROLLER_IDLE, else ``default``; 0 means never."""
+    raw = os.environ.get(IDLE_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ControllerError(
+            f"{IDLE_ENV} must be a number of seconds, 0 or more (got {raw!r})",
+            hint=f"Unset it for the default ({DEFAULT_IDLE:g}s), or 0 to never exit idle.",
+        )
+    return seconds or None
+
+
+def has_work(engine: Engine) -> bool:
+    """Whether anything is this controller's to look after: a service with a desired
+    release, a rollout under way, an instance or a router still running."""
+    state = engine.state
+    services = state.services()
+    return (
+        any(release is not None for release in services.values())
+        or any(state.running_rollout(s) is not None for s in services)
+        or bool(state.live_instances())
+        or bool(engine.router.running())
+    )
+
+
+async def _exit_when_idle(engine: Engine, limit: float, last_request: list[float]) -> None:
+    """Return once the controller has had nothing to do for ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    idle_since: float | None = None
+    while True:
+        await asyncio.sleep(min(1.0, limit / 4))
+        busy = await asyncio.to_thread(has_work, engine)
+        now = loop.time()
+        if busy:
+            idle_since = None
+            continue
+        idle_since = idle_since if idle_since is not None else now
+        if now - max(idle_since, last_request[0]) >= limit:
+            log.info("nothing to do for %gs: exiting", limit)
+            return
 
 
 def _lock(state_dir: Path) -> int:
@@ -96,7 +153,7 @@ def _services_running(state_dir: Path) -> bool:
         store.close()
 
 
-async def _serve(state_dir: Path) -> None:
+async def _serve(state_dir: Path, idle: float | None) -> None:
     clock = RealClock()
     state = StateStore(state_db(state_dir))
     store = ContentStore(store_root(state_dir))
@@ -114,12 +171,22 @@ async def _serve(state_dir: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     api = Api(engine, stop.set)
+    last_request = [loop.time()]
+
+    async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        last_request[0] = loop.time()  # a verb at work: not idle
+        await api.serve_connection(reader, writer)
+
     sock = controller_socket(state_dir)
     sock.unlink(missing_ok=True)
-    server = await asyncio.start_unix_server(api.serve_connection, path=str(sock))
+    server = await asyncio.start_unix_server(serve_connection, path=str(sock))
     sock.chmod(0o600)
     log.info("controller %d serving on %s", os.getpid(), sock)
     engine_task = asyncio.create_task(engine.run())
+    idle_task = None
+    if idle is not None:
+        idle_task = asyncio.create_task(_exit_when_idle(engine, idle, last_request))
+        idle_task.add_done_callback(lambda _: stop.set())
     try:
         await stop.wait()
     finally:
@@ -127,6 +194,10 @@ async def _serve(state_dir: Path) -> None:
         engine_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await engine_task
+        if idle_task is not None:
+            idle_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await idle_task
         sock.unlink(missing_ok=True)
         state.close()
         log.info("controller %d stopped; instances and routers keep running", os.getpid())
@@ -149,8 +220,9 @@ def _log_to_stderr(state_dir: Path) -> None:
     )
 
 
-def serve(state_dir: Path) -> None:
-    """Run the controller in the foreground until SIGTERM/SIGINT or a shutdown request."""
+def serve(state_dir: Path, *, idle_default: float | None = None) -> None:
+    """Run the controller in the foreground until SIGTERM/SIGINT, a shutdown request,
+    or (see ``idle_limit``) an idle period with nothing to do."""
     # Everything the controller creates (database, WAL, ledger head, logs, secrets) is
     # its user's alone; instances inherit the umask too.
     os.umask(0o077)
@@ -158,16 +230,18 @@ def serve(state_dir: Path) -> None:
     _log_to_stderr(state_dir)
     for change in make_private(state_dir):
         log.warning("tightened permissions of %s", change)
+    idle = idle_limit(idle_default)
     fd = _lock(state_dir)
     try:
-        asyncio.run(_serve(state_dir))
+        asyncio.run(_serve(state_dir, idle))
     finally:
         os.close(fd)
 
 
 if __name__ == "__main__":
+    # Started by a verb (graven.controller.client): exits when idle.
     try:
-        serve(Path(sys.argv[1]))
+        serve(Path(sys.argv[1]), idle_default=DEFAULT_IDLE)
     except GravenError as exc:
         # The verb that started this controller shows the log's tail: make it the reason.
         sys.stderr.write(f"error: {exc.message}\n" + (f"hint: {exc.hint}\n" if exc.hint else ""))

@@ -320,7 +320,13 @@ class Engine:
         if service not in services:
             raise NotFoundError(f"service {service!r} was never deployed")
         desired = services[service]
-        if desired is None and not self.state.live_instances(service):
+        routers = self.router.running()
+        if (
+            desired is None
+            and not self.state.live_instances(service)
+            and service not in routers
+            and f"{service}-preview" not in routers  # a router left over still goes
+        ):
             return {"changed": False, "service": service, "rollout": None}
         now = self.clock.now()
         with self.state.transaction() as db:
@@ -506,6 +512,7 @@ class Engine:
         plan = self.plan(service)
         rollout = self.state.running_rollout(service)
         if plan.empty:
+            await asyncio.to_thread(self._retire_preview, service)
             if desired is None:
                 await asyncio.to_thread(self.router.stop, service)
             elif rollout is not None:
@@ -549,6 +556,9 @@ class Engine:
                 self._fail(service, desired, rollout.id if rollout else None, exc.reason)
                 return
         self.problems.pop(service, None)
+        # A preview route outlives no preview set: an abort or a down retires the new
+        # set without the switch that would otherwise stop it.
+        await asyncio.to_thread(self._retire_preview, service)
         self.wake(service)  # verify convergence on the next pass
 
     def _router_failure(self, service: str, port: int, exc: GravenError) -> str:
@@ -807,6 +817,12 @@ class Engine:
         if service not in self.router.running():
             return
         self.router.set_backends(service, backends)
+
+    def _retire_preview(self, service: str) -> None:
+        """Stop ``service``'s preview router when no instance is left behind it."""
+        name = f"{service}-preview"
+        if name in self.router.running() and not self.state.preview_instances(service):
+            self.router.stop(name)
 
     def sync_preview(self, service: str, port: int) -> None:
         """The preview route: the new set of a blue-green rollout, before the switch."""

@@ -1,0 +1,102 @@
+"""Read-only answers while no controller runs: ``status`` and ``plan`` from the state
+store, opened read-only.
+
+A verb that only looks must not start a controller (one started for a look would
+then stay up with nothing to do). The engine built here is never run: it plans and
+reports over what the store records, and nothing in it starts, stops or writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from graven.clock import RealClock
+from graven.controller.api import Api
+from graven.controller.engine import Engine
+from graven.controller.paths import state_db, store_root
+from graven.errors import NotFoundError
+from graven.ledger.store import StateStore
+from graven.router.base import Router
+from graven.runtime.base import Handle
+from graven.runtime.process import ProcessRuntime
+from graven.store.cas import ContentStore
+
+STOPPED = "stopped"
+
+
+def _recorded_router(state_dir: Path) -> Router:
+    """The router kind this state dir runs, as the controller chose and recorded it;
+    only its ``running()`` (pid files and liveness) is used here."""
+    recorded = state_dir / "router"
+    kind = recorded.read_text().strip() if recorded.exists() else "embedded"
+    if kind == "haproxy":
+        from graven.router.haproxy import HAProxyRouter
+
+        return HAProxyRouter(state_dir)
+    from graven.router.embedded import EmbeddedRouter
+
+    return EmbeddedRouter(state_dir)
+
+
+def routers_running(state_dir: Path) -> dict[str, int]:
+    """The routers of this state dir that run (name -> port), controller or not."""
+    return _recorded_router(state_dir).running()
+
+
+def _engine(state_dir: Path, state: StateStore) -> Engine:
+    store = ContentStore(store_root(state_dir))
+    return Engine(
+        state_dir,
+        state,
+        store,
+        ProcessRuntime(state_dir, store),
+        _recorded_router(state_dir),
+        RealClock(),
+    )
+
+
+def _state(state_dir: Path) -> StateStore:
+    db = state_db(state_dir)
+    # Nothing deployed yet: an empty store in memory answers as the real one would.
+    return StateStore(db, read_only=True) if db.exists() else StateStore(Path(":memory:"))
+
+
+def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
+    """What ``GET /v1/status`` answers, from the records, marked ``controller: stopped``.
+
+    With no controller nothing watches health, so each instance's state is what was
+    last recorded, except one whose process is gone: that one says ``not running``."""
+    state = _state(state_dir)
+    try:
+        engine = _engine(state_dir, state)
+        if service is not None and service not in state.services():
+            raise NotFoundError(
+                f"service {service!r} was never deployed",
+                hint="Run 'graven status' to list deployed services.",
+            )
+        services = Api(engine, lambda: None).engine_status(service)
+        for s in services:
+            for inst in s["instances"]:
+                handle = Handle(inst["pid"], state.pid_start(inst["id"]))
+                if not engine.runtime.alive(handle):
+                    inst["state"] = "not running"
+        data: dict[str, Any] = {"services": services, "controller": STOPPED}
+        if state_dir.is_dir():
+            data["state_dir"] = engine.upkeep.disk.report()  # as the controller reports it
+    finally:
+        state.close()
+    return data
+
+
+def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:
+    """What ``POST /v1/plan`` answers for ``candidate``, planned from the records."""
+    # As the controller would get it: the wire form (lists, not tuples).
+    wire = json.loads(json.dumps(candidate))
+    state = _state(state_dir)
+    try:
+        engine = _engine(state_dir, state)
+        return engine.preview(*Api(engine, lambda: None)._candidate(wire))
+    finally:
+        state.close()
