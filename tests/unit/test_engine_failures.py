@@ -247,7 +247,8 @@ def test_status_is_healthy_only_while_the_last_probe_passed(world: World) -> Non
     world.clock.advance(2)
     health_pass(world)
     by_id = {i["id"]: i for i in status(world)["instances"]}
-    assert by_id[victim.id]["state"] == "healthy"  # still routed: 1 miss of 3
+    assert by_id[victim.id]["state"] == "degraded"  # still routed (1 miss of 3), not healthy
+    assert victim.id in world.routed()
     assert by_id[victim.id]["health"] == "failing (1 in a row)"
     assert by_id[victim.id]["probe"] == "HTTP 503"
     others = [i for i in by_id.values() if i["id"] != victim.id]

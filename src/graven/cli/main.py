@@ -746,7 +746,9 @@ def status(ctx: click.Context, service: str | None, watch: bool, output: str) ->
                 box=None,
             )
             for i in s["instances"]:
-                color = {"healthy": "green", "starting": "yellow"}.get(i["state"], "red")
+                color = {"healthy": "green", "starting": "yellow", "degraded": "yellow"}.get(
+                    i["state"], "red"
+                )
                 health = i.get("health", "")
                 hcolor = "green" if health == "passing" else "yellow"
                 t.add_row(

@@ -410,7 +410,10 @@ class Api:
                         "image": str(inst.image),
                         "address": inst.address,
                         "pid": inst.pid,
-                        "state": inst.state,
+                        # Still routed, but its last probe failed: not "healthy".
+                        "state": "degraded"
+                        if inst.state == "healthy" and mem is not None and mem.passing is False
+                        else inst.state,
                         "started_at": inst.started_at,
                         # "passing": the last probe passed; "failing": it did not (the
                         # instance is taken out after unhealthy_threshold misses in a row).
