@@ -7,7 +7,9 @@ The controller is the only writer; the CLI opens it read-only for ``audit`` and
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from graven.errors import NotFoundError, StoreError
+from graven.disk import disk_error
+from graven.errors import DiskError, GravenError, NotFoundError, StoreError
 from graven.ledger.chain import LedgerEntry, chain_hash
 from graven.model import Digest, Instance, Release, ServiceConfig
 
@@ -195,7 +198,34 @@ class StateStore:
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return list(self._db.execute(sql, args))
+            try:
+                return list(self._db.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise self._read_error(exc) from exc
+
+    def _read_error(self, exc: sqlite3.Error) -> GravenError:
+        """A failed read, said plainly. Reading a WAL database may need to write its
+        shared-memory file, so a full filesystem can break reads too."""
+        refused = disk_error(exc, self.path.parent)
+        if refused is not None:
+            return refused
+        try:
+            full = os.statvfs(self.path.parent).f_bavail == 0
+        except OSError:
+            full = False
+        if full:
+            return DiskError(
+                f"cannot read the state database {self.path}: {exc} "
+                f"(its filesystem is full: 0 bytes free)",
+                hint="Free space on that filesystem, then retry. Running instances keep "
+                "serving meanwhile.",
+                errno=errno.ENOSPC,
+            )
+        return StoreError(
+            f"cannot read the state database {self.path}: {exc}",
+            hint="Check the disk and the file's permissions; 'graven audit --verify' "
+            "checks the ledger once it reads again.",
+        )
 
     # --- services (desired state) -------------------------------------------------------
 
