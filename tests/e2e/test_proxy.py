@@ -179,10 +179,9 @@ class _KeepAliveHandler(BaseHTTPRequestHandler):
         with backend.lock:
             backend.requests += 1
         body = sent if self.path == "/echo" else f"{backend.name}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        # One write: a backend killed between two writes would break off a response,
+        # which no proxy may resend (a test of dying between requests must not race).
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 
     do_POST = do_GET
 
@@ -693,7 +692,8 @@ def test_a_backend_closing_idle_connections_costs_no_request(
     load.start().finish()
     assert not load.failures, f"{load.failures} after {load.ok} ok\n{proxy.log()}"
     assert load.ok == 1000
-    assert a.connections > 50  # the backend really did close connections, many times
+    # The backend really did close connections, many times (8 clients need 8 at most).
+    assert a.connections > 20
     stats = by_id(proxy.router.stats(SERVICE))["a"]
     assert stats.errors == 0  # a stale pooled connection is no fault of the backend
 
