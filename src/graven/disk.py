@@ -168,7 +168,7 @@ def takes_writes(path: Path) -> bool:
 class StateDirWatch:
     """Free space in the state dir, and the last write it refused.
 
-    ``check`` (the controller's health loop calls it on every pass) measures again and
+    ``check`` (the controller's health loop calls it about once a second) measures again and
     logs a change of condition once: full, almost full, refusing writes, fine again."""
 
     def __init__(

@@ -1,5 +1,5 @@
 """The controller's upkeep of the state dir (graven.controller.upkeep, and the engine's
-``keep_state_dir``, which the health loop calls on every pass): the logs of live
+``keep_state_dir``, which the health loop calls about once a second): the logs of live
 instances and routers are bounded, free space is measured and shown in status."""
 
 from __future__ import annotations

@@ -1135,15 +1135,16 @@ class Engine:
     async def _health_loop(self) -> None:
         passes = 0
         while True:
+            passes += 1
             try:
                 await self.check_health_once()
-                passes += 1
                 if passes % 50 == 0:  # every ~5 s: cheap, and a reset is not urgent
                     self._end_crash_loops()
             except Exception as exc:
                 if not self.upkeep.disk.refused(exc):  # a full disk is logged once, not here
                     log.exception("health loop")
-            self.keep_state_dir()
+            if passes % 10 == 1:  # about once a second: logs and free space move slowly
+                self.keep_state_dir()
             await self.clock.sleep(0.1)
 
     def keep_state_dir(self) -> None:

@@ -1,4 +1,4 @@
-"""What the controller's health loop does for the state dir on every pass, besides
+"""What the controller's health loop does for the state dir about once a second, besides
 probing instances: bound the logs that instances and routers write there, and watch
 its free space.
 
