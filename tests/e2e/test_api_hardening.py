@@ -29,7 +29,8 @@ from graven.controller.engine import Engine
 from graven.controller.paths import controller_socket
 from graven.ledger.store import StateStore
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
-from graven.store.cas import ContentStore, Tree
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
 from graven.testing.runtime import FakeRuntime

@@ -34,7 +34,8 @@ from graven.controller.paths import store_root
 from graven.model import Image, ImageConfig
 from graven.spec.models import Recipe
 from graven.store import oci
-from graven.store.cas import ContentStore, Tree
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
 
 pytestmark = pytest.mark.e2e
 

@@ -47,7 +47,8 @@ from graven.build.interpreter import (
 )
 from graven.errors import BuildError, NotFoundError, UsageError
 from graven.model import Digest, Image, ImageConfig
-from graven.store.cas import EXEC_MODE, FILE_MODE, SYMLINK_MODE, ContentStore, Tree, TreeEntry
+from graven.store.cas import ContentStore
+from graven.store.tree_model import EXEC_MODE, FILE_MODE, SYMLINK_MODE, Tree, TreeEntry
 
 BWRAP = shutil.which("bwrap")
 ROOT = os.geteuid() == 0

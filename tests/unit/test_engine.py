@@ -12,7 +12,8 @@ from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import verify_chain
 from graven.ledger.store import StateStore
 from graven.model import Digest, HealthCheck, ImageConfig, ServiceConfig
-from graven.store.cas import ContentStore, Tree
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
 from graven.testing.runtime import FakeRuntime

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig
 from graven.store import oci
-from graven.store.cas import EMPTY_TREE, ContentStore, Tree
+from graven.store.cas import ContentStore
 from graven.store.oci_types import GRAVEN_IMAGE, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, REF_NAME
+from graven.store.tree_model import EMPTY_TREE, Tree
 
 EMPTY_TAR_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
 LONG = "d" * 60 + "/" + "e" * 60 + "/" + "f" * 90  # fits USTAR's prefix + name fields

@@ -14,7 +14,7 @@ from typing import BinaryIO
 import pytest
 
 from graven.model import Digest, ImageConfig
-from graven.store.cas import EXEC_MODE, FILE_MODE, ContentStore, TreeEntry
+from graven.store.cas import ContentStore
 from graven.store.oci_import import (
     ImportPolicy,
     ImportRejected,
@@ -23,6 +23,7 @@ from graven.store.oci_import import (
     import_layout,
 )
 from graven.store.oci_types import OCI_INDEX, OCI_MANIFEST, Descriptor
+from graven.store.tree_model import EXEC_MODE, FILE_MODE, TreeEntry
 from tests.unit.oci_build import (
     Member,
     add_manifest,

@@ -11,7 +11,8 @@ from graven.errors import RuntimeFailure
 from graven.model import ImageConfig
 from graven.runtime.base import LaunchSpec
 from graven.runtime.process import ProcessRuntime, describe_exit
-from graven.store.cas import ContentStore, Tree
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
 
 
 def launch(

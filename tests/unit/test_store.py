@@ -10,14 +10,8 @@ import pytest
 
 from graven.errors import NotFoundError, StoreError, UsageError
 from graven.model import Digest, ImageConfig
-from graven.store.cas import (
-    EMPTY_TREE,
-    ContentStore,
-    Tree,
-    TreeEntry,
-    TreePathError,
-    parse_tree,
-)
+from graven.store.cas import ContentStore
+from graven.store.tree_model import EMPTY_TREE, Tree, TreeEntry, TreePathError, parse_tree
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from graven.build.builder import BuildResult, build_image
 from graven.errors import StoreError
 from graven.model import Digest, ImageConfig
 from graven.spec.models import Recipe
-from graven.store import cas, oci
-from graven.store.cas import ContentStore, Tree
+from graven.store import oci
+from graven.store.cas import ContentStore, blobs
+from graven.store.tree_model import Tree
 
-LARGE = 3 * cas.CHUNK_SIZE + 5  # streamed by put_file, hashed rather than compared
+LARGE = 3 * blobs.CHUNK_SIZE + 5  # streamed by put_file, hashed rather than compared
 
 
 @pytest.fixture
@@ -53,13 +54,13 @@ def project(root: Path) -> Path:
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every blob the store reads back to verify it, in order."""
     seen: list[Path] = []
-    real = cas._check_blob
+    real = blobs._check_blob
 
-    def spy(path: Path, digest: Digest, data: bytes | None) -> cas._Signature | None:
+    def spy(path: Path, digest: Digest, data: bytes | None) -> blobs._Signature | None:
         seen.append(path)
         return real(path, digest, data)
 
-    monkeypatch.setattr(cas, "_check_blob", spy)
+    monkeypatch.setattr(blobs, "_check_blob", spy)
     return seen
 
 
@@ -95,7 +96,7 @@ def test_put_file_replaces_a_same_size_corrupt_large_blob(
 def test_a_verified_large_blob_is_not_hashed_again_until_it_is_written(
     store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cas, "SETTLED_NS", 0)  # no waiting for the ctime to settle
+    monkeypatch.setattr(blobs, "SETTLED_NS", 0)  # no waiting for the ctime to settle
     big = project(tmp_path / "src") / "big.bin"
     digest = store.put_file(big)
     path = store.blob_path(digest)
@@ -117,7 +118,7 @@ def test_a_fresh_blob_is_not_trusted_by_its_signature(
     store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A write in the same ctime tick would keep the signature: wait until it settles.
-    monkeypatch.setattr(cas, "SETTLED_NS", 3600 * 10**9)
+    monkeypatch.setattr(blobs, "SETTLED_NS", 3600 * 10**9)
     big = project(tmp_path / "src") / "big.bin"
     digest = store.put_file(big)
     seen = hashes(monkeypatch)

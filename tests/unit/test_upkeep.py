@@ -24,7 +24,8 @@ from graven.model import HealthCheck, ImageConfig, ServiceConfig
 from graven.router.embedded import EmbeddedRouter
 from graven.router.haproxy import HAProxyRouter
 from graven.runtime.process import ProcessRuntime
-from graven.store.cas import ContentStore, Tree
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
 from graven.testing.runtime import FakeRuntime

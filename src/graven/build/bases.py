@@ -77,8 +77,9 @@ from graven.build.interpreter import (
 )
 from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
-from graven.store.cas import DIR_MODE, SYMLINK_MODE, ContentStore, Tree, TreeEntry
+from graven.store.cas import ContentStore
 from graven.store.layers import split
+from graven.store.tree_model import DIR_MODE, SYMLINK_MODE, Tree, TreeEntry
 
 DEBIAN_CACHE_SCHEMA = "graven.base.debian/v1"
 BASE_LABEL = "dev.graven.base."

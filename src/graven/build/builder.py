@@ -70,8 +70,9 @@ from graven.spec.models import (
     WorkdirStep,
     step_kind,
 )
-from graven.store.cas import EMPTY_TREE, ContentStore, Tree, TreeEntry, TreePathError
+from graven.store.cas import ContentStore
 from graven.store.layers import split
+from graven.store.tree_model import EMPTY_TREE, Tree, TreeEntry, TreePathError
 
 STEP_KEY_SCHEMA = "graven.step/v1"
 STEP_RESULT_SCHEMA = "graven.step-result/v1"

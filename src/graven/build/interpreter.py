@@ -40,7 +40,9 @@ from typing import Literal
 
 from graven.errors import NotFoundError, UsageError
 from graven.model import Digest, Image, ImageConfig
-from graven.store.cas import CHUNK_SIZE, ContentStore, TreeEntry
+from graven.store.cas import ContentStore
+from graven.store.cas.blobs import CHUNK_SIZE
+from graven.store.tree_model import TreeEntry
 
 LABEL_PREFIX = "dev.graven.interpreter."
 LABEL_PATH = LABEL_PREFIX + "path"

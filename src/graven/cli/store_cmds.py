@@ -16,7 +16,7 @@ from graven.cli.main import cli, output_option
 from graven.cli.output import Output, human_size, short
 
 if TYPE_CHECKING:
-    from graven.store.cas import FsckReport
+    from graven.store.cas.fsck import FsckReport
 
 
 class _Duration(click.ParamType[float]):
@@ -53,7 +53,7 @@ def fsck(ctx: click.Context, repair: bool, output: str) -> None:
     """Hash every object in the store: exit 1 listing each problem found and the images
     it damages. With --repair, also quarantine what is damaged (nothing is deleted)."""
     from graven.controller.paths import store_root
-    from graven.store.cas import FsckReport
+    from graven.store.cas.fsck import FsckReport
 
     app = app_context(ctx)
     root = store_root(app.state_dir)

@@ -49,12 +49,9 @@ from typing import Any
 
 from graven.errors import StoreError
 from graven.model import Digest, is_valid_name
-from graven.store.cas import (
-    EMPTY_TREE,
-    ContentStore,
-    parse_image,
-    parse_tree,
-)
+from graven.store.cas import ContentStore
+from graven.store.cas.refs import parse_image
+from graven.store.tree_model import EMPTY_TREE, parse_tree
 
 GRACE_PERIOD = 600.0  # seconds: a concurrent build may be writing younger blobs
 DEFAULT_KEEP_RELEASES = 10

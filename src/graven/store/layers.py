@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from graven.model import Digest
-from graven.store.cas import DIR_MODE, ContentStore, Tree, TreeEntry
+from graven.store.cas import ContentStore
+from graven.store.tree_model import DIR_MODE, Tree, TreeEntry
 
 # A step smaller than this stays one layer.
 SPLIT_ABOVE = 8 * 1024 * 1024

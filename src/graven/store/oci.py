@@ -56,15 +56,8 @@ from typing import Any, Literal, Protocol
 from graven.atomic import write_atomic
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, canonical_json
-from graven.store.cas import (
-    CHUNK_SIZE,
-    DIR_MODE,
-    FILE_MODE,
-    REPAIR_HINT,
-    ContentStore,
-    Tree,
-    TreeEntry,
-)
+from graven.store.cas import ContentStore
+from graven.store.cas.blobs import CHUNK_SIZE, REPAIR_HINT
 from graven.store.layers import changes
 from graven.store.oci_types import (
     GRAVEN_IMAGE,
@@ -80,6 +73,7 @@ from graven.store.oci_types import (
     InvalidOCI,
     is_valid_ref_name,
 )
+from graven.store.tree_model import DIR_MODE, FILE_MODE, Tree, TreeEntry
 
 Compression = Literal["gzip", "zstd", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "zstd", "none")

@@ -88,16 +88,8 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, is_valid_name
-from graven.store.cas import (
-    CHUNK_SIZE,
-    DIR_MODE,
-    EXEC_MODE,
-    FILE_MODE,
-    SYMLINK_MODE,
-    ContentStore,
-    Tree,
-    TreeEntry,
-)
+from graven.store.cas import ContentStore
+from graven.store.cas.blobs import CHUNK_SIZE
 from graven.store.oci_types import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -116,6 +108,7 @@ from graven.store.oci_types import (
     InvalidOCI,
     is_valid_ref_name,
 )
+from graven.store.tree_model import DIR_MODE, EXEC_MODE, FILE_MODE, SYMLINK_MODE, Tree, TreeEntry
 
 BlobOpener = Callable[[Descriptor], AbstractContextManager[BinaryIO]]
 
