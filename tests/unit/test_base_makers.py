@@ -20,20 +20,19 @@ from pathlib import Path
 
 import pytest
 
-from graven.build import bases
-from graven.build.bases import (
+from graven.build.bases import debian
+from graven.build.bases.debian import (
     apt_sources,
     check_mirror,
     clear_shadow_dates,
     debootstrap_argv,
     default_mirror,
     find_debian_base,
-    ldd,
     make_debian_base,
-    make_host_python_base,
     parse_deb822_sources,
     parse_one_line_sources,
 )
+from graven.build.bases.host_python import ldd, make_host_python_base
 from graven.build.interpreter import (
     LABEL_PATH,
     LABEL_SHA256,
@@ -738,6 +737,6 @@ def test_debian_parameters_are_checked_before_anything_runs(
         make_debian_base(store, variant="huge", mirror="http://m.example/debian")
     with pytest.raises(UsageError, match="invalid image name"):
         make_debian_base(store, name="Debian", mirror="http://m.example/debian")
-    monkeypatch.setattr(bases.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
     with pytest.raises(UsageError, match="needs root"):
         make_debian_base(store, mirror="http://m.example/debian")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -48,9 +47,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from graven.build import sandbox
+from graven.build.bases.resolve import resolve_base
 from graven.build.ignore import IGNORE_FILE, IgnoreRules
 from graven.build.interpreter import with_interpreter_labels
-from graven.errors import BuildError, GravenError, StoreError, UsageError
+from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.spec.models import (
     SCRATCH,
@@ -61,9 +61,7 @@ from graven.spec.models import (
     ExposeStep,
     ImageBase,
     LabelStep,
-    LayoutBase,
     Recipe,
-    RegistryBase,
     RunStep,
     Step,
     UserStep,
@@ -76,8 +74,6 @@ from graven.store.tree_model import EMPTY_TREE, Tree, TreeEntry, TreePathError
 
 STEP_KEY_SCHEMA = "graven.step/v1"
 STEP_RESULT_SCHEMA = "graven.step-result/v1"
-BASE_IMPORT_SCHEMA = "graven.base-import/v1"
-MAX_INDEX_BYTES = 4 * 1024 * 1024  # an OCI layout's index.json, read to find a cached import
 _OUTPUT_TAIL_LINES = 20
 RUN_TIMEOUT = sandbox.DEFAULT_TIMEOUT  # seconds a run step may take
 
@@ -322,7 +318,7 @@ def build_image(
     return BuildResult(image=replace(image, name=name), steps=outcomes, base=base)
 
 
-# --- bases -----------------------------------------------------------------------------------
+# --- build order --------------------------------------------------------------------------
 
 
 def build_order(images: Mapping[str, Recipe], names: Sequence[str] = ()) -> list[str]:
@@ -367,199 +363,6 @@ def spec_bases(images: Mapping[str, Recipe], name: str) -> list[str]:
 def _spec_base(recipe: Recipe) -> str | None:
     base = recipe.base
     return base.spec_image if isinstance(base, ImageBase) else None
-
-
-def resolve_base(
-    name: str,
-    recipe: Recipe,
-    context_dir: Path,
-    store: ContentStore,
-    *,
-    built: Mapping[str, Image] | None = None,
-    on_progress: Callable[[str], None] | None = None,
-) -> Image | None:
-    """The image ``recipe`` (of image ``name``) starts from; None for ``scratch``.
-
-    - ``{image: NAME}``: the image ``built[NAME]``, built earlier in this run;
-    - ``{image: sha256:...}`` or ``{image: NAME@sha256:...}``: that image in ``store``;
-    - ``{layout: DIR, ref: REF}``: imported from the OCI layout ``context_dir/DIR``, or
-      found in the store when its manifest digest was imported before;
-    - ``{registry: HOST/REPO@sha256:...}``: found in the store by that digest, else
-      pulled (credentials as ``find_credentials`` finds them; plain HTTP to loopback)
-      and tagged ``REPO-<12 hex of the digest>`` so ``graven images`` shows it.
-
-    Errors name the key path (``images.NAME.base...``) and keep their class: an
-    unknown image or a broken layout is a usage error (exit 2), an unreachable registry
-    or a digest that does not match a failure (exit 1)."""
-    base = recipe.base
-    where = f"images.{name}.base"
-    if isinstance(base, ImageBase):
-        return _image_base(base, store, built or {}, f"{where}.image")
-    if isinstance(base, LayoutBase):
-        return _layout_base(base, Path(context_dir), store, f"{where}.layout", on_progress)
-    if isinstance(base, RegistryBase):
-        return _registry_base(base, store, f"{where}.registry", on_progress)
-    return None
-
-
-def _located(where: str, error: GravenError) -> GravenError:
-    """``error`` with the key path it concerns before its message; its class (and so
-    its exit code and details) kept."""
-    error.message = f"{where}: {error.message}"
-    error.args = (error.message,)
-    return error
-
-
-def _image_base(
-    base: ImageBase, store: ContentStore, built: Mapping[str, Image], where: str
-) -> Image:
-    if base.spec_image is not None:
-        image = built.get(base.spec_image)
-        if image is None:
-            raise BuildError(
-                f"{where}: image {base.spec_image!r} has not been built yet",
-                hint="Build the base first ('graven build' builds bases before the images"
-                " on them).",
-            )
-        return image
-    try:
-        return store.resolve(base.image)
-    except GravenError as e:
-        raise _located(where, e) from None
-
-
-def _layout_base(
-    base: LayoutBase,
-    context: Path,
-    store: ContentStore,
-    where: str,
-    on_progress: Callable[[str], None] | None,
-) -> Image:
-    from graven.store.oci_import import import_layout
-
-    path = context.joinpath(*PurePosixPath(base.layout).parts)
-    try:
-        inside = path.resolve().is_relative_to(context.resolve())
-    except (OSError, RuntimeError):
-        inside = False
-    if not inside:
-        raise UsageError(
-            f"{where}: layout {base.layout!r} leaves the project directory {context}",
-            hint="Keep base layouts inside the directory that holds graven.yaml.",
-        )
-    manifest = _layout_manifest(path, base.ref)
-    if manifest is not None and (image := _imported(store, manifest)) is not None:
-        return image
-    if on_progress is not None:
-        on_progress(
-            f"base: importing layout {base.layout}" + (f" ({base.ref})" if base.ref else "")
-        )
-    try:
-        image = import_layout(store, path, base.ref)
-    except GravenError as e:
-        raise _located(where, e) from None
-    if manifest is not None:
-        _remember_import(store, manifest, image)
-    return image
-
-
-def _layout_manifest(layout: Path, ref: str | None) -> Digest | None:
-    """The digest ``index.json`` names for ``ref`` (or its only image); None when the
-    index does not say unambiguously: the importer then decides, and explains."""
-    from graven.store.oci_types import REF_NAME
-
-    try:
-        fd = os.open(
-            layout / "index.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = f.read(MAX_INDEX_BYTES + 1)
-    try:
-        doc = json.loads(data) if len(data) <= MAX_INDEX_BYTES else None
-        entries = doc["manifests"] if isinstance(doc, dict) else None
-        if not isinstance(entries, list):
-            return None
-        found = [
-            e
-            for e in entries
-            if isinstance(e, dict)
-            and (ref is None or (e.get("annotations") or {}).get(REF_NAME) == ref)
-        ]
-        return Digest(found[0]["digest"]) if len(found) == 1 else None
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-
-
-def _registry_base(
-    base: RegistryBase,
-    store: ContentStore,
-    where: str,
-    on_progress: Callable[[str], None] | None,
-) -> Image:
-    from graven.store.registry import (
-        RegistryClient,
-        find_credentials,
-        local_name_for,
-        parse_reference,
-        pull_image,
-    )
-
-    try:
-        ref = parse_reference(base.registry)
-    except GravenError as e:
-        raise _located(where, e) from None
-    if ref.digest is None:  # the spec model rejects this; a library caller may not
-        raise UsageError(
-            f"{where}: {base.registry!r} is not pinned by digest",
-            hint="Pin it: 'graven pull' prints the digest (HOST/REPO@sha256:...).",
-        )
-    if (image := _imported(store, ref.digest)) is not None:
-        return image
-    if on_progress is not None:
-        on_progress(f"base: pulling {ref}")
-    # A name of its own, never the repository's bare name: that could be a spec image.
-    local = f"{local_name_for(ref.repository)[:50].rstrip('-')}-{ref.digest.hex[:12]}"
-    try:
-        credentials = find_credentials(ref.registry)
-        with RegistryClient(ref.registry, credentials=credentials) as client:
-            pulled = pull_image(store, ref, client, name=local)
-        image = store.get_image(pulled.image)
-    except GravenError as e:
-        raise _located(where, e) from None
-    _remember_import(store, ref.digest, image)
-    if pulled.manifest_digest != ref.digest:  # an index: remember its platform's manifest too
-        _remember_import(store, pulled.manifest_digest, image)
-    return replace(image, name=local)
-
-
-def _import_key(manifest: Digest) -> str:
-    return f"{BASE_IMPORT_SCHEMA} {manifest}"
-
-
-def _imported(store: ContentStore, manifest: Digest) -> Image | None:
-    """The image a manifest was imported as before, if it is still whole in the store."""
-    text = store.cache_get(_import_key(manifest))
-    if text is None:
-        return None
-    try:
-        doc = json.loads(text)
-        if doc["schema"] != BASE_IMPORT_SCHEMA or doc["manifest"] != manifest:
-            return None
-        image = store.get_image(Digest(doc["image"]))
-    except (ValueError, KeyError, TypeError, GravenError):
-        return None  # a damaged entry or a collected image only costs a new import
-    if not all(store.has(d) for d in {image.rootfs, *image.layers}):
-        return None
-    return image
-
-
-def _remember_import(store: ContentStore, manifest: Digest, image: Image) -> None:
-    doc = {"schema": BASE_IMPORT_SCHEMA, "manifest": str(manifest), "image": str(image.digest)}
-    store.cache_put(_import_key(manifest), canonical_json(doc).decode())
 
 
 # --- step description ----------------------------------------------------------------------

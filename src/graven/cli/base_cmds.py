@@ -94,7 +94,7 @@ def debian(
 ) -> None:
     """Make a Debian root file system with debootstrap (needs root); made once per
     parameters, then reused."""
-    from graven.build.bases import find_debian_base, make_debian_base
+    from graven.build.bases.debian import find_debian_base, make_debian_base
 
     out = Output(output)
     store = app_context(ctx).store()
@@ -134,7 +134,7 @@ def host_python(
 ) -> None:
     """Make an image of this host's Python: interpreter, standard library and the shared
     libraries they load, at their host paths."""
-    from graven.build.bases import make_host_python_base
+    from graven.build.bases.host_python import make_host_python_base
 
     out = Output(output)
     store = app_context(ctx).store()

@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from graven.atomic import write_atomic
+from graven.atomic import PendingFile, write_atomic
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, canonical_json
 from graven.store.cas import ContentStore
@@ -696,14 +696,6 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _file_matches(path: Path, digest: Digest, size: int) -> bool:
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
@@ -718,18 +710,9 @@ def _file_matches(path: Path, digest: Digest, size: int) -> bool:
 
 
 def _write_blob_from_store(store: ContentStore, digest: Digest, size: int, final: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _copy_verified(store, digest, size, f)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).chmod(_FILE_MODE)
-        Path(tmp).replace(final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(final.parent)
+    with PendingFile(final.parent) as pending:
+        _copy_verified(store, digest, size, pending.file)
+        pending.commit(final, mode=_FILE_MODE)
 
 
 def _read_index(dest: Path) -> dict[str, Any]:
@@ -848,29 +831,20 @@ def export_archive(
     stored = {layer.digest: layer for layer in oci.layers if layer.digest not in documents}
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                tar = _TarWriter(f, source_date_epoch())
-                tar.directory("blobs")
-                tar.directory("blobs/sha256")
-                for digest in sorted({*documents, *stored}):
-                    name = f"blobs/sha256/{digest.hex}"
-                    if digest in documents:
-                        tar.file_bytes(name, documents[digest])
-                    else:
-                        tar.file_blob(name, store, digest, stored[digest].size)
-                tar.file_bytes(INDEX_FILE, index)
-                tar.file_bytes(OCI_LAYOUT_FILE, _layout_marker())
-                tar.close()
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).chmod(_FILE_MODE)
-            Path(tmp).replace(dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(dest.parent)
+        with PendingFile(dest.parent, prefix=f".{dest.name}.", suffix=".tmp") as pending:
+            tar = _TarWriter(pending.file, source_date_epoch())
+            tar.directory("blobs")
+            tar.directory("blobs/sha256")
+            for digest in sorted({*documents, *stored}):
+                name = f"blobs/sha256/{digest.hex}"
+                if digest in documents:
+                    tar.file_bytes(name, documents[digest])
+                else:
+                    tar.file_blob(name, store, digest, stored[digest].size)
+            tar.file_bytes(INDEX_FILE, index)
+            tar.file_bytes(OCI_LAYOUT_FILE, _layout_marker())
+            tar.close()
+            pending.commit(dest, mode=_FILE_MODE)
     except OSError as e:
         raise StoreError(f"cannot write the OCI archive {dest}: {e.strerror or e}") from e
     blob_count = len(documents) + len(stored)

@@ -1,4 +1,4 @@
-"""Base images made once, offline: a Debian root file system, or the host's Python.
+"""The Debian base maker: a Debian root file system, made once, offline.
 
 ``make_debian_base`` runs ``debootstrap`` against a Debian mirror (by default the one
 apt on this machine uses) into a directory in the store's ``tmp/``, normalizes the tree,
@@ -35,17 +35,7 @@ What stays nondeterministic, and why:
   only normalized modes (0644/0755), so ``/etc/shadow`` is world-readable and ``su`` is
   not setuid in the image. Run instances as the image's root user, or not at all.
 
-``make_host_python_base`` makes an image of the host's Python runtime closure: the
-interpreter (a virtualenv's base interpreter), its standard library without test suites,
-``site-packages`` and the static build kit, every shared library ``ldd`` finds for the
-interpreter and each extension module (plus ``libgcc_s``, which glibc loads on demand to
-unwind threads), and the dynamic loader, each at its own absolute path with the symlinks
-on the way (``/lib -> usr/lib`` and so on). No ``/etc``: the libraries sit where the
-loader looks without ``ld.so.cache``. The image's entrypoint is the interpreter, so
-``python app.py`` runs with the image as root under bubblewrap or runc. Only file
-content enters the store, so the same host files give the same digest.
-
-Both record their interpreter in the image's labels (``graven.build.interpreter``).
+The image records its interpreter in its labels (``graven.build.interpreter``).
 """
 
 from __future__ import annotations
@@ -54,41 +44,34 @@ import contextlib
 import json
 import os
 import platform
-import posixpath
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from graven.build.bases.common import BASE_LABEL, ProgressFn, say, store_base
 from graven.build.interpreter import (
     DEFAULT_IMAGE_PATH,
-    resolve_interpreter,
     with_interpreter_labels,
 )
 from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.store.cas import ContentStore
-from graven.store.layers import split
-from graven.store.tree_model import DIR_MODE, SYMLINK_MODE, Tree, TreeEntry
 
 DEBIAN_CACHE_SCHEMA = "graven.base.debian/v1"
-BASE_LABEL = "dev.graven.base."
 VARIANTS = ("minbase", "buildd", "default")  # "default": debootstrap's own (no --variant)
 DEFAULT_SUITE = "bookworm"
 DEBOOTSTRAP_TIMEOUT = 1800.0
 MIRROR_TIMEOUT = 20.0
-
-ProgressFn = Callable[[str], None]
 
 _SUITE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}\Z")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+\Z")
@@ -123,32 +106,8 @@ _SHADOW_FILES = ("etc/shadow", "etc/shadow-")
 _SHADOW_FIELDS = 9
 _SHADOW_LASTCHG = 2
 
-# Host Python closure.
-_STDLIB_SKIP_ANYWHERE = frozenset({"test", "tests", "idle_test"})
-_STDLIB_SKIP_TOP = frozenset({"site-packages", "dist-packages"})
-_STDLIB_SKIP_TOP_PREFIX = "config-"  # libpythonX.Y.a and the Makefile: for building C code
-_EMPTY_DIRS = ("dev", "proc", "sys", "tmp")  # mount points runtimes need in a read-only root
-_LOADED_ON_DEMAND = ("libgcc_s.so.1",)  # dlopen()ed by glibc (pthread_exit, backtraces)
-_LDD_TIMEOUT = 30.0
-_PROBE_TIMEOUT = 30.0
-_MAX_SYMLINK_HOPS = 40
-_PROBE = (
-    "import json, platform, sys, sysconfig\n"
-    "print(json.dumps({"
-    "'base_executable': getattr(sys, '_base_executable', '') or sys.executable,"
-    "'version': platform.python_version(),"
-    "'implementation': sys.implementation.name,"
-    "'paths': [sysconfig.get_path('stdlib'), sysconfig.get_path('platstdlib'), *sys.path],"
-    "}))"
-)
 
-
-def _say(on_progress: ProgressFn | None, text: str) -> None:
-    if on_progress is not None:
-        on_progress(text)
-
-
-# --- Debian: where the mirror is ------------------------------------------------------------
+# --- where the mirror is ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -314,7 +273,7 @@ def check_mirror(mirror: str, suite: str, *, timeout: float = MIRROR_TIMEOUT) ->
     raise BuildError(f"the Debian mirror {mirror} refused: {'; '.join(answers)}")
 
 
-# --- Debian: running debootstrap ------------------------------------------------------------
+# --- running debootstrap ------------------------------------------------------------------
 
 
 def _debootstrap_path(explicit: str | None) -> str:
@@ -424,9 +383,9 @@ def _run_debootstrap(
             if _RETRIEVING.match(line):
                 retrieved += 1
                 if retrieved % _PACKAGES_EVERY == 0:
-                    _say(on_progress, f"  retrieved {retrieved} packages")
+                    say(on_progress, f"  retrieved {retrieved} packages")
             elif line and not _PACKAGE_LINE.match(line):
-                _say(on_progress, "  " + line.removeprefix("I: "))
+                say(on_progress, "  " + line.removeprefix("I: "))
         code = proc.wait()
     except BaseException:
         _kill_group(proc.pid)
@@ -489,7 +448,7 @@ def _remove_target(target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
 
 
-# --- Debian: normalizing the tree -----------------------------------------------------------
+# --- normalizing the tree -----------------------------------------------------------------
 
 
 def _inside(root: Path, relative: str) -> Path | None:
@@ -554,7 +513,7 @@ def clear_shadow_dates(text: str) -> str:
     return "\n".join(lines)
 
 
-# --- Debian: the base -----------------------------------------------------------------------
+# --- the base -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -652,7 +611,7 @@ def make_debian_base(
     mirror_url = params.mirror
     key = params.cache_key()
     if not refresh and (cached := _cached_image(store, key)) is not None:
-        _say(on_progress, f"reusing {cached.digest.short}: made earlier from {mirror_url}")
+        say(on_progress, f"reusing {cached.digest.short}: made earlier from {mirror_url}")
         store.tag(name, cached.digest)
         return replace(cached, name=name)
     if os.geteuid() != 0:
@@ -662,7 +621,7 @@ def make_debian_base(
         )
     tool = _debootstrap_path(debootstrap)
     version = _debootstrap_version(tool)
-    _say(on_progress, f"checking the mirror {mirror_url}")
+    say(on_progress, f"checking the mirror {mirror_url}")
     check_mirror(mirror_url, suite)
     target = Path(tempfile.mkdtemp(prefix="debootstrap-", dir=store.tmp_dir))
     try:
@@ -676,11 +635,11 @@ def make_debian_base(
             mirror=mirror_url,
             private_mounts=shutil.which("unshare") is not None,
         )
-        _say(on_progress, f"debootstrap {version}: {suite} ({variant}) from {mirror_url}")
+        say(on_progress, f"debootstrap {version}: {suite} ({variant}) from {mirror_url}")
         _run_debootstrap(argv, target, on_progress, timeout)
-        _say(on_progress, "normalizing the tree")
+        say(on_progress, "normalizing the tree")
         normalize_debian_tree(target)
-        _say(on_progress, "storing the tree")
+        say(on_progress, "storing the tree")
         rootfs = store.ingest_tree(target)
     finally:
         _remove_target(target)
@@ -699,297 +658,6 @@ def make_debian_base(
         env=(("PATH", DEFAULT_IMAGE_PATH),),
         labels=tuple(sorted(labels.items())),
     )
-    image = _store_base(store, rootfs, with_interpreter_labels(store, rootfs, config), name)
+    image = store_base(store, rootfs, with_interpreter_labels(store, rootfs, config), name)
     store.cache_put(key, canonical_json({"image": str(image.digest)}).decode())
     return image
-
-
-def _store_base(store: ContentStore, rootfs: Digest, config: ImageConfig, name: str) -> Image:
-    # Layers split by content, so a push moves a large base in resumable pieces.
-    layers = tuple(split(store, store.put_tree(Tree()), rootfs)) or (rootfs,)
-    image = store.put_image(rootfs, config, layers)
-    store.tag(name, image.digest)
-    return replace(image, name=name)
-
-
-# --- the host's Python ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PythonRuntime:
-    """What a host interpreter says about itself (asked with ``-I -S``)."""
-
-    executable: str  # the interpreter to copy (a virtualenv's base), as named
-    version: str
-    implementation: str
-    library_dirs: tuple[str, ...]  # stdlib directories, none inside another
-
-
-def probe_python(python: str) -> PythonRuntime:
-    """Ask ``python`` where it and its standard library are. UsageError if it cannot say."""
-    try:
-        done = subprocess.run(
-            [python, "-I", "-S", "-c", _PROBE],
-            capture_output=True,
-            text=True,
-            timeout=_PROBE_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        info = json.loads(done.stdout) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
-        raise UsageError(f"{python} is not a usable Python interpreter: {e}") from None
-    if not isinstance(info, dict):
-        raise UsageError(
-            f"{python} is not a usable Python interpreter: {done.stderr.strip()[-300:]}"
-        )
-    executable = str(info.get("base_executable") or python)
-    if not (Path(executable).is_absolute() and Path(executable).is_file()):
-        executable = python
-    named = {posixpath.normpath(str(p)) for p in info.get("paths", []) if str(p).startswith("/")}
-    dirs = sorted(d for d in named if Path(d).is_dir())
-    outermost = [d for d in dirs if not any(d.startswith(o + "/") for o in dirs if o != d)]
-    return PythonRuntime(
-        executable=executable,
-        version=str(info.get("version", "")),
-        implementation=str(info.get("implementation", "")),
-        library_dirs=tuple(outermost),
-    )
-
-
-class _HostClosure:
-    """Host paths to copy into an image at the same absolute paths.
-
-    Every symlink met on the way to a path is recorded as a symlink (``/lib ->
-    usr/lib``) and followed, so each file or directory is placed at its real,
-    symlink-free path and the image resolves the original path the way the host does.
-    """
-
-    def __init__(self) -> None:
-        self.links: dict[str, str] = {}
-        self.files: set[str] = set()
-        self.dirs: set[str] = set()
-
-    def add(self, path: str) -> str:
-        """Plan ``path`` (with its symlinks); return its real path."""
-        real = self._resolve(path)
-        (self.dirs if Path(real).is_dir() else self.files).add(real)
-        return real
-
-    def _resolve(self, path: str) -> str:
-        pending = deque(p for p in path.split("/") if p)
-        real = "/"
-        hops = 0
-        while pending:
-            part = pending.popleft()
-            if part == ".":
-                continue
-            if part == "..":
-                real = posixpath.dirname(real)
-                continue
-            candidate = posixpath.join(real, part)
-            if Path(candidate).is_symlink():
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise BuildError(f"{path}: too many levels of symbolic links")
-                target = os.readlink(candidate)  # noqa: PTH115  (the text, not normalized)
-                self.links[candidate] = target
-                if target.startswith("/"):
-                    real = "/"
-                pending.extendleft(reversed([p for p in target.split("/") if p]))
-                continue
-            if not os.path.lexists(candidate):
-                raise BuildError(f"{path}: {candidate} does not exist on this host")
-            real = candidate
-        return real
-
-    def tree(self, store: ContentStore, ignore: Callable[[Path, bool], bool]) -> Digest:
-        """Store everything planned as one root tree; directories filtered by ``ignore``."""
-        empty = store.put_tree(Tree())
-        root = empty
-        for name in _EMPTY_DIRS:
-            root = store.place(root, "/" + name, TreeEntry(name, "dir", DIR_MODE, 0, empty))
-        for directory in sorted(self.dirs):
-            root = store.place(root, directory, store.ingest(Path(directory), ignore=ignore))
-        for file in sorted(self.files):
-            root = store.place(root, file, store.ingest(Path(file)))
-        for link, target in sorted(self.links.items()):
-            size = len(target.encode("utf-8"))
-            entry = TreeEntry(Path(link).name, "symlink", SYMLINK_MODE, size, target=target)
-            root = store.place(root, link, entry)
-        return root
-
-
-def _stdlib_filter(
-    library_dirs: Sequence[str], include_bytecode: bool
-) -> Callable[[Path, bool], bool]:
-    tops = [Path(d) for d in library_dirs]
-
-    def ignore(path: Path, is_dir: bool) -> bool:
-        if not is_dir:
-            return False
-        name = path.name
-        if name in _STDLIB_SKIP_ANYWHERE or (name == "__pycache__" and not include_bytecode):
-            return True
-        return path.parent in tops and (
-            name in _STDLIB_SKIP_TOP or name.startswith(_STDLIB_SKIP_TOP_PREFIX)
-        )
-
-    return ignore
-
-
-def _walk_kept(top: str, ignore: Callable[[Path, bool], bool]) -> Iterable[Path]:
-    """Every file and symlink under ``top`` that the image keeps."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
-        kept = []
-        for d in dirnames:
-            sub = here / d
-            if sub.is_symlink():
-                yield sub
-            elif not ignore(sub, True):
-                kept.append(d)
-        dirnames[:] = kept
-        for f in filenames:
-            yield here / f
-
-
-def ldd(path: str) -> tuple[list[str], list[str]]:
-    """The shared libraries (and dynamic loader) ``path`` needs, as ldd resolves them on
-    this host, and the names it cannot resolve. Empty for a static binary."""
-    try:
-        done = subprocess.run(
-            ["ldd", path],
-            capture_output=True,
-            text=True,
-            timeout=_LDD_TIMEOUT,
-            env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            check=False,
-        )
-    except FileNotFoundError:
-        raise UsageError("ldd is not installed", hint="Install libc-bin.") from None
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise BuildError(f"ldd {path} failed: {e}") from None
-    found: list[str] = []
-    missing: list[str] = []
-    for raw in done.stdout.splitlines():
-        line = raw.strip()
-        if "=>" in line:
-            soname, _, where = line.partition("=>")
-            where = where.strip()
-            if where.startswith("not found"):
-                missing.append(soname.strip())
-            elif where.startswith("/"):
-                found.append(where.split(" (", 1)[0].strip())
-        elif line.startswith("/"):
-            found.append(line.split(" (", 1)[0].strip())  # the dynamic loader
-    return found, missing
-
-
-def _is_elf(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
-
-
-def _resolve_python(python: str | None) -> str:
-    chosen = python or sys.executable
-    if not chosen:
-        raise UsageError("no Python interpreter given, and this one does not know its path")
-    if "/" not in chosen:
-        found = shutil.which(chosen)
-        if found is None:
-            raise UsageError(f"no {chosen!r} on PATH")
-        chosen = found
-    path = str(Path(chosen).absolute())
-    if not (Path(path).is_file() and os.access(path, os.X_OK)):
-        raise UsageError(f"{path} is not an executable file")
-    return path
-
-
-def make_host_python_base(
-    store: ContentStore,
-    *,
-    python: str | None = None,
-    name: str = "host-python",
-    include_bytecode: bool = False,
-    on_progress: ProgressFn | None = None,
-) -> Image:
-    """An image of this host's Python runtime closure, tagged ``name`` (see the module
-    docstring); its entrypoint is the interpreter at its host path.
-
-    ``python`` defaults to the running interpreter (a virtualenv's gives its base).
-    ``include_bytecode`` keeps ``__pycache__``: off by default, because the store keeps
-    no mtimes, so timestamp-checked ``.pyc`` files would be stale in every checkout."""
-    if not is_valid_name(name):
-        raise UsageError(
-            f"invalid image name {name!r}: use lowercase letters, digits and '-', "
-            "starting with a letter"
-        )
-    runtime = probe_python(_resolve_python(python))
-    _say(on_progress, f"python {runtime.version} ({runtime.implementation}): {runtime.executable}")
-    closure = _HostClosure()
-    binary = closure.add(runtime.executable)
-    library_dirs = [closure.add(d) for d in runtime.library_dirs]  # real paths
-    ignore = _stdlib_filter(library_dirs, include_bytecode)
-
-    # What the loader must find: the interpreter's libraries, and each extension module's.
-    objects = [binary]
-    for directory in library_dirs:
-        for path in _walk_kept(directory, ignore):
-            if path.is_symlink():
-                target = os.path.realpath(path)
-                if Path(target).exists() and not any(
-                    target.startswith(d + "/") for d in library_dirs
-                ):
-                    closure.add(target)  # a link out of the stdlib (Debian's sitecustomize)
-            elif ".so" in path.name and _is_elf(path):
-                objects.append(str(path))
-    found, missing = ldd(binary)
-    if missing:
-        raise BuildError(
-            f"{binary} needs {', '.join(missing)}, which this host cannot find",
-            hint="Repair the interpreter's installation (ldd shows what is missing).",
-        )
-    libraries = set(found)
-    for module in objects[1:]:
-        found, missing = ldd(module)
-        libraries.update(found)
-        if missing:
-            _say(
-                on_progress,
-                f"  warning: {Path(module).name} needs {', '.join(missing)}, missing on this "
-                "host: that module will not import in the image either",
-            )
-    for library in sorted(libraries):
-        real = closure.add(library)
-        if Path(real).name.startswith("libc.so"):
-            for extra in _LOADED_ON_DEMAND:
-                candidate = Path(library).parent / extra
-                if candidate.exists():
-                    closure.add(str(candidate))
-    _say(
-        on_progress,
-        f"  {len(libraries)} shared libraries for {len(objects)} binaries; "
-        f"{len(library_dirs)} library directories",
-    )
-    rootfs = closure.tree(store, ignore)
-    labels = {
-        BASE_LABEL + "kind": "host-python",
-        BASE_LABEL + "python.version": runtime.version,
-        BASE_LABEL + "python.implementation": runtime.implementation,
-    }
-    path_dirs = [posixpath.dirname(runtime.executable), *DEFAULT_IMAGE_PATH.split(":")]
-    config = ImageConfig(
-        entrypoint=(runtime.executable,),
-        env=(("PATH", ":".join(dict.fromkeys(path_dirs))),),
-        labels=tuple(sorted(labels.items())),
-    )
-    interpreter = resolve_interpreter(store, rootfs, config)
-    if interpreter.source != "image":
-        raise BuildError(f"{runtime.executable} did not end up in the image (an internal error?)")
-    interpreter = replace(interpreter, version=f"Python {runtime.version}")
-    config = with_interpreter_labels(store, rootfs, config, interpreter)
-    return _store_base(store, rootfs, config, name)

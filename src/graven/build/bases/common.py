@@ -1,0 +1,67 @@
+"""What every base shares: the label prefix, progress lines, storing a made base, and
+the import cache that lets an imported or pulled base be found again by manifest."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+
+from graven.errors import GravenError
+from graven.model import Digest, Image, ImageConfig, canonical_json
+from graven.store.cas import ContentStore
+from graven.store.layers import split
+from graven.store.tree_model import Tree
+
+BASE_LABEL = "dev.graven.base."
+BASE_IMPORT_SCHEMA = "graven.base-import/v1"
+
+ProgressFn = Callable[[str], None]
+
+
+def say(on_progress: ProgressFn | None, text: str) -> None:
+    if on_progress is not None:
+        on_progress(text)
+
+
+def store_base(store: ContentStore, rootfs: Digest, config: ImageConfig, name: str) -> Image:
+    """Store a made base's image, its layers split by content (so a push moves a large
+    base in resumable pieces), and tag it ``name``."""
+    layers = tuple(split(store, store.put_tree(Tree()), rootfs)) or (rootfs,)
+    image = store.put_image(rootfs, config, layers)
+    store.tag(name, image.digest)
+    return replace(image, name=name)
+
+
+def located(where: str, error: GravenError) -> GravenError:
+    """``error`` with the key path it concerns before its message; its class (and so
+    its exit code and details) kept."""
+    error.message = f"{where}: {error.message}"
+    error.args = (error.message,)
+    return error
+
+
+def _import_key(manifest: Digest) -> str:
+    return f"{BASE_IMPORT_SCHEMA} {manifest}"
+
+
+def imported(store: ContentStore, manifest: Digest) -> Image | None:
+    """The image a manifest was imported as before, if it is still whole in the store."""
+    text = store.cache_get(_import_key(manifest))
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+        if doc["schema"] != BASE_IMPORT_SCHEMA or doc["manifest"] != manifest:
+            return None
+        image = store.get_image(Digest(doc["image"]))
+    except (ValueError, KeyError, TypeError, GravenError):
+        return None  # a damaged entry or a collected image only costs a new import
+    if not all(store.has(d) for d in {image.rootfs, *image.layers}):
+        return None
+    return image
+
+
+def remember_import(store: ContentStore, manifest: Digest, image: Image) -> None:
+    doc = {"schema": BASE_IMPORT_SCHEMA, "manifest": str(manifest), "image": str(image.digest)}
+    store.cache_put(_import_key(manifest), canonical_json(doc).decode())
