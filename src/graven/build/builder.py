@@ -68,7 +68,7 @@ from graven.spec.models import (
     WorkdirStep,
     step_kind,
 )
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.layers import split
 from graven.store.tree_model import EMPTY_TREE, Tree, TreeEntry, TreePathError
 
@@ -212,7 +212,7 @@ def build_image(
     name: str,
     recipe: Recipe,
     context_dir: Path,
-    store: ContentStore,
+    store: ImageStore,
     *,
     no_cache: bool = False,
     on_step: Callable[[StepOutcome], None] | None = None,
@@ -426,7 +426,7 @@ def _summary(step: Step, note: str | None = None) -> str:
 # --- cache -----------------------------------------------------------------------------------
 
 
-def _cached_result(store: ContentStore, key: Digest) -> tuple[BuildState, str | None] | None:
+def _cached_result(store: ImageStore, key: Digest) -> tuple[BuildState, str | None] | None:
     """The state cached under ``key`` and the note its run left (how a ``run`` step was
     isolated); None when absent, malformed or a tree it names is gone (collected)."""
     text = store.cache_get(key)
@@ -452,7 +452,7 @@ def _apply(
     step: Step,
     state: BuildState,
     source: TreeEntry | None,
-    store: ContentStore,
+    store: ImageStore,
     where: str,
     allow_host_run: bool | None,
 ) -> tuple[BuildState, str | None]:
@@ -490,7 +490,7 @@ def _configure(step: Step, state: BuildState, where: str) -> BuildState:
     raise BuildError(f"{where}: unknown step {step!r}")
 
 
-def _with_rootfs(store: ContentStore, state: BuildState, rootfs: Digest) -> BuildState:
+def _with_rootfs(store: ImageStore, state: BuildState, rootfs: Digest) -> BuildState:
     """A step changed the files: its changes become one layer, or several when large."""
     return replace(
         state, rootfs=rootfs, layers=state.layers + tuple(split(store, state.rootfs, rootfs))
@@ -513,7 +513,7 @@ def _ignore_rules(context: Path, name: str) -> IgnoreRules:
 
 
 def _ingest_source(
-    store: ContentStore, context: Path, step: CopyStep, where: str, ignore: IgnoreRules
+    store: ImageStore, context: Path, step: CopyStep, where: str, ignore: IgnoreRules
 ) -> TreeEntry:
     """Store the copy source (file, directory or symlink) and return its tree entry.
 
@@ -550,7 +550,7 @@ def _ingest_source(
 
 
 def _copy(
-    store: ContentStore, rootfs: Digest, step: CopyStep, source: TreeEntry, where: str
+    store: ImageStore, rootfs: Digest, step: CopyStep, source: TreeEntry, where: str
 ) -> Digest:
     """Docker ``COPY`` semantics, on trees: a directory's contents merge into ``to``; a
     file lands at ``to``, or inside it when ``to`` ends with '/' or is a directory."""
@@ -571,7 +571,7 @@ def _copy(
 
 
 def _run(
-    store: ContentStore, state: BuildState, step: RunStep, where: str, allow_host_run: bool | None
+    store: ImageStore, state: BuildState, step: RunStep, where: str, allow_host_run: bool | None
 ) -> tuple[Digest, sandbox.RunMode]:
     """Run the step's command in a sandbox over a writable checkout of the root; store
     the tree it leaves behind. Returns that tree and how the command was isolated."""

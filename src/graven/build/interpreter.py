@@ -40,7 +40,7 @@ from typing import Literal
 
 from graven.errors import NotFoundError, UsageError
 from graven.model import Digest, Image, ImageConfig
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.cas.blobs import CHUNK_SIZE
 from graven.store.tree_model import TreeEntry
 
@@ -111,7 +111,7 @@ class _Located:
 # --- public API -------------------------------------------------------------------------------
 
 
-def interpreter_of(store: ContentStore, image: Image) -> Interpreter:
+def interpreter_of(store: ImageStore, image: Image) -> Interpreter:
     """The interpreter ``image``'s entrypoint runs (see the module docstring).
 
     UsageError when the image has no entrypoint; NotFoundError when the program is
@@ -119,7 +119,7 @@ def interpreter_of(store: ContentStore, image: Image) -> Interpreter:
     return resolve_interpreter(store, image.rootfs, image.config)
 
 
-def resolve_interpreter(store: ContentStore, rootfs: Digest, config: ImageConfig) -> Interpreter:
+def resolve_interpreter(store: ImageStore, rootfs: Digest, config: ImageConfig) -> Interpreter:
     """``interpreter_of`` for an image not stored yet: its root tree and config."""
     if not config.entrypoint:
         raise UsageError("the image has no entrypoint: there is no interpreter to record")
@@ -138,7 +138,7 @@ def resolve_interpreter(store: ContentStore, rootfs: Digest, config: ImageConfig
     )
 
 
-def interpreter_labels(store: ContentStore, image: Image) -> tuple[tuple[str, str], ...]:
+def interpreter_labels(store: ImageStore, image: Image) -> tuple[tuple[str, str], ...]:
     """The ``dev.graven.interpreter.*`` labels for ``image``, sorted by name.
 
     Empty when there is nothing to record: no entrypoint, or a program found neither in
@@ -151,7 +151,7 @@ def interpreter_labels(store: ContentStore, image: Image) -> tuple[tuple[str, st
 
 
 def with_interpreter_labels(
-    store: ContentStore,
+    store: ImageStore,
     rootfs: Digest,
     config: ImageConfig,
     interpreter: Interpreter | None = None,
@@ -173,7 +173,7 @@ def with_interpreter_labels(
 
 
 def resolve_in_image(
-    store: ContentStore, rootfs: Digest, path: str
+    store: ImageStore, rootfs: Digest, path: str
 ) -> tuple[str, TreeEntry] | None:
     """The real path and entry of absolute ``path`` in tree ``rootfs``, symlinks
     followed inside the image (an absolute target restarts at the image's root, ``..``
@@ -213,7 +213,7 @@ def resolve_in_image(
 
 
 def _locate_entrypoint(
-    store: ContentStore, rootfs: Digest, config: ImageConfig, program: str
+    store: ImageStore, rootfs: Digest, config: ImageConfig, program: str
 ) -> _Located:
     if program.startswith("/"):
         found = _in_image(store, rootfs, program) or _on_host(program)
@@ -231,7 +231,7 @@ def _locate_entrypoint(
 
 
 def _locate_script_interpreter(
-    store: ContentStore,
+    store: ImageStore,
     rootfs: Digest,
     config: ImageConfig,
     script: _Located,
@@ -273,7 +273,7 @@ def _locate_script_interpreter(
 
 
 def _by_name(
-    store: ContentStore, rootfs: Digest, config: ImageConfig, name: str, *, image_first: bool
+    store: ImageStore, rootfs: Digest, config: ImageConfig, name: str, *, image_first: bool
 ) -> _Located | None:
     if image_first:
         image_path = dict(config.env).get("PATH", DEFAULT_IMAGE_PATH)
@@ -286,7 +286,7 @@ def _by_name(
     return _on_host(host) if host is not None else None
 
 
-def _in_image(store: ContentStore, rootfs: Digest, path: str) -> _Located | None:
+def _in_image(store: ImageStore, rootfs: Digest, path: str) -> _Located | None:
     resolved = resolve_in_image(store, rootfs, path)
     if resolved is None:
         return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from graven.model import Digest
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.tree_model import DIR_MODE, Tree, TreeEntry
 
 # A step smaller than this stays one layer.
@@ -43,12 +43,12 @@ class Change:
         return self.entry.size if self.entry is not None and self.entry.type != "dir" else 0
 
 
-def changes(store: ContentStore, old: Digest, new: Digest) -> list[Change]:
+def changes(store: ImageStore, old: Digest, new: Digest) -> list[Change]:
     """Leaf-level changes that turn tree ``old`` into tree ``new``, sorted by path."""
     return list(_changes(store, old, new, ""))
 
 
-def _changes(store: ContentStore, old: Digest | None, new: Digest, prefix: str) -> Iterator[Change]:
+def _changes(store: ImageStore, old: Digest | None, new: Digest, prefix: str) -> Iterator[Change]:
     if old == new:
         return
     before = {e.name: e for e in store.read_tree(old).entries} if old is not None else {}
@@ -79,7 +79,7 @@ _DELETE = object()
 _RESET = "\0reset"  # not a valid entry name: marks a directory deleted, then recreated
 
 
-def apply_changes(store: ContentStore, root: Digest, batch: list[Change]) -> Digest:
+def apply_changes(store: ImageStore, root: Digest, batch: list[Change]) -> Digest:
     """``root`` with ``batch`` applied in order, writing each changed directory once."""
     edits: dict[str, Any] = {}
     for change in batch:
@@ -96,7 +96,7 @@ def apply_changes(store: ContentStore, root: Digest, batch: list[Change]) -> Dig
     return _apply_edits(store, root, edits)
 
 
-def _apply_edits(store: ContentStore, root: Digest | None, edits: dict[str, Any]) -> Digest:
+def _apply_edits(store: ImageStore, root: Digest | None, edits: dict[str, Any]) -> Digest:
     tree = store.read_tree(root) if root is not None and not edits.get(_RESET) else Tree()
     entries = {e.name: e for e in tree.entries}
     for name, edit in edits.items():
@@ -123,13 +123,13 @@ def _apply_edits(store: ContentStore, root: Digest | None, edits: dict[str, Any]
     return store.put_tree(Tree.of(entries.values()))
 
 
-def remove(store: ContentStore, root: Digest, path: str) -> Digest:
+def remove(store: ImageStore, root: Digest, path: str) -> Digest:
     """``root`` without the entry at ``path`` (no error if it is absent)."""
     parts = [p for p in path.split("/") if p]
     return _remove(store, root, parts)
 
 
-def _remove(store: ContentStore, root: Digest, parts: list[str]) -> Digest:
+def _remove(store: ImageStore, root: Digest, parts: list[str]) -> Digest:
     tree = store.read_tree(root)
     entry = tree.get(parts[0])
     if entry is None:
@@ -148,7 +148,7 @@ def _cut_here(path: str) -> bool:
     return h % CUT_EVERY == 0
 
 
-def split(store: ContentStore, old: Digest, new: Digest) -> list[Digest]:
+def split(store: ImageStore, old: Digest, new: Digest) -> list[Digest]:
     """Snapshots from ``old`` to ``new``: one for a small change, several for a large one.
 
     The last snapshot is always ``new`` itself."""

@@ -56,7 +56,7 @@ from typing import Any, Literal, Protocol
 from graven.atomic import PendingFile, write_atomic
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, canonical_json
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.cas.blobs import CHUNK_SIZE, REPAIR_HINT
 from graven.store.layers import changes
 from graven.store.oci_types import (
@@ -395,7 +395,7 @@ class _TarWriter:
         self._pad(len(data))
 
     def file_blob(
-        self, name: str, store: ContentStore, digest: Digest, size: int, mode: int = _FILE_MODE
+        self, name: str, store: ImageStore, digest: Digest, size: int, mode: int = _FILE_MODE
     ) -> None:
         """A regular file whose content is streamed from the store and verified."""
         self._header(name, tarfile.REGTYPE, mode, size)
@@ -410,7 +410,7 @@ class _TarWriter:
         self._out.write(_END_OF_ARCHIVE)
 
 
-def _copy_verified(store: ContentStore, digest: Digest, size: int, out: ByteSink) -> None:
+def _copy_verified(store: ImageStore, digest: Digest, size: int, out: ByteSink) -> None:
     """Stream blob ``digest`` (``size`` bytes) to ``out``; StoreError when it does not match."""
     h = hashlib.sha256()
     copied = 0
@@ -446,7 +446,7 @@ class _LayerEntry:
         return (*((1, p) for p in parents), (0 if self.kind == "whiteout" else 1, name))
 
 
-def _layer_entries(store: ContentStore, old: Digest | None, new: Digest) -> list[_LayerEntry]:
+def _layer_entries(store: ImageStore, old: Digest | None, new: Digest) -> list[_LayerEntry]:
     """The tar entries of the layer from snapshot ``old`` (None: empty) to ``new``, in order."""
     base = old if old is not None else store.put_tree(Tree())
     entries: dict[str, _LayerEntry] = {}
@@ -473,7 +473,7 @@ def _layer_entries(store: ContentStore, old: Digest | None, new: Digest) -> list
 
 
 def write_layer_tar(
-    store: ContentStore,
+    store: ImageStore,
     old: Digest | None,
     new: Digest,
     out: ByteSink,
@@ -489,7 +489,7 @@ def write_layer_tar(
 
 
 def _write_entries(
-    store: ContentStore, entries: list[_LayerEntry], out: ByteSink, mtime: int | None
+    store: ImageStore, entries: list[_LayerEntry], out: ByteSink, mtime: int | None
 ) -> None:
     tar = _TarWriter(out, source_date_epoch() if mtime is None else mtime)
     for e in entries:
@@ -519,7 +519,7 @@ def _layer_key(entries: list[_LayerEntry], compression: Compression, mtime: int)
     return str(Digest.of_bytes(canonical_json(doc)))
 
 
-def _cached_layer(store: ContentStore, key: str) -> LayerBlob | None:
+def _cached_layer(store: ImageStore, key: str) -> LayerBlob | None:
     text = store.cache_get(key)
     if text is None:
         return None
@@ -533,7 +533,7 @@ def _cached_layer(store: ContentStore, key: str) -> LayerBlob | None:
 
 
 def layer_blob(
-    store: ContentStore, old: Digest | None, new: Digest, compression: Compression = "gzip"
+    store: ImageStore, old: Digest | None, new: Digest, compression: Compression = "gzip"
 ) -> LayerBlob:
     """The layer from snapshot ``old`` to ``new`` as a (compressed) blob in the store.
 
@@ -542,7 +542,7 @@ def layer_blob(
 
 
 def _layer_blob(
-    store: ContentStore, old: Digest | None, new: Digest, compression: Compression, mtime: int
+    store: ImageStore, old: Digest | None, new: Digest, compression: Compression, mtime: int
 ) -> tuple[LayerBlob, bool]:
     entries = _layer_entries(store, old, new)
     key = _layer_key(entries, compression, mtime)
@@ -607,7 +607,7 @@ def _config_document(image: Image, layers: list[LayerBlob], created: str) -> dic
 
 
 def oci_documents(
-    store: ContentStore,
+    store: ImageStore,
     image: Image,
     compression: Compression = "gzip",
     *,
@@ -709,7 +709,7 @@ def _file_matches(path: Path, digest: Digest, size: int) -> bool:
     return "sha256:" + h.hexdigest() == digest
 
 
-def _write_blob_from_store(store: ContentStore, digest: Digest, size: int, final: Path) -> None:
+def _write_blob_from_store(store: ImageStore, digest: Digest, size: int, final: Path) -> None:
     with PendingFile(final.parent) as pending:
         _copy_verified(store, digest, size, pending.file)
         pending.commit(final, mode=_FILE_MODE)
@@ -752,7 +752,7 @@ def _index_with(existing: dict[str, Any], descriptor: Descriptor, ref_name: str)
 
 
 def export_layout(
-    store: ContentStore,
+    store: ImageStore,
     image: Image,
     dest: Path,
     ref_name: str,
@@ -806,7 +806,7 @@ def _unique(layers: tuple[LayerBlob, ...]) -> list[LayerBlob]:
 
 
 def export_archive(
-    store: ContentStore,
+    store: ImageStore,
     image: Image,
     dest: Path,
     ref_name: str,

@@ -88,7 +88,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, is_valid_name
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.cas.blobs import CHUNK_SIZE
 from graven.store.oci_types import (
     DOCKER_CONFIG,
@@ -598,7 +598,7 @@ class _LayerChanges:
 
     def __init__(
         self,
-        store: ContentStore,
+        store: ImageStore,
         lower: Digest,
         layer: Digest,
         policy: ImportPolicy,
@@ -1156,7 +1156,7 @@ class _Totals:
 
 
 def import_from_manifest(
-    store: ContentStore,
+    store: ImageStore,
     manifest: bytes,
     expected_digest: Digest | None,
     open_blob: BlobOpener,
@@ -1215,7 +1215,7 @@ def import_from_manifest(
 
 
 def _import_layer(
-    store: ContentStore,
+    store: ImageStore,
     lower: Digest,
     desc: Descriptor,
     diff_id: Digest,
@@ -1461,7 +1461,7 @@ def _choose(entries: list[_IndexEntry], ref: str | None, label: str) -> Descript
 
 
 def _import_layout_dir(
-    store: ContentStore,
+    store: ImageStore,
     layout: _Layout,
     ref: str | None,
     policy: ImportPolicy,
@@ -1605,7 +1605,7 @@ def _spool_member(
 
 
 def import_layout(
-    store: ContentStore,
+    store: ImageStore,
     source: Path,
     ref: str | None = None,
     *,

@@ -63,7 +63,7 @@ from graven.store.oci_types import (
 )
 
 if TYPE_CHECKING:
-    from graven.store.cas import ContentStore
+    from graven.store.base import ImageStore
 
 # Blobs up to this size go in one PUT; larger ones in PATCH chunks of CHUNK_SIZE.
 MONOLITHIC_MAX = 32 * 1024 * 1024
@@ -1444,7 +1444,7 @@ class BlobSources:
     cross-repository mount. Kept in the store's cache; only a hint (a wrong entry costs
     one failed mount, then a normal upload)."""
 
-    def __init__(self, store: ContentStore, registry: str) -> None:
+    def __init__(self, store: ImageStore, registry: str) -> None:
         self._store, self._registry = store, registry
 
     def _key(self, digest: Digest) -> str:
@@ -1479,7 +1479,7 @@ def _blob_descriptors(manifest: bytes) -> list[Descriptor]:
 
 
 def push_image(
-    store: ContentStore,
+    store: ImageStore,
     image: Image,
     ref: RegistryRef,
     client: RegistryClient,
@@ -1591,7 +1591,7 @@ def pick_platform(index: bytes, where: str) -> Descriptor:
 
 
 def pull_image(
-    store: ContentStore,
+    store: ImageStore,
     ref: RegistryRef,
     client: RegistryClient,
     *,

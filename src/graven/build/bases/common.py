@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from graven.errors import GravenError
 from graven.model import Digest, Image, ImageConfig, canonical_json
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.layers import split
 from graven.store.tree_model import Tree
 
@@ -24,7 +24,7 @@ def say(on_progress: ProgressFn | None, text: str) -> None:
         on_progress(text)
 
 
-def store_base(store: ContentStore, rootfs: Digest, config: ImageConfig, name: str) -> Image:
+def store_base(store: ImageStore, rootfs: Digest, config: ImageConfig, name: str) -> Image:
     """Store a made base's image, its layers split by content (so a push moves a large
     base in resumable pieces), and tag it ``name``."""
     layers = tuple(split(store, store.put_tree(Tree()), rootfs)) or (rootfs,)
@@ -45,7 +45,7 @@ def _import_key(manifest: Digest) -> str:
     return f"{BASE_IMPORT_SCHEMA} {manifest}"
 
 
-def imported(store: ContentStore, manifest: Digest) -> Image | None:
+def imported(store: ImageStore, manifest: Digest) -> Image | None:
     """The image a manifest was imported as before, if it is still whole in the store."""
     text = store.cache_get(_import_key(manifest))
     if text is None:
@@ -62,6 +62,6 @@ def imported(store: ContentStore, manifest: Digest) -> Image | None:
     return image
 
 
-def remember_import(store: ContentStore, manifest: Digest, image: Image) -> None:
+def remember_import(store: ImageStore, manifest: Digest, image: Image) -> None:
     doc = {"schema": BASE_IMPORT_SCHEMA, "manifest": str(manifest), "image": str(image.digest)}
     store.cache_put(_import_key(manifest), canonical_json(doc).decode())

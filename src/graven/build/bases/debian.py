@@ -65,7 +65,7 @@ from graven.build.interpreter import (
 )
 from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 DEBIAN_CACHE_SCHEMA = "graven.base.debian/v1"
 VARIANTS = ("minbase", "buildd", "default")  # "default": debootstrap's own (no --variant)
@@ -558,7 +558,7 @@ def debian_params(
     )
 
 
-def _cached_image(store: ContentStore, key: str) -> Image | None:
+def _cached_image(store: ImageStore, key: str) -> Image | None:
     value = store.cache_get(key)
     if value is None:
         return None
@@ -569,7 +569,7 @@ def _cached_image(store: ContentStore, key: str) -> Image | None:
 
 
 def find_debian_base(
-    store: ContentStore,
+    store: ImageStore,
     *,
     suite: str = DEFAULT_SUITE,
     variant: str = "minbase",
@@ -582,7 +582,7 @@ def find_debian_base(
 
 
 def make_debian_base(
-    store: ContentStore,
+    store: ImageStore,
     *,
     suite: str = DEFAULT_SUITE,
     variant: str = "minbase",

@@ -34,7 +34,7 @@ from graven.build.interpreter import (
 )
 from graven.errors import BuildError, UsageError
 from graven.model import Digest, Image, ImageConfig, is_valid_name
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 from graven.store.tree_model import DIR_MODE, SYMLINK_MODE, Tree, TreeEntry
 
 # The closure.
@@ -145,7 +145,7 @@ class _HostClosure:
             real = candidate
         return real
 
-    def tree(self, store: ContentStore, ignore: Callable[[Path, bool], bool]) -> Digest:
+    def tree(self, store: ImageStore, ignore: Callable[[Path, bool], bool]) -> Digest:
         """Store everything planned as one root tree; directories filtered by ``ignore``."""
         empty = store.put_tree(Tree())
         root = empty
@@ -252,7 +252,7 @@ def _resolve_python(python: str | None) -> str:
 
 
 def make_host_python_base(
-    store: ContentStore,
+    store: ImageStore,
     *,
     python: str | None = None,
     name: str = "host-python",

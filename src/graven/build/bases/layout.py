@@ -13,7 +13,7 @@ from graven.build.bases.common import imported, located, remember_import
 from graven.errors import GravenError, UsageError
 from graven.model import Digest, Image
 from graven.spec.models import LayoutBase
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 MAX_INDEX_BYTES = 4 * 1024 * 1024  # an OCI layout's index.json, read to find a cached import
 
@@ -21,7 +21,7 @@ MAX_INDEX_BYTES = 4 * 1024 * 1024  # an OCI layout's index.json, read to find a 
 def layout_base(
     base: LayoutBase,
     context: Path,
-    store: ContentStore,
+    store: ImageStore,
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:

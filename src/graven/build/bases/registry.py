@@ -10,12 +10,12 @@ from graven.build.bases.common import imported, located, remember_import
 from graven.errors import GravenError, UsageError
 from graven.model import Image
 from graven.spec.models import RegistryBase
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 
 def registry_base(
     base: RegistryBase,
-    store: ContentStore,
+    store: ImageStore,
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:

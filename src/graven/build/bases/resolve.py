@@ -12,14 +12,14 @@ from graven.build.bases.registry import registry_base
 from graven.errors import BuildError, GravenError
 from graven.model import Image
 from graven.spec.models import ImageBase, LayoutBase, Recipe, RegistryBase
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 
 def resolve_base(
     name: str,
     recipe: Recipe,
     context_dir: Path,
-    store: ContentStore,
+    store: ImageStore,
     *,
     built: Mapping[str, Image] | None = None,
     on_progress: Callable[[str], None] | None = None,
@@ -49,7 +49,7 @@ def resolve_base(
 
 
 def _image_base(
-    base: ImageBase, store: ContentStore, built: Mapping[str, Image], where: str
+    base: ImageBase, store: ImageStore, built: Mapping[str, Image], where: str
 ) -> Image:
     if base.spec_image is not None:
         image = built.get(base.spec_image)
