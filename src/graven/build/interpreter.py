@@ -172,9 +172,7 @@ def with_interpreter_labels(
     return replace(config, labels=tuple(sorted([*kept, *recorded])))
 
 
-def resolve_in_image(
-    store: ImageStore, rootfs: Digest, path: str
-) -> tuple[str, TreeEntry] | None:
+def resolve_in_image(store: ImageStore, rootfs: Digest, path: str) -> tuple[str, TreeEntry] | None:
     """The real path and entry of absolute ``path`` in tree ``rootfs``, symlinks
     followed inside the image (an absolute target restarts at the image's root, ``..``
     stops at it). None when something on the way is missing or not a directory, or the
