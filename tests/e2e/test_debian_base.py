@@ -9,7 +9,6 @@ it is the suite's only one, and nothing is cached between tests. It needs root
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -85,7 +84,7 @@ def host_codename() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root (CI runs as root)")
+@pytest.mark.needs_root("debootstrap needs root")
 def test_graven_base_debian_builds_a_minbase_that_runs(tmp_path: Path) -> None:
     suite = host_codename() if host_codename() in RELEASES else "bookworm"
     state = tmp_path / "state"

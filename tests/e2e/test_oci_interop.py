@@ -35,6 +35,7 @@ from graven.model import Image, ImageConfig
 from graven.spec.models import Recipe
 from graven.store import oci
 from graven.store.cas import ContentStore, Tree
+from tests.requires import need_root, need_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -54,18 +55,6 @@ ENTRYPOINT = [
     "-c",
     "cd /app && busybox find . | busybox sort && busybox cat hello.txt d2f f2d/inner link",
 ]
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool) or (
-        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
-    )
-    if path is None:
-        message = f"{tool} is not installed (scripts/setup installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def run(
@@ -96,7 +85,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    busybox = need("busybox")
+    busybox = need_tool("busybox")
     base = tmp_path_factory.mktemp("interop")
     root = base / "project" / "rootfs"
     (root / "bin").mkdir(parents=True)
@@ -189,7 +178,7 @@ def expected_output(store: ContentStore, image: Image) -> str:
 def test_skopeo_inspects_and_copies_the_layout(
     layout: tuple[Path, oci.ExportResult], tmp_path: Path
 ) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     dest, result = layout
     info = json.loads(run(skopeo, "--insecure-policy", "inspect", f"oci:{dest}:{REF}").stdout)
     assert info["Digest"] == result.oci.manifest_digest
@@ -211,7 +200,7 @@ def test_skopeo_inspects_and_copies_the_layout(
 
 
 def test_skopeo_reads_the_archive(built: Built, tmp_path: Path) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     archive = tmp_path / "image.tar"
     result = oci.export_archive(built.store, built.image, archive, REF)
     info = json.loads(
@@ -232,7 +221,7 @@ def test_skopeo_reads_the_archive(built: Built, tmp_path: Path) -> None:
 
 
 def _umoci_unpack(layout_dir: Path, ref: str, bundle: Path) -> subprocess.CompletedProcess[str]:
-    umoci = need("umoci")
+    umoci = need_tool("umoci")
     rootless = [] if os.geteuid() == 0 else ["--rootless"]
     return run(
         umoci, "unpack", *rootless, "--image", f"{layout_dir}:{ref}", str(bundle), check=False
@@ -260,7 +249,7 @@ def test_umoci_unpacks_an_image_without_files(built: Built, tmp_path: Path) -> N
     proc = _umoci_unpack(dest, "empty", tmp_path / "bundle")
     assert proc.returncode == 0, proc.stderr
     assert dir_listing(tmp_path / "bundle" / "rootfs") == {}
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     info = json.loads(run(skopeo, "--insecure-policy", "inspect", f"oci:{dest}:empty").stdout)
     assert len(info["Layers"]) == 1
 
@@ -271,13 +260,9 @@ def test_umoci_unpacks_an_image_without_files(built: Built, tmp_path: Path) -> N
 @pytest.fixture
 def podman_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """Environment for a podman whose every file lives under a temp dir."""
-    need("podman")
-    need("runc")
-    if os.geteuid() != 0:
-        message = "podman with runc and cgroupfs needs root here"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need_tool("podman")
+    need_tool("runc")
+    need_root("podman with runc and cgroupfs needs root here")
     driver = getattr(request, "param", "vfs")
     # A short path: with a long run root, podman waits out a 20 s conmon timeout
     # before it notices that the container exited.
@@ -346,7 +331,7 @@ def test_podman_runs_zstd_layers_and_archives(
 
 
 def test_cli_export_is_reproducible_and_readable(built: Built, tmp_path: Path) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     outputs = []
     for n in (1, 2):
         proc = run(

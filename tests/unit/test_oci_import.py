@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -36,9 +35,6 @@ from tests.unit.oci_build import (
     tar_of,
     write_layout,
 )
-
-HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
-HAS_EXPORT = importlib.util.find_spec("graven.store.oci") is not None
 
 
 @pytest.fixture
@@ -250,7 +246,7 @@ def test_large_files_stream_through_a_temp_file(tmp_path: Path, store: ContentSt
     [
         "gzip",
         "none",
-        pytest.param("zstd", marks=pytest.mark.skipif(not HAS_ZSTD, reason="no zstandard")),
+        "zstd",
     ],
 )
 def test_compressions(tmp_path: Path, store: ContentStore, compression: str) -> None:
@@ -433,13 +429,12 @@ def test_import_from_manifest_with_streams(tmp_path: Path, store: ContentStore) 
 # --- round trip with the exporter ------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_EXPORT, reason="graven.store.oci (export) is not there yet")
 @pytest.mark.parametrize(
     "compression",
     [
         "gzip",
         "none",
-        pytest.param("zstd", marks=pytest.mark.skipif(not HAS_ZSTD, reason="no zstandard")),
+        "zstd",
     ],
 )
 @pytest.mark.parametrize("form", ["layout", "archive"])
