@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from graven.testing.net import free_port
 
 GRAVEN = [sys.executable, "-m", "graven"]
 
@@ -57,12 +58,6 @@ STRATEGIES = {
     "blue-green (inside window)": "      type: blue-green\n      rollback_window: 30m",
     "rolling (full re-roll)": "      type: rolling",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Probe(threading.Thread):

@@ -10,12 +10,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,9 @@ import pytest
 
 from graven.runtime.process import process_start_time
 from graven.spec import scaffold
+from graven.testing.cli import Result, clean_env, run_graven
+from graven.testing.net import eventually, free_port
+from graven.testing.registry import Registry, running_registry
 
 SPEC = """\
 version: 1
@@ -49,37 +51,12 @@ services:
 {extra_env}"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
-
-
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state not in ("Z", "X")
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
 
 
 @dataclass
@@ -141,23 +118,7 @@ class Project:
         )
 
     def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
-        proc = subprocess.run(
-            [sys.executable, "-m", "graven", *args],
-            cwd=self.root,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"graven {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return result
+        return run_graven(args, cwd=self.root, env=self.env(), timeout=timeout, check=check)
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = self.graven("status", "hello", "-o", "json").json()["services"][0]
@@ -277,3 +238,12 @@ def routed_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[P
     supervisor with two workers), then HAProxy."""
     router, _, workers = request.param.partition("-")
     yield from _project(tmp_path / "proj", router, 2 if workers else 1)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with running_registry(tmp_path / "registry") as reg:
+        yield reg
+
+
+__all__ = ["Project", "Result", "clean_env", "eventually", "free_port", "pid_alive"]
