@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,29 +26,7 @@ from graven.spec import scaffold
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import eventually, free_port
 from graven.testing.registry import Registry, running_registry
-
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: {replicas}
-    port: {port}
-    health:
-      path: {health_path}
-      interval: 0.5s
-{start_timeout}    drain_timeout: 5s
-    stop_grace: 5s
-{strategy}    env:
-      VERSION: {version}
-{extra_env}"""
+from graven.testing.specs import hello_spec
 
 
 def pid_alive(pid: int) -> bool:
@@ -77,20 +55,19 @@ class Project:
         replicas: int = 3,
         health_path: str = "/healthz",
         start_timeout: str | None = "20s",
-        strategy: str | None = None,
+        strategy: Mapping[str, Any] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        """The example service's spec. ``strategy``: the lines under ``strategy:``,
-        indented six spaces; ``env``: variables beside ``VERSION``."""
+        """The example service's spec; ``env``: variables beside ``VERSION``."""
         (self.root / "graven.yaml").write_text(
-            SPEC.format(
-                replicas=replicas,
+            hello_spec(
                 port=self.port,
                 version=version,
+                replicas=replicas,
                 health_path=health_path,
-                start_timeout=f"      start_timeout: {start_timeout}\n" if start_timeout else "",
-                strategy=f"    strategy:\n{strategy}\n" if strategy else "",
-                extra_env="".join(f'      {k}: "{v}"\n' for k, v in (env or {}).items()),
+                start_timeout=start_timeout,
+                strategy=strategy,
+                env=env,
             )
         )
         # A new version is a new image, not only new config.

@@ -22,30 +22,7 @@ from graven.cli.context import AppContext, actor
 from graven.cli.output import Output
 from graven.errors import GravenError
 from graven.testing.load import Load, LoadReport
-
-_SPEC = """\
-# graven demo: one service, three replicas, every change rolled out by replacement.
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: 3
-    port: {port}
-    health:
-      path: /healthz
-      interval: 1s
-    drain_timeout: 5s
-    stop_grace: 5s
-    env:
-      VERSION: {version}
-"""
+from graven.testing.specs import hello_spec
 
 
 def _free_port(preferred: int) -> int:
@@ -73,7 +50,13 @@ def graven_command() -> str:
 
 
 def _write_spec(directory: Path, port: int, version: str) -> None:
-    write_atomic(directory / "graven.yaml", _SPEC.format(port=port, version=version).encode())
+    spec = hello_spec(
+        comment="graven demo: one service, three replicas, every change rolled out by replacement.",
+        port=port,
+        version=version,
+        health_interval="1s",
+    )
+    write_atomic(directory / "graven.yaml", spec.encode())
 
 
 def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
