@@ -6,6 +6,7 @@ validates what it is given and says which field is wrong.
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -91,3 +92,25 @@ def is_valid_ref_name(ref_name: str) -> bool:
     """Whether ``ref_name`` fits the image-spec's grammar for REF_NAME (and MAX_REF_NAME):
     no NUL, newline, ``..`` or empty component can pass."""
     return len(ref_name) <= MAX_REF_NAME and _REF_NAME_RE.fullmatch(ref_name) is not None
+
+
+# platform.machine() -> (GOARCH, variant)
+_GOARCH: dict[str, tuple[str, str | None]] = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def host_platform() -> tuple[str, str | None]:
+    """The host's (GOARCH, variant), e.g. ``("amd64", None)``."""
+    machine = platform.machine().lower()
+    return _GOARCH.get(machine, (machine or "unknown", None))
