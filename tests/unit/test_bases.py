@@ -19,8 +19,9 @@ from graven.errors import BuildError, NotFoundError, SpecError, UsageError
 from graven.model import Image, ImageConfig
 from graven.spec import json_schema, load_spec
 from graven.spec.models import Recipe, Spec
-from graven.store import oci, oci_import
+from graven.store import oci
 from graven.store.cas import ContentStore
+from graven.store.oci_import import layouts
 
 RUNTIME_STEPS: list[dict[str, Any]] = [
     {"copy": "lib", "to": "/opt/lib"},
@@ -424,7 +425,7 @@ def test_a_layout_base_is_imported_once(
     def no_import(*args: object, **kwargs: object) -> Image:
         raise AssertionError("the layout was imported again")
 
-    monkeypatch.setattr(oci_import, "import_layout", no_import)
+    monkeypatch.setattr(layouts, "import_layout", no_import)
     second = build_image("app", layout_recipe, project, store, on_progress=progress.append)
     assert len(progress) == 1
     assert ran(second) == []

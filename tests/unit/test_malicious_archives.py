@@ -28,12 +28,9 @@ import pytest
 from graven.errors import UsageError
 from graven.model import Digest
 from graven.store.cas import ContentStore
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected
 from graven.store.oci_types import (
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,

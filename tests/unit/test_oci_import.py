@@ -15,13 +15,9 @@ import pytest
 
 from graven.model import Digest, ImageConfig
 from graven.store.cas import EXEC_MODE, FILE_MODE, ContentStore, TreeEntry
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    LayerImported,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected, LayerImported
 from graven.store.oci_types import OCI_INDEX, OCI_MANIFEST, Descriptor
 from tests.unit.oci_build import (
     Member,

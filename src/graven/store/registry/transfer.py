@@ -295,7 +295,7 @@ def pull_image(
     The default name is the repository's last component. Every blob is verified
     while it streams in; on any failure nothing is tagged.
     """
-    from graven.store.oci_import import import_from_manifest
+    from graven.store.oci_import.images import import_from_manifest
 
     local = name if name is not None else local_name_for(ref.repository)
     if not is_valid_name(local):
