@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from graven.model import Digest, Image
     from graven.reference import RegistryRef
     from graven.store.cas import ContentStore
-    from graven.store.oci import OciImage
+    from graven.store.oci_export.documents import OciImage
     from graven.store.registry.client import RegistryClient
     from graven.store.registry.transfer import BlobTransfer
     from graven.store.registry.wire import BlobStream
@@ -167,7 +167,8 @@ def _client(
 def _documents(out: Output, store: ContentStore, image: Image, compression: str) -> OciImage:
     """The image's OCI documents, its layers compressed (or found cached) under a bar;
     push_image then finds every layer cached."""
-    from graven.store.oci import check_compression, oci_documents
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.documents import oci_documents
 
     with out.bar("prepare layers") as bar:
         return oci_documents(

@@ -186,7 +186,8 @@ def push_image(
     ``ref`` names a tag (default ``latest``) and/or a digest; a digest must be the one
     the image's manifest has. ``progress`` is told about every blob as it is done.
     """
-    from graven.store.oci import check_compression, oci_documents
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.documents import oci_documents
 
     oci = oci_documents(store, image, check_compression(compression))
     if ref.digest is not None and ref.digest != oci.manifest_digest:
