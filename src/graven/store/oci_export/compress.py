@@ -125,6 +125,7 @@ class _Zstd:
 
 
 def open_compressor(compression: Compression, out: ByteSink) -> _Compressor:
+    """The compressor for ``compression``, writing its output to ``out``."""
     if compression == "gzip":
         return _Gzip(out)
     if compression == "zstd":

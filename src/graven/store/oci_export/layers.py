@@ -105,6 +105,7 @@ def layer_blob(
 def find_or_write_layer(
     store: ContentStore, old: Digest | None, new: Digest, compression: Compression, mtime: int
 ) -> tuple[LayerBlob, bool]:
+    """The layer blob from ``old`` to ``new``, and whether it came from the cache."""
     entries = layer_entries(store, old, new)
     key = _layer_key(entries, compression, mtime)
     if (cached := _cached_layer(store, key)) is not None:

@@ -143,6 +143,8 @@ def copy_verified(store: ContentStore, digest: Digest, size: int, out: ByteSink)
 
 @dataclass(frozen=True)
 class LayerEntry:
+    """One entry of a layer's change set, as the normalized tar writes it."""
+
     path: str  # relative, no leading '/'
     kind: Literal["file", "dir", "symlink", "whiteout"]
     mode: int = TAR_DIR_MODE
@@ -205,6 +207,7 @@ def write_layer_tar(
 def write_entries(
     store: ContentStore, entries: list[LayerEntry], out: ByteSink, mtime: int | None
 ) -> None:
+    """Write ``entries`` as a normalized tar (``mtime`` None: ``SOURCE_DATE_EPOCH``)."""
     tar = TarWriter(out, source_date_epoch() if mtime is None else mtime)
     for e in entries:
         if e.kind == "dir":

@@ -61,6 +61,7 @@ def parse_document(data: bytes, what: str, cap: int) -> Any:
 
 
 def parse_descriptor(data: object, where: str) -> Descriptor:
+    """A descriptor from an untrusted document; ImportRejected naming the bad field."""
     try:
         return Descriptor.from_dict(data, where)
     except InvalidOCI as e:
@@ -74,6 +75,7 @@ class _Manifest:
 
 
 def parse_manifest(data: bytes, policy: ImportPolicy) -> _Manifest:
+    """An image manifest checked against the spec and ``policy``: its config and layers."""
     doc = parse_document(data, "manifest", MAX_MANIFEST_BYTES)
     if not isinstance(doc, dict):
         raise ImportRejected("the manifest must be a JSON object")

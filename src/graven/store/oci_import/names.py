@@ -41,6 +41,7 @@ def path_parts(name: str, reject: Callable[[str], ImportRejected], what: str = "
 
 
 def symlink_target(target: str, reject: Callable[[str], ImportRejected]) -> str:
+    """``target`` if a symlink may hold it (non-empty, UTF-8, no NUL, within the caps)."""
     if not target:
         raise reject("the symlink has an empty target")
     if "\0" in target:

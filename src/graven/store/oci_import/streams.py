@@ -137,10 +137,12 @@ class _ZstdStream:
 
 
 def zstd_available() -> bool:
+    """Whether the optional zstandard module is installed."""
     return importlib.util.find_spec("zstandard") is not None
 
 
 def decompressed_stream(media_type: str, blob: VerifiedBlob) -> Readable:
+    """The uncompressed bytes of a layer blob of ``media_type``."""
     if media_type in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
         return gzip.GzipFile(fileobj=cast(BinaryIO, blob), mode="rb")
     if media_type == OCI_LAYER_ZSTD:

@@ -54,6 +54,8 @@ class BodyReader:
 
 @dataclass
 class Reply:
+    """A registry's reply, its body read whole (up to a cap)."""
+
     status: int
     headers: http.client.HTTPMessage
     body: bytes
@@ -124,16 +126,19 @@ class BlobStream(io.BufferedReader):
 
 
 def origin_of(url: str) -> tuple[str, str]:
+    """``(scheme, netloc)`` of ``url``: what credentials and connections are tied to."""
     parts = urllib.parse.urlsplit(url)
     return parts.scheme, parts.netloc
 
 
 def origin_text(url: str) -> str:
+    """``scheme://netloc`` of ``url``, for messages."""
     scheme, netloc = origin_of(url)
     return f"{scheme}://{netloc}"
 
 
 def with_query(url: str, params: list[tuple[str, str]] | None = None, **more: str) -> str:
+    """``url`` with more query parameters appended."""
     parts = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     query += list(params or []) + list(more.items())
@@ -141,6 +146,7 @@ def with_query(url: str, params: list[tuple[str, str]] | None = None, **more: st
 
 
 def range_end(header: str | None) -> int | None:
+    """The last byte offset a ``Range: 0-N`` header accepts, or None."""
     if not header:
         return None
     match = re.fullmatch(r"(?:bytes=)?0-(\d+)", header.strip())
