@@ -555,6 +555,24 @@ def test_refuses_what_is_not_a_layout(store: ContentStore, tmp_path: Path) -> No
         export_layout(store, image, broken, "web")
 
 
+def test_a_layout_with_a_broken_marker_or_index_is_refused_with_a_message(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    # Each once escaped as a bare IsADirectoryError or RecursionError.
+    image = _two_layer_image(store, tmp_path)
+    marker_dir = tmp_path / "marker-dir"
+    export_layout(store, image, marker_dir, "web")
+    (marker_dir / "oci-layout").unlink()
+    (marker_dir / "oci-layout").mkdir()
+    with pytest.raises(UsageError, match="unsupported or unreadable OCI layout"):
+        export_layout(store, image, marker_dir, "web")
+    deep = tmp_path / "deep"
+    export_layout(store, image, deep, "web")
+    (deep / "index.json").write_text("[" * 100_000)
+    with pytest.raises(UsageError, match=r"index\.json is not valid JSON"):
+        export_layout(store, image, deep, "web")
+
+
 def test_archive_is_a_deterministic_tar_of_a_layout(store: ContentStore, tmp_path: Path) -> None:
     image = _two_layer_image(store, tmp_path)
     a = export_archive(store, image, tmp_path / "a.tar", "web")

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
+from http.client import HTTPMessage
 from pathlib import Path
 
 import pytest
 
 from graven.errors import UsageError
-from graven.store.registry.auth import Challenge, Credentials, find_credentials, parse_challenges
+from graven.store.registry.auth import (
+    Challenge,
+    Credentials,
+    RegistryAuth,
+    find_credentials,
+    parse_challenges,
+)
+from graven.store.registry.errors import RegistryAuthError, RegistryError
+from graven.store.registry.wire import Reply
 
 # --- challenges ----------------------------------------------------------------------------
 
@@ -123,3 +132,72 @@ def test_password_never_in_repr() -> None:
     creds = Credentials("u", "hunter2")
     assert "hunter2" not in repr(creds)
     assert creds.basic() == "Basic " + base64.b64encode(b"u:hunter2").decode()
+
+
+# --- bearer tokens ---------------------------------------------------------------------------
+
+BEARER = 'Bearer realm="https://auth.example.com/token",service="registry.example.com"'
+SCOPE = "repository:team/web:pull"
+
+
+def _auth(*bodies: bytes, status: int = 200) -> tuple[RegistryAuth, list[str]]:
+    """A RegistryAuth whose token service answers ``bodies`` in turn; the URLs asked."""
+    asked: list[str] = []
+    replies = iter(bodies)
+
+    def fetch(url: str, headers: dict[str, str], scope: str, what: str) -> Reply:
+        asked.append(url)
+        return Reply(status, HTTPMessage(), next(replies), url)
+
+    auth = RegistryAuth(
+        "registry.example.com",
+        credentials=Credentials("alice", "pw"),
+        plain_http=False,
+        fetch=fetch,
+        monotonic=lambda: 1000.0,
+    )
+    return auth, asked
+
+
+def test_a_token_is_fetched_for_the_scope_and_cached() -> None:
+    auth, asked = _auth(json.dumps({"token": "t1", "expires_in": 300}).encode())
+    auth.answer([BEARER], SCOPE)
+    for _ in range(2):
+        headers: dict[str, str] = {}
+        auth.authorize(headers, SCOPE)
+        assert headers == {"Authorization": "Bearer t1"}
+    assert len(asked) == 1
+    assert "scope=repository%3Ateam%2Fweb%3Apull" in asked[0] and "account=alice" in asked[0]
+
+
+@pytest.mark.parametrize("expires_in", ["10" + "0" * 400, "NaN", "1e999"])
+def test_a_token_lifetime_no_clock_can_use_is_taken_as_the_default(expires_in: str) -> None:
+    # 10**400 once broke float(); NaN made the token expire at once, so every request
+    # fetched a new one.
+    body = ('{"token": "t1", "expires_in": ' + expires_in + "}").encode()
+    auth, asked = _auth(body)
+    auth.answer([BEARER], SCOPE)
+    headers: dict[str, str] = {}
+    auth.authorize(headers, SCOPE)
+    assert headers == {"Authorization": "Bearer t1"}
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b"[]", b'{"token": "a\\r\\nX-Evil: 1"}'])
+def test_a_token_reply_graven_cannot_use_is_a_registry_error(body: bytes) -> None:
+    auth, _ = _auth(body)
+    with pytest.raises(RegistryError, match="sent no usable token"):
+        auth.answer([BEARER], SCOPE)
+
+
+def test_a_refused_token_request_names_the_user() -> None:
+    auth, _ = _auth(b"{}", status=401)
+    with pytest.raises(RegistryAuthError, match="rejected the credentials of user 'alice'"):
+        auth.answer([BEARER], SCOPE)
+
+
+def test_a_plain_http_token_realm_gets_no_credentials() -> None:
+    auth, asked = _auth(b"{}")
+    with pytest.raises(RegistryAuthError, match="over plain HTTP; refusing to send credentials"):
+        auth.answer(['Bearer realm="http://auth.example.com/token"'], SCOPE)
+    assert asked == []

@@ -9,7 +9,7 @@ import pytest
 from graven.store.oci_types import OCI_MANIFEST
 from graven.store.registry import transfer
 from graven.store.registry.client import RegistryClient
-from graven.store.registry.errors import RegistryNotFound
+from graven.store.registry.errors import RegistryError, RegistryNotFound
 from graven.store.registry.transfer import pick_platform
 
 
@@ -46,4 +46,17 @@ def test_pick_platform_takes_this_machine(monkeypatch: pytest.MonkeyPatch) -> No
     assert pick_platform(index, "x").size == 102
     monkeypatch.setattr(transfer, "host_platform", lambda: ("s390x", None))
     with pytest.raises(RegistryNotFound, match=r"linux/s390x.*linux/amd64, windows/arm64"):
+        pick_platform(index, "x")
+
+
+@pytest.mark.parametrize(
+    ("index", "says"),
+    [
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"manifests": {}}', "manifests: expected a list"),
+        (b'{"manifests": [{"mediaType": 1}]}', r"manifests\[0\].mediaType"),
+    ],
+)
+def test_a_malformed_index_is_a_registry_error(index: bytes, says: str) -> None:
+    with pytest.raises(RegistryError, match=f"the index is malformed: .*{says}"):
         pick_platform(index, "x")

@@ -101,17 +101,20 @@ def _prepare_layout(dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest} exists and is not a directory", hint="Choose a directory.")
     marker = dest / OCI_LAYOUT_FILE
-    if dest.is_dir() and not marker.exists():
-        if any(dest.iterdir()):
-            raise UsageError(
-                f"{dest} is not empty and is not an OCI image layout (no {OCI_LAYOUT_FILE})",
-                hint="Export into a new or empty directory, or into an existing layout.",
-            )
-    elif marker.exists():
+    try:
+        foreign = dest.is_dir() and not marker.exists() and any(dest.iterdir())
+    except OSError as e:
+        raise StoreError(f"cannot read {dest}: {e.strerror or e}") from e
+    if foreign:
+        raise UsageError(
+            f"{dest} is not empty and is not an OCI image layout (no {OCI_LAYOUT_FILE})",
+            hint="Export into a new or empty directory, or into an existing layout.",
+        )
+    if marker.exists():
         try:
             version = json.loads(marker.read_bytes()).get("imageLayoutVersion")
-        except (ValueError, AttributeError):
-            version = None
+        except (OSError, ValueError, AttributeError, RecursionError):
+            version = None  # a directory, unreadable, or not the JSON it should be
         if version != LAYOUT_VERSION:
             raise UsageError(
                 f"{marker}: unsupported or unreadable OCI layout (expected imageLayoutVersion "
@@ -180,7 +183,7 @@ def _read_index(dest: Path) -> dict[str, Any]:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
         raise UsageError(
             f"{path} is not valid JSON: {e}", hint="Export into a new directory."
         ) from e

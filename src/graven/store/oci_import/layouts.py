@@ -83,11 +83,11 @@ class _Layout:
             if e.errno == errno.ELOOP:
                 raise ImportRejected(f"{what} in {self.label} is a symlink") from None
             raise ImportRejected(f"cannot read {what} in {self.label}: {e.strerror}") from None
-        f = os.fdopen(fd, "rb")
+        # Checked before fdopen: it refuses a directory with a bare IsADirectoryError.
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
+            os.close(fd)
             raise ImportRejected(f"{what} in {self.label} is not a regular file")
-        return f
+        return os.fdopen(fd, "rb")
 
     def read_document(self, relative: str, what: str, cap: int) -> bytes:
         with self._open(relative, what) as f:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import re
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from graven.errors import UsageError
 from graven.reference import is_loopback_host
 from graven.store.registry.errors import RegistryAuthError, RegistryError
-from graven.store.registry.wire import Reply, origin_text, with_query
+from graven.store.registry.wire import Reply, origin_text, parse_json, with_query
 
 CREDENTIALS_HINT = (
     "Pass --username USER --password-stdin, or set GRAVEN_REGISTRY_USER and "
@@ -193,7 +192,7 @@ def _docker_config_credentials(
         base = env.get("DOCKER_CONFIG")
         path = Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # no config, or one we cannot read: anonymous, as docker does
     auths = doc.get("auths") if isinstance(doc, dict) else None
@@ -349,7 +348,7 @@ class RegistryAuth:
         if reply.status in (401, 403):
             raise self.error(scope, status=reply.status, realm=realm)
         try:
-            doc = json.loads(reply.body)
+            doc = parse_json(reply.body)
             token = doc.get("token") or doc.get("access_token")
             expires_in = doc.get("expires_in", 60)
         except (ValueError, AttributeError):
@@ -359,7 +358,9 @@ class RegistryAuth:
                 f"the token service {origin_text(realm)} sent no usable token",
                 registry=self.registry,
             )
-        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
+        # A number no float holds (10**400) or NaN would break the expiry arithmetic.
+        usable = isinstance(expires_in, int | float) and abs(expires_in) < 1e9
+        lifetime = float(expires_in) if usable else 60.0
         # Renew a little early: a token expiring in flight costs a round trip.
         self._tokens[scope] = (token, self._monotonic() + max(lifetime - 10.0, 1.0))
         return token

@@ -36,7 +36,7 @@ from graven.store.oci_types import (
 )
 from graven.store.registry.client import RegistryClient
 from graven.store.registry.errors import RegistryAuthError, RegistryError, RegistryNotFound
-from graven.store.registry.wire import printable
+from graven.store.registry.wire import parse_json, printable
 
 if TYPE_CHECKING:
     from graven.store.cas import ContentStore
@@ -252,7 +252,7 @@ def pick_platform(index: bytes, where: str) -> Descriptor:
     want_os = "linux"
     want_arch, want_variant = host_platform()
     try:
-        doc = json.loads(index)
+        doc = parse_json(index)
         entries = doc.get("manifests") if isinstance(doc, dict) else None
         if not isinstance(entries, list):
             raise InvalidOCI("manifests: expected a list")

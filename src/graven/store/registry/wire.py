@@ -153,12 +153,21 @@ def range_end(header: str | None) -> int | None:
     return int(match[1]) if match else None
 
 
+def parse_json(data: bytes | str) -> Any:
+    """``data`` parsed as JSON; ValueError for anything that is not, including a document
+    nested too deeply for the parser (which raises RecursionError)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def media_type_of(content_type: str | None, data: bytes) -> str:
     """What a fetched document is: its own ``mediaType``, else a Content-Type that names
     a manifest or index, else what its shape says (``mediaType`` is optional in OCI)."""
     header = (content_type or "").split(";", 1)[0].strip()
     try:
-        doc = json.loads(data)
+        doc = parse_json(data)
     except ValueError:
         return header
     if not isinstance(doc, dict):
@@ -177,7 +186,7 @@ def media_type_of(content_type: str | None, data: bytes) -> str:
 def registry_errors(body: bytes) -> tuple[set[str], str]:
     """The codes and a readable summary of a distribution-spec error body."""
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
     except ValueError:
         text = body.decode("utf-8", "replace").strip()
         return set(), printable(text[:200]) if text and not text.startswith("<") else ""
