@@ -29,6 +29,11 @@ MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
 REF_NAME = "org.opencontainers.image.ref.name"
+
+# Whiteouts (image-spec, layer.md): a file ``.wh.NAME`` deletes NAME of the layers below;
+# ``.wh..wh..opq`` in a directory hides everything the layers below have there.
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
 # The image-spec's grammar for REF_NAME values, and graven's cap on their length (the
 # grammar has none; a reference a registry accepts is far shorter).
 _REF_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"

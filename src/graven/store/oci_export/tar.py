@@ -45,8 +45,7 @@ from graven.store.cas import (
 )
 from graven.store.layers import changes
 from graven.store.oci_export.compress import ByteSink
-
-WHITEOUT_PREFIX = ".wh."
+from graven.store.oci_types import WHITEOUT_PREFIX
 
 _BLOCK = 512
 _END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)

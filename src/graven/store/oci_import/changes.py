@@ -29,13 +29,12 @@ from graven.store.oci_import.names import (
     DATA_ON_NON_FILE,
     DEVICES,
     KINDS,
-    OPAQUE_WHITEOUT,
-    WHITEOUT_PREFIX,
     path_parts,
     symlink_target,
 )
 from graven.store.oci_import.policy import ImportPolicy, ImportRejected
 from graven.store.oci_import.streams import DECODE_ERRORS, check_header
+from graven.store.oci_types import OPAQUE_WHITEOUT, WHITEOUT_PREFIX
 
 # File capabilities as GNU tar / Go (SCHILY) and libarchive write them.
 _CAPABILITY_RECORDS = frozenset(

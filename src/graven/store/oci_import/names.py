@@ -9,8 +9,6 @@ from collections.abc import Callable
 
 from graven.store.oci_import.policy import ImportRejected
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_WHITEOUT = ".wh..wh..opq"
 AUFS_META_PREFIX = ".wh..wh."
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096

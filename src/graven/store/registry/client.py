@@ -384,7 +384,7 @@ class RegistryClient:
             )
         return ours
 
-    # --- requests: auth, errors ----------------------------------------------------------
+    # --- requests and their errors -------------------------------------------------------
 
     def _url(self, repository: str, rest: str) -> str:
         return f"{self.base}/v2/{repository}/{rest}"
