@@ -11,7 +11,9 @@ from graven.errors import UsageError
 from graven.model import Digest
 from graven.store.oci_types import Descriptor
 
+# Opens the blob a descriptor names: a layout's file, an archive's spool, a download.
 BlobOpener = Callable[[Descriptor], AbstractContextManager[BinaryIO]]
+
 _DEFAULT_HINT = (
     "Nothing was imported. Rebuild or re-export the image with a standard tool "
     "(graven image export, skopeo, buildah, docker) and import that."
