@@ -3,9 +3,9 @@
 Compressed blobs are byte-identical for identical input: gzip with a fixed header
 (mtime 0, no file name, OS "unknown") at a fixed level, or zstd at a fixed level with
 a checksum; they depend only on the zlib/zstd library versions. A compressed layer is
-written into the content store and its descriptor cached, keyed by the two snapshots,
-the compression, the mtime and the tar format version, so a second export or push
-recompresses nothing.
+written into the content store and its descriptor cached, keyed by the layer's change
+set (not the snapshots around it), the compression, the mtime and the tar format
+version, so a second export or push recompresses nothing.
 """
 
 from __future__ import annotations
