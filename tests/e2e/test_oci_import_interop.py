@@ -22,7 +22,8 @@ import pytest
 
 from graven.model import ImageConfig
 from graven.store.cas import ContentStore
-from graven.store.oci_import import ImportPolicy, ImportRejected, import_layout
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected
 from tests.requires import need_tool
 
 pytestmark = pytest.mark.e2e

@@ -33,8 +33,10 @@ from graven.build.builder import build_image
 from graven.controller.paths import store_root
 from graven.model import Image, ImageConfig
 from graven.spec.models import Recipe
-from graven.store import oci
 from graven.store.cas import ContentStore, Tree
+from graven.store.oci_export.compress import MEDIA_TYPES
+from graven.store.oci_export.layout import ExportResult, export_archive, export_layout
+from graven.store.oci_types import host_platform
 from tests.requires import need_root, need_tool
 
 pytestmark = pytest.mark.e2e
@@ -121,9 +123,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def layout(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, oci.ExportResult]:
+def layout(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
     dest = tmp_path_factory.mktemp("layout") / "oci"
-    return dest, oci.export_layout(built.store, built.image, dest, REF)
+    return dest, export_layout(built.store, built.image, dest, REF)
 
 
 def tree_listing(store: ContentStore, image: Image) -> dict[str, tuple[Any, ...]]:
@@ -176,14 +178,14 @@ def expected_output(store: ContentStore, image: Image) -> str:
 
 
 def test_skopeo_inspects_and_copies_the_layout(
-    layout: tuple[Path, oci.ExportResult], tmp_path: Path
+    layout: tuple[Path, ExportResult], tmp_path: Path
 ) -> None:
     skopeo = need_tool("skopeo")
     dest, result = layout
     info = json.loads(run(skopeo, "--insecure-policy", "inspect", f"oci:{dest}:{REF}").stdout)
     assert info["Digest"] == result.oci.manifest_digest
     assert info["Layers"] == [layer.digest for layer in result.oci.layers]
-    assert (info["Os"], info["Architecture"]) == ("linux", oci.host_platform()[0])
+    assert (info["Os"], info["Architecture"]) == ("linux", host_platform()[0])
     assert info["Created"] == "1970-01-01T00:00:00Z"
     raw = run(skopeo, "--insecure-policy", "inspect", "--raw", f"oci:{dest}:{REF}").stdout
     assert raw.encode() == result.oci.manifest
@@ -202,7 +204,7 @@ def test_skopeo_inspects_and_copies_the_layout(
 def test_skopeo_reads_the_archive(built: Built, tmp_path: Path) -> None:
     skopeo = need_tool("skopeo")
     archive = tmp_path / "image.tar"
-    result = oci.export_archive(built.store, built.image, archive, REF)
+    result = export_archive(built.store, built.image, archive, REF)
     info = json.loads(
         run(skopeo, "--insecure-policy", "inspect", f"oci-archive:{archive}:{REF}").stdout
     )
@@ -229,7 +231,7 @@ def _umoci_unpack(layout_dir: Path, ref: str, bundle: Path) -> subprocess.Comple
 
 
 def test_umoci_unpacks_exactly_the_image_tree(
-    built: Built, layout: tuple[Path, oci.ExportResult], tmp_path: Path
+    built: Built, layout: tuple[Path, ExportResult], tmp_path: Path
 ) -> None:
     dest, _ = layout
     bundle = tmp_path / "bundle"
@@ -245,7 +247,7 @@ def test_umoci_unpacks_exactly_the_image_tree(
 def test_umoci_unpacks_an_image_without_files(built: Built, tmp_path: Path) -> None:
     empty = built.store.put_image(built.store.put_tree(Tree()), ImageConfig(entrypoint=("/x",)), ())
     dest = tmp_path / "layout"
-    oci.export_layout(built.store, empty, dest, "empty")
+    export_layout(built.store, empty, dest, "empty")
     proc = _umoci_unpack(dest, "empty", tmp_path / "bundle")
     assert proc.returncode == 0, proc.stderr
     assert dir_listing(tmp_path / "bundle" / "rootfs") == {}
@@ -306,7 +308,7 @@ def _unmount_under(directory: Path) -> None:
 
 @pytest.mark.parametrize("podman_env", ["vfs", "overlay"], indirect=True)
 def test_podman_runs_the_entrypoint(
-    built: Built, layout: tuple[Path, oci.ExportResult], podman_env: dict[str, str]
+    built: Built, layout: tuple[Path, ExportResult], podman_env: dict[str, str]
 ) -> None:
     dest, _ = layout
     proc = run("podman", "run", "--rm", "--quiet", f"oci:{dest}:{REF}", env=podman_env)
@@ -317,12 +319,12 @@ def test_podman_runs_zstd_layers_and_archives(
     built: Built, tmp_path: Path, podman_env: dict[str, str]
 ) -> None:
     dest = tmp_path / "zstd"
-    result = oci.export_layout(built.store, built.image, dest, REF, compression="zstd")
-    assert {layer.media_type for layer in result.oci.layers} == {oci.MEDIA_TYPES["zstd"]}
+    result = export_layout(built.store, built.image, dest, REF, compression="zstd")
+    assert {layer.media_type for layer in result.oci.layers} == {MEDIA_TYPES["zstd"]}
     proc = run("podman", "run", "--rm", "--quiet", f"oci:{dest}:{REF}", env=podman_env)
     assert proc.stdout == expected_output(built.store, built.image)
     archive = tmp_path / "image.tar"
-    oci.export_archive(built.store, built.image, archive, REF)
+    export_archive(built.store, built.image, archive, REF)
     proc = run("podman", "run", "--rm", "--quiet", f"oci-archive:{archive}:{REF}", env=podman_env)
     assert proc.stdout == expected_output(built.store, built.image)
 

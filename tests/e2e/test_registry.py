@@ -18,16 +18,12 @@ from typing import Any
 
 import pytest
 
+from graven.reference import parse_reference
 from graven.store.cas import ContentStore
 from graven.store.oci_types import OCI_CONFIG, OCI_LAYER_GZIP
-from graven.store.registry import (
-    RegistryClient,
-    RegistryError,
-    RegistryUnavailable,
-    parse_reference,
-    pull_image,
-    push_image,
-)
+from graven.store.registry.client import RegistryClient
+from graven.store.registry.errors import RegistryError, RegistryUnavailable
+from graven.store.registry.transfer import pull_image, push_image
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import free_port
 from graven.testing.registry import Registry

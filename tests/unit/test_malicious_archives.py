@@ -27,12 +27,9 @@ import pytest
 from graven.errors import UsageError
 from graven.model import Digest
 from graven.store.cas import ContentStore
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected
 from graven.store.oci_types import (
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
@@ -644,6 +641,20 @@ def _missing_manifest(d: Path) -> Path:
     return _index_hook(_set("manifests.0.digest", "sha256:" + HEX))(d)
 
 
+def _directory_at(where: str) -> Callable[[Path], Path]:
+    """A layout with a directory where a file should be: ``where`` is a path in it, or
+    "layer" for the first layer's blob."""
+
+    def build(d: Path) -> Path:
+        w = _simple(d)
+        path = w.blob_path(w.layer_digests[0]) if where == "layer" else w.path / where
+        path.unlink()
+        path.mkdir()
+        return w.path
+
+    return build
+
+
 def _blob_symlink(d: Path) -> Path:
     w = _simple(d)
     path = w.blob_path(w.layer_digests[0])
@@ -792,6 +803,9 @@ DOCUMENT_CASES: list[Any] = [
     Case("layer-blob-missing", _missing_blob, "is missing from"),
     Case("layer-blob-is-a-symlink", _blob_symlink, "is a symlink"),
     Case("layer-blob-is-a-fifo", _blob_fifo, "not a regular file"),
+    Case("layer-blob-is-a-directory", _directory_at("layer"), "not a regular file"),
+    Case("index-is-a-directory", _directory_at("index.json"), "not a regular file"),
+    Case("oci-layout-is-a-directory", _directory_at("oci-layout"), "not a regular file"),
     Case("no-oci-layout-file", _no_marker, "oci-layout file is missing"),
     Case("unsupported-layout-version", _bad_marker, "imageLayoutVersion"),
     Case("index-not-json", _index_bytes(b"[1, 2"), "not valid JSON"),

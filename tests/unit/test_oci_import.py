@@ -14,13 +14,9 @@ import pytest
 
 from graven.model import Digest, ImageConfig
 from graven.store.cas import EXEC_MODE, FILE_MODE, ContentStore, TreeEntry
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    LayerImported,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected, LayerImported
 from graven.store.oci_types import OCI_INDEX, OCI_MANIFEST, Descriptor
 from tests.unit.oci_build import (
     Member,
@@ -356,7 +352,7 @@ def test_refs_pick_the_image(tmp_path: Path, store: ContentStore) -> None:
 
 
 def test_nested_index_picks_this_machine(tmp_path: Path, store: ContentStore) -> None:
-    from graven.store.oci import host_platform
+    from graven.store.oci_types import host_platform
 
     arch, _ = host_platform()
     mine = write_layout(tmp_path / "layout", [tar_of(reg("mine"))])
@@ -443,7 +439,8 @@ def test_round_trip_with_the_exporter_keeps_the_digest(
 ) -> None:
     import os
 
-    from graven.store.oci import check_compression, export_archive, export_layout
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.layout import export_archive, export_layout
 
     kind = check_compression(compression)
 

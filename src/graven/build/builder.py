@@ -434,7 +434,7 @@ def _layout_base(
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:
-    from graven.store.oci_import import import_layout
+    from graven.store.oci_import.layouts import import_layout
 
     path = context.joinpath(*PurePosixPath(base.layout).parts)
     try:
@@ -499,13 +499,10 @@ def _registry_base(
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:
-    from graven.store.registry import (
-        RegistryClient,
-        find_credentials,
-        local_name_for,
-        parse_reference,
-        pull_image,
-    )
+    from graven.reference import local_name_for, parse_reference
+    from graven.store.registry.auth import find_credentials
+    from graven.store.registry.client import RegistryClient
+    from graven.store.registry.transfer import pull_image
 
     try:
         ref = parse_reference(base.registry)

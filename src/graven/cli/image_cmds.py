@@ -18,7 +18,7 @@ from graven.cli.output import Output, human_size, short
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
-    from graven.store.oci import LayerProgress
+    from graven.store.oci_export.documents import LayerProgress
 
 
 @click.group("image")
@@ -73,7 +73,8 @@ def export(
       skopeo inspect oci:out:web
       podman run --rm oci:out:web
     """
-    from graven.store.oci import check_compression, check_ref_name, export_archive, export_layout
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.layout import check_ref_name, export_archive, export_layout
 
     if layout is None and archive is None:
         raise UsageError(

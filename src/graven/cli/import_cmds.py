@@ -16,7 +16,7 @@ from graven.cli.options import output_option
 from graven.cli.output import Output, short
 
 if TYPE_CHECKING:
-    from graven.store.oci_import import LayerImported
+    from graven.store.oci_import.policy import LayerImported
 
 
 @click.command("import")
@@ -61,7 +61,8 @@ def import_command(
       graven image import out/ --ref web --name web
       graven image import image.tar -o json
     """
-    from graven.store.oci_import import ImportPolicy, import_layout
+    from graven.store.oci_import.layouts import import_layout
+    from graven.store.oci_import.policy import ImportPolicy
 
     obj = app_context(ctx)
     out = Output(output)
