@@ -32,7 +32,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from graven.router.base import Backend
 from graven.router.embedded import EmbeddedRouter, default_workers
+from graven.testing.net import free_port
 
 SERVICE = "bench"
 THREADS = 2
@@ -97,12 +97,6 @@ class Result:
     p99_ms: float
     requests: int
     errors: int  # socket errors and non-2xx answers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(port: int, timeout: float = 10.0) -> None:

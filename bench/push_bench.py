@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -38,15 +37,16 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fixture import make_project, touch_vendored
+
+from graven.testing.registry import Registry, running_registry
 
 GRAVEN = [str(Path(sys.executable).parent / "graven")]
 BLOBS = Path("docker/registry/v2/blobs")
@@ -81,12 +81,6 @@ def blob_files(path: Path) -> dict[str, int]:
 
 
 # --- a registry on loopback, behind a byte-counting relay ------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CountingRelay:
@@ -139,72 +133,31 @@ class CountingRelay:
             t.join(timeout=5)
 
 
-class Registry:
-    """``docker-registry serve`` with its own config and storage; ``host`` is the relay."""
+@dataclass
+class RelayedRegistry:
+    """A loopback registry whose ``host`` is a byte-counting relay in front of it."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data = root / "data"
-        port = free_port()
-        config = {
-            "version": 0.1,
-            "log": {"level": "error", "accesslog": {"disabled": True}},
-            "storage": {
-                "filesystem": {"rootdirectory": str(self.data)},
-                "maintenance": {"uploadpurging": {"enabled": False}},
-            },
-            "http": {"addr": f"127.0.0.1:{port}", "secret": "graven-bench"},
-        }
-        root.mkdir(parents=True)
-        (root / "config.yml").write_text(json.dumps(config))  # JSON is YAML
-        self._log = (root / "registry.log").open("wb")
-        self._proc = subprocess.Popen(
-            ["docker-registry", "serve", str(root / "config.yml")],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self._wait_ready(port)
-        self.relay = CountingRelay(("127.0.0.1", port))
-        self.host = f"127.0.0.1:{self.relay.port}"
+    registry: Registry
+    relay: CountingRelay
 
-    def _wait_ready(self, port: int) -> None:
-        for _ in range(300):  # 15 s
-            if self._proc.poll() is not None:
-                raise SystemExit(
-                    f"docker-registry exited:\n{(self.root / 'registry.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1):
-                    return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-        raise SystemExit("docker-registry did not answer within 15 s")
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.relay.port}"
 
     @property
     def blobs(self) -> Path:
-        return self.data / BLOBS
-
-    def close(self) -> None:
-        self.relay.close()
-        if self._proc.poll() is None:
-            os.kill(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self._proc.pid, signal.SIGKILL)
-                self._proc.wait(timeout=10)
-        self._log.close()
+        return self.registry.data / BLOBS
 
 
 @contextlib.contextmanager
-def registry(root: Path) -> Iterator[Registry]:
-    reg = Registry(root)
-    try:
-        yield reg
-    finally:
-        reg.close()
+def registry(root: Path) -> Iterator[RelayedRegistry]:
+    with running_registry(root, log_level="error") as reg:
+        host, port = reg.host.rsplit(":", 1)
+        relay = CountingRelay((host, int(port)))
+        try:
+            yield RelayedRegistry(reg, relay)
+        finally:
+            relay.close()
 
 
 # --- the tools ---------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,42 +26,15 @@ import threading
 import time
 from pathlib import Path
 
+from graven.testing.net import free_port
+from graven.testing.specs import hello_spec
+
 GRAVEN = [sys.executable, "-m", "graven"]
 
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: 3
-    port: {port}
-    health:
-      path: /healthz
-      interval: 0.5s
-    drain_timeout: 5s
-    stop_grace: 5s
-    strategy:
-{strategy}
-    env:
-      VERSION: {version}
-"""
-STRATEGIES = {
-    "blue-green (inside window)": "      type: blue-green\n      rollback_window: 30m",
-    "rolling (full re-roll)": "      type: rolling",
+STRATEGIES: dict[str, dict[str, str]] = {
+    "blue-green (inside window)": {"type": "blue-green", "rollback_window": "30m"},
+    "rolling (full re-roll)": {"type": "rolling"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Probe(threading.Thread):
@@ -92,8 +64,8 @@ def graven(project: Path, *args: str) -> None:
     subprocess.run([*GRAVEN, *args], cwd=project, check=True, capture_output=True, timeout=600)
 
 
-def write(project: Path, port: int, strategy: str, version: str) -> None:
-    (project / "graven.yaml").write_text(SPEC.format(port=port, strategy=strategy, version=version))
+def write(project: Path, port: int, strategy: dict[str, str], version: str) -> None:
+    (project / "graven.yaml").write_text(hello_spec(port=port, strategy=strategy, version=version))
     (project / "app" / "VERSION").write_text(version + "\n")
 
 

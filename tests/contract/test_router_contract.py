@@ -10,10 +10,8 @@ import contextlib
 import http.client
 import os
 import signal
-import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -24,23 +22,9 @@ from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendSta
 from graven.router.embedded import EmbeddedRouter
 from graven.router.haproxy import HAProxyRouter
 from graven.testing.fakes import EchoBackend, FakeRouter
+from graven.testing.net import eventually, free_port
 
 SERVICE = "web"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
 
 
 class Harness(Protocol):

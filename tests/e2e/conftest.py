@@ -10,12 +10,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,44 +23,10 @@ import pytest
 
 from graven.runtime.process import process_start_time
 from graven.spec import scaffold
-
-SPEC = """\
-version: 1
-images:
-  hello:
-    steps:
-      - copy: app
-        to: /app
-      - workdir: /app
-      - entrypoint: python3 app.py
-services:
-  hello:
-    image: hello
-    replicas: {replicas}
-    port: {port}
-    health:
-      path: {health_path}
-      interval: 0.5s
-{start_timeout}    drain_timeout: 5s
-    stop_grace: 5s
-{strategy}    env:
-      VERSION: {version}
-{extra_env}"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
+from graven.testing.cli import Result, clean_env, run_graven
+from graven.testing.net import eventually, free_port
+from graven.testing.registry import Registry, running_registry
+from graven.testing.specs import hello_spec
 
 
 def pid_alive(pid: int) -> bool:
@@ -70,16 +35,6 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
-
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
 
 
 @dataclass
@@ -100,20 +55,19 @@ class Project:
         replicas: int = 3,
         health_path: str = "/healthz",
         start_timeout: str | None = "20s",
-        strategy: str | None = None,
+        strategy: Mapping[str, Any] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        """The example service's spec. ``strategy``: the lines under ``strategy:``,
-        indented six spaces; ``env``: variables beside ``VERSION``."""
+        """The example service's spec; ``env``: variables beside ``VERSION``."""
         (self.root / "graven.yaml").write_text(
-            SPEC.format(
-                replicas=replicas,
+            hello_spec(
                 port=self.port,
                 version=version,
+                replicas=replicas,
                 health_path=health_path,
-                start_timeout=f"      start_timeout: {start_timeout}\n" if start_timeout else "",
-                strategy=f"    strategy:\n{strategy}\n" if strategy else "",
-                extra_env="".join(f'      {k}: "{v}"\n' for k, v in (env or {}).items()),
+                start_timeout=start_timeout,
+                strategy=strategy,
+                env=env,
             )
         )
         # A new version is a new image, not only new config.
@@ -141,23 +95,7 @@ class Project:
         )
 
     def graven(self, *args: str, timeout: float = 120, check: bool = True) -> Result:
-        proc = subprocess.run(
-            [sys.executable, "-m", "graven", *args],
-            cwd=self.root,
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"graven {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return result
+        return run_graven(args, cwd=self.root, env=self.env(), timeout=timeout, check=check)
 
     def status(self) -> dict[str, Any]:
         data: dict[str, Any] = self.graven("status", "hello", "-o", "json").json()["services"][0]
@@ -277,3 +215,12 @@ def routed_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[P
     supervisor with two workers), then HAProxy."""
     router, _, workers = request.param.partition("-")
     yield from _project(tmp_path / "proj", router, 2 if workers else 1)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with running_registry(tmp_path / "registry") as reg:
+        yield reg
+
+
+__all__ = ["Project", "Result", "clean_env", "eventually", "free_port", "pid_alive"]

@@ -1,6 +1,7 @@
-"""A real OCI registry for tests: ``docker-registry`` (distribution 2.8) on loopback.
+"""Registries with authentication and hostile relays, on top of the plain loopback
+registry of ``graven.testing.registry``.
 
-Three flavours: anonymous, htpasswd Basic auth, and token auth backed by a tiny
+Flavours: anonymous, htpasswd Basic auth, and token auth backed by a tiny
 token server (ES256 JWTs carrying an ``x5c`` chain that the registry checks against
 a self-signed certificate it trusts). Also a loopback proxy that flips a byte of
 every blob it relays, to prove pulls verify what they receive.
@@ -17,7 +18,6 @@ import http.client
 import json
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -35,92 +35,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from tests.e2e.conftest import free_port
+from graven.testing.registry import Registry, running_registry
 
 SERVICE = "graven-test-registry"
 ISSUER = "graven-test-token-issuer"
-
-
-@dataclass
-class Registry:
-    """A running registry: ``host`` is ``127.0.0.1:PORT``, what references start with."""
-
-    host: str
-    root: Path
-    pid: int
-    username: str | None = None
-    password: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"docker-registry exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url + "/v2/", timeout=1):
-                return
-        except urllib.error.HTTPError as e:
-            if e.code == 401:  # auth-protected: it answers, so it is up
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"docker-registry did not answer within {timeout}s:\n{log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-
-@contextlib.contextmanager
-def running_registry(tmp: Path, auth: dict[str, Any] | None = None) -> Iterator[Registry]:
-    """``docker-registry serve`` on a free loopback port with storage under ``tmp``."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config: dict[str, Any] = {
-        "version": 0.1,
-        "log": {"level": "warn", "accesslog": {"disabled": True}},
-        "storage": {
-            "filesystem": {"rootdirectory": str(tmp / "data")},
-            "delete": {"enabled": True},
-            "maintenance": {"uploadpurging": {"enabled": False}},
-        },
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "graven-test-secret"},
-    }
-    if auth:
-        config["auth"] = auth
-    config_path = tmp / "config.yml"
-    # JSON is YAML: no YAML writer needed.
-    config_path.write_text(json.dumps(config, indent=2))
-    log = tmp / "registry.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(config_path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        host = f"127.0.0.1:{port}"
-        _wait_ready(f"http://{host}", proc, log)
-        yield Registry(host, tmp, proc.pid)
-    finally:
-        _stop(proc)
 
 
 @contextlib.contextmanager

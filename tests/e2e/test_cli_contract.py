@@ -226,7 +226,7 @@ def test_a_fifo_as_the_spec_is_refused_at_once(project: Project, verb: str) -> N
 
 def test_check_warns_about_a_port_another_process_holds(project: Project) -> None:
     preview = free_port()
-    project.write_spec(strategy=f"      type: blue-green\n      preview_port: {preview}")
+    project.write_spec(strategy={"type": "blue-green", "preview_port": preview})
     with socket.socket() as held, socket.socket() as held_preview:
         held.bind(("127.0.0.1", project.port))
         held.listen()

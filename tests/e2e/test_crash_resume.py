@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import time
+from typing import Any
 
 import pytest
 
@@ -21,11 +22,14 @@ from tests.e2e.conftest import Project
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STRATEGIES = {
-    "rolling": "      type: rolling",
-    "blue-green": "      type: blue-green\n      rollback_window: 2s",
-    "canary": "      type: canary\n      rollback_window: 2s\n      steps:\n"
-    "        - {weight: 50, pause: 1s, analysis: false}",
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "rolling": {"type": "rolling"},
+    "blue-green": {"type": "blue-green", "rollback_window": "2s"},
+    "canary": {
+        "type": "canary",
+        "rollback_window": "2s",
+        "steps": [{"weight": 50, "pause": "1s", "analysis": False}],
+    },
 }
 
 _FLEET = [ObservedInstance("a", 1, "healthy"), ObservedInstance("b", 1, "healthy")]

@@ -9,16 +9,15 @@ it is the suite's only one, and nothing is cached between tests. It needs root
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from graven.store.cas import ContentStore
+from graven.testing.cli import Result, run_graven
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +26,8 @@ BUILD_TIMEOUT = 600
 RELEASES = {"bullseye": "11", "bookworm": "12", "trixie": "13"}
 
 
-def graven(state_dir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "graven", "--state-dir", str(state_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"graven {' '.join(args)} exited {proc.returncode}\n"
-        f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
-    return proc
+def graven(state_dir: Path, *args: str, timeout: float = 120) -> Result:
+    return run_graven(args, cwd=Path.cwd(), state_dir=state_dir, timeout=timeout)
 
 
 def in_bwrap(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -85,7 +72,7 @@ def host_codename() -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap needs root (CI runs as root)")
+@pytest.mark.needs_root("debootstrap needs root")
 def test_graven_base_debian_builds_a_minbase_that_runs(tmp_path: Path) -> None:
     suite = host_codename() if host_codename() in RELEASES else "bookworm"
     state = tmp_path / "state"

@@ -18,7 +18,7 @@ import pytest
 
 from tests.e2e.conftest import Project, _project, eventually, pid_alive
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.needs_root("mounting a small filesystem needs root")]
 
 FS_SIZE = "16m"
 LOG_MAX = 64 * 1024
@@ -55,8 +55,6 @@ def _unmount(path: Path) -> None:
 def small_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
     """A project whose state dir is a 16 MiB tmpfs (unmounted after the project's own
     teardown has stopped everything in it)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
     monkeypatch.setenv("GRAVEN_STATE_MIN_FREE", "1M")
     monkeypatch.setenv("GRAVEN_LOG_MAX_BYTES", str(LOG_MAX))
     monkeypatch.setenv("GRAVEN_LOG_KEEP", str(LOG_KEEP))

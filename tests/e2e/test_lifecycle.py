@@ -116,7 +116,7 @@ def test_failed_health_rolls_back_with_a_reason(project: Project) -> None:
     assert failed and "health check" in failed[0]["message"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="read-only bind mounts need root")
+@pytest.mark.needs_root("read-only bind mounts need root")
 def test_instances_run_from_read_only_checkout(project: Project) -> None:
     project.graven("deploy", "-m", "first")
     inst = project.status()["instances"][0]

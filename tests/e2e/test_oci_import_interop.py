@@ -22,21 +22,13 @@ import pytest
 
 from graven.model import ImageConfig
 from graven.store.cas import ContentStore
-from graven.store.oci_import import ImportPolicy, ImportRejected, import_layout
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected
+from tests.requires import need_tool
 
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = 120
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (scripts/setup installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +57,7 @@ def _unpack(umoci: str, layout: Path, ref: str, bundle: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def umoci_image(tmp_path_factory: pytest.TempPathFactory) -> UmociImage:
-    umoci = need("umoci")
+    umoci = need_tool("umoci")
     base = tmp_path_factory.mktemp("umoci")
     layout = base / "layout"
     run(umoci, "init", "--layout", str(layout))
@@ -138,7 +130,7 @@ def test_umoci_layers_import_as_the_trees_umoci_packed(
 
 
 def test_skopeo_reencodings_keep_the_graven_digest(umoci_image: UmociImage, tmp_path: Path) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     store = ContentStore(tmp_path / "store")
     expected = import_layout(store, umoci_image.layout, "v2").digest
     source = f"oci:{umoci_image.layout}:v2"
@@ -165,7 +157,7 @@ def test_skopeo_reencodings_keep_the_graven_digest(umoci_image: UmociImage, tmp_
 
 
 def test_setuid_from_a_real_tool_is_refused_unless_allowed(tmp_path: Path) -> None:
-    umoci = need("umoci")
+    umoci = need_tool("umoci")
     layout = tmp_path / "layout"
     run(umoci, "init", "--layout", str(layout))
     run(umoci, "new", "--image", f"{layout}:empty")

@@ -33,9 +33,12 @@ from graven.build.builder import build_image
 from graven.controller.paths import store_root
 from graven.model import Image, ImageConfig
 from graven.spec.models import Recipe
-from graven.store import oci
 from graven.store.cas import ContentStore
+from graven.store.oci_export.compress import MEDIA_TYPES
+from graven.store.oci_export.layout import ExportResult, export_archive, export_layout
+from graven.store.oci_types import host_platform
 from graven.store.tree_model import Tree
+from tests.requires import need_root, need_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -55,18 +58,6 @@ ENTRYPOINT = [
     "-c",
     "cd /app && busybox find . | busybox sort && busybox cat hello.txt d2f f2d/inner link",
 ]
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool) or (
-        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
-    )
-    if path is None:
-        message = f"{tool} is not installed (scripts/setup installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def run(
@@ -97,7 +88,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    busybox = need("busybox")
+    busybox = need_tool("busybox")
     base = tmp_path_factory.mktemp("interop")
     root = base / "project" / "rootfs"
     (root / "bin").mkdir(parents=True)
@@ -133,9 +124,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="module")
-def layout(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, oci.ExportResult]:
+def layout(built: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExportResult]:
     dest = tmp_path_factory.mktemp("layout") / "oci"
-    return dest, oci.export_layout(built.store, built.image, dest, REF)
+    return dest, export_layout(built.store, built.image, dest, REF)
 
 
 def tree_listing(store: ContentStore, image: Image) -> dict[str, tuple[Any, ...]]:
@@ -188,14 +179,14 @@ def expected_output(store: ContentStore, image: Image) -> str:
 
 
 def test_skopeo_inspects_and_copies_the_layout(
-    layout: tuple[Path, oci.ExportResult], tmp_path: Path
+    layout: tuple[Path, ExportResult], tmp_path: Path
 ) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     dest, result = layout
     info = json.loads(run(skopeo, "--insecure-policy", "inspect", f"oci:{dest}:{REF}").stdout)
     assert info["Digest"] == result.oci.manifest_digest
     assert info["Layers"] == [layer.digest for layer in result.oci.layers]
-    assert (info["Os"], info["Architecture"]) == ("linux", oci.host_platform()[0])
+    assert (info["Os"], info["Architecture"]) == ("linux", host_platform()[0])
     assert info["Created"] == "1970-01-01T00:00:00Z"
     raw = run(skopeo, "--insecure-policy", "inspect", "--raw", f"oci:{dest}:{REF}").stdout
     assert raw.encode() == result.oci.manifest
@@ -212,9 +203,9 @@ def test_skopeo_inspects_and_copies_the_layout(
 
 
 def test_skopeo_reads_the_archive(built: Built, tmp_path: Path) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     archive = tmp_path / "image.tar"
-    result = oci.export_archive(built.store, built.image, archive, REF)
+    result = export_archive(built.store, built.image, archive, REF)
     info = json.loads(
         run(skopeo, "--insecure-policy", "inspect", f"oci-archive:{archive}:{REF}").stdout
     )
@@ -233,7 +224,7 @@ def test_skopeo_reads_the_archive(built: Built, tmp_path: Path) -> None:
 
 
 def _umoci_unpack(layout_dir: Path, ref: str, bundle: Path) -> subprocess.CompletedProcess[str]:
-    umoci = need("umoci")
+    umoci = need_tool("umoci")
     rootless = [] if os.geteuid() == 0 else ["--rootless"]
     return run(
         umoci, "unpack", *rootless, "--image", f"{layout_dir}:{ref}", str(bundle), check=False
@@ -241,7 +232,7 @@ def _umoci_unpack(layout_dir: Path, ref: str, bundle: Path) -> subprocess.Comple
 
 
 def test_umoci_unpacks_exactly_the_image_tree(
-    built: Built, layout: tuple[Path, oci.ExportResult], tmp_path: Path
+    built: Built, layout: tuple[Path, ExportResult], tmp_path: Path
 ) -> None:
     dest, _ = layout
     bundle = tmp_path / "bundle"
@@ -257,11 +248,11 @@ def test_umoci_unpacks_exactly_the_image_tree(
 def test_umoci_unpacks_an_image_without_files(built: Built, tmp_path: Path) -> None:
     empty = built.store.put_image(built.store.put_tree(Tree()), ImageConfig(entrypoint=("/x",)), ())
     dest = tmp_path / "layout"
-    oci.export_layout(built.store, empty, dest, "empty")
+    export_layout(built.store, empty, dest, "empty")
     proc = _umoci_unpack(dest, "empty", tmp_path / "bundle")
     assert proc.returncode == 0, proc.stderr
     assert dir_listing(tmp_path / "bundle" / "rootfs") == {}
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     info = json.loads(run(skopeo, "--insecure-policy", "inspect", f"oci:{dest}:empty").stdout)
     assert len(info["Layers"]) == 1
 
@@ -272,13 +263,9 @@ def test_umoci_unpacks_an_image_without_files(built: Built, tmp_path: Path) -> N
 @pytest.fixture
 def podman_env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """Environment for a podman whose every file lives under a temp dir."""
-    need("podman")
-    need("runc")
-    if os.geteuid() != 0:
-        message = "podman with runc and cgroupfs needs root here"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    need_tool("podman")
+    need_tool("runc")
+    need_root("podman with runc and cgroupfs needs root here")
     driver = getattr(request, "param", "vfs")
     # A short path: with a long run root, podman waits out a 20 s conmon timeout
     # before it notices that the container exited.
@@ -322,7 +309,7 @@ def _unmount_under(directory: Path) -> None:
 
 @pytest.mark.parametrize("podman_env", ["vfs", "overlay"], indirect=True)
 def test_podman_runs_the_entrypoint(
-    built: Built, layout: tuple[Path, oci.ExportResult], podman_env: dict[str, str]
+    built: Built, layout: tuple[Path, ExportResult], podman_env: dict[str, str]
 ) -> None:
     dest, _ = layout
     proc = run("podman", "run", "--rm", "--quiet", f"oci:{dest}:{REF}", env=podman_env)
@@ -333,12 +320,12 @@ def test_podman_runs_zstd_layers_and_archives(
     built: Built, tmp_path: Path, podman_env: dict[str, str]
 ) -> None:
     dest = tmp_path / "zstd"
-    result = oci.export_layout(built.store, built.image, dest, REF, compression="zstd")
-    assert {layer.media_type for layer in result.oci.layers} == {oci.MEDIA_TYPES["zstd"]}
+    result = export_layout(built.store, built.image, dest, REF, compression="zstd")
+    assert {layer.media_type for layer in result.oci.layers} == {MEDIA_TYPES["zstd"]}
     proc = run("podman", "run", "--rm", "--quiet", f"oci:{dest}:{REF}", env=podman_env)
     assert proc.stdout == expected_output(built.store, built.image)
     archive = tmp_path / "image.tar"
-    oci.export_archive(built.store, built.image, archive, REF)
+    export_archive(built.store, built.image, archive, REF)
     proc = run("podman", "run", "--rm", "--quiet", f"oci-archive:{archive}:{REF}", env=podman_env)
     assert proc.stdout == expected_output(built.store, built.image)
 
@@ -347,7 +334,7 @@ def test_podman_runs_zstd_layers_and_archives(
 
 
 def test_cli_export_is_reproducible_and_readable(built: Built, tmp_path: Path) -> None:
-    skopeo = need("skopeo")
+    skopeo = need_tool("skopeo")
     outputs = []
     for n in (1, 2):
         proc = run(

@@ -17,12 +17,11 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.registry_fixture import Registry, running_registry
+from graven.testing.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +51,6 @@ def project(tmp_path: Path) -> Path:
     # Random, so gzip keeps it at 3 MB: enough bytes for the bar to move.
     (root / "data" / "blob.bin").write_bytes(os.urandom(3_000_000))
     return root
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with running_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def env() -> dict[str, str]:

@@ -12,32 +12,26 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from graven.reference import parse_reference
 from graven.store.cas import ContentStore
 from graven.store.oci_types import OCI_CONFIG, OCI_LAYER_GZIP
-from graven.store.registry import (
-    RegistryClient,
-    RegistryError,
-    RegistryUnavailable,
-    parse_reference,
-    pull_image,
-    push_image,
-)
+from graven.store.registry.client import RegistryClient
+from graven.store.registry.errors import RegistryError, RegistryUnavailable
+from graven.store.registry.transfer import pull_image, push_image
+from graven.testing.cli import Result, clean_env, run_graven
+from graven.testing.net import free_port
+from graven.testing.registry import Registry
 from tests.e2e.registry_fixture import (
     BLOB_PATH,
     Canned,
-    Registry,
     basic_auth_registry,
-    free_port,
     relay_proxy,
-    running_registry,
     tampering_proxy,
     token_auth_registry,
 )
@@ -62,16 +56,6 @@ ASSETS_SIZE = 1_000_000
 
 
 @dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-@dataclass
 class Workspace:
     """A project to build from, and state dirs (stores) to push from and pull into."""
 
@@ -92,25 +76,14 @@ class Workspace:
         env: dict[str, str] | None = None,
         check: bool = True,
     ) -> Result:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAVEN_REGISTRY_")}
-        full_env.update({"HOME": str(self.root / "home"), "PYTHONUNBUFFERED": "1", **(env or {})})
-        proc = subprocess.run(
-            [sys.executable, "-m", "graven", "--state-dir", str(self.state(state)), *args],
+        return run_graven(
+            args,
             cwd=self.project,
-            env=full_env,
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            env=clean_env(self.root / "home", **(env or {})),
+            state_dir=self.state(state),
+            stdin=stdin,
+            check=check,
         )
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"graven {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return result
 
     def build(self) -> str:
         out = self.graven("build", "web", "-o", "json").json()
@@ -133,12 +106,6 @@ def ws(tmp_path: Path) -> Workspace:
     (w.project / "data" / "data.bin").write_bytes(os.urandom(DATA_SIZE))
     (w.project / "assets" / "big.bin").write_bytes(os.urandom(ASSETS_SIZE))
     return w
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with running_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def skopeo_digest(reference: str) -> str:

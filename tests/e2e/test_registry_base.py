@@ -11,10 +11,6 @@ found as for 'graven pull'.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +19,9 @@ import pytest
 
 from graven.store.cas import ContentStore
 from graven.store.oci_types import OCI_MANIFEST
-from tests.e2e.registry_fixture import (
-    Canned,
-    Registry,
-    basic_auth_registry,
-    relay_proxy,
-    running_registry,
-)
+from graven.testing.cli import Result, clean_env, run_graven
+from graven.testing.registry import Registry, running_registry
+from tests.e2e.registry_fixture import Canned, basic_auth_registry, relay_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -57,16 +49,6 @@ images:
 
 
 @dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-@dataclass
 class Workspace:
     """Two projects: 'maker' builds and pushes the base, 'consumer' builds on it."""
 
@@ -89,26 +71,13 @@ class Workspace:
         env: dict[str, str] | None = None,
         check: bool = True,
     ) -> Result:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAVEN_REGISTRY_")}
-        full_env.update({"HOME": str(self.root / "home"), "PYTHONUNBUFFERED": "1", **(env or {})})
-        state_dir = str(self.state(state or project))
-        proc = subprocess.run(
-            [sys.executable, "-m", "graven", "--state-dir", state_dir, *args],
+        return run_graven(
+            args,
             cwd=self.project(project),
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-            check=False,
+            env=clean_env(self.root / "home", **(env or {})),
+            state_dir=self.state(state or project),
+            check=check,
         )
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"graven {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return result
 
     def push_runtime(self, registry: Registry, repository: str = "team/runtime") -> str:
         """Build the base, push it; the pinned reference 'graven push' prints."""
@@ -137,12 +106,6 @@ def ws(tmp_path: Path) -> Workspace:
     (w.project("consumer") / "app").mkdir(parents=True)
     (w.project("consumer") / "app" / "main.py").write_text("print('hi')\n")
     return w
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with running_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def read(store: ContentStore, image: str, path: str) -> bytes:

@@ -101,7 +101,7 @@ def switched(project: Project) -> Project:
             version,
             replicas=2,
             start_timeout=None,
-            strategy="      type: blue-green\n      rollback_window: 10m",
+            strategy={"type": "blue-green", "rollback_window": "10m"},
         )
         project.graven("deploy", "-m", version)
     return project

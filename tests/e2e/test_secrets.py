@@ -198,9 +198,7 @@ def _as_nobody(project: Project, *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
-)
+@pytest.mark.needs_root("reading as another user needs root")
 def test_another_user_cannot_read_the_state_dir(open_project: Project) -> None:
     project = open_project
     # A state dir left open (as older versions made it) is tightened on first use.

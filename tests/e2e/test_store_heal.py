@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,9 @@ from typing import Any
 import pytest
 
 from graven.build import fingerprint
-from tests.e2e.conftest import Project, Result
-from tests.e2e.registry_fixture import Registry, running_registry
+from graven.testing.cli import Result, clean_env, run_graven
+from graven.testing.registry import Registry
+from tests.e2e.conftest import Project
 
 pytestmark = pytest.mark.e2e
 
@@ -165,25 +163,13 @@ class Workspace:
         return self.root / f"state-{name}"
 
     def graven(self, *args: str, state: str, check: bool = True) -> Result:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRAVEN_REGISTRY_")}
-        env.update({"HOME": str(self.root / "home"), "PYTHONUNBUFFERED": "1"})
-        proc = subprocess.run(
-            [sys.executable, "-m", "graven", "--state-dir", str(self.state(state)), *args],
+        return run_graven(
+            args,
             cwd=self.project,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-            check=False,
+            env=clean_env(self.root / "home"),
+            state_dir=self.state(state),
+            check=check,
         )
-        result = Result(proc.returncode, proc.stdout, proc.stderr)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"graven {' '.join(args)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return result
 
 
 @pytest.fixture
@@ -196,12 +182,6 @@ def ws(tmp_path: Path) -> Workspace:
     (w.project / "app" / "main.py").write_text("print('healed')\n")
     (w.project / "data" / "big.bin").write_bytes(os.urandom(BIG))
     return w
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    with running_registry(tmp_path / "registry") as reg:
-        yield reg
 
 
 def pulled_workspace(ws: Workspace, registry: Registry) -> tuple[str, str]:

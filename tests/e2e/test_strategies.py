@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -14,25 +15,30 @@ from tests.e2e.conftest import Project, eventually, free_port
 
 pytestmark = pytest.mark.e2e
 
-BLUE_GREEN = """\
-      type: blue-green
-      rollback_window: 10m
-      auto_promote: {auto}
-      preview_port: {preview}"""
 
-CANARY = """\
-      type: canary
-      rollback_window: 10m
-      steps:
-        - {weight: 25, pause: 1s, analysis: false}
-        - {weight: 50, analysis: true}
-      analysis:
-        window: 3s
-        min_requests: 30
-        max_error_rate: 0.05"""
+def blue_green(*, auto: bool, preview: int) -> dict[str, Any]:
+    return {
+        "type": "blue-green",
+        "rollback_window": "10m",
+        "auto_promote": auto,
+        "preview_port": preview,
+    }
 
 
-def write(project: Project, version: str, strategy: str, error_rate: float = 0.0) -> None:
+CANARY: dict[str, Any] = {
+    "type": "canary",
+    "rollback_window": "10m",
+    "steps": [
+        {"weight": 25, "pause": "1s", "analysis": False},
+        {"weight": 50, "analysis": True},
+    ],
+    "analysis": {"window": "3s", "min_requests": 30, "max_error_rate": 0.05},
+}
+
+
+def write(
+    project: Project, version: str, strategy: dict[str, Any], error_rate: float = 0.0
+) -> None:
     project.write_spec(
         version,
         replicas=2,
@@ -54,9 +60,9 @@ def versions(report: object) -> set[str]:
 
 def test_blue_green_with_promote_and_instant_rollback(routed_project: Project) -> None:
     preview = free_port()
-    write(routed_project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
+    write(routed_project, "v1", blue_green(auto=True, preview=preview))
     routed_project.graven("deploy", "-m", "v1")
-    write(routed_project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
+    write(routed_project, "v2", blue_green(auto=False, preview=preview))
     with Load(
         "127.0.0.1", routed_project.port, clients=3, min_requests=500, max_seconds=90
     ) as load:
@@ -159,9 +165,9 @@ def listening(port: int) -> bool:
 
 def test_an_aborted_blue_green_leaves_no_preview_router(routed_project: Project) -> None:
     preview = free_port()
-    write(routed_project, "v1", BLUE_GREEN.format(auto="true", preview=preview))
+    write(routed_project, "v1", blue_green(auto=True, preview=preview))
     routed_project.graven("deploy", "-m", "v1")
-    write(routed_project, "v2", BLUE_GREEN.format(auto="false", preview=preview))
+    write(routed_project, "v2", blue_green(auto=False, preview=preview))
     paused = routed_project.graven("deploy", "-m", "v2 behind preview", "-o", "json").json()
     assert paused["results"][0]["rollout_result"]["progress"].startswith("paused")
     assert listening(preview)

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from graven.errors import UsageError
 from graven.store.cas import ContentStore
-from graven.store.oci_import import ImportPolicy, import_layout
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy
 from tests.unit.oci_build import Member, dir_, link, reg, sym, tar_of, write_layout
 
 components = st.sampled_from(["a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", ".wh..wh.x", "é"])

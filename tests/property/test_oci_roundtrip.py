@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from graven.model import ImageConfig
 from graven.store.cas import ContentStore
-from graven.store.oci import export_archive
-from graven.store.oci_import import import_layout
+from graven.store.oci_export.layout import export_archive
+from graven.store.oci_import.layouts import import_layout
 from tests.property.test_tree_roundtrip import Node, files, links, write
 
 names = st.text(

@@ -630,9 +630,7 @@ def runs(fake: dict[str, Path]) -> int:
     return len(fake["counter"].read_text().splitlines()) if fake["counter"].exists() else 0
 
 
-needs_root = pytest.mark.skipif(
-    not ROOT, reason="making a Debian base needs root (CI runs as root)"
-)
+needs_root = pytest.mark.needs_root("making a Debian base needs root")
 
 
 @needs_root

@@ -19,8 +19,10 @@ from graven.errors import BuildError, NotFoundError, SpecError, UsageError
 from graven.model import Image, ImageConfig
 from graven.spec import json_schema, load_spec
 from graven.spec.models import Recipe, Spec
-from graven.store import oci, oci_import
 from graven.store.cas import ContentStore
+from graven.store.oci_export.documents import oci_documents
+from graven.store.oci_export.layout import export_layout
+from graven.store.oci_import import layouts
 
 RUNTIME_STEPS: list[dict[str, Any]] = [
     {"copy": "lib", "to": "/opt/lib"},
@@ -319,8 +321,8 @@ def test_layers_are_the_bases_then_the_images_own(project: Path, store: ContentS
 
     # Exported, the derived image reuses the base's layer blobs: a registry or a
     # runtime holding the base already has them.
-    base_layers = [layer.digest for layer in oci.oci_documents(store, runtime).layers]
-    app_layers = [layer.digest for layer in oci.oci_documents(store, app).layers]
+    base_layers = [layer.digest for layer in oci_documents(store, runtime).layers]
+    app_layers = [layer.digest for layer in oci_documents(store, app).layers]
     assert app_layers[: len(base_layers)] == base_layers
     assert len(app_layers) == len(base_layers) + 1
 
@@ -403,7 +405,7 @@ def test_a_digest_the_store_lacks_is_a_clear_error(project: Path, store: Content
 
 def export_runtime(project: Path, store: ContentStore, ref: str = "rt") -> Image:
     runtime = build_runtime(project, store).image
-    oci.export_layout(store, runtime, project / "vendor" / "runtime", ref)
+    export_layout(store, runtime, project / "vendor" / "runtime", ref)
     return runtime
 
 
@@ -424,7 +426,7 @@ def test_a_layout_base_is_imported_once(
     def no_import(*args: object, **kwargs: object) -> Image:
         raise AssertionError("the layout was imported again")
 
-    monkeypatch.setattr(oci_import, "import_layout", no_import)
+    monkeypatch.setattr(layouts, "import_layout", no_import)
     second = build_image("app", layout_recipe, project, store, on_progress=progress.append)
     assert len(progress) == 1
     assert ran(second) == []
@@ -475,7 +477,7 @@ def test_a_layout_through_a_symlink_out_of_the_project_is_refused(
 ) -> None:
     outside = tmp_path / "outside"
     runtime_store = ContentStore(tmp_path / "other-store")
-    oci.export_layout(runtime_store, build_runtime(project, runtime_store).image, outside, "rt")
+    export_layout(runtime_store, build_runtime(project, runtime_store).image, outside, "rt")
     (project / "vendor").symlink_to(outside)
     store = ContentStore(tmp_path / "store")
     with pytest.raises(UsageError, match="leaves the project directory"):

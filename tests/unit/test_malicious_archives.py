@@ -11,7 +11,6 @@ tmp/ must be empty again and no name may be recorded. Names that aim at
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import io
 import json
 import os
@@ -28,12 +27,9 @@ import pytest
 from graven.errors import UsageError
 from graven.model import Digest
 from graven.store.cas import ContentStore
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected
 from graven.store.oci_types import (
     MAX_CONFIG_BYTES,
     MAX_MANIFEST_BYTES,
@@ -62,7 +58,6 @@ from tests.unit.oci_build import (
     write_layout,
 )
 
-HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
 EVIL = Path("/tmp")
 HEX = "ab" * 32
 BLOB = bytes(range(256)) * 20  # 5120 bytes: no padding after it in a tar
@@ -646,6 +641,20 @@ def _missing_manifest(d: Path) -> Path:
     return _index_hook(_set("manifests.0.digest", "sha256:" + HEX))(d)
 
 
+def _directory_at(where: str) -> Callable[[Path], Path]:
+    """A layout with a directory where a file should be: ``where`` is a path in it, or
+    "layer" for the first layer's blob."""
+
+    def build(d: Path) -> Path:
+        w = _simple(d)
+        path = w.blob_path(w.layer_digests[0]) if where == "layer" else w.path / where
+        path.unlink()
+        path.mkdir()
+        return w.path
+
+    return build
+
+
 def _blob_symlink(d: Path) -> Path:
     w = _simple(d)
     path = w.blob_path(w.layer_digests[0])
@@ -717,10 +726,7 @@ DOCUMENT_CASES: list[Any] = [
     Case("truncated-gzip", _truncated_gzip, r"Compressed file ended|truncated"),
     Case("gzip-bad-crc", _gzip_bad_crc, "CRC check failed"),
     Case("gzip-trailing-garbage", _gzip_trailing_garbage, r"Not a gzipped file|not a valid"),
-    pytest.param(
-        Case("truncated-zstd", _truncated_zstd, r"end-of-archive|truncated"),
-        marks=pytest.mark.skipif(not HAS_ZSTD, reason="no zstandard"),
-    ),
+    Case("truncated-zstd", _truncated_zstd, r"end-of-archive|truncated"),
     Case("declared-gzip-is-plain", _plain_declared_gzip, "Not a gzipped file"),
     Case("diff-id-mismatch", _diff_id_mismatch, r"rootfs.diff_ids\[0\]"),
     Case(
@@ -797,6 +803,9 @@ DOCUMENT_CASES: list[Any] = [
     Case("layer-blob-missing", _missing_blob, "is missing from"),
     Case("layer-blob-is-a-symlink", _blob_symlink, "is a symlink"),
     Case("layer-blob-is-a-fifo", _blob_fifo, "not a regular file"),
+    Case("layer-blob-is-a-directory", _directory_at("layer"), "not a regular file"),
+    Case("index-is-a-directory", _directory_at("index.json"), "not a regular file"),
+    Case("oci-layout-is-a-directory", _directory_at("oci-layout"), "not a regular file"),
     Case("no-oci-layout-file", _no_marker, "oci-layout file is missing"),
     Case("unsupported-layout-version", _bad_marker, "imageLayoutVersion"),
     Case("index-not-json", _index_bytes(b"[1, 2"), "not valid JSON"),

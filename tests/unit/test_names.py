@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from graven.model import Digest, is_valid_name
+from graven.reference import _COMPONENT_RE, _TAG_RE
 from graven.spec.models import _check_env_name
-from graven.store.registry import _COMPONENT_RE, _TAG_RE
 
 
 def test_a_digest_with_a_trailing_newline_is_refused() -> None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
 import tarfile
 from pathlib import Path
@@ -19,9 +20,19 @@ from hypothesis import strategies as st
 
 from graven.errors import StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig
-from graven.store import oci
 from graven.store.cas import ContentStore
-from graven.store.oci_types import GRAVEN_IMAGE, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, REF_NAME
+from graven.store.oci_export import layers
+from graven.store.oci_export.documents import LayerProgress, oci_documents
+from graven.store.oci_export.layers import layer_blob
+from graven.store.oci_export.layout import export_archive, export_layout
+from graven.store.oci_export.tar import write_entries, write_layer_tar
+from graven.store.oci_types import (
+    GRAVEN_IMAGE,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    REF_NAME,
+    host_platform,
+)
 from graven.store.tree_model import EMPTY_TREE, Tree
 
 EMPTY_TAR_DIFF_ID = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
@@ -64,7 +75,7 @@ def make_tree(store: ContentStore, root: Path, files: Spec) -> Digest:
 
 def layer_tar(store: ContentStore, old: Digest | None, new: Digest, **kw: Any) -> bytes:
     buf = io.BytesIO()
-    oci.write_layer_tar(store, old, new, buf, **kw)
+    write_layer_tar(store, old, new, buf, **kw)
     return buf.getvalue()
 
 
@@ -280,7 +291,7 @@ def root_mk(root: Path) -> Path:
 
 def test_gzip_has_a_fixed_header_and_identical_bytes(store: ContentStore, tmp_path: Path) -> None:
     tree = make_tree(store, tmp_path / "t", {"a": b"1" * 100_000, "b/c": b"2"})
-    blob = oci.layer_blob(store, None, tree, "gzip")
+    blob = layer_blob(store, None, tree, "gzip")
     data = store.blob_path(blob.digest).read_bytes()
     assert data[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no mtime, no name
     tar = gzip.decompress(data)
@@ -291,7 +302,7 @@ def test_gzip_has_a_fixed_header_and_identical_bytes(store: ContentStore, tmp_pa
         Digest.of_bytes(data),
     )
     other = ContentStore(tmp_path / "other-store")
-    again = oci.layer_blob(
+    again = layer_blob(
         other, None, make_tree(other, tmp_path / "t2", {"a": b"1" * 100_000, "b/c": b"2"}), "gzip"
     )
     assert again == blob
@@ -302,15 +313,15 @@ def test_zstd_round_trip(store: ContentStore, tmp_path: Path) -> None:
     import zstandard
 
     tree = make_tree(store, tmp_path / "t", {"a": b"hello " * 10_000, "l": ("l", "a")})
-    z = oci.layer_blob(store, None, tree, "zstd")
-    g = oci.layer_blob(store, None, tree, "gzip")
-    plain = oci.layer_blob(store, None, tree, "none")
+    z = layer_blob(store, None, tree, "zstd")
+    g = layer_blob(store, None, tree, "gzip")
+    plain = layer_blob(store, None, tree, "none")
     assert z.media_type == OCI_LAYER_ZSTD
     assert z.diff_id == g.diff_id == plain.diff_id == plain.digest
     data = store.blob_path(z.digest).read_bytes()
     tar = zstandard.ZstdDecompressor().decompressobj().decompress(data)
     assert Digest.of_bytes(tar) == z.diff_id
-    assert oci.layer_blob(store, None, tree, "zstd") == z
+    assert layer_blob(store, None, tree, "zstd") == z
 
 
 def test_second_export_recompresses_nothing(
@@ -320,34 +331,34 @@ def test_second_export_recompresses_nothing(
     t2 = make_tree(store, tmp_path / "t2", {"a": b"1", "b": b"2"})
     image = image_of(store, t1, t2)
     calls: list[list[str]] = []
-    real = oci._write_entries
+    real = write_entries
 
     def spy(s: ContentStore, entries: Any, out: Any, mtime: Any) -> None:
         calls.append([e.path for e in entries])
         real(s, entries, out, mtime)
 
-    monkeypatch.setattr(oci, "_write_entries", spy)
-    seen: list[oci.LayerProgress] = []
-    first = oci.export_layout(store, image, tmp_path / "l1", "web", progress=seen.append)
+    monkeypatch.setattr(layers, "write_entries", spy)  # the layer cache's writer
+    seen: list[LayerProgress] = []
+    first = export_layout(store, image, tmp_path / "l1", "web", progress=seen.append)
     assert calls == [["a"], ["b"]]
     assert [(p.index, p.count, p.cached) for p in seen] == [(0, 2, False), (1, 2, False)]
     seen.clear()
-    second = oci.export_layout(store, image, tmp_path / "l2", "web", progress=seen.append)
+    second = export_layout(store, image, tmp_path / "l2", "web", progress=seen.append)
     assert len(calls) == 2  # nothing written again
     assert [p.cached for p in seen] == [True, True]
     assert second.oci == first.oci
     # Another compression or another mtime is another blob.
-    oci.export_layout(store, image, tmp_path / "l3", "web", compression="none")
+    export_layout(store, image, tmp_path / "l3", "web", compression="none")
     assert len(calls) == 4
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
-    oci.export_layout(store, image, tmp_path / "l4", "web")
+    export_layout(store, image, tmp_path / "l4", "web")
     assert len(calls) == 6
     # A cache entry whose blob is gone (gc) is recomputed, not trusted.
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
     blob_path = store.blob_path(first.oci.layers[0].digest)
     blob_path.chmod(0o644)
     blob_path.unlink()
-    oci.export_layout(store, image, tmp_path / "l5", "web")
+    export_layout(store, image, tmp_path / "l5", "web")
     assert calls[6:] == [["a"]]
 
 
@@ -369,8 +380,8 @@ def test_documents_describe_the_image(
         labels=(("org.example.team", "infra"),),
     )
     image = image_of(store, t1, t2, config=config)
-    monkeypatch.setattr(oci.platform, "machine", lambda: "aarch64")
-    docs = oci.oci_documents(store, image)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    docs = oci_documents(store, image)
     manifest = json.loads(docs.manifest)
     cfg = json.loads(docs.config)
     assert docs.manifest_digest == Digest.of_bytes(docs.manifest)
@@ -403,22 +414,22 @@ def test_documents_describe_the_image(
     # Canonical JSON: sorted keys, no spaces.
     assert docs.config == json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    dated = json.loads(oci.oci_documents(store, image).config)
+    dated = json.loads(oci_documents(store, image).config)
     assert dated["created"] == "2023-11-14T22:13:20Z"
     assert dated["history"][0]["created"] == "2023-11-14T22:13:20Z"
 
 
 def test_host_architecture_is_goarch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oci.platform, "machine", lambda: "x86_64")
-    assert oci.host_platform() == ("amd64", None)
-    monkeypatch.setattr(oci.platform, "machine", lambda: "armv7l")
-    assert oci.host_platform() == ("arm", "v7")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert host_platform() == ("amd64", None)
+    monkeypatch.setattr(platform, "machine", lambda: "armv7l")
+    assert host_platform() == ("arm", "v7")
 
 
 def test_an_image_without_layers_exports_the_empty_tar(store: ContentStore) -> None:
     image = store.put_image(store.put_tree(Tree()), ImageConfig(entrypoint=("/x",)), ())
     assert image.layers == ()
-    docs = oci.oci_documents(store, image)
+    docs = oci_documents(store, image)
     assert [b.diff_id for b in docs.layers] == [EMPTY_TAR_DIFF_ID]
     assert json.loads(docs.config)["rootfs"]["diff_ids"] == [EMPTY_TAR_DIFF_ID]
 
@@ -446,7 +457,7 @@ def layout_files(root: Path) -> dict[str, tuple[bytes, int]]:
 def test_layout_structure(store: ContentStore, tmp_path: Path) -> None:
     image = _two_layer_image(store, tmp_path)
     dest = tmp_path / "layout"
-    result = oci.export_layout(store, image, dest, "web")
+    result = export_layout(store, image, dest, "web")
     assert (dest / "oci-layout").read_bytes() == b'{"imageLayoutVersion":"1.0.0"}'
     index = json.loads((dest / "index.json").read_bytes())
     assert index == {
@@ -477,9 +488,9 @@ def test_a_layout_keeps_other_refs_and_replaces_its_own(
     image = _two_layer_image(store, tmp_path)
     other = image_of(store, make_tree(store, tmp_path / "o", {"x": b"x"}))
     dest = tmp_path / "layout"
-    oci.export_layout(store, image, dest, "web")
-    oci.export_layout(store, other, dest, "other")
-    again = oci.export_layout(store, other, dest, "web")
+    export_layout(store, image, dest, "web")
+    export_layout(store, other, dest, "other")
+    again = export_layout(store, other, dest, "web")
     assert again.blobs_written == 0 and again.blobs_reused == 3
     index = json.loads((dest / "index.json").read_bytes())
     refs = {m["annotations"][REF_NAME]: m["digest"] for m in index["manifests"]}
@@ -492,11 +503,11 @@ def test_byte_identical_layouts_whatever_the_umask_or_cwd(
     image = _two_layer_image(store, tmp_path)
     old_umask = os.umask(0o022)
     try:
-        oci.export_layout(store, image, tmp_path / "a", "web")
+        export_layout(store, image, tmp_path / "a", "web")
         os.umask(0o077)
         monkeypatch.chdir(tmp_path / "s1")
         fresh = ContentStore(tmp_path / "fresh-store")  # nothing cached there
-        oci.export_layout(fresh, _two_layer_image(fresh, tmp_path / "again"), tmp_path / "b", "web")
+        export_layout(fresh, _two_layer_image(fresh, tmp_path / "again"), tmp_path / "b", "web")
     finally:
         os.umask(old_umask)
     assert layout_files(tmp_path / "a") == layout_files(tmp_path / "b")
@@ -507,9 +518,9 @@ def test_source_date_epoch_changes_only_the_dates(
     store: ContentStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = _two_layer_image(store, tmp_path)
-    plain = oci.export_layout(store, image, tmp_path / "a", "web")
+    plain = export_layout(store, image, tmp_path / "a", "web")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    dated = oci.export_layout(store, image, tmp_path / "b", "web")
+    dated = export_layout(store, image, tmp_path / "b", "web")
     assert dated.oci.manifest_digest != plain.oci.manifest_digest
     # The same files, dated differently.
     for p, d in zip(plain.oci.layers, dated.oci.layers, strict=True):
@@ -521,7 +532,7 @@ def test_source_date_epoch_changes_only_the_dates(
         assert {m.mtime for m in members(b)} == {1700000000}
     cfg_a, cfg_b = json.loads(plain.oci.config), json.loads(dated.oci.config)
     assert {k for k in cfg_a if cfg_a[k] != cfg_b[k]} == {"created", "history", "rootfs"}
-    oci.export_layout(store, image, tmp_path / "c", "web")
+    export_layout(store, image, tmp_path / "c", "web")
     assert layout_files(tmp_path / "b") == layout_files(tmp_path / "c")
 
 
@@ -531,24 +542,42 @@ def test_refuses_what_is_not_a_layout(store: ContentStore, tmp_path: Path) -> No
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match="not an OCI image layout"):
-        oci.export_layout(store, image, busy, "web")
+        export_layout(store, image, busy, "web")
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
     for bad in ("", "-web", "web//x", "a b", "web:", "web\n", "a" * 513):
         with pytest.raises(UsageError, match="invalid OCI ref name"):
-            oci.export_layout(store, image, tmp_path / "x", bad)
+            export_layout(store, image, tmp_path / "x", bad)
     with pytest.raises(UsageError, match="unknown compression"):
-        oci.layer_blob(store, None, image.rootfs, "brotli")  # type: ignore[arg-type]
+        layer_blob(store, None, image.rootfs, "brotli")  # type: ignore[arg-type]
     broken = tmp_path / "broken"
-    oci.export_layout(store, image, broken, "web")
+    export_layout(store, image, broken, "web")
     (broken / "index.json").write_text("{not json")
     with pytest.raises(UsageError, match=r"index\.json"):
-        oci.export_layout(store, image, broken, "web")
+        export_layout(store, image, broken, "web")
+
+
+def test_a_layout_with_a_broken_marker_or_index_is_refused_with_a_message(
+    store: ContentStore, tmp_path: Path
+) -> None:
+    # Each once escaped as a bare IsADirectoryError or RecursionError.
+    image = _two_layer_image(store, tmp_path)
+    marker_dir = tmp_path / "marker-dir"
+    export_layout(store, image, marker_dir, "web")
+    (marker_dir / "oci-layout").unlink()
+    (marker_dir / "oci-layout").mkdir()
+    with pytest.raises(UsageError, match="unsupported or unreadable OCI layout"):
+        export_layout(store, image, marker_dir, "web")
+    deep = tmp_path / "deep"
+    export_layout(store, image, deep, "web")
+    (deep / "index.json").write_text("[" * 100_000)
+    with pytest.raises(UsageError, match=r"index\.json is not valid JSON"):
+        export_layout(store, image, deep, "web")
 
 
 def test_archive_is_a_deterministic_tar_of_a_layout(store: ContentStore, tmp_path: Path) -> None:
     image = _two_layer_image(store, tmp_path)
-    a = oci.export_archive(store, image, tmp_path / "a.tar", "web")
-    oci.export_archive(store, image, tmp_path / "b.tar", "web")
+    a = export_archive(store, image, tmp_path / "a.tar", "web")
+    export_archive(store, image, tmp_path / "b.tar", "web")
     data = (tmp_path / "a.tar").read_bytes()
     assert data == (tmp_path / "b.tar").read_bytes()
     listed = members(data)
@@ -568,7 +597,7 @@ def test_archive_is_a_deterministic_tar_of_a_layout(store: ContentStore, tmp_pat
     unpacked = tmp_path / "unpacked"
     with tarfile.open(tmp_path / "a.tar") as tf:
         tf.extractall(unpacked, filter="data")
-    oci.export_layout(store, image, tmp_path / "layout", "web")
+    export_layout(store, image, tmp_path / "layout", "web")
     assert read_dir(unpacked).keys() == read_dir(tmp_path / "layout").keys()
     for k, (content, _) in read_dir(unpacked).items():
         assert read_dir(tmp_path / "layout")[k][0] == content
@@ -630,14 +659,14 @@ def test_a_layer_whose_content_is_unchanged_is_not_recompressed(
     t2 = make_tree(store, tmp_path / "t2", {"a": b"1", "b": b"2"})
     u1 = make_tree(store, tmp_path / "u1", {"a": b"edited"})
     u2 = make_tree(store, tmp_path / "u2", {"a": b"edited", "b": b"2"})
-    oci.export_layout(store, image_of(store, t1, t2), tmp_path / "l1", "web")
+    export_layout(store, image_of(store, t1, t2), tmp_path / "l1", "web")
     calls: list[list[str]] = []
-    real = oci._write_entries
+    real = write_entries
 
     def spy(s: ContentStore, entries: Any, out: Any, mtime: Any) -> None:
         calls.append([e.path for e in entries])
         real(s, entries, out, mtime)
 
-    monkeypatch.setattr(oci, "_write_entries", spy)
-    oci.export_layout(store, image_of(store, u1, u2), tmp_path / "l2", "web")
+    monkeypatch.setattr(layers, "write_entries", spy)  # the layer cache's writer
+    export_layout(store, image_of(store, u1, u2), tmp_path / "l2", "web")
     assert calls == [["a"]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -15,13 +14,9 @@ import pytest
 
 from graven.model import Digest, ImageConfig
 from graven.store.cas import ContentStore
-from graven.store.oci_import import (
-    ImportPolicy,
-    ImportRejected,
-    LayerImported,
-    import_from_manifest,
-    import_layout,
-)
+from graven.store.oci_import.images import import_from_manifest
+from graven.store.oci_import.layouts import import_layout
+from graven.store.oci_import.policy import ImportPolicy, ImportRejected, LayerImported
 from graven.store.oci_types import OCI_INDEX, OCI_MANIFEST, Descriptor
 from graven.store.tree_model import EXEC_MODE, FILE_MODE, TreeEntry
 from tests.unit.oci_build import (
@@ -37,9 +32,6 @@ from tests.unit.oci_build import (
     tar_of,
     write_layout,
 )
-
-HAS_ZSTD = importlib.util.find_spec("zstandard") is not None
-HAS_EXPORT = importlib.util.find_spec("graven.store.oci") is not None
 
 
 @pytest.fixture
@@ -251,7 +243,7 @@ def test_large_files_stream_through_a_temp_file(tmp_path: Path, store: ContentSt
     [
         "gzip",
         "none",
-        pytest.param("zstd", marks=pytest.mark.skipif(not HAS_ZSTD, reason="no zstandard")),
+        "zstd",
     ],
 )
 def test_compressions(tmp_path: Path, store: ContentStore, compression: str) -> None:
@@ -361,7 +353,7 @@ def test_refs_pick_the_image(tmp_path: Path, store: ContentStore) -> None:
 
 
 def test_nested_index_picks_this_machine(tmp_path: Path, store: ContentStore) -> None:
-    from graven.store.oci import host_platform
+    from graven.store.oci_types import host_platform
 
     arch, _ = host_platform()
     mine = write_layout(tmp_path / "layout", [tar_of(reg("mine"))])
@@ -434,13 +426,12 @@ def test_import_from_manifest_with_streams(tmp_path: Path, store: ContentStore) 
 # --- round trip with the exporter ------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_EXPORT, reason="graven.store.oci (export) is not there yet")
 @pytest.mark.parametrize(
     "compression",
     [
         "gzip",
         "none",
-        pytest.param("zstd", marks=pytest.mark.skipif(not HAS_ZSTD, reason="no zstandard")),
+        "zstd",
     ],
 )
 @pytest.mark.parametrize("form", ["layout", "archive"])
@@ -449,7 +440,8 @@ def test_round_trip_with_the_exporter_keeps_the_digest(
 ) -> None:
     import os
 
-    from graven.store.oci import check_compression, export_archive, export_layout
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.layout import export_archive, export_layout
 
     kind = check_compression(compression)
 

@@ -18,7 +18,7 @@ from graven.cli.output import Output
 from graven.cli.registry_cmds import _Transfers
 from graven.model import Digest
 from graven.store.oci_types import OCI_CONFIG, OCI_LAYER_GZIP
-from graven.store.registry import BlobTransfer
+from graven.store.registry.transfer import BlobTransfer
 
 BAR = "━"  # what rich draws bars with
 ESC = "\x1b"

@@ -206,6 +206,7 @@ def test_bad_specs_fail_the_schema(schema: dict[str, Any], change: dict[str, Any
 
 
 def test_schema_is_valid_for_jsonschema_if_installed(schema: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
+
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.Draft202012Validator(schema).validate(yaml.safe_load(GOOD))

@@ -16,8 +16,8 @@ from graven.build.builder import BuildResult, build_image
 from graven.errors import StoreError
 from graven.model import Digest, ImageConfig
 from graven.spec.models import Recipe
-from graven.store import oci
 from graven.store.cas import ContentStore, blobs
+from graven.store.oci_export.layers import layer_blob
 from graven.store.tree_model import Tree
 
 LARGE = 3 * blobs.CHUNK_SIZE + 5  # streamed by put_file, hashed rather than compared
@@ -148,10 +148,10 @@ def test_a_cached_compressed_layer_that_is_corrupt_is_compressed_again(
 ) -> None:
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     root = store.ingest_tree(project(tmp_path / "src"))
-    layer = oci.layer_blob(store, None, root)
+    layer = layer_blob(store, None, root)
     flip_a_byte(store.blob_path(layer.digest), at=layer.size // 2)
 
-    again = oci.layer_blob(ContentStore(store.root), None, root)
+    again = layer_blob(ContentStore(store.root), None, root)
 
     assert again == layer
     assert store.verify_blob(layer.digest)

@@ -1,6 +1,6 @@
 """``graven image import``: an OCI image layout or oci-archive in, validated.
 
-Registered on the ``image`` group when ``graven.cli.main`` is imported; the importer
+Registered on the ``image`` group by ``graven.cli.image_cmds``; the importer
 itself loads only when the command runs.
 """
 
@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from graven.cli.context import app_context
-from graven.cli.image_cmds import image
-from graven.cli.main import output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, short
 
 if TYPE_CHECKING:
-    from graven.store.oci_import import LayerImported
+    from graven.store.oci_import.policy import LayerImported
 
 
 @click.command("import")
@@ -62,7 +61,8 @@ def import_command(
       graven image import out/ --ref web --name web
       graven image import image.tar -o json
     """
-    from graven.store.oci_import import ImportPolicy, import_layout
+    from graven.store.oci_import.layouts import import_layout
+    from graven.store.oci_import.policy import ImportPolicy
 
     obj = app_context(ctx)
     out = Output(output)
@@ -97,6 +97,3 @@ def import_command(
             con.print("  name it with --name NAME, or use the digest above")
 
     out.emit(data, render)
-
-
-image.add_command(import_command, "import")

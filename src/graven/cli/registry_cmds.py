@@ -1,7 +1,7 @@
 """``graven push`` and ``graven pull``: images to and from an OCI registry.
 
-Registered on the main group when ``graven.cli.main`` is imported; the registry
-client is imported only when one of these verbs runs.
+Listed in ``graven.cli.main.VERBS``, which registers them on the root group; the
+registry client is imported only when one of these verbs runs.
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 import click
 
 from graven.cli.context import app_context
-from graven.cli.main import cli, output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, ProgressBar, human_size
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
     from graven.model import Digest, Image
+    from graven.reference import RegistryRef
     from graven.store.cas import ContentStore
-    from graven.store.oci import OciImage
-    from graven.store.registry import BlobStream, BlobTransfer, RegistryClient, RegistryRef
+    from graven.store.oci_export.documents import OciImage
+    from graven.store.registry.client import RegistryClient
+    from graven.store.registry.transfer import BlobTransfer
+    from graven.store.registry.wire import BlobStream
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,7 +105,8 @@ def _metered(transfers: _Transfers) -> type[RegistryClient]:
     push_image and pull_image report whole blobs; the client's own ``on_sent`` hook
     and its download stream see the bytes, so the bar moves while a layer travels.
     """
-    from graven.store.registry import BlobStream, RegistryClient
+    from graven.store.registry.client import RegistryClient
+    from graven.store.registry.wire import BlobStream
 
     class MeteredClient(RegistryClient):
         def upload_blob(
@@ -144,7 +148,8 @@ def _client(
     password_stdin: bool,
     transfers: _Transfers | None = None,
 ) -> RegistryClient:
-    from graven.store.registry import RegistryClient, find_credentials
+    from graven.store.registry.auth import find_credentials
+    from graven.store.registry.client import RegistryClient
 
     password = None
     if password_stdin:
@@ -162,7 +167,8 @@ def _client(
 def _documents(out: Output, store: ContentStore, image: Image, compression: str) -> OciImage:
     """The image's OCI documents, its layers compressed (or found cached) under a bar;
     push_image then finds every layer cached."""
-    from graven.store.oci import check_compression, oci_documents
+    from graven.store.oci_export.compress import check_compression
+    from graven.store.oci_export.documents import oci_documents
 
     with out.bar("prepare layers") as bar:
         return oci_documents(
@@ -184,7 +190,7 @@ def _blob_line(t: BlobTransfer) -> str:
     return line
 
 
-@cli.command()
+@click.command()
 @click.argument("image")
 @click.argument("reference")
 @click.option(
@@ -212,7 +218,8 @@ def push(
     IMAGE is a local name, NAME@sha256:..., or a (short) digest. The tag defaults
     to 'latest'.
     """
-    from graven.store.registry import parse_reference, push_image
+    from graven.reference import parse_reference
+    from graven.store.registry.transfer import push_image
 
     out = Output(output)
     ref = parse_reference(reference)
@@ -247,7 +254,7 @@ def push(
     out.emit(data, render)
 
 
-@cli.command()
+@click.command()
 @click.argument("reference")
 @click.option(
     "--name",
@@ -271,7 +278,8 @@ def pull(
     Every blob is verified as it arrives; the local name moves only once the whole
     image is in.
     """
-    from graven.store.registry import parse_reference, pull_image
+    from graven.reference import parse_reference
+    from graven.store.registry.transfer import pull_image
 
     out = Output(output)
     ref = parse_reference(reference)

@@ -1022,7 +1022,7 @@ def _base_problems(tree: _YamlTree, images: dict[str, Any], root: Path) -> list[
         if isinstance(layout, str) and (message := _layout_problem(layout, root)):
             add((*here, "layout"), message)
         if isinstance(registry, str) and "@" in registry:
-            from graven.store.registry import parse_reference  # only when a spec uses one
+            from graven.reference import parse_reference  # only when a spec uses one
 
             try:
                 parse_reference(registry)

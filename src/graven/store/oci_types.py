@@ -6,6 +6,7 @@ validates what it is given and says which field is wrong.
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,11 @@ MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
 REF_NAME = "org.opencontainers.image.ref.name"
+
+# Whiteouts (image-spec, layer.md): a file ``.wh.NAME`` deletes NAME of the layers below;
+# ``.wh..wh..opq`` in a directory hides everything the layers below have there.
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
 # The image-spec's grammar for REF_NAME values, and graven's cap on their length (the
 # grammar has none; a reference a registry accepts is far shorter).
 _REF_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
@@ -91,3 +97,25 @@ def is_valid_ref_name(ref_name: str) -> bool:
     """Whether ``ref_name`` fits the image-spec's grammar for REF_NAME (and MAX_REF_NAME):
     no NUL, newline, ``..`` or empty component can pass."""
     return len(ref_name) <= MAX_REF_NAME and _REF_NAME_RE.fullmatch(ref_name) is not None
+
+
+# platform.machine() -> (GOARCH, variant)
+_GOARCH: dict[str, tuple[str, str | None]] = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", None),
+    "arm64": ("arm64", None),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i386": ("386", None),
+    "i686": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def host_platform() -> tuple[str, str | None]:
+    """The host's (GOARCH, variant), e.g. ``("amd64", None)``."""
+    machine = platform.machine().lower()
+    return _GOARCH.get(machine, (machine or "unknown", None))

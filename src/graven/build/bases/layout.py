@@ -25,7 +25,7 @@ def layout_base(
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:
-    from graven.store.oci_import import import_layout
+    from graven.store.oci_import.layouts import import_layout
 
     path = context.joinpath(*PurePosixPath(base.layout).parts)
     try:

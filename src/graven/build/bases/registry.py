@@ -19,13 +19,10 @@ def registry_base(
     where: str,
     on_progress: Callable[[str], None] | None,
 ) -> Image:
-    from graven.store.registry import (
-        RegistryClient,
-        find_credentials,
-        local_name_for,
-        parse_reference,
-        pull_image,
-    )
+    from graven.reference import local_name_for, parse_reference
+    from graven.store.registry.auth import find_credentials
+    from graven.store.registry.client import RegistryClient
+    from graven.store.registry.transfer import pull_image
 
     try:
         ref = parse_reference(base.registry)

@@ -14,6 +14,8 @@ from graven.model import HealthCheck, Instance
 from graven.rollout.health import probe
 from graven.spec import load_spec
 
+pytestmark = pytest.mark.e2e
+
 
 def _instance(port: int) -> Instance:
     return Instance("web-r1-abcd", "web", 1, "sha256:" + "0" * 64, "127.0.0.1", port, 1, 0.0)  # type: ignore[arg-type]
