@@ -13,6 +13,7 @@ from graven.build.builder import BuildResult, StepOutcome, build_image
 from graven.errors import BuildError
 from graven.spec.models import Recipe
 from graven.store.cas import ContentStore
+from graven.testing.image_store import FakeImageStore
 
 STEPS: list[dict[str, Any]] = [
     {"copy": "app", "to": "/app"},
@@ -398,3 +399,16 @@ def test_a_store_elsewhere_in_the_project_is_left_out_too(project: Path) -> None
     result = build_image("web", recipe([{"copy": "."}, {"entrypoint": "x"}]), project, store)
     assert store.lookup(result.image.rootfs, "/state") is not None
     assert store.lookup(result.image.rootfs, "/state/store") is None
+
+
+def test_a_build_on_the_fake_store_gives_the_file_store_digest(
+    project: Path, store: ContentStore, tmp_path: Path
+) -> None:
+    # The builder needs only the ImageStore port: the in-memory fake builds the same
+    # image, step for step, and a second build finds every step cached there too.
+    fake = FakeImageStore(tmp_path / "fake")
+    on_files = build_image("web", recipe(), project, store)
+    on_fake = build_image("web", recipe(), project, fake)
+    assert on_fake.image.digest == on_files.image.digest
+    assert fake.resolve("web").digest == on_files.image.digest
+    assert ran(build_image("web", recipe(), project, fake)) == []
