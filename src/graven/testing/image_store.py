@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import stat
-from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
@@ -21,22 +20,13 @@ from typing import BinaryIO
 from graven.errors import NotFoundError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.store.cas.refs import parse_image
-from graven.store.tree_model import (
-    DIR_MODE,
-    EXEC_MODE,
-    FILE_MODE,
-    SYMLINK_MODE,
-    Tree,
-    TreeAlgebra,
-    TreeEntry,
-    name_problem,
-    parse_tree,
-)
+from graven.store.ingest import TreeIngest
+from graven.store.tree_model import DIR_MODE, Tree, parse_tree
 
 _HEX = frozenset("0123456789abcdef")
 
 
-class FakeImageStore(TreeAlgebra):
+class FakeImageStore(TreeIngest):
     """An in-memory ImageStore; ``root`` holds only scratch space (``tmp/``)."""
 
     def __init__(self, root: Path) -> None:
@@ -110,62 +100,6 @@ class FakeImageStore(TreeAlgebra):
             return parse_tree(self.read_blob(digest))
         except ValueError as e:
             raise StoreError(f"blob {digest} is not a valid tree: {e}") from None
-
-    def ingest(
-        self,
-        path: Path,
-        *,
-        exclude: Collection[Path] = (),
-        ignore: Callable[[Path, bool], bool] | None = None,
-    ) -> TreeEntry:
-        path = Path(path).absolute()
-        skip = frozenset(Path(p).absolute() for p in exclude)
-        return self._ingest(path, path.name, skip, ignore)
-
-    def ingest_tree(self, directory: Path) -> Digest:
-        directory = Path(directory)
-        if not directory.is_dir() or directory.is_symlink():
-            raise StoreError(f"{directory} is not a directory")
-        entry = self._ingest(directory.absolute(), directory.name, frozenset(), None)
-        assert entry.digest is not None
-        return entry.digest
-
-    def _ingest(
-        self,
-        path: Path,
-        name: str,
-        skip: frozenset[Path],
-        ignore: Callable[[Path, bool], bool] | None,
-    ) -> TreeEntry:
-        try:
-            st = os.lstat(path)
-        except OSError as e:
-            raise StoreError(f"cannot read {path}: {e.strerror}") from e
-        if stat.S_ISREG(st.st_mode):
-            digest, size = self._put_regular(path)
-            mode = EXEC_MODE if st.st_mode & stat.S_IXUSR else FILE_MODE
-            return TreeEntry(name, "file", mode, size, digest=digest)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path)  # noqa: PTH115 - the target's text, unnormalized
-            try:
-                size = len(target.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise StoreError(f"{path}: symlink target is not valid UTF-8") from None
-            return TreeEntry(name, "symlink", SYMLINK_MODE, size, target=target)
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"{path}: an image holds only files, directories and symlinks")
-        entries = []
-        for sub in sorted(path.iterdir()):
-            child = sub.name
-            if problem := name_problem(child):
-                raise StoreError(f"{sub}: {problem}")
-            if sub in skip or (
-                ignore is not None and ignore(sub, sub.is_dir() and not sub.is_symlink())
-            ):
-                continue
-            entries.append(self._ingest(sub, child, skip, ignore))
-        tree = Tree.of(entries)
-        return TreeEntry(name, "dir", DIR_MODE, tree.size, digest=self.put_tree(tree))
 
     # --- images and names -------------------------------------------------------------
 

@@ -15,7 +15,8 @@ One concept a module, each a layer of the one class below, so a call costs no
 delegation (the store is on the hot path of every build):
 
     blobs.BlobStore          content by digest, durability, remembered verifications
-    trees.TreeStore          ingest directories, read and write tree levels, tree algebra
+    trees.TreeStore          tree levels as blobs, remembered parsed; ingest and tree
+                             algebra come from graven.store.ingest and .tree_model
     checkouts.CheckoutStore  trees materialized as (read-only) directories
     refs.RefStore            image documents and the names pointing at them
     step_cache.StepCacheStore  the build step cache

@@ -171,6 +171,20 @@ class ImageStoreContract:
         assert store.lookup(root, "/current/deep.bin") is None  # symlinks are not followed
         assert store.lookup(root, "/missing") is None
 
+    def test_ingest_refuses_what_an_image_cannot_hold_and_leaves_out_what_is_asked(
+        self, store: ImageStore, tmp_path: Path
+    ) -> None:
+        src = sample_project(tmp_path / "src")
+        os.mkfifo(src / "data" / "pipe")
+        with pytest.raises(StoreError, match="pipe is a fifo"):
+            store.ingest(src)
+        entry = store.ingest(
+            src, exclude=[src / "data"], ignore=lambda path, is_dir: path.name == "empty"
+        )
+        assert entry.type == "dir" and entry.digest is not None
+        names = [e.name for e in store.read_tree(entry.digest).entries]
+        assert names == ["app.py", "current", "dangling", "run.sh", "secret.txt"]
+
     def test_a_writable_checkout_round_trips_exactly(
         self, store: ImageStore, tmp_path: Path
     ) -> None:
