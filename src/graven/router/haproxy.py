@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -66,22 +65,21 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from graven import detached
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
 from graven.router.embedded import check_backends, check_service_name, router_log_tail
-from graven.router.proxy import split_address
+from graven.router.proxy import latency_bucket, split_address
 
 HAPROXY_MAX_WEIGHT: Final = 256  # haproxy's own limit; graven weights go to 1000
-_MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
 _API_TIMEOUT: Final = 10.0
 _PING_TIMEOUT: Final = 2.0
 _POLL: Final = 0.02
@@ -90,10 +88,6 @@ _INSTALL_HINT: Final = "Install it with 'apt-get install haproxy' (HAProxy 2.6 o
 # anything else is retried only when the connection itself failed (nothing was sent).
 _IDEMPOTENT_METHODS: Final = "GET HEAD OPTIONS PUT DELETE"
 _DYNAMIC_POOL: Final = "pool-max-conn -1 pool-purge-delay 5s"  # a static server's defaults
-
-# haproxy and collector processes this process spawned, by pid: polled so that they
-# are reaped (no zombies, no ResourceWarning) whichever router object looks next.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -137,14 +131,6 @@ def haproxy_weights(backends: Sequence[Backend]) -> dict[str, int]:
         b.id: max(1, round(b.weight * HAPROXY_MAX_WEIGHT / top)) if b.weight else 0
         for b in backends
     }
-
-
-def latency_bucket(seconds: float) -> int:
-    """Index of the ``LATENCY_BOUNDS`` bucket ``seconds`` falls in (the last is overflow)."""
-    for i, bound in enumerate(LATENCY_BOUNDS):
-        if seconds <= bound:
-            return i
-    return len(LATENCY_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -446,7 +432,7 @@ class HAProxyRouter:
                     self._adopt(files, pid, port, record)
                     return
                 self._terminate(files, pid, signal.SIGUSR1, self.stop_timeout)
-            elif record is not None and _is_running(record.pid, record.start_time):
+            elif record is not None and detached.is_running(record.pid, record.start_time):
                 # Alive but not answering: starting, or wedged. Give it the start
                 # timeout before replacing it.
                 if record.port == port and self._wait_ready(files, record.pid, None):
@@ -532,7 +518,7 @@ class HAProxyRouter:
             record = self._read_record(files)
             if live is not None:
                 self._terminate(files, live[0], signal.SIGUSR1, self.stop_timeout)
-            elif record is not None and _is_running(record.pid, record.start_time):
+            elif record is not None and detached.is_running(record.pid, record.start_time):
                 self._terminate(files, record.pid, signal.SIGUSR1, self.stop_timeout)
             if record is not None:
                 self._stop_collector(record)
@@ -561,7 +547,7 @@ class HAProxyRouter:
                 continue
             files = self._files(service)
             record = self._read_record(files)
-            if record is not None and _is_running(record.pid, record.start_time):
+            if record is not None and detached.is_running(record.pid, record.start_time):
                 out[service] = record.port
             elif (live := self._info(files)) is not None:
                 out[service] = live[1]  # reloaded by someone else; ensure adopts it
@@ -573,7 +559,7 @@ class HAProxyRouter:
         """The pid of the service's live haproxy, or None."""
         check_service_name(service)
         record = self._read_record(self._files(service))
-        if record is not None and _is_running(record.pid, record.start_time):
+        if record is not None and detached.is_running(record.pid, record.start_time):
             return record.pid
         return None
 
@@ -585,7 +571,7 @@ class HAProxyRouter:
             record is not None
             and record.collector_pid is not None
             and record.collector_start_time is not None
-            and _is_running(record.collector_pid, record.collector_start_time)
+            and detached.is_running(record.collector_pid, record.collector_start_time)
         ):
             return record.collector_pid
         return None
@@ -616,7 +602,7 @@ class HAProxyRouter:
         home = self.dir / service
         sockets = home
         short: Path | None = None
-        if len(os.fsencode((home / "latency.sock").absolute())) > _MAX_SOCKET_PATH:
+        if not detached.fits_socket_address(home / "latency.sock"):
             short = self._short_socket_dir(service)
             sockets = short
         return _Files(
@@ -636,29 +622,19 @@ class HAProxyRouter:
     def _short_socket_dir(self, service: str) -> Path:
         # Same state dir and service, same short dir: a restarted controller finds
         # the sockets without any file of ours.
-        key = hashlib.sha256(
-            os.fsencode(self.state_dir.resolve()) + b"\0" + service.encode()
-        ).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"graven-haproxy-{key}"
+        key = detached.short_name(self.state_dir.resolve(), service)
+        return detached.temp_dir() / f"graven-haproxy-{key}"
 
     def _make_dirs(self, files: _Files) -> None:
         try:
             files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if files.short_dir is not None:
-                files.short_dir.mkdir(mode=0o700, exist_ok=True)
-                st = files.short_dir.lstat()
-                # /tmp is shared: only a private directory of our own may hold sockets.
-                if files.short_dir.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                    raise RouterError(
-                        f"socket directory {files.short_dir} is not a private directory "
-                        "of this user",
-                        hint=f"Remove {files.short_dir}, or use a shorter state directory.",
-                    )
         except OSError as exc:
             raise RouterError(
                 f"cannot create router directory {files.dir}: {exc}",
                 hint="Check that the state directory exists and is writable.",
             ) from None
+        if files.short_dir is not None:
+            detached.private_dir(files.short_dir, what="socket directory", error=RouterError)
 
     @contextlib.contextmanager
     def _locked(self, files: _Files) -> Iterator[None]:
@@ -848,10 +824,10 @@ class HAProxyRouter:
     def _write_record(
         self, files: _Files, pid: int, port: int, collector_pid: int | None = None
     ) -> None:
-        start = _start_time(pid)
+        start = detached.start_time(pid)
         if start is None:
             return
-        collector_start = _start_time(collector_pid) if collector_pid is not None else None
+        collector_start = detached.start_time(collector_pid) if collector_pid is not None else None
         doc = {
             "pid": pid,
             "start_time": start,
@@ -934,7 +910,7 @@ class HAProxyRouter:
     def _spawn_collector(self, files: _Files, haproxy_pid: int) -> int | None:
         """Start the latency collector for ``haproxy_pid``; None (and a log line) if it
         fails: latency is worth having, not worth refusing to route for."""
-        start = _start_time(haproxy_pid)
+        start = detached.start_time(haproxy_pid)
         if start is None:
             return None
         argv = [
@@ -950,11 +926,12 @@ class HAProxyRouter:
             f"{haproxy_pid}:{start}",
         ]
         _, proc = self._popen(files, argv)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if self._ping_collector(files, haproxy_pid) == proc.pid:
-                return proc.pid
-            time.sleep(_POLL)
+
+        def answers() -> bool:
+            return self._ping_collector(files, haproxy_pid) == proc.pid
+
+        if detached.wait_until(answers, self.start_timeout, unless_exited=proc):
+            return proc.pid
         if proc.poll() is None:
             self._terminate(files, proc.pid, signal.SIGKILL, 5.0)
         with contextlib.suppress(OSError), files.log.open("ab") as log:
@@ -968,47 +945,35 @@ class HAProxyRouter:
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 log.write(f"--- {stamp} starting: {' '.join(argv)}\n".encode())
                 log.flush()
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    close_fds=True,
-                    start_new_session=True,
-                    cwd=files.dir,
-                )
+                proc = detached.spawn(argv, output=log, cwd=files.dir)
         except OSError as exc:
             hint = _INSTALL_HINT if exc.errno == errno.ENOENT else None
             raise RouterError(
                 f"cannot start {Path(argv[0]).name} for service {files.service!r}: {exc}",
                 hint=hint,
             ) from None
-        _CHILDREN[proc.pid] = proc
         return offset, proc
 
     def _wait_ready(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                return False
+        def answers() -> bool:
             live = self._info(files)
-            if live is not None and live[0] == pid:
-                return True
-            time.sleep(_POLL)
-        return False
+            return live is not None and live[0] == pid
+
+        return detached.wait_until(answers, self.start_timeout, unless_exited=proc)
 
     def _stop_collector(self, record: _Record) -> None:
         if record.collector_pid is not None and record.collector_start_time is not None:
-            _signal_and_wait(record.collector_pid, record.collector_start_time, signal.SIGTERM, 5.0)
+            collector = detached.ProcessStamp(record.collector_pid, record.collector_start_time)
+            detached.stop(collector, grace=5.0)
 
     def _terminate(self, files: _Files, pid: int, first: signal.Signals, wait: float) -> None:
         """Send ``first`` (SIGUSR1: haproxy's soft stop) to ``pid``, wait, then SIGKILL.
         The start time is read once and re-checked, so a reused pid is left alone."""
-        start = _start_time(pid)
-        if start is None:
+        target = detached.stamp(pid)
+        if target is None:
             return
         try:
-            _signal_and_wait(pid, start, first, wait)
+            detached.stop(target, grace=wait, first=first)
         except PermissionError:
             raise RouterError(
                 f"not allowed to stop haproxy of service {files.service!r} (pid {pid})",
@@ -1086,43 +1051,6 @@ def _haproxy_address(backend: Backend) -> str:
 
 def _listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _start_time(pid: int) -> int | None:
-    """Kernel start time of ``pid``, or None if it is gone (zombies count as gone)."""
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses; fields after the last ')' are
-    # plain: state first, start time the 20th.
-    fields = text[text.rfind(")") + 2 :].split()
-    try:
-        if fields[0] in ("Z", "X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _is_running(pid: int, start_time: int) -> bool:
-    return _start_time(pid) == start_time
-
-
-def _signal_and_wait(pid: int, start_time: int, first: signal.Signals, wait: float) -> None:
-    for sig, timeout in ((first, wait), (signal.SIGKILL, 5.0)):
-        if not _is_running(pid, start_time):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _is_running(pid, start_time):
-            time.sleep(_POLL)
 
 
 # --------------------------------------------------------------------------- collector
@@ -1209,7 +1137,7 @@ def run_collector(log_socket: Path, query_socket: Path, watch: tuple[int, int]) 
         while not stopping:
             now = time.monotonic()
             if now >= next_check:
-                if _start_time(watch[0]) != watch[1]:
+                if not detached.is_running(*watch):
                     break
                 next_check = now + 0.5
             for key, _ in selector.select(timeout=0.5):
