@@ -179,6 +179,20 @@ def spawn(
     return proc
 
 
+def spawn_logged(
+    argv: Sequence[str], log: Path, *, cwd: Path | None = None
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """``spawn`` with its output appended to the file ``log``, after a line that says
+    when and what started. Returns the log's size before that line too: what the
+    process wrote since is the tail to show when it fails to start."""
+    with log.open("ab") as out:
+        offset = out.tell()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        out.write(f"--- {when} starting: {' '.join(argv)}\n".encode())
+        out.flush()
+        return offset, spawn(argv, output=out, cwd=cwd)
+
+
 def track(proc: subprocess.Popen[bytes], *, keep_exit_status: bool = False) -> None:
     """Reap ``proc`` (a child started some other way) with those ``spawn`` started."""
     _CHILDREN[proc.pid] = _Child(proc, keep_exit_status)
@@ -236,6 +250,15 @@ def stop(
     if gone:
         reap(target.pid)
     return gone
+
+
+def stop_pid(
+    pid: int, *, grace: float, first: signal.Signals = signal.SIGTERM, group: bool = False
+) -> bool:
+    """``stop`` the process that has ``pid`` now (its start time is read once here, so
+    it is never confused with a later one). True once it is gone."""
+    target = stamp(pid)
+    return True if target is None else stop(target, grace=grace, first=first, group=group)
 
 
 def kill_group(pid: int) -> None:

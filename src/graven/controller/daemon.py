@@ -131,7 +131,7 @@ def _router(state_dir: Path) -> Router:
     if kind != recorded:
         write_atomic(recorded_file, kind.encode(), mode=0o600)
     if kind == "haproxy":
-        from graven.router.haproxy import HAProxyRouter
+        from graven.router.haproxy.adapter import HAProxyRouter
 
         return HAProxyRouter(state_dir)
     if kind != "embedded":

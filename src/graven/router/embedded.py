@@ -153,8 +153,7 @@ class EmbeddedRouter:
     def ensure(self, service: str, port: int) -> None:
         """Make sure a proxy for ``service`` listens on ``port``; adopt a running one."""
         check_service_name(service)
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise UsageError(f"router port must be 1-65535 (got {port!r})")
+        check_router_port(port)
         files = self._files(service)
         for patient in (True, False):
             with self._locked(files):
@@ -377,12 +376,7 @@ class EmbeddedRouter:
             str(files.lock),
         ]
         try:
-            with files.log.open("ab") as log:
-                offset = log.tell()
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                log.write(f"--- {stamp} starting: {' '.join(argv[1:])}\n".encode())
-                log.flush()
-                proc = detached.spawn(argv, output=log, cwd=self.dir)
+            offset, proc = detached.spawn_logged(argv, files.log, cwd=self.dir)
         except OSError as exc:
             raise RouterError(
                 f"cannot start the router for service {files.service!r}: {exc}"
@@ -392,19 +386,20 @@ class EmbeddedRouter:
         self._write_record(files, proc.pid, port)
         if self._wait_healthy(files, proc.pid, proc):
             return
-        if proc.poll() is None:
+        failure = start_failure(
+            f"router for service {files.service!r}",
+            port,
+            proc,
+            files.sock,
+            self.start_timeout,
+            files.log,
+            offset,
+        )
+        if proc.poll() is None:  # a pid reaped already may be reused
             self._terminate(files, proc.pid)
-            what = f"did not answer on {files.sock} within {self.start_timeout:.0f} s"
-        else:
-            what = f"exited with code {proc.returncode}"
         with contextlib.suppress(FileNotFoundError):
             files.pid.unlink()
-        raise RouterError(
-            f"router for service {files.service!r} on port {port} {what}: "
-            f"{router_log_tail(files.log, offset)}",
-            hint=f"If port {port} is in use, stop what holds it or choose another port. "
-            f"Full log: {files.log}",
-        )
+        raise failure
 
     def _wait_healthy(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
         def answers() -> bool:
@@ -416,16 +411,8 @@ class EmbeddedRouter:
     def _terminate(self, files: _Files, pid: int) -> None:
         """SIGTERM ``pid``, wait for its drain, then SIGKILL. Only our proxy is signalled:
         the start time is read once and re-checked, so a reused pid is left alone."""
-        target = detached.stamp(pid)
-        if target is None:
-            return
-        try:
-            detached.stop(target, grace=self.stop_timeout)
-        except PermissionError:
-            raise RouterError(
-                f"not allowed to stop the router of service {files.service!r} (pid {pid})",
-                hint="Run graven as the user that started the router.",
-            ) from None
+        with not_allowed_to_stop(f"the router of service {files.service!r}", pid):
+            detached.stop_pid(pid, grace=self.stop_timeout)
 
     @staticmethod
     def _health(files: _Files) -> tuple[int, int] | None:
@@ -444,11 +431,7 @@ class EmbeddedRouter:
         try:
             return self._call(files, method, path, body, _ADMIN_TIMEOUT)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise RouterError(
-                f"no router is running for service {files.service!r}",
-                hint="The controller starts it (Router.ensure) on its next reconcile; "
-                f"if it keeps failing, see {files.log}.",
-            ) from None
+            raise no_router(files.service, files.log) from None
         except (OSError, http.client.HTTPException, ValueError, TypeError) as exc:
             raise RouterError(
                 f"router for service {files.service!r} did not answer {method} {path}: {exc}",
@@ -557,6 +540,54 @@ def _latency_buckets(value: object) -> tuple[int, ...]:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
         raise ValueError(f"latency_buckets: expected non-negative integers (got {value!r})")
     return tuple(value)
+
+
+def check_router_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"router port must be 1-65535 (got {port!r})")
+
+
+def no_router(service: str, log: Path) -> RouterError:
+    """The error for a call to a router that is not running."""
+    return RouterError(
+        f"no router is running for service {service!r}",
+        hint="The controller starts it (Router.ensure) on its next reconcile; "
+        f"if it keeps failing, see {log}.",
+    )
+
+
+def start_failure(
+    what: str,
+    port: int,
+    proc: subprocess.Popen[bytes],
+    answer_on: Path,
+    timeout: float,
+    log: Path,
+    offset: int,
+) -> RouterError:
+    """The error for a router process ``proc`` that did not come up (asked before it is
+    stopped): how it failed, and what it logged since ``offset``."""
+    if proc.poll() is None:
+        how = f"did not answer on {answer_on} within {timeout:.0f} s"
+    else:
+        how = f"exited with code {proc.returncode}"
+    return RouterError(
+        f"{what} on port {port} {how}: {router_log_tail(log, offset)}",
+        hint=f"If port {port} is in use, stop what holds it or choose another port. "
+        f"Full log: {log}",
+    )
+
+
+@contextlib.contextmanager
+def not_allowed_to_stop(what: str, pid: int) -> Iterator[None]:
+    """Turn a refused signal (another user's process) into a RouterError that says so."""
+    try:
+        yield
+    except PermissionError:
+        raise RouterError(
+            f"not allowed to stop {what} (pid {pid})",
+            hint="Run graven as the user that started the router.",
+        ) from None
 
 
 def check_service_name(service: str) -> None:
