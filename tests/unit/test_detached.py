@@ -173,6 +173,24 @@ def test_stop_leaves_a_reused_pid_alone(
     assert live.running()
 
 
+def test_spawn_logged_says_what_started_and_where_its_output_begins(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_bytes(b"earlier run\n")
+    offset, proc = detached.spawn_logged([sys.executable, "-c", "print('hello')"], log)
+    assert proc.wait(timeout=30) == 0
+    detached.forget(proc.pid)
+    assert offset == len(b"earlier run\n")
+    header, output = log.read_bytes()[offset:].decode().splitlines()
+    assert header.startswith("--- ") and header.endswith(
+        f"starting: {sys.executable} -c print('hello')"
+    )
+    assert output == "hello"
+
+
+def test_stop_pid_of_a_gone_pid_is_done() -> None:
+    assert detached.stop_pid(2**30, grace=0.0)
+
+
 def test_wait_until_gives_up_when_the_child_exits(
     tmp_path: Path, spawned: list[detached.ProcessStamp]
 ) -> None:
