@@ -145,6 +145,14 @@ def describe_exit(returncode: int) -> str:
     return f"killed by {name}"
 
 
+def describe_failed_start(proc: subprocess.Popen[bytes], answer_on: Path, waited: float) -> str:
+    """Why a process that was to answer on ``answer_on`` within ``waited`` seconds is
+    not up (asked before it is stopped): it did not answer, or how it ended."""
+    if proc.poll() is None:
+        return f"did not answer on {answer_on} within {waited:.0f} s"
+    return f"exited with code {proc.returncode}"
+
+
 def spawn(
     argv: Sequence[str],
     *,

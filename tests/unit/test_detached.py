@@ -187,6 +187,17 @@ def test_spawn_logged_says_what_started_and_where_its_output_begins(tmp_path: Pa
     assert output == "hello"
 
 
+def test_a_failed_start_is_described(tmp_path: Path, spawned: list[detached.ProcessStamp]) -> None:
+    stamp = start(tmp_path, WAITS, spawned)
+    live = detached._CHILDREN[stamp.pid].proc
+    sock = tmp_path / "admin.sock"
+    assert detached.describe_failed_start(live, sock, 2.0) == f"did not answer on {sock} within 2 s"
+    with (tmp_path / "log").open("ab") as out:
+        ended = detached.spawn([sys.executable, "-c", "raise SystemExit(4)"], output=out)
+    ended.wait(timeout=30)
+    assert detached.describe_failed_start(ended, sock, 2.0) == "exited with code 4"
+
+
 def test_stop_pid_of_a_gone_pid_is_done() -> None:
     assert detached.stop_pid(2**30, grace=0.0)
 

@@ -386,20 +386,12 @@ class EmbeddedRouter:
         self._write_record(files, proc.pid, port)
         if self._wait_healthy(files, proc.pid, proc):
             return
-        failure = start_failure(
-            f"router for service {files.service!r}",
-            port,
-            proc,
-            files.sock,
-            self.start_timeout,
-            files.log,
-            offset,
-        )
+        how = detached.describe_failed_start(proc, files.sock, self.start_timeout)
         if proc.poll() is None:  # a pid reaped already may be reused
             self._terminate(files, proc.pid)
         with contextlib.suppress(FileNotFoundError):
             files.pid.unlink()
-        raise failure
+        raise start_failure(f"router for service {files.service!r}", port, how, files.log, offset)
 
     def _wait_healthy(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
         def answers() -> bool:
@@ -556,21 +548,9 @@ def no_router(service: str, log: Path) -> RouterError:
     )
 
 
-def start_failure(
-    what: str,
-    port: int,
-    proc: subprocess.Popen[bytes],
-    answer_on: Path,
-    timeout: float,
-    log: Path,
-    offset: int,
-) -> RouterError:
-    """The error for a router process ``proc`` that did not come up (asked before it is
-    stopped): how it failed, and what it logged since ``offset``."""
-    if proc.poll() is None:
-        how = f"did not answer on {answer_on} within {timeout:.0f} s"
-    else:
-        how = f"exited with code {proc.returncode}"
+def start_failure(what: str, port: int, how: str, log: Path, offset: int) -> RouterError:
+    """The error for a router process that did not come up on ``port``: ``how``
+    (``detached.describe_failed_start``), and what it logged since ``offset``."""
     return RouterError(
         f"{what} on port {port} {how}: {router_log_tail(log, offset)}",
         hint=f"If port {port} is in use, stop what holds it or choose another port. "

@@ -582,20 +582,14 @@ class HAProxyRouter:
         # (and can stop) this process.
         self._write_record(files, proc.pid, port)
         if not self._wait_ready(files, proc.pid, proc):
-            failure = start_failure(
-                f"haproxy for service {files.service!r}",
-                port,
-                proc,
-                files.admin,
-                self.start_timeout,
-                files.log,
-                offset,
-            )
+            how = detached.describe_failed_start(proc, files.admin, self.start_timeout)
             if proc.poll() is None:  # a pid reaped already may be reused
                 self._terminate(files, proc.pid, signal.SIGKILL, 5.0)
             with contextlib.suppress(FileNotFoundError):
                 files.record.unlink()
-            raise failure
+            raise start_failure(
+                f"haproxy for service {files.service!r}", port, how, files.log, offset
+            )
         collector = self._spawn_collector(files, proc.pid)
         self._write_record(files, proc.pid, port, collector)
         # The config served the set from the first request; now make states and
