@@ -20,7 +20,7 @@ import pytest
 from graven.errors import RouterError, UsageError
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats, Router
 from graven.router.embedded import EmbeddedRouter
-from graven.router.haproxy import HAProxyRouter
+from graven.router.haproxy.adapter import HAProxyRouter
 from graven.testing.fakes import EchoBackend, FakeRouter
 from graven.testing.net import eventually, free_port
 

@@ -22,7 +22,7 @@ from graven.ledger.store import StateStore
 from graven.logfiles import LogLimits, RotatingStreamHandler
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
 from graven.router.embedded import EmbeddedRouter
-from graven.router.haproxy import HAProxyRouter
+from graven.router.haproxy.adapter import HAProxyRouter
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore, Tree
 from graven.testing.clock import FakeClock

@@ -10,11 +10,11 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from graven import detached
 from graven.controller.paths import (
     controller_log,
     controller_socket,
@@ -129,38 +129,28 @@ class ControllerClient:
         """Start a detached controller for this state dir unless one answers."""
         if self.alive():
             return
-        import subprocess  # only when a controller must be started
-
         for change in make_private(self.state_dir):
             sys.stderr.write(f"graven: tightened permissions of {change}\n")
         log_path = controller_log(self.state_dir)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(log_fd, "ab") as log:
-            proc = subprocess.Popen(
+            proc = detached.spawn(
                 [sys.executable, "-m", "graven.controller.daemon", str(self.state_dir.resolve())],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
+                output=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.alive():
+        if detached.wait_until(self.alive, wait, unless_exited=proc):
+            return
+        if proc.poll() is not None:
+            # Lost a race with another starter? Then its controller will answer soon.
+            if detached.wait_until(self.alive, 0.2):
                 return
-            if proc.poll() is not None and not self.alive():
-                # Lost a race with another starter? Then its controller will answer soon.
-                time.sleep(0.2)
-                if self.alive():
-                    return
-                _raise_if_unwritable(self.state_dir)
-                tail = log_path.read_text(errors="replace").splitlines()[-10:]
-                raise ControllerError(
-                    "the controller exited while starting:\n" + "\n".join(tail),
-                    hint=f"Full log: {log_path}",
-                )
-            time.sleep(0.05)
+            _raise_if_unwritable(self.state_dir)
+            tail = log_path.read_text(errors="replace").splitlines()[-10:]
+            raise ControllerError(
+                "the controller exited while starting:\n" + "\n".join(tail),
+                hint=f"Full log: {log_path}",
+            )
         raise ControllerError(
             f"the controller did not answer within {wait:g}s", hint=f"See {log_path}."
         )

@@ -131,7 +131,7 @@ def _router(state_dir: Path) -> Router:
     if kind != recorded:
         write_atomic(recorded_file, kind.encode(), mode=0o600)
     if kind == "haproxy":
-        from graven.router.haproxy import HAProxyRouter
+        from graven.router.haproxy.adapter import HAProxyRouter
 
         return HAProxyRouter(state_dir)
     if kind != "embedded":
@@ -177,7 +177,7 @@ async def _serve(state_dir: Path, idle: float | None) -> None:
         last_request[0] = loop.time()  # a verb at work: not idle
         await api.serve_connection(reader, writer)
 
-    sock = controller_socket(state_dir)
+    sock = controller_socket(state_dir, create=True)
     sock.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(serve_connection, path=str(sock))
     sock.chmod(0o600)

@@ -32,7 +32,7 @@ def _recorded_router(state_dir: Path) -> Router:
     recorded = state_dir / "router"
     kind = recorded.read_text().strip() if recorded.exists() else "embedded"
     if kind == "haproxy":
-        from graven.router.haproxy import HAProxyRouter
+        from graven.router.haproxy.adapter import HAProxyRouter
 
         return HAProxyRouter(state_dir)
     from graven.router.embedded import EmbeddedRouter

@@ -1,373 +1,58 @@
-"""The HAProxy Router adapter: one ``haproxy`` process per service, driven through its
-runtime API.
+"""``HAProxyRouter``: the Router port on a real HAProxy (2.6+), one process per service.
 
-Each service gets its own haproxy, started detached (its own session) so it outlives
-the controller, plus a small latency collector beside it (see below). Backends are
-haproxy servers named after their ids; ``set_backends`` turns a backend set into
-runtime-API commands (``add server``, ``set weight``, ``set server ... state``,
-``del server``), so a change never reloads haproxy and never drops a request.
-
-Persistence. A reload or restart of haproxy forgets runtime-API changes, so after
-every change graven also rewrites ``haproxy.cfg`` with the current set as static
-``server`` lines (a drained backend gets ``weight 0`` there, the same effect on load
-balancing) and keeps the set itself in ``backends.json``. A restarted haproxy thus
-serves the same backends from its first request; ``ensure`` then re-applies the exact
-states and weights through the runtime API. An operator's own reload of
-``haproxy.cfg`` (``haproxy -f haproxy.cfg -x admin.sock -sf PID``) is just as safe:
-``ensure`` adopts the new process and re-applies the states the same way.
-
-Traffic. Each request is balanced on its own (round robin, weights scaled to
-haproxy's 0-256), answers carry ``X-Graven-Backend`` (the server name), and a server
-that refuses, resets or never answers costs a retry on another server instead of a
-failed request: always when the connection failed, and for idempotent methods also
-after an empty answer. Idle connections to backends are pooled and reused.
-
-Removal. A backend left out of a set is drained; it is deleted (``maint``, then
-``del server``) as soon as haproxy reports no request in flight on it. graven has no
-process of its own beside haproxy to watch for that moment, so every
-``set_backends`` and ``stats`` call deletes the idle leftovers it sees: a caller
-that polls ``stats`` while draining (as the rollout does) sees them go.
-
-Latency. haproxy keeps no histogram, but it logs every request: the frontend logs
-``<server> <Tc> <Tr>`` (connect and response-header times, in ms) to a unix datagram
-socket served by ``python -m graven.router.haproxy collect``, a tiny process that
-sums the times into ``LATENCY_BOUNDS`` buckets per server and answers a query
-socket. It exits by itself when its haproxy is gone and starts afresh with it, so
-its counters reset exactly when haproxy's do. Resolution is haproxy's: 1 ms. Log
-datagrams are dropped, not queued, if the collector falls behind, so under extreme
-load the histogram may count slightly fewer requests than ``requests``.
-
-Files, per service, under ``STATE/haproxy/SERVICE/``::
-
-    haproxy.cfg    generated; rewritten on every change
-    backends.json  the desired set (and the leftovers still draining)
-    router.json    {"pid", "start_time", "port", "collector_pid", "collector_start_time"}
-    haproxy.log    haproxy's and the collector's stderr: start-up, alerts, never requests
-    lock           serialises every call between threads and controller processes
-    admin.sock, log.sock, latency.sock
-                   the runtime API, the log socket and the collector's query socket
-                   (under a private directory in /tmp when the path would not fit a
-                   unix socket address)
+It starts each haproxy detached (and its latency collector beside it), adopts a
+running one, turns ``set_backends`` into runtime-API commands (``plan``), keeps the
+set in ``backends.json`` and ``haproxy.cfg`` (``config``) so a restart serves it, and
+reads ``show stat`` for ``stats``. The package docstring tells the whole design.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from graven import detached
 from graven.atomic import write_atomic
-from graven.errors import RouterError, UsageError
+from graven.errors import RouterError
 from graven.model import is_valid_name
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
-from graven.router.embedded import check_backends, check_service_name, router_log_tail
+from graven.router.embedded import (
+    check_backends,
+    check_router_port,
+    check_service_name,
+    no_router,
+    not_allowed_to_stop,
+    start_failure,
+)
+from graven.router.haproxy.config import listen_address, render_config
+from graven.router.haproxy.plan import (
+    Desired,
+    ServerRow,
+    Step,
+    backend_id,
+    parse_show_stat,
+    plan_changes,
+    removal_steps,
+    server_name,
+)
 from graven.router.proxy import split_address
 
-HAPROXY_MAX_WEIGHT: Final = 256  # haproxy's own limit; graven weights go to 1000
-_MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
 _API_TIMEOUT: Final = 10.0
 _PING_TIMEOUT: Final = 2.0
-_POLL: Final = 0.02
 _INSTALL_HINT: Final = "Install it with 'apt-get install haproxy' (HAProxy 2.6 or newer)."
-# Requests haproxy may send again after a server took them but gave no answer;
-# anything else is retried only when the connection itself failed (nothing was sent).
-_IDEMPOTENT_METHODS: Final = "GET HEAD OPTIONS PUT DELETE"
-_DYNAMIC_POOL: Final = "pool-max-conn -1 pool-purge-delay 5s"  # a static server's defaults
-
-# haproxy and collector processes this process spawned, by pid: polled so that they
-# are reaped (no zombies, no ResourceWarning) whichever router object looks next.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-# --------------------------------------------------------------------------- pure parts
-
-
-def server_name(backend_id: str) -> str:
-    """The haproxy server name of a backend id.
-
-    haproxy names allow ``[A-Za-z0-9_.:-]``; ids also allow ``@``. ``:`` escapes:
-    ``::`` is a ``:`` and ``:a`` an ``@``, so the mapping is reversible and most ids
-    keep their own name (it is what ``X-Graven-Backend`` and haproxy's stats show).
-    """
-    return backend_id.replace(":", "::").replace("@", ":a")
-
-
-def backend_id(name: str) -> str:
-    """Inverse of ``server_name``."""
-    out: list[str] = []
-    i = 0
-    while i < len(name):
-        if name[i] == ":" and i + 1 < len(name):
-            out.append("@" if name[i + 1] == "a" else ":")
-            i += 2
-        else:
-            out.append(name[i])
-            i += 1
-    return "".join(out)
-
-
-def haproxy_weights(backends: Sequence[Backend]) -> dict[str, int]:
-    """Each backend's weight on haproxy's 0-256 scale, by id.
-
-    Only ratios matter to round robin, so weights are scaled against the largest one
-    in the set: 1:3 stays 85:256 instead of losing precision (or 1, 2 and 3 all
-    becoming 1) on a fixed 1000-to-256 scale. A non-zero weight never becomes 0.
-    """
-    top = max((b.weight for b in backends), default=0)
-    if top == 0:
-        return {b.id: 0 for b in backends}
-    return {
-        b.id: max(1, round(b.weight * HAPROXY_MAX_WEIGHT / top)) if b.weight else 0
-        for b in backends
-    }
-
-
-def latency_bucket(seconds: float) -> int:
-    """Index of the ``LATENCY_BOUNDS`` bucket ``seconds`` falls in (the last is overflow)."""
-    for i, bound in enumerate(LATENCY_BOUNDS):
-        if seconds <= bound:
-            return i
-    return len(LATENCY_BOUNDS)
-
-
-@dataclass(frozen=True)
-class ServerRow:
-    """One server line of haproxy's ``show stat``."""
-
-    name: str
-    address: str
-    status: str  # "no check"/"UP" (ready), "DRAIN", "MAINT", ...
-    weight: int  # user weight on haproxy's scale
-    inflight: int  # scur + qcur
-    requests: int  # stot: every time the server was picked, retried attempts included
-    responses_5xx: int
-    errors: int  # hrsp_5xx + econ + eresp + wretr + wredis
-
-    @property
-    def state(self) -> str:
-        """``ready``, ``drain`` or ``maint``."""
-        status = self.status.upper()
-        if status.startswith("MAINT"):
-            return "maint"
-        if status.startswith("DRAIN"):
-            return "drain"
-        return "ready"
-
-
-def parse_show_stat(text: str, proxy: str) -> list[ServerRow]:
-    """The server rows of ``proxy`` in ``show stat`` CSV output, in haproxy's order."""
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("# "):
-        raise ValueError(f"not 'show stat' output: {text[:200]!r}")
-    header = lines[0][2:].split(",")
-    col = {name: i for i, name in enumerate(header)}
-    for needed in ("pxname", "svname", "qcur", "scur", "stot", "status", "weight"):
-        if needed not in col:
-            raise ValueError(f"'show stat' lacks the {needed!r} column")
-
-    def num(fields: list[str], name: str) -> int:
-        i = col.get(name)
-        if i is None or i >= len(fields) or not fields[i]:
-            return 0
-        return int(fields[i])
-
-    rows: list[ServerRow] = []
-    for line in lines[1:]:
-        fields = line.split(",")
-        if len(fields) < len(col) - 1 or fields[col["pxname"]] != proxy:
-            continue
-        name = fields[col["svname"]]
-        if name in ("FRONTEND", "BACKEND"):
-            continue
-        hrsp_5xx = num(fields, "hrsp_5xx")
-        # An attempt that got no answer ends in econ/eresp, or, when haproxy tried
-        # again, in wretr (same server) or wredis (another one): the request
-        # survived, but this server failed it all the same.
-        failed = sum(num(fields, f) for f in ("econ", "eresp", "wretr", "wredis"))
-        rows.append(
-            ServerRow(
-                name=name,
-                address=fields[col["addr"]] if "addr" in col else "",
-                status=fields[col["status"]],
-                weight=num(fields, "uweight") if "uweight" in col else num(fields, "weight"),
-                inflight=num(fields, "scur") + num(fields, "qcur"),
-                requests=num(fields, "stot"),
-                responses_5xx=hrsp_5xx,
-                errors=hrsp_5xx + failed,
-            )
-        )
-    return rows
-
-
-@dataclass(frozen=True)
-class Desired:
-    """One backend of the desired set as haproxy will get it."""
-
-    backend: Backend
-    address: str  # resolved, haproxy syntax: 1.2.3.4:80 or [::1]:80
-
-    @property
-    def name(self) -> str:
-        return server_name(self.backend.id)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One runtime-API command. ``may_fail`` steps (deleting a server that a request
-    reached in the meantime) leave the server lingering instead of failing the call."""
-
-    command: str
-    may_fail: bool = False
-
-
-def plan_changes(proxy: str, desired: Sequence[Desired], rows: Sequence[ServerRow]) -> list[Step]:
-    """Runtime-API commands that turn haproxy's ``rows`` into the ``desired`` set.
-
-    New ready servers and those gaining weight come first, ready servers losing weight
-    next, drained or removed ones last, so capacity never dips during a swap (in a
-    blue-green switch no moment has every server at weight 0). Servers no longer
-    wanted are drained, and deleted at once when nothing is in flight on them.
-    """
-    weights = haproxy_weights([d.backend for d in desired])
-    current = {r.name: r for r in rows}
-    wanted = {d.name for d in desired}
-    first: list[Step] = []
-    lowered: list[Step] = []
-    last: list[Step] = []
-    for d in desired:
-        ref = f"{proxy}/{d.name}"
-        weight = weights[d.backend.id]
-        row = current.get(d.name)
-        if row is None:
-            # haproxy 2.6 gives a dynamic server no pool of idle server connections
-            # unless asked (static ones have one): without it, every request would
-            # open a new connection to the backend.
-            steps = [
-                Step(f"add server {ref} {d.address} weight {weight} {_DYNAMIC_POOL}"),
-                Step(f"set server {ref} state {d.backend.state}"),
-            ]
-        else:
-            steps = []
-            if row.address != d.address:
-                host, _, port = d.address.rpartition(":")
-                steps.append(Step(f"set server {ref} addr {host.strip('[]')} port {port}"))
-            re_weight = [Step(f"set weight {ref} {weight}")] if row.weight != weight else []
-            re_state = (
-                [Step(f"set server {ref} state {d.backend.state}")]
-                if row.state != d.backend.state
-                else []
-            )
-            # Drain before the weight moves, and re-weight before getting ready, so
-            # a server never takes traffic in a state nobody asked for.
-            if d.backend.state == "drain":
-                steps += re_state + re_weight
-            else:
-                steps += re_weight + re_state
-        if d.backend.state == "drain":
-            last.extend(steps)
-        elif row is not None and weight < row.weight:
-            lowered.extend(steps)
-        else:
-            first.extend(steps)
-    for row in rows:
-        if row.name in wanted:
-            continue
-        last.extend(removal_steps(proxy, row))
-    return first + lowered + last
-
-
-def removal_steps(proxy: str, row: ServerRow) -> list[Step]:
-    """Drain a server that is no longer wanted; delete it if nothing is in flight."""
-    ref = f"{proxy}/{row.name}"
-    if row.inflight > 0:
-        return [] if row.state != "ready" else [Step(f"set server {ref} state drain")]
-    steps = [] if row.state == "maint" else [Step(f"set server {ref} state maint")]
-    return [*steps, Step(f"del server {ref}", may_fail=True)]
-
-
-def render_config(
-    *,
-    service: str,
-    listen: str,
-    admin_socket: Path,
-    log_socket: Path,
-    stop_timeout: float,
-    servers: Sequence[Desired],
-) -> str:
-    """The haproxy.cfg graven runs a service's haproxy with."""
-    weights = haproxy_weights([d.backend for d in servers])
-    lines = [
-        f"# Generated by graven for service {service!r}; rewritten on every change.",
-        "# The server lines are the current backend set, so a reload keeps it.",
-        "global",
-        # ensure() reads this back through 'show info' to adopt the right process.
-        f"    description graven:{service}:{listen.rpartition(':')[2]}",
-        f"    stats socket {admin_socket} mode 600 level admin expose-fd listeners",
-        "    stats timeout 30s",
-        f"    log {log_socket} len 1024 format raw local0 info",
-        f"    hard-stop-after {max(1, int(stop_timeout))}s",
-        # Without SO_REUSEPORT a port held by anything else fails the start instead
-        # of being shared; a seamless reload takes the listeners over with -x.
-        "    noreuseport",
-        "",
-        "defaults",
-        "    mode http",
-        "    log global",
-        "    option dontlognull",
-        "    option forwardfor",
-        # On a soft stop (stop, reload) an idle keep-alive client is not cut off while
-        # its next request may be on the way: that request is answered, with close.
-        "    option idle-close-on-response",
-        # The embedded proxy's limits: connect 3 s, 300 s for a response head, 60 s
-        # for an idle keep-alive client.
-        "    timeout connect 3s",
-        "    timeout client 60s",
-        "    timeout server 300s",
-        "    timeout http-request 10s",
-        "    timeout http-keep-alive 60s",
-        "    timeout queue 10s",
-        # A server that refuses, resets or never answers costs a retry on another
-        # server, never a failed request (health itself is the controller's job).
-        "    retries 3",
-        "    option redispatch 1",
-        "    retry-on conn-failure empty-response response-timeout",
-        "",
-        f"frontend {service}-in",
-        f"    bind {listen}",
-        '    log-format "%s %Tc %Tr"',
-        f"    default_backend {service}",
-        "",
-        f"backend {service}",
-        "    balance roundrobin",
-        f"    acl graven_idempotent method {_IDEMPOTENT_METHODS}",
-        "    http-request disable-l7-retry unless graven_idempotent",
-        "    http-response set-header X-Graven-Backend %s",
-    ]
-    for d in servers:
-        weight = 0 if d.backend.state == "drain" else weights[d.backend.id]
-        note = "  # drain" if d.backend.state == "drain" else ""
-        lines.append(f"    server {d.name} {d.address} weight {weight}{note}")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- the adapter
 
 
 @dataclass(frozen=True)
@@ -434,8 +119,7 @@ class HAProxyRouter:
     def ensure(self, service: str, port: int) -> None:
         """Make sure haproxy for ``service`` listens on ``port``; adopt a running one."""
         check_service_name(service)
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise UsageError(f"router port must be 1-65535 (got {port!r})")
+        check_router_port(port)
         files = self._files(service)
         with self._locked(files):
             live = self._info(files)
@@ -446,7 +130,7 @@ class HAProxyRouter:
                     self._adopt(files, pid, port, record)
                     return
                 self._terminate(files, pid, signal.SIGUSR1, self.stop_timeout)
-            elif record is not None and _is_running(record.pid, record.start_time):
+            elif record is not None and detached.is_running(record.pid, record.start_time):
                 # Alive but not answering: starting, or wedged. Give it the start
                 # timeout before replacing it.
                 if record.port == port and self._wait_ready(files, record.pid, None):
@@ -532,7 +216,7 @@ class HAProxyRouter:
             record = self._read_record(files)
             if live is not None:
                 self._terminate(files, live[0], signal.SIGUSR1, self.stop_timeout)
-            elif record is not None and _is_running(record.pid, record.start_time):
+            elif record is not None and detached.is_running(record.pid, record.start_time):
                 self._terminate(files, record.pid, signal.SIGUSR1, self.stop_timeout)
             if record is not None:
                 self._stop_collector(record)
@@ -561,7 +245,7 @@ class HAProxyRouter:
                 continue
             files = self._files(service)
             record = self._read_record(files)
-            if record is not None and _is_running(record.pid, record.start_time):
+            if record is not None and detached.is_running(record.pid, record.start_time):
                 out[service] = record.port
             elif (live := self._info(files)) is not None:
                 out[service] = live[1]  # reloaded by someone else; ensure adopts it
@@ -573,7 +257,7 @@ class HAProxyRouter:
         """The pid of the service's live haproxy, or None."""
         check_service_name(service)
         record = self._read_record(self._files(service))
-        if record is not None and _is_running(record.pid, record.start_time):
+        if record is not None and detached.is_running(record.pid, record.start_time):
             return record.pid
         return None
 
@@ -585,7 +269,7 @@ class HAProxyRouter:
             record is not None
             and record.collector_pid is not None
             and record.collector_start_time is not None
-            and _is_running(record.collector_pid, record.collector_start_time)
+            and detached.is_running(record.collector_pid, record.collector_start_time)
         ):
             return record.collector_pid
         return None
@@ -616,7 +300,7 @@ class HAProxyRouter:
         home = self.dir / service
         sockets = home
         short: Path | None = None
-        if len(os.fsencode((home / "latency.sock").absolute())) > _MAX_SOCKET_PATH:
+        if not detached.fits_socket_address(home / "latency.sock"):
             short = self._short_socket_dir(service)
             sockets = short
         return _Files(
@@ -636,29 +320,19 @@ class HAProxyRouter:
     def _short_socket_dir(self, service: str) -> Path:
         # Same state dir and service, same short dir: a restarted controller finds
         # the sockets without any file of ours.
-        key = hashlib.sha256(
-            os.fsencode(self.state_dir.resolve()) + b"\0" + service.encode()
-        ).hexdigest()[:16]
-        return Path(tempfile.gettempdir()) / f"graven-haproxy-{key}"
+        key = detached.short_name(self.state_dir.resolve(), service)
+        return detached.temp_dir() / f"graven-haproxy-{key}"
 
     def _make_dirs(self, files: _Files) -> None:
         try:
             files.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if files.short_dir is not None:
-                files.short_dir.mkdir(mode=0o700, exist_ok=True)
-                st = files.short_dir.lstat()
-                # /tmp is shared: only a private directory of our own may hold sockets.
-                if files.short_dir.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                    raise RouterError(
-                        f"socket directory {files.short_dir} is not a private directory "
-                        "of this user",
-                        hint=f"Remove {files.short_dir}, or use a shorter state directory.",
-                    )
         except OSError as exc:
             raise RouterError(
                 f"cannot create router directory {files.dir}: {exc}",
                 hint="Check that the state directory exists and is writable.",
             ) from None
+        if files.short_dir is not None:
+            detached.private_dir(files.short_dir, what="socket directory", error=RouterError)
 
     @contextlib.contextmanager
     def _locked(self, files: _Files) -> Iterator[None]:
@@ -679,11 +353,7 @@ class HAProxyRouter:
         try:
             return _ask(files.admin, command, timeout)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise RouterError(
-                f"no router is running for service {files.service!r}",
-                hint="The controller starts it (Router.ensure) on its next reconcile; "
-                f"if it keeps failing, see {files.log}.",
-            ) from None
+            raise no_router(files.service, files.log) from None
         except OSError as exc:
             raise RouterError(
                 f"haproxy of service {files.service!r} did not answer {command!r}: {exc}",
@@ -791,7 +461,7 @@ class HAProxyRouter:
     ) -> None:
         text = render_config(
             service=files.service,
-            listen=_listen_address(self.listen_host, port),
+            listen=listen_address(self.listen_host, port),
             admin_socket=files.admin,
             log_socket=files.log_socket,
             stop_timeout=self.stop_timeout,
@@ -848,10 +518,10 @@ class HAProxyRouter:
     def _write_record(
         self, files: _Files, pid: int, port: int, collector_pid: int | None = None
     ) -> None:
-        start = _start_time(pid)
+        start = detached.start_time(pid)
         if start is None:
             return
-        collector_start = _start_time(collector_pid) if collector_pid is not None else None
+        collector_start = detached.start_time(collector_pid) if collector_pid is not None else None
         doc = {
             "pid": pid,
             "start_time": start,
@@ -912,18 +582,13 @@ class HAProxyRouter:
         # (and can stop) this process.
         self._write_record(files, proc.pid, port)
         if not self._wait_ready(files, proc.pid, proc):
-            if proc.poll() is None:
+            how = detached.describe_failed_start(proc, files.admin, self.start_timeout)
+            if proc.poll() is None:  # a pid reaped already may be reused
                 self._terminate(files, proc.pid, signal.SIGKILL, 5.0)
-                what = f"did not answer on {files.admin} within {self.start_timeout:.0f} s"
-            else:
-                what = f"exited with code {proc.returncode}"
             with contextlib.suppress(FileNotFoundError):
                 files.record.unlink()
-            raise RouterError(
-                f"haproxy for service {files.service!r} on port {port} {what}: "
-                f"{router_log_tail(files.log, offset)}",
-                hint=f"If port {port} is in use, stop what holds it or choose another port. "
-                f"Full log: {files.log}",
+            raise start_failure(
+                f"haproxy for service {files.service!r}", port, how, files.log, offset
             )
         collector = self._spawn_collector(files, proc.pid)
         self._write_record(files, proc.pid, port, collector)
@@ -934,14 +599,13 @@ class HAProxyRouter:
     def _spawn_collector(self, files: _Files, haproxy_pid: int) -> int | None:
         """Start the latency collector for ``haproxy_pid``; None (and a log line) if it
         fails: latency is worth having, not worth refusing to route for."""
-        start = _start_time(haproxy_pid)
+        start = detached.start_time(haproxy_pid)
         if start is None:
             return None
         argv = [
             sys.executable,
             "-m",
-            "graven.router.haproxy",
-            "collect",
+            "graven.router.haproxy.collector",
             "--log-socket",
             str(files.log_socket),
             "--query-socket",
@@ -950,11 +614,12 @@ class HAProxyRouter:
             f"{haproxy_pid}:{start}",
         ]
         _, proc = self._popen(files, argv)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if self._ping_collector(files, haproxy_pid) == proc.pid:
-                return proc.pid
-            time.sleep(_POLL)
+
+        def answers() -> bool:
+            return self._ping_collector(files, haproxy_pid) == proc.pid
+
+        if detached.wait_until(answers, self.start_timeout, unless_exited=proc):
+            return proc.pid
         if proc.poll() is None:
             self._terminate(files, proc.pid, signal.SIGKILL, 5.0)
         with contextlib.suppress(OSError), files.log.open("ab") as log:
@@ -963,57 +628,32 @@ class HAProxyRouter:
 
     def _popen(self, files: _Files, argv: list[str]) -> tuple[int, subprocess.Popen[bytes]]:
         try:
-            with files.log.open("ab") as log:
-                offset = log.tell()
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                log.write(f"--- {stamp} starting: {' '.join(argv)}\n".encode())
-                log.flush()
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    close_fds=True,
-                    start_new_session=True,
-                    cwd=files.dir,
-                )
+            offset, proc = detached.spawn_logged(argv, files.log, cwd=files.dir)
         except OSError as exc:
             hint = _INSTALL_HINT if exc.errno == errno.ENOENT else None
             raise RouterError(
                 f"cannot start {Path(argv[0]).name} for service {files.service!r}: {exc}",
                 hint=hint,
             ) from None
-        _CHILDREN[proc.pid] = proc
         return offset, proc
 
     def _wait_ready(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                return False
+        def answers() -> bool:
             live = self._info(files)
-            if live is not None and live[0] == pid:
-                return True
-            time.sleep(_POLL)
-        return False
+            return live is not None and live[0] == pid
+
+        return detached.wait_until(answers, self.start_timeout, unless_exited=proc)
 
     def _stop_collector(self, record: _Record) -> None:
         if record.collector_pid is not None and record.collector_start_time is not None:
-            _signal_and_wait(record.collector_pid, record.collector_start_time, signal.SIGTERM, 5.0)
+            collector = detached.ProcessStamp(record.collector_pid, record.collector_start_time)
+            detached.stop(collector, grace=5.0)
 
     def _terminate(self, files: _Files, pid: int, first: signal.Signals, wait: float) -> None:
         """Send ``first`` (SIGUSR1: haproxy's soft stop) to ``pid``, wait, then SIGKILL.
         The start time is read once and re-checked, so a reused pid is left alone."""
-        start = _start_time(pid)
-        if start is None:
-            return
-        try:
-            _signal_and_wait(pid, start, first, wait)
-        except PermissionError:
-            raise RouterError(
-                f"not allowed to stop haproxy of service {files.service!r} (pid {pid})",
-                hint="Run graven as the user that started the router.",
-            ) from None
+        with not_allowed_to_stop(f"haproxy of service {files.service!r}", pid):
+            detached.stop_pid(pid, grace=wait, first=first)
 
     # ---- latency
 
@@ -1040,9 +680,6 @@ class HAProxyRouter:
         # a backend added again under the same id starts from zero everywhere.
         with contextlib.suppress(OSError):
             _ask(files.latency, f"forget {name}", _PING_TIMEOUT)
-
-
-# --------------------------------------------------------------------------- helpers
 
 
 def _ask(path: Path, command: str, timeout: float) -> str:
@@ -1082,191 +719,3 @@ def _haproxy_address(backend: Backend) -> str:
             ) from None
         ip = ipaddress.ip_address(str(infos[0][4][0]))
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def _listen_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _start_time(pid: int) -> int | None:
-    """Kernel start time of ``pid``, or None if it is gone (zombies count as gone)."""
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        _CHILDREN.pop(pid, None)
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses; fields after the last ')' are
-    # plain: state first, start time the 20th.
-    fields = text[text.rfind(")") + 2 :].split()
-    try:
-        if fields[0] in ("Z", "X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _is_running(pid: int, start_time: int) -> bool:
-    return _start_time(pid) == start_time
-
-
-def _signal_and_wait(pid: int, start_time: int, first: signal.Signals, wait: float) -> None:
-    for sig, timeout in ((first, wait), (signal.SIGKILL, 5.0)):
-        if not _is_running(pid, start_time):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _is_running(pid, start_time):
-            time.sleep(_POLL)
-
-
-# --------------------------------------------------------------------------- collector
-
-
-class LatencyCollector:
-    """Per-server latency histograms from haproxy's request log lines.
-
-    A line is ``<server> <Tc> <Tr>`` (milliseconds; -1 when that phase never ended).
-    Requests that got no response headers are not counted: the histogram is of
-    completed requests, the way ``BackendStats.latency_buckets`` defines it.
-    """
-
-    def __init__(self, watch: int = 0) -> None:
-        self.watch = watch  # the haproxy pid these histograms are of
-        self.histograms: dict[str, list[int]] = {}
-
-    def add_line(self, line: bytes) -> None:
-        parts = line.split()
-        if len(parts) != 3 or parts[0] == b"<NOSRV>":
-            return
-        try:
-            connect_ms, response_ms = int(parts[1]), int(parts[2])
-        except ValueError:
-            return
-        if connect_ms < 0 or response_ms < 0:
-            return
-        name = parts[0].decode(errors="replace")
-        counts = self.histograms.get(name)
-        if counts is None:
-            counts = self.histograms[name] = [0] * (len(LATENCY_BOUNDS) + 1)
-        counts[latency_bucket((connect_ms + response_ms) / 1000)] += 1
-
-    def answer(self, request: str) -> dict[str, object]:
-        verb, _, arg = request.strip().partition(" ")
-        if verb == "dump":
-            return {"pid": os.getpid(), "servers": self.histograms}
-        if verb == "forget":
-            self.histograms.pop(arg, None)
-            return {"ok": True}
-        if verb == "ping":
-            return {"pid": os.getpid(), "watch": self.watch}
-        return {"error": f"unknown request {verb!r}"}
-
-
-def _bind_unix(kind: socket.SocketKind, path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, kind)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    # Bound under a private umask: no window where another user could connect.
-    old = os.umask(0o177)
-    try:
-        sock.bind(os.fspath(path))
-    finally:
-        os.umask(old)
-    return sock
-
-
-def run_collector(log_socket: Path, query_socket: Path, watch: tuple[int, int]) -> int:
-    """Serve ``log_socket`` (haproxy's log datagrams) and ``query_socket`` until the
-    watched haproxy ``(pid, start time)`` is gone or SIGTERM arrives."""
-    collector = LatencyCollector(watch[0])
-    stopping = False
-
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    logs = _bind_unix(socket.SOCK_DGRAM, log_socket)
-    # A deep receive buffer absorbs bursts; beyond it haproxy drops log lines.
-    with contextlib.suppress(OSError):
-        logs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    logs.setblocking(False)
-    queries = _bind_unix(socket.SOCK_STREAM, query_socket)
-    queries.listen(16)
-    queries.setblocking(False)
-    selector = selectors.DefaultSelector()
-    selector.register(logs, selectors.EVENT_READ, "logs")
-    selector.register(queries, selectors.EVENT_READ, "queries")
-    next_check = 0.0
-    try:
-        while not stopping:
-            now = time.monotonic()
-            if now >= next_check:
-                if _start_time(watch[0]) != watch[1]:
-                    break
-                next_check = now + 0.5
-            for key, _ in selector.select(timeout=0.5):
-                if key.data == "logs":
-                    for _ in range(1000):  # bounded: queries get their turn
-                        try:
-                            collector.add_line(logs.recv(2048))
-                        except BlockingIOError:
-                            break
-                else:
-                    _serve_query(queries, collector)
-    finally:
-        selector.close()
-        logs.close()
-        queries.close()
-        for path in (log_socket, query_socket):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    return 0
-
-
-def _serve_query(listener: socket.socket, collector: LatencyCollector) -> None:
-    try:
-        conn, _ = listener.accept()
-    except BlockingIOError:
-        return
-    with conn:
-        conn.settimeout(2.0)
-        try:
-            data = b""
-            while b"\n" not in data and len(data) < 4096:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            reply = collector.answer(data.decode(errors="replace"))
-            conn.sendall(json.dumps(reply).encode())
-        except OSError:
-            pass  # the asker went away; nothing to clean up
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m graven.router.haproxy collect ...``: the latency collector."""
-    parser = argparse.ArgumentParser(prog="python -m graven.router.haproxy")
-    sub = parser.add_subparsers(dest="command", required=True)
-    collect = sub.add_parser("collect", help="collect haproxy request latencies")
-    collect.add_argument("--log-socket", type=Path, required=True)
-    collect.add_argument("--query-socket", type=Path, required=True)
-    collect.add_argument("--watch", required=True, help="PID:START_TIME of the haproxy")
-    args = parser.parse_args(argv)
-    pid_text, _, start_text = str(args.watch).partition(":")
-    try:
-        watch = (int(pid_text), int(start_text))
-    except ValueError:
-        parser.error(f"--watch: expected PID:START_TIME (got {args.watch!r})")
-    return run_collector(args.log_socket, args.query_socket, watch)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
