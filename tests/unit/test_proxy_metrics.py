@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from graven.router.base import LATENCY_BOUNDS, Backend
-from graven.router.proxy import BackendTable, latency_bucket
+from graven.router.base import LATENCY_BOUNDS, Backend, latency_bucket
+from graven.router.proxy.backends import BackendTable
 
 OVERFLOW = len(LATENCY_BOUNDS)
 

@@ -76,9 +76,16 @@ from typing import Final
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
-from graven.router.embedded import check_backends, check_service_name, router_log_tail
-from graven.router.proxy import split_address
+from graven.router.base import (
+    LATENCY_BOUNDS,
+    Backend,
+    BackendState,
+    BackendStats,
+    check_backends,
+    latency_bucket,
+    split_address,
+)
+from graven.router.embedded import check_service_name, router_log_tail
 
 HAPROXY_MAX_WEIGHT: Final = 256  # haproxy's own limit; graven weights go to 1000
 _MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
@@ -137,14 +144,6 @@ def haproxy_weights(backends: Sequence[Backend]) -> dict[str, int]:
         b.id: max(1, round(b.weight * HAPROXY_MAX_WEIGHT / top)) if b.weight else 0
         for b in backends
     }
-
-
-def latency_bucket(seconds: float) -> int:
-    """Index of the ``LATENCY_BOUNDS`` bucket ``seconds`` falls in (the last is overflow)."""
-    for i, bound in enumerate(LATENCY_BOUNDS):
-        if seconds <= bound:
-            return i
-    return len(LATENCY_BOUNDS)
 
 
 @dataclass(frozen=True)
