@@ -65,12 +65,13 @@ Nothing is written per request; errors go to stderr.
 The hot path runs in protocol callbacks: no task, timer or future per request. A
 coroutine takes over only to connect or to stream a body too big to buffer; one
 periodic sweep enforces the timeouts and expires idle pooled connections.
-Modules, from the wire up
-    ``backends``   backend sets: the state file, the live table, its pools, the balancer
-    ``http1``      HTTP/1.1 heads: the fast and strict parsers, error answers
-    ``channel``    one TCP connection as a buffer shared by callbacks and coroutines
+
+Modules (at run time each needs only those above it; ``__main__`` runs ``entry.main``)
+    ``http1``      HTTP/1.1 heads: the fast and strict parsers, the proxy's error answers
+    ``channel``    one TCP connection: a buffer that callbacks and coroutines share
+    ``backends``   backend sets: wire and state-file forms, the live table, pools, balancer
     ``exchange``   a client connection's requests: body copying, the resend rule, the trip
     ``server``     a worker's data plane: sessions, the sweep, shutdown
-    ``admin``      the admin API's routing and its one-request-per-connection server
-    ``entry``      arguments, the event loop, and the hand-off to ``graven.router.workers``
+    ``admin``      the admin API: routing, and its one-request-per-connection server
+    ``entry``      arguments and the event loop; hands over to ``graven.router.workers``
 """
