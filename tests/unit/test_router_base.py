@@ -83,7 +83,10 @@ BAD = [
     ([Backend("a", "127.0.0.1")], r"backends\[0\]\.address: expected host:port"),
     ([Backend("a", "127.0.0.1:1", "gone")], r"backends\[0\]\.state"),  # type: ignore[arg-type]
     ([Backend("a", "127.0.0.1:1", weight=True)], r"backends\[0\]\.weight: expected an integer"),
-    ([Backend("a", "127.0.0.1:1", weight=MAX_WEIGHT + 1)], r"backends\[0\]\.weight: must be 0-1000"),
+    (
+        [Backend("a", "127.0.0.1:1", weight=MAX_WEIGHT + 1)],
+        r"backends\[0\]\.weight: must be 0-1000",
+    ),
 ]
 
 
