@@ -28,7 +28,7 @@ from graven.plan.steps import (
     StartInstance,
     SwitchTraffic,
 )
-from graven.router import proxy
+from graven.router import base as router_base
 from tests.property.traffic_sim import World
 
 # --- weight math ------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_uneven_splits_scale_to_stay_exact() -> None:
 
 
 def test_max_weight_is_the_routers() -> None:
-    assert MAX_WEIGHT == proxy.MAX_WEIGHT
+    assert MAX_WEIGHT == router_base.MAX_WEIGHT
 
 
 @settings(max_examples=500, deadline=None)

@@ -39,7 +39,7 @@ from graven.plan.blue_green import Fleet, check_replicas, heaviest_release, plan
 from graven.plan.rolling import ObservedInstance
 from graven.plan.steps import Analyze, Pause, Plan, RecordProgress
 
-# The router's largest weight (graven.router.proxy.MAX_WEIGHT; a test keeps them equal).
+# The router's largest weight (graven.router.base.MAX_WEIGHT; a test keeps them equal).
 MAX_WEIGHT = 1000
 
 

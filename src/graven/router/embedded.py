@@ -44,8 +44,8 @@ from graven import detached
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats
-from graven.router.proxy import BackendSetError, backends_to_json, parse_backends
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats, check_backends
+from graven.router.proxy.backends import backends_to_json
 
 if TYPE_CHECKING:
     from graven.router.workers import RouterOptions
@@ -53,18 +53,6 @@ if TYPE_CHECKING:
 _HEALTH_TIMEOUT: Final = 2.0
 _ADMIN_TIMEOUT: Final = 10.0
 _POLL: Final = 0.02
-
-
-def check_backends(backends: list[Backend]) -> None:
-    """Raise ``RouterError`` if the proxy would refuse ``backends`` (same rules)."""
-    try:
-        parse_backends(backends_to_json(backends))
-    except BackendSetError as exc:
-        raise RouterError(
-            f"invalid backend set: {exc}",
-            hint="Each backend needs a unique id, a host:port address, "
-            "state 'ready' or 'drain' and a weight of 0-1000.",
-        ) from None
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,15 @@ from graven import detached
 from graven.atomic import write_atomic
 from graven.errors import RouterError
 from graven.model import is_valid_name
-from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
-from graven.router.embedded import (
+from graven.router.base import (
+    LATENCY_BOUNDS,
+    Backend,
+    BackendState,
+    BackendStats,
     check_backends,
+    split_address,
+)
+from graven.router.embedded import (
     check_router_port,
     check_service_name,
     no_router,
@@ -48,7 +54,6 @@ from graven.router.haproxy.plan import (
     removal_steps,
     server_name,
 )
-from graven.router.proxy import split_address
 
 _API_TIMEOUT: Final = 10.0
 _PING_TIMEOUT: Final = 2.0

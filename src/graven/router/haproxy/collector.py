@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from graven import detached
-from graven.router.base import LATENCY_BOUNDS
-from graven.router.proxy import latency_bucket
+from graven.router.base import LATENCY_BOUNDS, latency_bucket
 
 
 class LatencyCollector:
