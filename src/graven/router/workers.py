@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from graven import detached
 from graven.atomic import write_atomic
 from graven.router.base import LATENCY_BOUNDS, Backend, BackendSetError
 from graven.router.proxy.admin import serve_admin_request
@@ -224,9 +225,7 @@ async def _revive_supervisor(options: RouterOptions, listen_fd: int, dead: int) 
 
     def start() -> subprocess.Popen[bytes]:
         # Its own session, like the first one: it outlives this worker.
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, pass_fds=(listen_fd,), start_new_session=True
-        )
+        return detached.spawn(argv, output=None, pass_fds=(listen_fd,))
 
     log.warning("supervisor (pid %d) is gone; starting a new one unless stopped", dead)
     try:
