@@ -32,7 +32,7 @@ from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
-from graven.model import Digest, HealthCheck, ServiceConfig
+from graven.model import ConfigRecord, Digest, HealthCheck, ServiceConfig
 
 log = logging.getLogger("graven.controller.api")
 
@@ -258,9 +258,13 @@ def query_number(query: dict[str, list[str]], key: str, *, low: int = 1) -> int:
 
 def service_config(data: dict[str, Any]) -> ServiceConfig:
     """A ServiceConfig from its JSON form, every field checked against its type:
-    numbers within range, lists for tuples, no unknown keys."""
-    checked = _dataclass_fields(ServiceConfig, data, "request body: config")
-    return ServiceConfig.from_dict(checked)
+    numbers within range, lists for tuples, no unknown keys, no setting the strategy
+    does not use."""
+    checked = _dataclass_fields(ConfigRecord, data, "request body: config")
+    try:
+        return ConfigRecord.from_dict(checked).to_config(strict=True)
+    except UsageError as exc:
+        raise BadRequest(f"request body: config.{exc.message}", hint=exc.hint) from None
 
 
 def _dataclass_fields(cls: type, data: Any, where: str) -> dict[str, Any]:

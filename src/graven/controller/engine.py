@@ -29,8 +29,7 @@ from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
 from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
 from graven.netports import port_holder
-from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
-from graven.plan.canary import CanaryStep, plan_canary
+from graven.plan.blue_green import BlueGreenStatus, plan_flip_back
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import (
     Analyze,
@@ -49,6 +48,7 @@ from graven.plan.steps import (
     SwitchTraffic,
     bind_slots,
 )
+from graven.plan.strategy import plan_release
 from graven.rollout.analysis import AnalysisThresholds, judge
 from graven.rollout.health import probe as run_probe
 from graven.router.base import Backend, BackendStats, Router
@@ -393,7 +393,7 @@ class Engine:
             return False
         if leaving is None or self.state.release_row(service, leaving) is None:
             return False
-        return self.state.release(service, leaving).config.strategy in ("blue-green", "canary")
+        return self.state.release(service, leaving).config.strategy.weighted
 
     def _status_rollout(self, service: str, desired: int) -> Rollout | None:
         """The rollout that brought ``desired``: its persisted status drives re-planning."""
@@ -423,41 +423,18 @@ class Engine:
         ro: Rollout | None,
     ) -> Plan:
         """The plan of ``cfg``'s strategy toward release ``desired``."""
-        if cfg.strategy == "blue-green":
-            return plan_blue_green(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                auto_promote=cfg.auto_promote,
-                preview=bool(cfg.preview_port),
-                rollback_window=cfg.rollback_window,
-                weights=weights,
-                status=BlueGreenStatus(
-                    promoted=bool(ro.promoted) if ro else False,
-                    switched_at=ro.switched_at if ro else None,
-                ),
-                now=self.clock.now(),
-                analysis_window=cfg.analysis_window,
-            )
-        if cfg.strategy == "canary":
-            return plan_canary(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                steps=[CanaryStep(w, p, a) for w, p, a in cfg.canary_steps],
-                step_index=ro.step_index if ro else 0,
-                weights=weights,
-                analysis_window=cfg.analysis_window,
-            )
-        return plan_rolling(
+        return plan_release(
             service,
             desired,
-            cfg.replicas,
+            cfg,
             observed,
-            max_surge=cfg.max_surge,
-            max_unavailable=cfg.max_unavailable,
+            weights=weights,
+            status=BlueGreenStatus(
+                promoted=bool(ro.promoted) if ro else False,
+                switched_at=ro.switched_at if ro else None,
+            ),
+            step_index=ro.step_index if ro else 0,
+            now=self.clock.now(),
         )
 
     def preview(self, service: str, image: Digest, config: ServiceConfig) -> dict[str, Any]:
@@ -884,7 +861,7 @@ class Engine:
             self.sync_router(service)
         elif isinstance(step, RoutePreview):
             self.state.set_preview(step.target, True)
-            if cfg is not None and cfg.preview_port:
+            if cfg is not None and cfg.preview_port is not None:
                 await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)
         elif isinstance(step, SwitchTraffic):
             self.state.set_weights(
@@ -896,7 +873,7 @@ class Engine:
                 clear_preview=True,
             )
             self.sync_router(service)
-            if cfg is not None and cfg.preview_port:
+            if cfg is not None and cfg.preview_port is not None:
                 await asyncio.to_thread(self.sync_preview, service, cfg.preview_port)
             if ro is not None and ro.to_release == step.to_release:
                 # All live traffic is on the new release: the rollout has done its job;
@@ -926,17 +903,19 @@ class Engine:
                 held = await self._hold(
                     service,
                     max(until - self.clock.now(), 0.0),
-                    lambda: self._promoted(ro.id) and cfg is not None and cfg.strategy == "canary",
+                    lambda: (
+                        self._promoted(ro.id) and cfg is not None and cfg.strategy.name == "canary"
+                    ),
                 )
                 if not held:
                     return
                 gate["pause"] = {"until": until, "done": True}
                 done: dict[str, Any] = {"paused_until": None, "gate": json.dumps(gate)}
-                if cfg is not None and cfg.strategy == "canary":
+                if cfg is not None and cfg.strategy.name == "canary":
                     done["promoted"] = 0  # a promote moves one step
                 self.state.update_rollout(ro.id, **done)  # both or neither, across a crash
                 return
-            if cfg is not None and cfg.strategy == "canary":
+            if cfg is not None and cfg.strategy.name == "canary":
                 self.state.update_rollout(ro.id, promoted=0)  # a promote moves one step
         elif isinstance(step, Analyze):
             await self.analyze(service, step, ro.id if ro else None)
@@ -986,9 +965,9 @@ class Engine:
             canary_release=step.canary_release,
             baseline_release=step.baseline_release,
             thresholds=AnalysisThresholds(
-                max_error_rate=cfg.max_error_rate,
-                max_p99_seconds=cfg.max_p99,
-                min_requests=cfg.min_requests,
+                max_error_rate=cfg.analysis.max_error_rate,
+                max_p99_seconds=cfg.analysis.max_p99,
+                min_requests=cfg.analysis.min_requests,
             ),
         )
         log.info("%s: analysis %s: %s", service, verdict.outcome, "; ".join(verdict.reasons))

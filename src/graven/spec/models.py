@@ -27,7 +27,17 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from graven.model import HealthCheck, ServiceConfig, is_valid_name
+from graven.model import (
+    AnalysisConfig,
+    BlueGreenConfig,
+    CanaryConfig,
+    CanaryStep,
+    HealthCheck,
+    RollingConfig,
+    ServiceConfig,
+    StrategyConfig,
+    is_valid_name,
+)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -761,6 +771,33 @@ class StrategySpec(_Strict):
             raise ValueError(f"canary step weights must not decrease, got {weights}")
         return self
 
+    def to_config(self) -> StrategyConfig:
+        """The config of this strategy's type: the settings it uses (the others the spec
+        accepts for every type are left out)."""
+        a = self.analysis
+        analysis = AnalysisConfig(
+            window=a.window,
+            max_error_rate=a.max_error_rate,
+            max_p99=a.max_p99,
+            min_requests=a.min_requests,
+        )
+        if self.type == "blue-green":
+            return BlueGreenConfig(
+                preview_port=self.preview_port,
+                auto_promote=self.auto_promote,
+                rollback_window=self.rollback_window,
+                analysis=analysis,
+            )
+        if self.type == "canary":
+            return CanaryConfig(
+                steps=tuple(
+                    CanaryStep(s.weight, None if s.pause == MANUAL else float(s.pause), s.analysis)
+                    for s in self.steps
+                ),
+                analysis=analysis,
+            )
+        return RollingConfig(max_surge=self.max_surge, max_unavailable=self.max_unavailable)
+
 
 class SecretFileSpec(_Strict):
     """An env value read from a file at deploy time and kept out of every record."""
@@ -872,20 +909,7 @@ class ServiceSpec(_Strict):
             env=tuple(
                 sorted((k, v) for k, v in self.env.items() if isinstance(v, str) and "${" not in v)
             ),
-            strategy=self.strategy.type,
-            max_surge=self.strategy.max_surge,
-            max_unavailable=self.strategy.max_unavailable,
-            preview_port=self.strategy.preview_port or 0,
-            auto_promote=self.strategy.auto_promote,
-            rollback_window=self.strategy.rollback_window,
-            canary_steps=tuple(
-                (s.weight, None if s.pause == "manual" else float(s.pause), s.analysis)
-                for s in self.strategy.steps
-            ),
-            analysis_window=self.strategy.analysis.window,
-            max_error_rate=self.strategy.analysis.max_error_rate,
-            max_p99=self.strategy.analysis.max_p99,
-            min_requests=self.strategy.analysis.min_requests,
+            strategy=self.strategy.to_config(),
             drain_timeout=self.drain_timeout,
             stop_grace=self.stop_grace,
             target=self.target,
