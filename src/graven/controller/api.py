@@ -32,7 +32,7 @@ from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
-from graven.model import ConfigRecord, Digest, HealthCheck, ServiceConfig
+from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
 
 log = logging.getLogger("graven.controller.api")
 
@@ -64,7 +64,7 @@ _TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 Handler = Callable[[dict[str, Any], dict[str, list[str]]], Awaitable[Any]]
 
 
-def _health_of(state: str, mem: HealthMemory | None) -> str:
+def _health_of(state: InstanceState, mem: HealthMemory | None) -> str:
     """What the probes say of an instance: passing only when the last probe passed."""
     if state != "healthy":
         return state
@@ -399,7 +399,7 @@ class Api:
             for inst in live:
                 mem = self.engine.health.get(inst.id)
                 share = 100.0 * routed.get(inst.id, 0) / total if total else 0.0
-                rel = f"{name}@r{inst.release}"
+                rel = release_id(name, inst.release)
                 agg = releases.setdefault(
                     rel, {"release": rel, "traffic_percent": 0.0, "instances": 0, "healthy": 0}
                 )

@@ -27,7 +27,15 @@ from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, NotFoundError, RouterError, RuntimeFailure, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.store import Rollout, StateStore
-from graven.model import Digest, HealthCheck, Instance, Release, ServiceConfig
+from graven.model import (
+    Digest,
+    HealthCheck,
+    Instance,
+    Release,
+    RolloutState,
+    ServiceConfig,
+    release_id,
+)
 from graven.netports import port_holder
 from graven.plan.blue_green import BlueGreenStatus, plan_flip_back
 from graven.plan.rolling import ObservedInstance, plan_rolling
@@ -308,7 +316,10 @@ class Engine:
                     release=release.id,
                     image=str(release.image),
                     message=message,
-                    details={"from": f"{service}@r{desired}", "rollout": rollout},
+                    details={
+                        "from": release_id(service, desired) if desired is not None else None,
+                        "rollout": rollout,
+                    },
                 ),
             )
         self.wake(service)
@@ -339,7 +350,7 @@ class Engine:
                     actor=actor,
                     action="down",
                     service=service,
-                    release=f"{service}@r{desired}" if desired else "",
+                    release=release_id(service, desired) if desired else "",
                     message=message,
                     details={"rollout": rollout},
                 ),
@@ -465,7 +476,7 @@ class Engine:
         return {
             "changed": True,
             "from": current.id if current else None,
-            "to": f"{service}@r{nxt}",
+            "to": release_id(service, nxt),
             "changes": changes,
             "steps": plan.to_dict(),
         }
@@ -605,7 +616,7 @@ class Engine:
         self._fail(service, rollout.to_release, rollout.id, self._deadline_reason(service, rollout))
         return True
 
-    def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
+    def _finish(self, rollout_id: int, service: str, state: RolloutState, reason: str) -> None:
         self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
         self._notify(service)
 
@@ -638,11 +649,11 @@ class Engine:
                     actor=CONTROLLER_ACTOR,
                     action="rollout-failed",
                     service=service,
-                    release=f"{service}@r{desired}" if desired else "",
+                    release=release_id(service, desired) if desired else "",
                     message=reason,
                     details={
                         "rollout": rollout_id,
-                        "rolled_back_to": f"{service}@r{back}" if back else None,
+                        "rolled_back_to": release_id(service, back) if back else None,
                     },
                 ),
             )
@@ -682,7 +693,7 @@ class Engine:
     async def start_instance(self, service: str, number: int) -> str:
         release = self.state.release(service, number)
         image = self.store.get_image(release.image)
-        inst_id = f"{service}-r{number}-{secrets.token_hex(2)}"
+        inst_id = Instance.new_id(service, number, secrets.token_hex(2))
         port = self._free_port()
         try:
             spec = LaunchSpec(
@@ -997,6 +1008,8 @@ class Engine:
                 hint=f"Run 'graven status {service}' to see its last rollout.",
             )
         now = self.clock.now()
+        # A rollout taking the service down has no release to promote to.
+        to = release_id(service, ro.to_release) if ro.to_release is not None else ""
         with self.state.transaction() as db:
             db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
             entry = self._record(
@@ -1006,14 +1019,14 @@ class Engine:
                     actor=actor,
                     action="promote",
                     service=service,
-                    release=f"{service}@r{ro.to_release}",
+                    release=to,
                     message=message,
                     details={"rollout": ro.id},
                 ),
             )
         self.wake(service)
         self._write_head(entry)
-        return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
+        return {"service": service, "rollout": ro.id, "release": to}
 
     def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
         ro = self.state.running_rollout(service)
@@ -1037,13 +1050,13 @@ class Engine:
                     actor=actor,
                     action="abort",
                     service=service,
-                    release=f"{service}@r{ro.to_release}",
+                    release=release_id(service, ro.to_release) if ro.to_release is not None else "",
                     message=message,
                     details={
                         "rollout": ro.id,
-                        "rolled_back_to": f"{service}@r{ro.from_release}"
-                        if ro.from_release
-                        else None,
+                        "rolled_back_to": (
+                            release_id(service, ro.from_release) if ro.from_release else None
+                        ),
                     },
                 ),
             )
@@ -1066,7 +1079,7 @@ class Engine:
                     actor=CONTROLLER_ACTOR,
                     action="instance-died",
                     service=inst.service,
-                    release=f"{inst.service}@r{inst.release}",
+                    release=release_id(inst.service, inst.release),
                     image=str(inst.image),
                     message=f"{inst.id} {how}; it is replaced by a new instance",
                     details={
