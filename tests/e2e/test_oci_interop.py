@@ -32,7 +32,7 @@ import pytest
 from graven.build.builder import build_image
 from graven.controller.paths import store_root
 from graven.model import Image, ImageConfig
-from graven.spec.models import Recipe
+from graven.spec.recipe import Recipe
 from graven.store import oci
 from graven.store.cas import ContentStore, Tree
 

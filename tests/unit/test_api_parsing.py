@@ -23,7 +23,7 @@ from graven.controller.api import (
     service_name,
 )
 from graven.model import AnalysisConfig, CanaryConfig, CanaryStep, HealthCheck, ServiceConfig
-from graven.spec.models import NAME_PATTERN as SPEC_NAME_PATTERN
+from graven.spec.fields import NAME_PATTERN as SPEC_NAME_PATTERN
 
 
 @pytest.mark.parametrize(

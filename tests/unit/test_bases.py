@@ -18,7 +18,8 @@ from graven.controller.paths import store_root
 from graven.errors import BuildError, NotFoundError, SpecError, UsageError
 from graven.model import Image, ImageConfig
 from graven.spec import json_schema, load_spec
-from graven.spec.models import Recipe, Spec
+from graven.spec.models import Spec
+from graven.spec.recipe import Recipe
 from graven.store import oci, oci_import
 from graven.store.cas import ContentStore
 

@@ -53,7 +53,7 @@ WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 _DIGITS = frozenset("0123456789")
-# The spec's Name (graven.spec.models.NAME_PATTERN, which a test holds this to): not
+# The spec's Name (graven.spec.fields.NAME_PATTERN, which a test holds this to): not
 # imported, as pydantic would roughly double the controller's import time.
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)

@@ -16,19 +16,15 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from graven.errors import SpecProblem
-from graven.spec.models import (
+from graven.spec.fields import DAY, duration_text, parse_duration, parse_pause
+from graven.spec.models import EXTENSION_PREFIX, Spec
+from graven.spec.recipe import (
     BASE_KIND_ERROR,
     BASE_KINDS,
-    DAY,
-    EXTENSION_PREFIX,
     STEP_KIND_ERROR,
     STEP_KINDS,
     Recipe,
-    Spec,
     base_kind,
-    duration_text,
-    parse_duration,
-    parse_pause,
     step_kind,
 )
 from graven.spec.yaml_tree import MISSING, KeyPath, YamlTree, key_path_text, raw_at, show

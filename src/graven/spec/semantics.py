@@ -11,7 +11,9 @@ from typing import Any
 
 from graven.errors import SpecProblem, UsageError
 from graven.model import is_valid_name
-from graven.spec.models import ServiceSpec, Spec, base_kind, step_kind
+from graven.spec.models import Spec
+from graven.spec.recipe import base_kind, step_kind
+from graven.spec.service import ServiceSpec
 from graven.spec.yaml_tree import MISSING, KeyPath, YamlTree, key_path_text
 
 
