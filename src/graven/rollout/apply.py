@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from graven.clock import Clock
-from graven.errors import GravenError, RuntimeFailure
+from graven.errors import GravenError, InternalError, RuntimeFailure
 from graven.ledger.store import StateStore
 from graven.model import HealthCheck, Instance
 from graven.plan.steps import (
@@ -115,7 +115,7 @@ class Applier:
         """Apply ``step`` of ``service``'s plan; a started instance binds its slot."""
         handler = self.handlers.get(type(step))
         if handler is None:
-            raise TypeError(f"unknown step {step!r}")
+            raise InternalError(f"no handler for plan step {step!r}")
         await handler(service, bind_slots(step, slots), slots)
 
     # --- instances ---------------------------------------------------------------------
