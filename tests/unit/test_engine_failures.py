@@ -13,7 +13,7 @@ import pytest
 from graven.controller.api import Api
 from graven.controller.engine import ServiceWorker
 from graven.controller.health_watch import BACKOFF_MAX, CRASH_RESET, backoff
-from graven.model import HealthCheck, ServiceConfig
+from graven.model import BlueGreenConfig, HealthCheck, ServiceConfig
 from tests.unit.test_engine import World, config
 
 
@@ -117,7 +117,7 @@ def test_a_failing_pass_runs_into_the_deadline_instead_of_retrying_forever(world
 def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
     world.deploy(world.v1, one())
     world.converge()
-    gated = one(strategy="blue-green", auto_promote=False, progress_deadline=5.0)
+    gated = one(strategy=BlueGreenConfig(auto_promote=False), progress_deadline=5.0)
     out = world.deploy(world.v2, gated)
 
     async def scenario() -> None:
@@ -281,7 +281,7 @@ def test_status_shows_traffic_per_instance_and_per_release(world: World) -> None
 def test_status_names_the_live_and_the_warm_release_after_a_blue_green_switch(
     world: World,
 ) -> None:
-    bg = config(replicas=2, strategy="blue-green", rollback_window=1000.0)
+    bg = config(replicas=2, strategy=BlueGreenConfig(rollback_window=1000.0))
     world.deploy(world.v1, bg)
     world.converge()
     world.deploy(world.v2, bg)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from graven.model import ServiceConfig
+from graven.model import AnalysisConfig, BlueGreenConfig, CanaryConfig, CanaryStep, ServiceConfig
 from graven.testing.clock import FakeClock
 from tests.unit.test_engine import World, config
 
@@ -39,11 +39,16 @@ def world(tmp_path: Path) -> World:
 
 
 def blue_green(**kw: Any) -> ServiceConfig:
-    return config(replicas=2, strategy="blue-green", rollback_window=1000.0, **kw)
+    return config(replicas=2, strategy=BlueGreenConfig(rollback_window=1000.0, **kw))
 
 
-def canary(steps: tuple[tuple[int, float | None, bool], ...], **kw: Any) -> ServiceConfig:
-    return config(replicas=2, strategy="canary", canary_steps=steps, **kw)
+def canary(steps: tuple[tuple[int, float | None, bool], ...], **analysis: Any) -> ServiceConfig:
+    return config(
+        replicas=2,
+        strategy=CanaryConfig(
+            steps=tuple(CanaryStep(*s) for s in steps), analysis=AnalysisConfig(**analysis)
+        ),
+    )
 
 
 def weights_by_release(world: World) -> dict[int, list[int]]:
@@ -151,7 +156,7 @@ def test_failing_canary_aborts_with_its_reason_and_goes_back(world: World) -> No
 
     assert isinstance(world.clock, TrafficClock)
     world.clock.on_sleep = traffic
-    out = world.deploy(world.v2, canary(((50, 0.0, True),), analysis_window=5.0, min_requests=20))
+    out = world.deploy(world.v2, canary(((50, 0.0, True),), window=5.0, min_requests=20))
     world.converge(passes=20)
     rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
     assert rollout.state == "failed"
@@ -221,7 +226,7 @@ def test_a_restarted_controller_resumes_the_analysis_window_it_was_in(
 
     assert isinstance(world.clock, TrafficClock)
     world.clock.on_sleep = traffic
-    out = world.deploy(world.v2, canary(((50, 30.0, True),), analysis_window=60.0, min_requests=20))
+    out = world.deploy(world.v2, canary(((50, 30.0, True),), window=60.0, min_requests=20))
     rid = int(out["rollout"])  # type: ignore[call-overload]
 
     def window_start() -> float | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from graven.errors import InternalError
 from graven.plan import steps
 from graven.plan.steps import (
     RecordProgress,
@@ -91,7 +92,7 @@ def test_a_step_without_a_handler_is_refused(world: World) -> None:
     class Teleport:
         kind: str = "teleport"
 
-    with pytest.raises(TypeError, match="unknown step"):
+    with pytest.raises(InternalError, match="no handler for plan step"):
         asyncio.run(applier_of(world, Host()).apply("web", Teleport(), {}))  # type: ignore[arg-type]
 
 

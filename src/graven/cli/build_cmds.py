@@ -13,7 +13,7 @@ from graven.cli.output import Output
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
-    from graven.spec.models import Recipe
+    from graven.spec.recipe import Recipe
 
 
 def build_images(
@@ -108,7 +108,7 @@ def _read_paths(recipes: Mapping[str, Recipe], name: str) -> list[str]:
     """Project paths image ``name`` depends on: the copy sources and base layouts of its
     recipe and of the spec images it starts from. The no-op fast path watches them."""
     from graven.build.builder import spec_bases
-    from graven.spec.models import CopyStep, LayoutBase
+    from graven.spec.recipe import CopyStep, LayoutBase
 
     paths: list[str] = []
     for image in [name, *spec_bases(recipes, name)]:

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graven.errors import UsageError
+from graven.errors import InternalError, UsageError
 
 if TYPE_CHECKING:
     import click
@@ -130,7 +130,7 @@ def app_context(ctx: click.Context) -> AppContext:
     """The AppContext the root command stored, from any subcommand's click context."""
     obj = ctx.find_root().obj
     if not isinstance(obj, AppContext):
-        raise TypeError("graven's root command did not set up its context")
+        raise InternalError("graven's root command did not set up its context")
     return obj
 
 

@@ -16,6 +16,7 @@ from graven.cli.output import Output
 from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
 from graven.cli.status_cmds import say_if_stopped
 from graven.errors import UsageError
+from graven.model import ReleaseId
 
 
 def _services_from(app: AppContext, services: tuple[str, ...]) -> list[str]:
@@ -171,7 +172,7 @@ def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait:
 
 @click.command()
 @click.argument("service")
-@click.option("--to", "to", type=int, metavar="N", help="Release number to return to (r N).")
+@click.option("--to", "to", metavar="RELEASE", help="Release to return to: 3, r3 or SERVICE@r3.")
 @click.option("-m", "--message", help="Why: recorded in the ledger.", default="rollback")
 @click.option(
     "--detach",
@@ -183,16 +184,17 @@ def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait:
 @output_option
 @click.pass_context
 def rollback(
-    ctx: click.Context, service: str, to: int | None, message: str, no_wait: bool, output: str
+    ctx: click.Context, service: str, to: str | None, message: str, no_wait: bool, output: str
 ) -> None:
-    """Return SERVICE to the release that served before (or --to N)."""
+    """Return SERVICE to the release that served before (or --to RELEASE)."""
     app = app_context(ctx)
     out = Output(output)
+    number = ReleaseId.parse(to, service=service).number if to is not None else None
     client = app.controller()
     r = client.request(
         "POST",
         "/v1/rollback",
-        {"service": service, "to": to, "actor": actor(), "message": message},
+        {"service": service, "to": number, "actor": actor(), "message": message},
     )
     out.progress(f"[bold]rollback[/] {service} -> {r['release']}")
     results = [{"service": service, **r}]

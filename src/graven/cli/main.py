@@ -15,7 +15,7 @@ import click
 from graven.cli.context import AppContext
 from graven.cli.plain import report_error, write_json
 from graven.cli.rollouts import StoppedWatching
-from graven.errors import GravenError
+from graven.errors import GravenError, InternalError
 
 # Every verb, as "module:command", in the order help lists them (the order teaches
 # the workflow; the image engine's verbs follow). A module is imported only when one
@@ -55,7 +55,7 @@ class _Group(click.Group):
             module, attr = VERBS[name].split(":")
             command = getattr(importlib.import_module(module), attr)
             if not isinstance(command, click.Command):
-                raise TypeError(f"{VERBS[name]} is not a click command")
+                raise InternalError(f"{VERBS[name]} is not a click command")
             self.add_command(command, name)
         return self.commands.get(name)
 

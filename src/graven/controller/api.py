@@ -33,7 +33,7 @@ from graven.controller.health_watch import CRASH_LOOP_AFTER, HealthMemory
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
-from graven.model import Digest, HealthCheck, ServiceConfig
+from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
 
 log = logging.getLogger("graven.controller.api")
 
@@ -54,7 +54,7 @@ WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 _DIGITS = frozenset("0123456789")
-# The spec's Name (graven.spec.models.NAME_PATTERN, which a test holds this to): not
+# The spec's Name (graven.spec.fields.NAME_PATTERN, which a test holds this to): not
 # imported, as pydantic would roughly double the controller's import time.
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -65,7 +65,7 @@ _TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 Handler = Callable[[dict[str, Any], dict[str, list[str]]], Awaitable[Any]]
 
 
-def _health_of(state: str, mem: HealthMemory | None) -> str:
+def _health_of(state: InstanceState, mem: HealthMemory | None) -> str:
     """What the probes say of an instance: passing only when the last probe passed."""
     if state != "healthy":
         return state
@@ -259,9 +259,13 @@ def query_number(query: dict[str, list[str]], key: str, *, low: int = 1) -> int:
 
 def service_config(data: dict[str, Any]) -> ServiceConfig:
     """A ServiceConfig from its JSON form, every field checked against its type:
-    numbers within range, lists for tuples, no unknown keys."""
-    checked = _dataclass_fields(ServiceConfig, data, "request body: config")
-    return ServiceConfig.from_dict(checked)
+    numbers within range, lists for tuples, no unknown keys, no setting the strategy
+    does not use."""
+    checked = _dataclass_fields(ConfigRecord, data, "request body: config")
+    try:
+        return ConfigRecord.from_dict(checked).to_config(strict=True)
+    except UsageError as exc:
+        raise BadRequest(f"request body: config.{exc.message}", hint=exc.hint) from None
 
 
 def _dataclass_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
@@ -396,7 +400,7 @@ class Api:
             for inst in live:
                 mem = self.engine.health_watch.memory.get(inst.id)
                 share = 100.0 * routed.get(inst.id, 0) / total if total else 0.0
-                rel = f"{name}@r{inst.release}"
+                rel = release_id(name, inst.release)
                 agg = releases.setdefault(
                     rel, {"release": rel, "traffic_percent": 0.0, "instances": 0, "healthy": 0}
                 )

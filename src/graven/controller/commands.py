@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import LedgerEntry
-from graven.model import Digest, Release, ServiceConfig
+from graven.model import Digest, Release, ServiceConfig, release_id
 
 if TYPE_CHECKING:
     from graven.controller.engine import Engine
@@ -132,7 +132,10 @@ class Commands:
                 release=release.id,
                 image=str(release.image),
                 message=message,
-                details={"from": f"{service}@r{desired}", "rollout": rollout},
+                details={
+                    "from": release_id(service, desired) if desired is not None else None,
+                    "rollout": rollout,
+                },
             )
 
         entry = self.record(service, change)
@@ -168,7 +171,7 @@ class Commands:
                 actor=actor,
                 action="down",
                 service=service,
-                release=f"{service}@r{desired}" if desired else "",
+                release=release_id(service, desired) if desired else "",
                 message=message,
                 details={"rollout": rollout},
             )
@@ -184,6 +187,8 @@ class Commands:
                 hint=f"Run 'graven status {service}' to see its last rollout.",
             )
         now = self.clock.now()
+        # A rollout taking the service down has no release to promote to.
+        to = release_id(service, ro.to_release) if ro.to_release is not None else ""
 
         def change(db: Any) -> LedgerEntry:
             db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
@@ -192,13 +197,13 @@ class Commands:
                 actor=actor,
                 action="promote",
                 service=service,
-                release=f"{service}@r{ro.to_release}",
+                release=to,
                 message=message,
                 details={"rollout": ro.id},
             )
 
         self.record(service, change)
-        return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
+        return {"service": service, "rollout": ro.id, "release": to}
 
     def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
         ro = self.state.running_rollout(service)
@@ -221,11 +226,13 @@ class Commands:
                 actor=actor,
                 action="abort",
                 service=service,
-                release=f"{service}@r{ro.to_release}",
+                release=release_id(service, ro.to_release) if ro.to_release is not None else "",
                 message=message,
                 details={
                     "rollout": ro.id,
-                    "rolled_back_to": f"{service}@r{ro.from_release}" if ro.from_release else None,
+                    "rolled_back_to": release_id(service, ro.from_release)
+                    if ro.from_release
+                    else None,
                 },
             )
 
@@ -261,7 +268,7 @@ class Commands:
         return {
             "changed": True,
             "from": current.id if current else None,
-            "to": f"{service}@r{nxt}",
+            "to": release_id(service, nxt),
             "changes": changes,
             "steps": plan.to_dict(),
         }

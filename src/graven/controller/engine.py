@@ -25,10 +25,9 @@ from graven.errors import GravenError, RouterError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.head import LedgerHead
 from graven.ledger.store import Rollout, StateStore
-from graven.model import ServiceConfig
+from graven.model import RolloutState, ServiceConfig, release_id
 from graven.netports import port_holder
-from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
-from graven.plan.canary import CanaryStep, plan_canary
+from graven.plan.blue_green import BlueGreenStatus, plan_flip_back
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import (
     Analyze,
@@ -40,6 +39,7 @@ from graven.plan.steps import (
     Step,
     bind_slots,
 )
+from graven.plan.strategy import plan_release
 from graven.rollout.apply import Applier, Probe
 from graven.rollout.failure import StepFailed
 from graven.rollout.health import probe as run_probe
@@ -184,7 +184,7 @@ class Engine:
             return False
         if leaving is None or self.state.release_row(service, leaving) is None:
             return False
-        return self.state.release(service, leaving).config.strategy in ("blue-green", "canary")
+        return self.state.release(service, leaving).config.strategy.weighted
 
     def _status_rollout(self, service: str, desired: int) -> Rollout | None:
         """The rollout that brought ``desired``: its persisted status drives re-planning."""
@@ -214,41 +214,18 @@ class Engine:
         ro: Rollout | None,
     ) -> Plan:
         """The plan of ``cfg``'s strategy toward release ``desired``."""
-        if cfg.strategy == "blue-green":
-            return plan_blue_green(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                auto_promote=cfg.auto_promote,
-                preview=bool(cfg.preview_port),
-                rollback_window=cfg.rollback_window,
-                weights=weights,
-                status=BlueGreenStatus(
-                    promoted=bool(ro.promoted) if ro else False,
-                    switched_at=ro.switched_at if ro else None,
-                ),
-                now=self.clock.now(),
-                analysis_window=cfg.analysis_window,
-            )
-        if cfg.strategy == "canary":
-            return plan_canary(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                steps=[CanaryStep(w, p, a) for w, p, a in cfg.canary_steps],
-                step_index=ro.step_index if ro else 0,
-                weights=weights,
-                analysis_window=cfg.analysis_window,
-            )
-        return plan_rolling(
+        return plan_release(
             service,
             desired,
-            cfg.replicas,
+            cfg,
             observed,
-            max_surge=cfg.max_surge,
-            max_unavailable=cfg.max_unavailable,
+            weights=weights,
+            status=BlueGreenStatus(
+                promoted=bool(ro.promoted) if ro else False,
+                switched_at=ro.switched_at if ro else None,
+            ),
+            step_index=ro.step_index if ro else 0,
+            now=self.clock.now(),
         )
 
     async def reconcile(self, service: str) -> None:
@@ -388,7 +365,7 @@ class Engine:
         self._fail(service, rollout.to_release, rollout.id, self._deadline_reason(service, rollout))
         return True
 
-    def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
+    def _finish(self, rollout_id: int, service: str, state: RolloutState, reason: str) -> None:
         self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
         self.notify(service)
 
@@ -419,11 +396,11 @@ class Engine:
                 actor=CONTROLLER_ACTOR,
                 action="rollout-failed",
                 service=service,
-                release=f"{service}@r{desired}" if desired else "",
+                release=release_id(service, desired) if desired else "",
                 message=reason,
                 details={
                     "rollout": rollout_id,
-                    "rolled_back_to": f"{service}@r{back}" if back else None,
+                    "rolled_back_to": release_id(service, back) if back else None,
                 },
             )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from graven.ledger.chain import LedgerEntry
-from graven.model import Instance
+from graven.model import Instance, release_id
 from graven.runtime.base import Handle
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class HealthWatch:
                 actor=CONTROLLER_ACTOR,
                 action="instance-died",
                 service=inst.service,
-                release=f"{inst.service}@r{inst.release}",
+                release=release_id(inst.service, inst.release),
                 image=str(inst.image),
                 message=f"{inst.id} {how}; it is replaced by a new instance",
                 details={

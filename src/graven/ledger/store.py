@@ -21,7 +21,17 @@ from typing import Any
 from graven.disk import disk_error
 from graven.errors import DiskError, GravenError, NotFoundError, StoreError
 from graven.ledger.chain import LedgerEntry, chain_hash
-from graven.model import Digest, Instance, Release, ServiceConfig
+from graven.model import (
+    LIVE_STATES,
+    Digest,
+    Instance,
+    InstanceState,
+    Release,
+    RolloutKind,
+    RolloutState,
+    ServiceConfig,
+    release_id,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -82,8 +92,6 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 """
 
-LIVE_STATES = ("starting", "healthy", "unhealthy", "draining")
-
 # Columns added after the first schema: (table, column, definition).
 _MIGRATIONS = (
     ("instances", "weight", "INTEGER NOT NULL DEFAULT 100"),
@@ -110,10 +118,10 @@ _MIGRATIONS = (
 class Rollout:
     id: int
     service: str
-    kind: str  # deploy | rollback
+    kind: RolloutKind
     from_release: int | None
     to_release: int | None
-    state: str  # running | succeeded | failed
+    state: RolloutState
     reason: str
     progress: str
     started_at: float
@@ -289,7 +297,7 @@ class StateStore:
         rows = self._query("SELECT * FROM releases WHERE service=? AND number=?", (service, number))
         if not rows:
             raise NotFoundError(
-                f"{service}@r{number} does not exist",
+                f"{release_id(service, number)} does not exist",
                 hint=f"Run 'graven releases {service}' to list its releases.",
             )
         return self._release(rows[0])
@@ -420,7 +428,7 @@ class StateStore:
         )
 
     def set_instance_state(
-        self, instance_id: str, state: str, *, at: float | None = None, reason: str = ""
+        self, instance_id: str, state: InstanceState, *, at: float | None = None, reason: str = ""
     ) -> None:
         with self.transaction() as db:
             if state == "stopped":
@@ -441,7 +449,7 @@ class StateStore:
     def start_rollout(
         db: sqlite3.Connection,
         service: str,
-        kind: str,
+        kind: RolloutKind,
         from_release: int | None,
         to_release: int | None,
         at: float,
@@ -542,13 +550,13 @@ class StateStore:
                 (progress, at, rollout_id),
             )
 
-    def finish_rollout(self, rollout_id: int, state: str, reason: str, at: float) -> None:
+    def finish_rollout(self, rollout_id: int, state: RolloutState, reason: str, at: float) -> None:
         with self.transaction() as db:
             self._finish_rollout(db, rollout_id, state, reason, at)
 
     @staticmethod
     def _finish_rollout(
-        db: sqlite3.Connection, rollout_id: int, state: str, reason: str, at: float
+        db: sqlite3.Connection, rollout_id: int, state: RolloutState, reason: str, at: float
     ) -> None:
         db.execute(
             "UPDATE rollouts SET state=?, reason=?, finished_at=? WHERE id=? AND state='running'",

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from graven.clock import Clock
-from graven.errors import GravenError, RuntimeFailure
+from graven.errors import GravenError, InternalError, RuntimeFailure
 from graven.ledger.store import StateStore
 from graven.model import HealthCheck, Instance
 from graven.plan.steps import (
@@ -115,7 +115,7 @@ class Applier:
         """Apply ``step`` of ``service``'s plan; a started instance binds its slot."""
         handler = self.handlers.get(type(step))
         if handler is None:
-            raise TypeError(f"unknown step {step!r}")
+            raise InternalError(f"no handler for plan step {step!r}")
         await handler(service, bind_slots(step, slots), slots)
 
     # --- instances ---------------------------------------------------------------------
@@ -149,7 +149,7 @@ class Applier:
     async def start_instance(self, service: str, number: int) -> str:
         release = self.state.release(service, number)
         image = self.store.get_image(release.image)
-        inst_id = f"{service}-r{number}-{secrets.token_hex(2)}"
+        inst_id = Instance.new_id(service, number, secrets.token_hex(2))
         port = self._free_port()
         try:
             spec = LaunchSpec(
@@ -249,11 +249,11 @@ class Applier:
 
     # --- weighted strategies: traffic steps ----------------------------------------------
 
-    def _preview_port(self, service: str) -> int:
-        """The preview port of the desired release (0: none)."""
+    def _preview_port(self, service: str) -> int | None:
+        """The preview port of the desired release (None: none)."""
         desired = self.state.desired_release(service)
         if desired is None:
-            return 0
+            return None
         return self.state.release(service, desired).config.preview_port
 
     async def _set_weights(self, service: str, step: SetWeights, slots: Slots) -> None:

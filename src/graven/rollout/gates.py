@@ -79,7 +79,7 @@ class Gates:
         """A timed pause, or one until ``graven promote`` (``step.seconds`` None)."""
         if ro is None:
             return
-        canary = cfg is not None and cfg.strategy == "canary"
+        canary = cfg is not None and cfg.strategy.name == "canary"
         if step.seconds is None:
             if not await self.await_promote(service, ro.id, step.reason):
                 return
@@ -152,9 +152,9 @@ class Gates:
             canary_release=step.canary_release,
             baseline_release=step.baseline_release,
             thresholds=AnalysisThresholds(
-                max_error_rate=cfg.max_error_rate,
-                max_p99_seconds=cfg.max_p99,
-                min_requests=cfg.min_requests,
+                max_error_rate=cfg.analysis.max_error_rate,
+                max_p99_seconds=cfg.analysis.max_p99,
+                min_requests=cfg.analysis.min_requests,
             ),
         )
         log.info("%s: analysis %s: %s", service, verdict.outcome, "; ".join(verdict.reasons))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from graven import detached
 from graven.errors import RuntimeFailure
+from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
 from graven.store.cas import ContentStore
 
@@ -116,7 +117,7 @@ class ProcessRuntime:
             "HOST": spec.host,
             "GRAVEN_INSTANCE": spec.instance_id,
             "GRAVEN_SERVICE": spec.service,
-            "GRAVEN_RELEASE": f"{spec.service}@r{spec.release}",
+            "GRAVEN_RELEASE": release_id(spec.service, spec.release),
             "GRAVEN_IMAGE": str(spec.image.digest),
         }
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
