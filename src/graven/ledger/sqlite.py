@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from graven.disk import disk_error
 from graven.errors import DiskError, GravenError, InternalError, NotFoundError, StoreError
@@ -33,6 +33,7 @@ from graven.ledger.state import (
     ReleaseRecord,
     RolloutGate,
     RolloutRecord,
+    StateStore,
 )
 from graven.model import Digest, Instance, Release, ServiceConfig
 from graven.router.base import BackendStats
@@ -682,6 +683,12 @@ def _parse_analysis(doc: dict[str, Any]) -> AnalysisGate | None:
         )
     except (KeyError, TypeError, ValueError):
         return None
+
+
+if TYPE_CHECKING:  # mypy proves the adapter implements the port
+
+    def _is_a_state_store(store: SqliteStateStore) -> StateStore:
+        return store
 
 
 __all__ = ["SqliteStateStore"]

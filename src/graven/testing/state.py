@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from graven.errors import InternalError, NotFoundError
 from graven.ledger.chain import LedgerEntry
@@ -25,6 +26,7 @@ from graven.ledger.state import (
     ReleaseRecord,
     RolloutGate,
     RolloutRecord,
+    StateStore,
 )
 from graven.model import Digest, Instance, Release, ServiceConfig
 
@@ -369,6 +371,12 @@ class _MemoryTransaction:
         sealed = entry.sealed(seq=last.seq + 1 if last else 1, prev_hash=last.hash if last else "")
         d.ledger.append(sealed)
         return sealed
+
+
+if TYPE_CHECKING:  # mypy proves the fake implements the port
+
+    def _is_a_state_store(store: MemoryStateStore) -> StateStore:
+        return store
 
 
 __all__ = ["MemoryStateStore"]
