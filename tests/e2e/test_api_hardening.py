@@ -84,7 +84,7 @@ class ApiServer:
         digest = store.put_image(rootfs, ImageConfig(entrypoint=("app",))).digest
         self.image = str(digest)
         config = ServiceConfig(replicas=1, port=18080, health=HealthCheck(start_timeout=5))
-        engine.deploy("web", digest, "web", config, "ana@host", "first", {})
+        engine.commands.deploy("web", digest, "web", config, "ana@host", "first", {})
         self.loop = asyncio.get_running_loop()
         self.stop = asyncio.Event()
         api = Api(engine, self.stop.set, **self.api_options)

@@ -37,7 +37,7 @@ def test_work_is_anything_running_or_wanted(tmp_path: Path) -> None:
     assert has_work(world.engine)  # wanted, nothing started yet
     world.converge()
     assert has_work(world.engine)  # serving: the health loop must stay
-    world.engine.down("web", "ana@host", "done")
+    world.engine.commands.down("web", "ana@host", "done")
     assert has_work(world.engine)  # taking down, instances still running
     world.converge()
     assert world.router.running() == {}

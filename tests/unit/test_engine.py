@@ -48,7 +48,9 @@ class World:
     def deploy(
         self, image: Digest, cfg: ServiceConfig | None = None, why: str = "test"
     ) -> dict[str, object]:
-        return self.engine.deploy("web", image, "web", cfg or config(), "ana@host", why, {})
+        return self.engine.commands.deploy(
+            "web", image, "web", cfg or config(), "ana@host", why, {}
+        )
 
     def converge(self, passes: int = 10) -> None:
         async def go() -> None:
@@ -132,19 +134,19 @@ def test_failed_health_rolls_back_and_says_why(world: World) -> None:
 
 def test_rollback_goes_to_the_release_that_served_before(world: World) -> None:
     with pytest.raises(NotFoundError):
-        world.engine.rollback("web", None, "ana", "why")
+        world.engine.commands.rollback("web", None, "ana", "why")
     world.deploy(world.v1)
     world.converge()
     with pytest.raises(UsageError, match="no earlier release"):
-        world.engine.rollback("web", None, "ana", "why")
+        world.engine.commands.rollback("web", None, "ana", "why")
     world.deploy(world.v2)
     world.converge()
-    out = world.engine.rollback("web", None, "ana", "bad v2")
+    out = world.engine.commands.rollback("web", None, "ana", "bad v2")
     assert out["release"] == "web@r1"
     world.converge()
     assert world.serving() == [(1, "healthy")] * 3
     # Rolling back again swaps back to r2.
-    assert world.engine.rollback_target("web") == 2
+    assert world.engine.commands.rollback_target("web") == 2
 
 
 def test_restart_adopts_live_instances_and_forgets_dead_ones(world: World, tmp_path: Path) -> None:
@@ -171,7 +173,7 @@ def test_unhealthy_instance_is_taken_out_and_replaced(world: World) -> None:
     async def watch() -> None:
         for _ in range(5):
             world.clock.advance(1.0)
-            await world.engine.check_health_once()
+            await world.engine.health_watch.check_once()
 
     asyncio.run(watch())
     assert victim.id not in world.routed()
@@ -183,7 +185,7 @@ def test_unhealthy_instance_is_taken_out_and_replaced(world: World) -> None:
 def test_down_stops_everything_and_the_router(world: World) -> None:
     world.deploy(world.v1)
     world.converge()
-    world.engine.down("web", "ana", "done")
+    world.engine.commands.down("web", "ana", "done")
     world.converge()
     assert world.state.live_instances("web") == []
     assert world.router.running() == {}
@@ -210,7 +212,7 @@ def test_ledger_head_follows_every_change_in_and_out_of_the_loop(world: World) -
     assert head() == (2, world.state.ledger()[-1].hash)  # written at once outside a loop
 
     async def in_the_controller() -> None:
-        world.engine.rollback("web", None, "ana", "why")
+        world.engine.commands.rollback("web", None, "ana", "why")
         # In the loop the head is written off the loop's thread, after the reply.
         for _ in range(1000):
             if head()[0] == 3:

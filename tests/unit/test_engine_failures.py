@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from graven.controller.api import Api
-from graven.controller.engine import BACKOFF_MAX, CRASH_RESET, ServiceWorker, backoff
+from graven.controller.engine import ServiceWorker
+from graven.controller.health_watch import BACKOFF_MAX, CRASH_RESET, backoff
 from graven.model import HealthCheck, ServiceConfig
 from tests.unit.test_engine import World, config
 
@@ -31,7 +32,7 @@ def status(world: World) -> dict[str, Any]:
 
 
 def health_pass(world: World) -> None:
-    asyncio.run(world.engine.check_health_once())
+    asyncio.run(world.engine.health_watch.check_once())
 
 
 # --- a port someone else holds --------------------------------------------------------------
@@ -127,7 +128,7 @@ def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
             if ro.progress.startswith("paused"):
                 break
         world.clock.advance(3600)  # an hour at the gate
-        world.engine.promote("web", "ana", "looks good")
+        world.engine.commands.promote("web", "ana", "looks good")
         await task
 
     asyncio.run(scenario())
@@ -210,10 +211,10 @@ def test_instances_that_stay_up_end_the_crash_loop(world: World) -> None:
     die(world)
     world.clock.advance(1)
     world.converge()
-    world.engine._end_crash_loops()
+    world.engine.health_watch.end_crash_loops()
     assert world.state.crashes("web").restarts == 1  # too soon
     world.clock.advance(CRASH_RESET)
-    world.engine._end_crash_loops()
+    world.engine.health_watch.end_crash_loops()
     assert world.state.crashes("web").restarts == 0
     die(world)
     assert world.state.ledger()[-1].details["backoff_seconds"] == 1.0  # starts over

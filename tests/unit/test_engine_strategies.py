@@ -83,7 +83,7 @@ def test_blue_green_switches_at_once_and_rolls_back_by_a_switch(world: World) ->
         # All live traffic on r2 in one change; r1 warm and idle, not stopped.
         assert weights_by_release(world) == {1: [0, 0], 2: [100, 100]}
         started = len(world.runtime.started)
-        back = world.engine.rollback("web", None, "ana", "bad v2")
+        back = world.engine.commands.rollback("web", None, "ana", "bad v2")
         await task
         await world.engine.reconcile("web")
         assert weights_by_release(world)[1] == [100, 100]
@@ -104,7 +104,7 @@ def test_blue_green_waits_for_promote(world: World) -> None:
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         # The new set runs but takes no live traffic until promoted.
         assert weights_by_release(world) == {1: [100, 100], 2: [0, 0]}
-        world.engine.promote("web", "ana", "looks good")
+        world.engine.commands.promote("web", "ana", "looks good")
         await until(lambda: world.state.rollout(rid).state == "succeeded", task)
         assert weights_by_release(world) == {1: [0, 0], 2: [100, 100]}
         task.cancel()
@@ -173,7 +173,7 @@ def test_abort_names_who_and_why(world: World) -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
         rid = int(out["rollout"])  # type: ignore[call-overload]
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
-        world.engine.abort("web", "ana@host", "saw errors in preview")
+        world.engine.commands.abort("web", "ana@host", "saw errors in preview")
         await task
 
     asyncio.run(scenario())
@@ -189,11 +189,11 @@ def test_plan_shows_the_strategy_steps_before_anything_runs(world: World) -> Non
     world.deploy(world.v1, blue_green())
     world.converge()
     started = len(world.runtime.started)
-    preview = world.engine.preview("web", world.v2, blue_green(auto_promote=False))
+    preview = world.engine.commands.preview("web", world.v2, blue_green(auto_promote=False))
     described = [s["description"] for s in preview["steps"]["steps"]]
     assert any("pause until 'graven promote web'" in d for d in described)
     assert any("switch all live traffic to web@r2" in d for d in described)
-    canary_plan = world.engine.preview("web", world.v2, canary(((20, 5.0, True),)))
+    canary_plan = world.engine.commands.preview("web", world.v2, canary(((20, 5.0, True),)))
     kinds = [s["kind"] for s in canary_plan["steps"]["steps"]]
     assert "analyze" in kinds and "set-weights" in kinds
     assert len(world.runtime.started) == started  # planning starts nothing
@@ -262,7 +262,7 @@ def test_an_aborted_blue_green_stops_its_preview_router(world: World) -> None:
         rid = int(out["rollout"])  # type: ignore[call-overload]
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         assert world.router.running().get("web-preview") == 9901
-        world.engine.abort("web", "ana@host", "preview looks wrong")
+        world.engine.commands.abort("web", "ana@host", "preview looks wrong")
         await task
 
     asyncio.run(scenario())
@@ -280,7 +280,7 @@ def test_down_in_a_paused_blue_green_leaves_no_router(world: World) -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
         rid = int(out["rollout"])  # type: ignore[call-overload]
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
-        world.engine.down("web", "ana@host", "done for today")
+        world.engine.commands.down("web", "ana@host", "done for today")
         await task
 
     asyncio.run(scenario())
@@ -292,10 +292,10 @@ def test_down_in_a_paused_blue_green_leaves_no_router(world: World) -> None:
 def test_down_stops_a_router_left_running_with_nothing_behind_it(world: World) -> None:
     world.deploy(world.v1, blue_green(preview_port=9901))
     world.converge()
-    world.engine.down("web", "ana@host", "done")
+    world.engine.commands.down("web", "ana@host", "done")
     world.converge(passes=20)
     world.router.ensure("web-preview", 9901)  # left over, e.g. by an older graven
-    out = world.engine.down("web", "ana@host", "again")
+    out = world.engine.commands.down("web", "ana@host", "again")
     assert out["changed"] is True
     world.converge(passes=20)
     assert world.router.running() == {}

@@ -67,7 +67,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     engine = Engine(tmp_path, state, store, runtime, router, FakeClock(), probe=runtime.probe)
     image = store.put_image(store.put_tree(Tree.of([])), ImageConfig(entrypoint=("app",))).digest
     cfg = ServiceConfig(replicas=2, port=18080, health=HealthCheck(start_timeout=5))
-    engine.deploy("web", image, "web", cfg, "ana@host", "test", {})
+    engine.commands.deploy("web", image, "web", cfg, "ana@host", "test", {})
 
     async def converge() -> None:
         for _ in range(10):

@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from graven.controller.engine import CRASH_LOOP_AFTER, Engine, HealthMemory
+from graven.controller.engine import Engine
+from graven.controller.health_watch import CRASH_LOOP_AFTER, HealthMemory
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
@@ -393,7 +394,7 @@ class Api:
             instances = []
             releases: dict[str, dict[str, Any]] = {}
             for inst in live:
-                mem = self.engine.health.get(inst.id)
+                mem = self.engine.health_watch.memory.get(inst.id)
                 share = 100.0 * routed.get(inst.id, 0) / total if total else 0.0
                 rel = f"{name}@r{inst.release}"
                 agg = releases.setdefault(
@@ -456,7 +457,7 @@ class Api:
                     "last_exit": crashes.last_exit,
                     "crash_looping": crashes.restarts >= CRASH_LOOP_AFTER,
                     "next_start_in": round(left, 1)
-                    if (left := self.engine.backoff_left(name)) > 0
+                    if (left := self.engine.health_watch.backoff_left(name)) > 0
                     else None,
                     "problem": self.engine.problems.get(name),
                     "instances": instances,
@@ -508,12 +509,12 @@ class Api:
         return dataclasses.replace(config, env=tuple(sorted(env.items())))
 
     async def plan(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        return self.engine.preview(*self._candidate(body))
+        return self.engine.commands.preview(*self._candidate(body))
 
     async def deploy(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         service, image, config = self._candidate(body, keep_secrets=True)
         details = field(body, "details", dict, required=False) or {}
-        return self.engine.deploy(
+        return self.engine.commands.deploy(
             service,
             image,
             field(body, "image_name", str),
@@ -524,7 +525,7 @@ class Api:
         )
 
     async def rollback(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        return self.engine.rollback(
+        return self.engine.commands.rollback(
             service_name(body),
             field(body, "to", int, required=False, low=1),
             field(body, "actor", str),
@@ -532,12 +533,12 @@ class Api:
         )
 
     async def promote(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        return self.engine.promote(
+        return self.engine.commands.promote(
             service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
     async def abort(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        return self.engine.abort(
+        return self.engine.commands.abort(
             service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
@@ -546,7 +547,7 @@ class Api:
         actor = field(body, "actor", str)
         message = field(body, "message", str)
         names = [service] if service else sorted(self.engine.state.services())
-        return {"results": [self.engine.down(n, actor, message) for n in names]}
+        return {"results": [self.engine.commands.down(n, actor, message) for n in names]}
 
     async def shutdown(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
         asyncio.get_running_loop().call_later(0.05, self.on_shutdown)

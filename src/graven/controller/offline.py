@@ -97,6 +97,6 @@ def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:
     state = _state(state_dir)
     try:
         engine = _engine(state_dir, state)
-        return engine.preview(*Api(engine, lambda: None)._candidate(wire))
+        return engine.commands.preview(*Api(engine, lambda: None)._candidate(wire))
     finally:
         state.close()

@@ -1,0 +1,282 @@
+"""Desired-state commands: deploy, rollback, down, promote, abort, and the preview of a
+deploy.
+
+A command changes only what is desired, never what runs: it writes the change and its
+ledger entry in one transaction and wakes the service's worker, which acts on it. Every
+change goes through ``Commands.record``, the one path that does those three things.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from graven.errors import NotFoundError, UsageError
+from graven.ledger.chain import LedgerEntry
+from graven.model import Digest, Release, ServiceConfig
+
+if TYPE_CHECKING:
+    from graven.controller.engine import Engine
+
+# Writes a change inside the transaction it is given and returns its ledger entry.
+Change = Callable[[Any], LedgerEntry]
+
+
+class Commands:
+    """The changes of desired state the API asks the engine for."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.state = engine.state
+        self.clock = engine.clock
+
+    def record(self, service: str, change: Change, *, wake: bool = True) -> LedgerEntry:
+        """Commit ``change`` and its ledger entry together, wake ``service``'s worker
+        (unless ``wake`` is False) and move the ledger head."""
+        with self.state.transaction() as db:
+            entry = self.state.append_ledger(db, change(db))
+        if wake:
+            self.engine.wake(service)
+        self.engine.head.advance(entry)
+        return entry
+
+    def deploy(
+        self,
+        service: str,
+        image: Digest,
+        image_name: str,
+        config: ServiceConfig,
+        actor: str,
+        message: str,
+        details: dict[str, Any],
+    ) -> dict[str, Any]:
+        self.engine.store.get_image(image)  # refuse digests the store does not hold
+        now = self.clock.now()
+        content_hash = Release.hash_of(service, image, config)
+        desired = self.state.desired_release(service)
+        if desired is not None:
+            current = self.state.release(service, desired)
+            if current.content_hash == content_hash:
+                # Same desired state again: nothing to do, nothing to record.
+                running = self.state.running_rollout(service)
+                return {
+                    "changed": False,
+                    "release": current.id,
+                    "rollout": running.id if running else None,
+                }
+        made: list[tuple[Release, int]] = []
+
+        def change(db: Any) -> LedgerEntry:
+            release = self.state.add_release(db, service, image, image_name, config, now)
+            rollout = self.state.start_rollout(db, service, "deploy", desired, release.number, now)
+            self.state.set_desired(db, service, release.number, now)
+            made.append((release, rollout))
+            return LedgerEntry(
+                at=now,
+                actor=actor,
+                action="deploy",
+                service=service,
+                release=release.id,
+                image=str(image),
+                message=message,
+                details={**details, "image_name": image_name, "rollout": rollout},
+            )
+
+        entry = self.record(service, change)
+        release, rollout = made[0]
+        return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
+
+    def rollback_target(self, service: str) -> int:
+        desired = self.state.desired_release(service)
+        if desired is None:
+            raise UsageError(
+                f"{service} is not deployed", hint=f"Run 'graven deploy {service}' first."
+            )
+        rows = self.state._query(
+            "SELECT to_release FROM rollouts WHERE service=? AND state='succeeded' "
+            "AND to_release IS NOT NULL AND to_release != ? ORDER BY id DESC LIMIT 1",
+            (service, desired),
+        )
+        if not rows:
+            raise UsageError(
+                f"{service} has no earlier release that served healthily",
+                hint=f"Run 'graven releases {service}' and pick one with --to.",
+            )
+        return int(rows[0]["to_release"])
+
+    def rollback(self, service: str, to: int | None, actor: str, message: str) -> dict[str, Any]:
+        if service not in self.state.services():
+            raise NotFoundError(f"service {service!r} was never deployed")
+        target = to if to is not None else self.rollback_target(service)
+        release = self.state.release(service, target)
+        desired = self.state.desired_release(service)
+        if desired == target:
+            running = self.state.running_rollout(service)
+            return {
+                "changed": False,
+                "release": release.id,
+                "rollout": running.id if running else None,
+            }
+        now = self.clock.now()
+        rollouts: list[int] = []
+
+        def change(db: Any) -> LedgerEntry:
+            rollout = self.state.start_rollout(db, service, "rollback", desired, target, now)
+            self.state.set_desired(db, service, target, now)
+            rollouts.append(rollout)
+            return LedgerEntry(
+                at=now,
+                actor=actor,
+                action="rollback",
+                service=service,
+                release=release.id,
+                image=str(release.image),
+                message=message,
+                details={"from": f"{service}@r{desired}", "rollout": rollout},
+            )
+
+        entry = self.record(service, change)
+        return {
+            "changed": True,
+            "release": release.id,
+            "rollout": rollouts[0],
+            "ledger": entry.seq,
+        }
+
+    def down(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        services = self.state.services()
+        if service not in services:
+            raise NotFoundError(f"service {service!r} was never deployed")
+        desired = services[service]
+        routers = self.engine.router.running()
+        if (
+            desired is None
+            and not self.state.live_instances(service)
+            and service not in routers
+            and f"{service}-preview" not in routers  # a router left over still goes
+        ):
+            return {"changed": False, "service": service, "rollout": None}
+        now = self.clock.now()
+        rollouts: list[int] = []
+
+        def change(db: Any) -> LedgerEntry:
+            rollout = self.state.start_rollout(db, service, "down", desired, None, now)
+            self.state.set_desired(db, service, None, now)
+            rollouts.append(rollout)
+            return LedgerEntry(
+                at=now,
+                actor=actor,
+                action="down",
+                service=service,
+                release=f"{service}@r{desired}" if desired else "",
+                message=message,
+                details={"rollout": rollout},
+            )
+
+        entry = self.record(service, change)
+        return {"changed": True, "service": service, "rollout": rollouts[0], "ledger": entry.seq}
+
+    def promote(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        ro = self.state.running_rollout(service)
+        if ro is None:
+            raise UsageError(
+                f"{service} has no rollout in progress to promote",
+                hint=f"Run 'graven status {service}' to see its last rollout.",
+            )
+        now = self.clock.now()
+
+        def change(db: Any) -> LedgerEntry:
+            db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
+            return LedgerEntry(
+                at=now,
+                actor=actor,
+                action="promote",
+                service=service,
+                release=f"{service}@r{ro.to_release}",
+                message=message,
+                details={"rollout": ro.id},
+            )
+
+        self.record(service, change)
+        return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
+
+    def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
+        ro = self.state.running_rollout(service)
+        if ro is None:
+            raise UsageError(
+                f"{service} has no rollout in progress to abort",
+                hint=f"To go back to an earlier release, run 'graven rollback {service}'.",
+            )
+        now = self.clock.now()
+        reason = f"aborted by {actor}: {message}"
+
+        def change(db: Any) -> LedgerEntry:
+            db.execute(
+                "UPDATE rollouts SET state='aborted', reason=?, finished_at=? WHERE id=?",
+                (reason, now, ro.id),
+            )
+            self.state.set_desired(db, service, ro.from_release, now)
+            return LedgerEntry(
+                at=now,
+                actor=actor,
+                action="abort",
+                service=service,
+                release=f"{service}@r{ro.to_release}",
+                message=message,
+                details={
+                    "rollout": ro.id,
+                    "rolled_back_to": f"{service}@r{ro.from_release}" if ro.from_release else None,
+                },
+            )
+
+        self.record(service, change)
+        return {"service": service, "rollout": ro.id, "reason": reason}
+
+    def preview(self, service: str, image: Digest, config: ServiceConfig) -> dict[str, Any]:
+        """What deploying ``image`` with ``config`` would do now; changes nothing."""
+        engine = self.engine
+        content_hash = Release.hash_of(service, image, config)
+        desired = self.state.desired_release(service)
+        current = self.state.release(service, desired) if desired is not None else None
+        if current is not None and current.content_hash == content_hash:
+            return {"changed": False, "from": current.id, "steps": engine.plan(service).to_dict()}
+        numbers = [r.number for r, _ in self.state.releases(service)]
+        nxt = max(numbers, default=0) + 1
+        plan = engine.plan_with(
+            service, nxt, config, engine.observe(service), self.state.weights(service), None
+        )
+        changes = []
+        if current is None:
+            changes.append("first release")
+        else:
+            if current.image != image:
+                changes.append(f"image {current.image.short} -> {image.short}")
+            old, new = current.config.to_dict(), config.to_dict()
+            changes += [
+                f"{k}: {old[k]!r} -> {new[k]!r}"
+                for k in sorted(new)
+                if k != "env" and old[k] != new[k]
+            ]
+            changes += env_changes(current.config.env, config.env)
+        return {
+            "changed": True,
+            "from": current.id if current else None,
+            "to": f"{service}@r{nxt}",
+            "changes": changes,
+            "steps": plan.to_dict(),
+        }
+
+
+def env_changes(old: tuple[tuple[str, str], ...], new: tuple[tuple[str, str], ...]) -> list[str]:
+    """One line per changed variable; a secret shows as its reference, so a rotated
+    secret is a visible change that reveals nothing."""
+    before, after = dict(old), dict(new)
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        if key not in after:
+            out.append(f"env {key}: removed")
+        elif key not in before:
+            out.append(f"env {key}: added {after[key]!r}")
+        elif before[key] != after[key]:
+            out.append(f"env {key}: {before[key]!r} -> {after[key]!r}")
+    return out
