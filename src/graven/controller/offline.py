@@ -60,7 +60,9 @@ def _engine(state_dir: Path, state: StateStore) -> Engine:
 def _state(state_dir: Path) -> StateStore:
     db = state_db(state_dir)
     # Nothing deployed yet: an empty store in memory answers as the real one would.
-    return open_state_store(db, read_only=True) if db.exists() else open_state_store(Path(":memory:"))
+    return (
+        open_state_store(db, read_only=True) if db.exists() else open_state_store(Path(":memory:"))
+    )
 
 
 def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
