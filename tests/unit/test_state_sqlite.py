@@ -4,6 +4,7 @@ plainly. The behaviour it shares with every adapter is in tests/contract."""
 
 from __future__ import annotations
 
+import ast
 import json
 import sqlite3
 from contextlib import closing
@@ -149,3 +150,20 @@ def test_a_database_that_cannot_be_read_says_why(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"cannot (open|read) the state database"):
         st = SqliteStateStore(db, read_only=True)
         st.services()
+
+
+def test_only_the_sqlite_adapter_imports_sqlite3() -> None:
+    src = Path(adapter.__file__).parents[1]
+    importers = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n.split(".")[0] == "sqlite3" for n in names):
+                importers.add(path.relative_to(src).as_posix())
+    assert importers == {"ledger/sqlite.py"}
