@@ -121,6 +121,15 @@ _MIGRATIONS = (
 
 _LIVE_MARKS = ",".join("?" * len(LIVE_STATES))
 
+# A release row with who deployed it and why: from its deploy's ledger entry.
+_RELEASES = """
+SELECT r.*,
+    (SELECT l.actor FROM ledger l WHERE l.service=r.service AND l.action='deploy'
+        AND l.release=r.service || '@r' || r.number ORDER BY l.seq LIMIT 1) AS actor,
+    (SELECT l.message FROM ledger l WHERE l.service=r.service AND l.action='deploy'
+        AND l.release=r.service || '@r' || r.number ORDER BY l.seq LIMIT 1) AS message
+FROM releases r"""
+
 
 class SqliteStateStore:
     """SQLite (WAL) state store. Thread-safe: one connection guarded by a lock, held
@@ -235,11 +244,17 @@ class SqliteStateStore:
     # --- releases ------------------------------------------------------------------------
 
     def releases(self, service: str) -> list[ReleaseRecord]:
-        rows = self._query("SELECT * FROM releases WHERE service=? ORDER BY number", (service,))
+        rows = self._query(
+            f"{_RELEASES} WHERE r.service=? ORDER BY r.number",
+            (service,),
+        )
         return [_release_record(r) for r in rows]
 
     def release_record(self, service: str, number: int) -> ReleaseRecord | None:
-        rows = self._query("SELECT * FROM releases WHERE service=? AND number=?", (service, number))
+        rows = self._query(
+            f"{_RELEASES} WHERE r.service=? AND r.number=?",
+            (service, number),
+        )
         return _release_record(rows[0]) if rows else None
 
     def release(self, service: str, number: int) -> Release:
@@ -581,6 +596,8 @@ def _release_record(row: sqlite3.Row) -> ReleaseRecord:
         image_name=row["image_name"],
         created_at=row["created_at"],
         healthy_at=row["healthy_at"],
+        actor=row["actor"] or "",
+        message=row["message"] or "",
     )
 
 

@@ -34,12 +34,14 @@ LIVE_STATES = ("starting", "healthy", "unhealthy", "draining")
 class ReleaseRecord:
     """A release as recorded: the release itself, the image name it was deployed
     from, when it was created and when it first served fully (None: never, so it is
-    no rollback candidate)."""
+    no rollback candidate), and who deployed it and why (from its ledger entry)."""
 
     release: Release
     image_name: str
     created_at: float
     healthy_at: float | None = None
+    actor: str = ""
+    message: str = ""
 
     @property
     def id(self) -> str:

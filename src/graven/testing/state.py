@@ -106,12 +106,20 @@ class MemoryStateStore:
 
     def releases(self, service: str) -> list[ReleaseRecord]:
         with self._lock:
-            found = [r for (s, _), r in self._data.releases.items() if s == service]
+            found = [self._deployed(r) for (s, _), r in self._data.releases.items() if s == service]
         return sorted(found, key=lambda r: r.number)
 
     def release_record(self, service: str, number: int) -> ReleaseRecord | None:
         with self._lock:
-            return self._data.releases.get((service, number))
+            record = self._data.releases.get((service, number))
+            return self._deployed(record) if record is not None else None
+
+    def _deployed(self, record: ReleaseRecord) -> ReleaseRecord:
+        """``record`` with who deployed it and why, from its deploy's ledger entry."""
+        for e in self._data.ledger:
+            if e.action == "deploy" and e.release == record.id:
+                return dataclasses.replace(record, actor=e.actor, message=e.message)
+        return record
 
     def release(self, service: str, number: int) -> Release:
         record = self.release_record(service, number)

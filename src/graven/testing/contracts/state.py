@@ -149,6 +149,35 @@ class StateStoreContract:
         assert store.release("api", 1) == api1
         assert store.release_record("api", 1) == store.releases("api")[0]
 
+    def test_a_release_says_who_deployed_it_and_why(self, store: StateStore) -> None:
+        release = deployed(store)
+        record = store.release_record("web", release.number)
+        assert record is not None and (record.actor, record.message) == ("", "")  # no entry
+        with store.transaction() as tx:
+            tx.append_ledger(
+                LedgerEntry(
+                    at=2.0,
+                    actor="ana@host",
+                    action="deploy",
+                    service="web",
+                    release=release.id,
+                    message="first cut",
+                )
+            )
+            tx.append_ledger(
+                LedgerEntry(
+                    at=3.0,
+                    actor="bob@host",
+                    action="rollback",
+                    service="web",
+                    release=release.id,
+                    message="back",
+                )
+            )
+        record = store.release_record("web", release.number)
+        assert record is not None and (record.actor, record.message) == ("ana@host", "first cut")
+        assert store.releases("web") == [record]
+
     def test_a_release_keeps_the_first_time_it_served(self, store: StateStore) -> None:
         release = deployed(store)
         with store.transaction() as tx:
