@@ -258,13 +258,14 @@ class SqliteStateStore:
         return _release_record(rows[0]) if rows else None
 
     def release(self, service: str, number: int) -> Release:
-        record = self.release_record(service, number)
-        if record is None:
+        # On every health check and reconcile pass: the release row alone, no ledger.
+        rows = self._query("SELECT * FROM releases WHERE service=? AND number=?", (service, number))
+        if not rows:
             raise NotFoundError(
                 f"{service}@r{number} does not exist",
                 hint=f"Run 'graven releases {service}' to list its releases.",
             )
-        return record.release
+        return _release(rows[0])
 
     def last_served_release(self, service: str, *, other_than: int) -> int | None:
         rows = self._query(
@@ -584,15 +585,19 @@ def _column(row: sqlite3.Row, name: str, default: Any) -> Any:
     return row[name] if name in row.keys() else default  # noqa: SIM118 - Row has no __contains__ by name
 
 
+def _release(row: sqlite3.Row) -> Release:
+    return Release(
+        service=row["service"],
+        number=row["number"],
+        image=Digest(row["image"]),
+        config=ServiceConfig.from_dict(json.loads(row["config"])),
+        content_hash=row["content_hash"],
+    )
+
+
 def _release_record(row: sqlite3.Row) -> ReleaseRecord:
     return ReleaseRecord(
-        release=Release(
-            service=row["service"],
-            number=row["number"],
-            image=Digest(row["image"]),
-            config=ServiceConfig.from_dict(json.loads(row["config"])),
-            content_hash=row["content_hash"],
-        ),
+        release=_release(row),
         image_name=row["image_name"],
         created_at=row["created_at"],
         healthy_at=row["healthy_at"],

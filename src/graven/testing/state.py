@@ -122,7 +122,8 @@ class MemoryStateStore:
         return record
 
     def release(self, service: str, number: int) -> Release:
-        record = self.release_record(service, number)
+        with self._lock:
+            record = self._data.releases.get((service, number))
         if record is None:
             raise NotFoundError(
                 f"{service}@r{number} does not exist",
