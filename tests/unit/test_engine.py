@@ -10,12 +10,12 @@ import pytest
 from graven.controller.engine import Engine
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import verify_chain
-from graven.ledger.store import StateStore
 from graven.model import Digest, HealthCheck, ImageConfig, ServiceConfig
 from graven.store.cas import ContentStore, Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
 from graven.testing.runtime import FakeRuntime
+from graven.testing.state import MemoryStateStore
 
 
 def config(replicas: int = 3, **kw: object) -> ServiceConfig:
@@ -24,7 +24,7 @@ def config(replicas: int = 3, **kw: object) -> ServiceConfig:
 
 class World:
     def __init__(self, tmp: Path) -> None:
-        self.state = StateStore(tmp / "state.db")
+        self.state = MemoryStateStore()
         self.store = ContentStore(tmp / "store")
         self.runtime = FakeRuntime()
         self.router = FakeRouter()

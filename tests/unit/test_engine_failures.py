@@ -160,8 +160,8 @@ def test_a_dead_instance_is_recorded_ledgered_and_replaced_after_a_growing_delay
     world.converge()
     hows = ["exited with code 1", "exited with code 1", "killed by SIGKILL"]
     first = die(world, hows[0])
-    row = world.state.instance_row(first)
-    assert row is not None and row["reason"] == "died: exited with code 1"
+    record = world.state.instance(first)
+    assert record is not None and record.reason == "died: exited with code 1"
     entry = world.state.ledger()[-1]
     assert entry.action == "instance-died" and entry.details["instance"] == first
     assert entry.details["exit"] == "exited with code 1" and entry.details["restarts"] == 1
@@ -272,7 +272,8 @@ def test_status_shows_traffic_per_instance_and_per_release(world: World) -> None
         }
     ]
     ids = [i.id for i in world.state.live_instances("web")]
-    world.state.set_weights({ids[0]: 0})
+    with world.state.transaction() as tx:
+        tx.set_weights({ids[0]: 0})
     s = status(world)
     assert [i["traffic_percent"] for i in s["instances"]] == [0.0, 50.0, 50.0]
     assert s["instances"][0]["weight"] == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,9 +229,8 @@ def test_a_restarted_controller_resumes_the_analysis_window_it_was_in(
     rid = int(out["rollout"])  # type: ignore[call-overload]
 
     def window_start() -> float | None:
-        gate = world.state.rollout(rid).gate
-        analysis = json.loads(gate).get("analysis") if gate else None
-        return float(analysis["started_at"]) if analysis else None
+        analysis = world.state.rollout(rid).gate.analysis
+        return analysis.started_at if analysis else None
 
     async def until_killed() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))

@@ -18,7 +18,7 @@ from graven.controller.api import Api
 from graven.controller.engine import Engine
 from graven.controller.paths import controller_log
 from graven.controller.upkeep import log_files
-from graven.ledger.store import StateStore
+from graven.ledger.sqlite import SqliteStateStore
 from graven.logfiles import LogLimits, RotatingStreamHandler
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
 from graven.router.embedded import EmbeddedRouter
@@ -61,7 +61,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     monkeypatch.setenv("GRAVEN_STATE_MIN_FREE", "1")
     logs = tmp_path / "logs"
     logs.mkdir()
-    state = StateStore(tmp_path / "state.db")
+    state = SqliteStateStore(tmp_path / "state.db")
     store = ContentStore(tmp_path / "store")
     runtime, router = LoggingRuntime(logs), LoggingRouter(logs)
     engine = Engine(tmp_path, state, store, runtime, router, FakeClock(), probe=runtime.probe)

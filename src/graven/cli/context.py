@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import click
 
     from graven.controller.client import ControllerClient
-    from graven.ledger.store import StateStore
+    from graven.ledger.state import StateStore
     from graven.spec.loader import LoadedSpec
     from graven.store.cas import ContentStore
 
@@ -99,10 +99,10 @@ class AppContext:
 
     def state(self) -> StateStore:
         from graven.controller.paths import require_access, state_db
-        from graven.ledger.store import StateStore
+        from graven.ledger.state import open_state_store
 
         require_access(self.state_dir, state_db(self.state_dir))
-        return StateStore(state_db(self.state_dir), read_only=True)
+        return open_state_store(state_db(self.state_dir), read_only=True)
 
     def controller(self) -> ControllerClient:
         """A client of this state dir's controller, started if none runs: for the

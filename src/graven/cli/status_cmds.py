@@ -164,22 +164,22 @@ def releases(ctx: click.Context, service: str, output: str) -> None:
     app = app_context(ctx)
     st = app.state()
     desired = st.desired_release(service)
-    rows = st.releases(service)
-    if not rows:
+    records = st.releases(service)
+    if not records:
         raise UsageError(f"service {service!r} has no releases", hint="Run 'graven deploy'.")
     data = {
         "service": service,
         "releases": [
             {
-                "release": rel.id,
-                "image": str(rel.image),
-                "image_name": row["image_name"],
-                "created_at": row["created_at"],
-                "healthy_at": row["healthy_at"],
-                "current": rel.number == desired,
-                "content_hash": rel.content_hash,
+                "release": r.id,
+                "image": str(r.release.image),
+                "image_name": r.image_name,
+                "created_at": r.created_at,
+                "healthy_at": r.healthy_at,
+                "current": r.number == desired,
+                "content_hash": r.release.content_hash,
             }
-            for rel, row in rows
+            for r in records
         ],
     }
 

@@ -388,7 +388,7 @@ class Api:
                 continue
             desired = services[name]
             release = st.release(name, desired) if desired is not None else None
-            row = st.release_row(name, desired) if desired is not None else None
+            record = st.release_record(name, desired) if desired is not None else None
             rollout = st.last_rollout(name)
             live = st.live_instances(name)
             weights = st.weights(name)
@@ -451,7 +451,7 @@ class Api:
                     "service": name,
                     "desired_release": release.id if release else None,
                     "image": str(release.image) if release else None,
-                    "image_name": row["image_name"] if row else None,
+                    "image_name": record.image_name if record else None,
                     "replicas": release.config.replicas if release else 0,
                     "url": f"http://127.0.0.1:{port}/" if port else None,
                     "preview_url": f"http://127.0.0.1:{preview_port}/" if preview_port else None,

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import LedgerEntry
+from graven.ledger.state import StateTransaction
 from graven.model import Digest, Release, ServiceConfig, release_id
 
 if TYPE_CHECKING:
     from graven.controller.engine import Engine
 
 # Writes a change inside the transaction it is given and returns its ledger entry.
-Change = Callable[[Any], LedgerEntry]
+Change = Callable[[StateTransaction], LedgerEntry]
 
 
 class Commands:
@@ -33,8 +34,8 @@ class Commands:
     def record(self, service: str, change: Change, *, wake: bool = True) -> LedgerEntry:
         """Commit ``change`` and its ledger entry together, wake ``service``'s worker
         (unless ``wake`` is False) and move the ledger head."""
-        with self.state.transaction() as db:
-            entry = self.state.append_ledger(db, change(db))
+        with self.state.transaction() as tx:
+            entry = tx.append_ledger(change(tx))
         if wake:
             self.engine.wake(service)
         self.engine.head.advance(entry)
@@ -66,10 +67,10 @@ class Commands:
                 }
         made: list[tuple[Release, int]] = []
 
-        def change(db: Any) -> LedgerEntry:
-            release = self.state.add_release(db, service, image, image_name, config, now)
-            rollout = self.state.start_rollout(db, service, "deploy", desired, release.number, now)
-            self.state.set_desired(db, service, release.number, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            release = tx.add_release(service, image, image_name, config, now)
+            rollout = tx.start_rollout(service, "deploy", desired, release.number, now)
+            tx.set_desired(service, release.number, now)
             made.append((release, rollout))
             return LedgerEntry(
                 at=now,
@@ -92,17 +93,13 @@ class Commands:
             raise UsageError(
                 f"{service} is not deployed", hint=f"Run 'graven deploy {service}' first."
             )
-        rows = self.state._query(
-            "SELECT to_release FROM rollouts WHERE service=? AND state='succeeded' "
-            "AND to_release IS NOT NULL AND to_release != ? ORDER BY id DESC LIMIT 1",
-            (service, desired),
-        )
-        if not rows:
+        target = self.state.last_served_release(service, other_than=desired)
+        if target is None:
             raise UsageError(
                 f"{service} has no earlier release that served healthily",
                 hint=f"Run 'graven releases {service}' and pick one with --to.",
             )
-        return int(rows[0]["to_release"])
+        return target
 
     def rollback(self, service: str, to: int | None, actor: str, message: str) -> dict[str, Any]:
         if service not in self.state.services():
@@ -120,9 +117,9 @@ class Commands:
         now = self.clock.now()
         rollouts: list[int] = []
 
-        def change(db: Any) -> LedgerEntry:
-            rollout = self.state.start_rollout(db, service, "rollback", desired, target, now)
-            self.state.set_desired(db, service, target, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            rollout = tx.start_rollout(service, "rollback", desired, target, now)
+            tx.set_desired(service, target, now)
             rollouts.append(rollout)
             return LedgerEntry(
                 at=now,
@@ -162,9 +159,9 @@ class Commands:
         now = self.clock.now()
         rollouts: list[int] = []
 
-        def change(db: Any) -> LedgerEntry:
-            rollout = self.state.start_rollout(db, service, "down", desired, None, now)
-            self.state.set_desired(db, service, None, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            rollout = tx.start_rollout(service, "down", desired, None, now)
+            tx.set_desired(service, None, now)
             rollouts.append(rollout)
             return LedgerEntry(
                 at=now,
@@ -190,8 +187,8 @@ class Commands:
         # A rollout taking the service down has no release to promote to.
         to = release_id(service, ro.to_release) if ro.to_release is not None else ""
 
-        def change(db: Any) -> LedgerEntry:
-            db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
+        def change(tx: StateTransaction) -> LedgerEntry:
+            tx.set_rollout_promoted(ro.id, True)
             return LedgerEntry(
                 at=now,
                 actor=actor,
@@ -215,12 +212,9 @@ class Commands:
         now = self.clock.now()
         reason = f"aborted by {actor}: {message}"
 
-        def change(db: Any) -> LedgerEntry:
-            db.execute(
-                "UPDATE rollouts SET state='aborted', reason=?, finished_at=? WHERE id=?",
-                (reason, now, ro.id),
-            )
-            self.state.set_desired(db, service, ro.from_release, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            tx.finish_rollout(ro.id, "aborted", reason, now, running_only=False)
+            tx.set_desired(service, ro.from_release, now)
             return LedgerEntry(
                 at=now,
                 actor=actor,
@@ -247,7 +241,7 @@ class Commands:
         current = self.state.release(service, desired) if desired is not None else None
         if current is not None and current.content_hash == content_hash:
             return {"changed": False, "from": current.id, "steps": engine.plan(service).to_dict()}
-        numbers = [r.number for r, _ in self.state.releases(service)]
+        numbers = [r.number for r in self.state.releases(service)]
         nxt = max(numbers, default=0) + 1
         plan = engine.plan_with(
             service, nxt, config, engine.observe(service), self.state.weights(service), None

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from graven.clock import Clock
 from graven.controller.commands import Commands
@@ -24,7 +23,7 @@ from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, RouterError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.head import LedgerHead
-from graven.ledger.store import Rollout, StateStore
+from graven.ledger.state import RolloutRecord, StateStore, StateTransaction
 from graven.model import RolloutState, ServiceConfig, release_id
 from graven.netports import port_holder
 from graven.plan.blue_green import BlueGreenStatus, plan_flip_back
@@ -89,7 +88,7 @@ class Engine:
         # Why the last pass of a service could not do its work (shown by status).
         self.problems: dict[str, str] = {}
         self._waiting: set[str] = set()  # services whose rollout is in a wait step
-        self._deadlines: dict[str, tuple[float, Rollout]] = {}  # the step being applied
+        self._deadlines: dict[str, tuple[float, RolloutRecord]] = {}  # the step being applied
         self.upkeep = Upkeep(state_dir)
         self.secrets = SecretStore(secrets_dir(state_dir))
         self.head = LedgerHead(state_dir)
@@ -113,9 +112,10 @@ class Engine:
             if self.runtime.alive(handle):
                 log.info("adopted %s (pid %d)", inst.id, inst.pid)
             else:
-                self.state.set_instance_state(
-                    inst.id, "stopped", at=self.clock.now(), reason="not running at start-up"
-                )
+                with self.state.transaction() as tx:
+                    tx.set_instance_state(
+                        inst.id, "stopped", at=self.clock.now(), reason="not running at start-up"
+                    )
         for service, release in self.state.services().items():
             if release is not None:
                 self.sync_router(service)
@@ -182,11 +182,11 @@ class Engine:
             leaving = last.to_release
         else:
             return False
-        if leaving is None or self.state.release_row(service, leaving) is None:
+        if leaving is None or self.state.release_record(service, leaving) is None:
             return False
         return self.state.release(service, leaving).config.strategy.weighted
 
-    def _status_rollout(self, service: str, desired: int) -> Rollout | None:
+    def _status_rollout(self, service: str, desired: int) -> RolloutRecord | None:
         """The rollout that brought ``desired``: its persisted status drives re-planning."""
         last = self.state.last_rollout(service)
         return last if last is not None and last.to_release == desired else None
@@ -211,7 +211,7 @@ class Engine:
         cfg: ServiceConfig,
         observed: list[ObservedInstance],
         weights: dict[str, int],
-        ro: Rollout | None,
+        ro: RolloutRecord | None,
     ) -> Plan:
         """The plan of ``cfg``'s strategy toward release ``desired``."""
         return plan_release(
@@ -251,7 +251,8 @@ class Engine:
             if desired is None:
                 await asyncio.to_thread(self.router.stop, service)
             elif rollout is not None:
-                self.state.mark_release_healthy(service, desired, self.clock.now())
+                with self.state.transaction() as tx:
+                    tx.mark_release_healthy(service, desired, self.clock.now())
             if rollout is not None:
                 self._finish(rollout.id, service, "succeeded", "")
             self.problems.pop(service, None)
@@ -271,9 +272,14 @@ class Engine:
                 if not waits and self._overdue(service):
                     return
                 shown = bind_slots(step, slots)
-                self.state.set_rollout_progress(
-                    rollout.id, f"step {n}/{total}: {shown.describe(service)}", at=self.clock.now()
-                )
+                # Written before every step, so it does not wait for the disk: the next
+                # pass re-plans from what runs anyway.
+                with self.state.transaction(durable=False) as tx:
+                    tx.set_rollout_progress(
+                        rollout.id,
+                        progress=f"step {n}/{total}: {shown.describe(service)}",
+                        progressed_at=self.clock.now(),
+                    )
             try:
                 if waits:
                     self._waiting.add(service)
@@ -282,7 +288,8 @@ class Engine:
                     finally:
                         self._waiting.discard(service)
                     if rollout is not None:  # the deadline counts from the end of a wait
-                        self.state.update_rollout(rollout.id, progressed_at=self.clock.now())
+                        with self.state.transaction() as tx:
+                            tx.set_rollout_progress(rollout.id, progressed_at=self.clock.now())
                 else:
                     await self._apply_within_deadline(service, step, slots, rollout)
             except StepFailed as exc:
@@ -310,7 +317,7 @@ class Engine:
         )
 
     async def _apply_within_deadline(
-        self, service: str, step: Step, slots: dict[str, str], rollout: Rollout | None
+        self, service: str, step: Step, slots: dict[str, str], rollout: RolloutRecord | None
     ) -> None:
         if rollout is None:
             await self.applier.apply(service, step, slots)
@@ -335,16 +342,16 @@ class Engine:
             return None
         return self._deadline_reason(service, at[1])
 
-    def _progress_deadline(self, rollout: Rollout) -> float:
+    def _progress_deadline(self, rollout: RolloutRecord) -> float:
         if rollout.to_release is None:
             return DEFAULT_PROGRESS_DEADLINE
         return self.state.release(rollout.service, rollout.to_release).config.progress_deadline
 
-    def _deadline_left(self, rollout: Rollout) -> float:
+    def _deadline_left(self, rollout: RolloutRecord) -> float:
         since = rollout.progressed_at if rollout.progressed_at is not None else rollout.started_at
         return since + self._progress_deadline(rollout) - self.clock.now()
 
-    def _deadline_reason(self, service: str, rollout: Rollout) -> str:
+    def _deadline_reason(self, service: str, rollout: RolloutRecord) -> str:
         current = self.state.rollout(rollout.id)
         reason = (
             f"no progress for {self._progress_deadline(rollout):g}s (the progress deadline) "
@@ -366,7 +373,8 @@ class Engine:
         return True
 
     def _finish(self, rollout_id: int, service: str, state: RolloutState, reason: str) -> None:
-        self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
+        with self.state.transaction() as tx:
+            tx.finish_rollout(rollout_id, state, reason, self.clock.now())
         self.notify(service)
 
     def notify(self, service: str) -> None:
@@ -383,14 +391,12 @@ class Engine:
             # Self-healing or taking down: nothing to roll back to; try again next pass.
             log.error("%s: %s", service, reason)
             return
+        failing = rollout.id
 
-        def failed(db: Any) -> LedgerEntry:
-            db.execute(
-                "UPDATE rollouts SET state='failed', reason=?, finished_at=? WHERE id=?",
-                (reason, now, rollout_id),
-            )
+        def failed(tx: StateTransaction) -> LedgerEntry:
+            tx.finish_rollout(failing, "failed", reason, now, running_only=False)
             if self.state.desired_release(service) == desired:
-                self.state.set_desired(db, service, back, now)
+                tx.set_desired(service, back, now)
             return LedgerEntry(
                 at=now,
                 actor=CONTROLLER_ACTOR,

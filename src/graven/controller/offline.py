@@ -17,7 +17,7 @@ from graven.controller.api import Api
 from graven.controller.engine import Engine
 from graven.controller.paths import state_db, store_root
 from graven.errors import NotFoundError
-from graven.ledger.store import StateStore
+from graven.ledger.state import StateStore, open_state_store
 from graven.router.base import Router
 from graven.runtime.base import Handle
 from graven.runtime.process import ProcessRuntime
@@ -60,7 +60,9 @@ def _engine(state_dir: Path, state: StateStore) -> Engine:
 def _state(state_dir: Path) -> StateStore:
     db = state_db(state_dir)
     # Nothing deployed yet: an empty store in memory answers as the real one would.
-    return StateStore(db, read_only=True) if db.exists() else StateStore(Path(":memory:"))
+    return (
+        open_state_store(db, read_only=True) if db.exists() else open_state_store(Path(":memory:"))
+    )
 
 
 def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
