@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from graven.errors import UsageError
-from graven.ledger.store import StateStore
+from graven.ledger.sqlite import SqliteStateStore as StateStore
 from graven.model import (
     AnalysisConfig,
     BlueGreenConfig,
