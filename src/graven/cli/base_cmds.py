@@ -1,7 +1,7 @@
 """``graven base debian`` and ``graven base host-python``: base images made once,
 offline, for recipes to start from (``base: {image: NAME}``).
 
-Registered on the root ``cli`` group when ``graven.cli.main`` is imported.
+Listed in ``graven.cli.main.VERBS``, which registers it on the root group.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from graven.cli.context import app_context
-from graven.cli.main import cli, output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, human_size
 from graven.model import Image
 from graven.store.cas import ContentStore
@@ -56,7 +56,7 @@ def _packages(values: tuple[str, ...]) -> list[str]:
     return [p.strip() for value in values for p in value.split(",") if p.strip()]
 
 
-@cli.group("base")
+@click.group("base")
 def base_group() -> None:
     """Base images made once, offline: a Debian root file system or the host's Python."""
 

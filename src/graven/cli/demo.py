@@ -77,7 +77,7 @@ def _write_spec(directory: Path, port: int, version: str) -> None:
 
 
 def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
-    from graven.cli import main as cli
+    from graven.cli import deploy_cmds as cli
     from graven.controller.client import ControllerClient
     from graven.spec import scaffold
 
@@ -93,7 +93,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
             "POST", "/v1/down", {"service": None, "actor": actor(), "message": "demo restart"}
         )["results"]:
             if r.get("rollout"):
-                cli._wait_rollouts(app, {r["service"]: r["rollout"]}, Output("json"))
+                cli.wait_for_rollouts(app, {r["service"]: r["rollout"]}, Output("json"))
         previous.request("POST", "/v1/shutdown", {})
         time.sleep(0.3)
     scaffold(directory, force=True)
@@ -129,7 +129,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
             "/v1/rollback",
             {"service": "hello", "to": None, "actor": actor(), "message": "demo: roll back"},
         )
-        done = cli._wait_rollouts(app, {"hello": r["rollout"]}, out)[0]
+        done = cli.wait_for_rollouts(app, {"hello": r["rollout"]}, out)[0]
         report["rollback"] = {"release": r["release"], "state": done["state"]}
     report["rollback_traffic"] = _traffic(out, load.report, "during the rollback")
 
@@ -180,16 +180,16 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
 
 
 def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
-    from graven.cli import main as cli
+    from graven.cli import deploy_cmds as cli
 
-    candidates = cli._candidates(app, ["hello"], out)
+    candidates = cli.release_candidates(app, ["hello"], out)
     client = app.controller()
     r = client.request(
         "POST", "/v1/deploy", {**candidates[0], "actor": actor(), "message": message, "details": {}}
     )
     out.progress(f"  release {r['release']}")
     if r.get("rollout"):
-        done = cli._wait_rollouts(app, {"hello": r["rollout"]}, out)[0]
+        done = cli.wait_for_rollouts(app, {"hello": r["rollout"]}, out)[0]
         if done["state"] != "succeeded":
             raise GravenError(f"demo deploy {done['state']}: {done['reason']}")
     return {"release": r["release"], "image": candidates[0]["image"]}

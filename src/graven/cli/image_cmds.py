@@ -1,6 +1,6 @@
 """``graven image``: images in and out as OCI image layouts and archives.
 
-Registered on the root ``cli`` group when ``graven.cli.main`` is imported. Heavy
+Listed in ``graven.cli.main.VERBS``, which registers it on the root group. Heavy
 modules (the OCI writer, compression) load only when a command runs.
 """
 
@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from graven.cli.context import app_context
-from graven.cli.main import cli, output_option
+from graven.cli.import_cmds import import_command
+from graven.cli.options import output_option
 from graven.cli.output import Output, human_size, short
 from graven.errors import UsageError
 
@@ -20,9 +21,12 @@ if TYPE_CHECKING:
     from graven.store.oci import LayerProgress
 
 
-@cli.group("image")
+@click.group("image")
 def image() -> None:
     """Images in and out as OCI image layouts (skopeo, podman, umoci, registries)."""
+
+
+image.add_command(import_command, "import")
 
 
 @image.command("export")

@@ -1,6 +1,6 @@
 """``graven image import``: an OCI image layout or oci-archive in, validated.
 
-Registered on the ``image`` group when ``graven.cli.main`` is imported; the importer
+Registered on the ``image`` group by ``graven.cli.image_cmds``; the importer
 itself loads only when the command runs.
 """
 
@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from graven.cli.context import app_context
-from graven.cli.image_cmds import image
-from graven.cli.main import output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, short
 
 if TYPE_CHECKING:
@@ -97,6 +96,3 @@ def import_command(
             con.print("  name it with --name NAME, or use the digest above")
 
     out.emit(data, render)
-
-
-image.add_command(import_command, "import")

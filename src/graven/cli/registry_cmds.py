@@ -1,7 +1,7 @@
 """``graven push`` and ``graven pull``: images to and from an OCI registry.
 
-Registered on the main group when ``graven.cli.main`` is imported; the registry
-client is imported only when one of these verbs runs.
+Listed in ``graven.cli.main.VERBS``, which registers them on the root group; the
+registry client is imported only when one of these verbs runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 import click
 
 from graven.cli.context import app_context
-from graven.cli.main import cli, output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, ProgressBar, human_size
 from graven.errors import UsageError
 
@@ -184,7 +184,7 @@ def _blob_line(t: BlobTransfer) -> str:
     return line
 
 
-@cli.command()
+@click.command()
 @click.argument("image")
 @click.argument("reference")
 @click.option(
@@ -247,7 +247,7 @@ def push(
     out.emit(data, render)
 
 
-@cli.command()
+@click.command()
 @click.argument("reference")
 @click.option(
     "--name",

@@ -1,7 +1,7 @@
 """``graven store fsck`` and ``graven gc``: check the content store, and reclaim what
 nothing needs any more.
 
-Registered on the root ``cli`` group when ``graven.cli.main`` is imported.
+Listed in ``graven.cli.main.VERBS``, which registers them on the root group.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from graven.cli.context import app_context
-from graven.cli.main import cli, output_option
+from graven.cli.options import output_option
 from graven.cli.output import Output, human_size, short
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ class _Duration(click.ParamType[float]):
             self.fail(str(e), param, ctx)
 
 
-@cli.group("store")
+@click.group("store")
 def store_group() -> None:
     """The content store: check its integrity."""
 
@@ -113,7 +113,7 @@ def _next_step(report: FsckReport) -> str:
     )
 
 
-@cli.command("gc")
+@click.command("gc")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; delete nothing.")
 @click.option(
     "--keep-releases",

@@ -1,0 +1,308 @@
+"""The verbs that change what runs: ``plan`` (the look before), ``deploy``,
+``rollback``, ``promote``, ``abort`` and ``down``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from graven.cli.build_cmds import build_images
+from graven.cli.context import AppContext, actor, app_context, source_commit
+from graven.cli.options import output_option
+from graven.cli.output import Output
+from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
+from graven.cli.status_cmds import say_if_stopped
+from graven.errors import UsageError
+
+
+def _services_from(app: AppContext, services: tuple[str, ...]) -> list[str]:
+    spec = app.spec().spec
+    for name in services:
+        if name not in spec.services:
+            raise UsageError(
+                f"no service named {name!r} in {app.spec().path}",
+                hint="Services: " + (", ".join(sorted(spec.services)) or "(none)"),
+            )
+    chosen = list(services) or sorted(spec.services)
+    if not chosen:
+        raise UsageError(f"{app.spec().path} defines no services", hint="Add one under 'services'.")
+    return chosen
+
+
+def release_candidates(app: AppContext, services: list[str], out: Output) -> list[dict[str, Any]]:
+    """Build each service's image (cached) and describe the release deploy would make."""
+    spec = app.spec().spec
+    image_names = sorted({spec.services[s].image for s in services})
+    configs = {s: _config_and_secrets(app, s) for s in services}  # before a long build
+    built = {r["name"]: r["digest"] for r in build_images(app, image_names, out, no_cache=False)}
+    return [
+        {
+            "service": s,
+            "image": built[spec.services[s].image],
+            "image_name": spec.services[s].image,
+            **configs[s],
+        }
+        for s in services
+    ]
+
+
+def _config_and_secrets(app: AppContext, service: str) -> dict[str, Any]:
+    """The release config with plain env only; secret values go apart, for the
+    controller's secrets store (they are never part of a record or an output)."""
+    from graven.spec.envfile import resolve_service_env
+
+    loaded = app.spec()
+    svc = loaded.spec.services[service]
+    env = resolve_service_env(
+        service, svc.env, svc.env_file, loaded.root, str(loaded.path), loaded.lines, os.environ
+    )
+    config = svc.to_config().to_dict()
+    config["env"] = sorted([k, v] for k, v in env.plain.items())
+    return {"config": config, "secrets": env.secret}
+
+
+def wait_for_rollouts(
+    app: AppContext, rollouts: dict[str, int], out: Output
+) -> list[dict[str, Any]]:
+    return wait_rollouts(app.controller(), rollouts, out.progress)
+
+
+@click.command()
+@click.argument("services", nargs=-1)
+@output_option
+@click.pass_context
+def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
+    """Show what deploy would do, step by step, without doing it."""
+    app = app_context(ctx)
+    out = Output(output)
+    chosen = _services_from(app, services)
+    candidates = release_candidates(app, chosen, out)
+    client = app.running_controller()  # a look starts no controller
+    if client is None:
+        from graven.controller.offline import STOPPED, stopped_plan
+
+        plans = [stopped_plan(app.state_dir, c) for c in candidates]
+    else:
+        plans = [client.request("POST", "/v1/plan", c) for c in candidates]
+    data: dict[str, Any] = {
+        "plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]
+    }
+    if client is None:
+        data["controller"] = STOPPED
+
+    def render(con: Any, d: Any) -> None:
+        say_if_stopped(con, d)
+        for p in d["plans"]:
+            if not p["changed"]:
+                con.print(f"[green]{p['service']}[/]: up to date ({p['from']}); nothing to do")
+                continue
+            con.print(f"[bold]{p['service']}[/]: {p['from'] or '(nothing)'} -> {p['to']}")
+            for c in p["changes"]:
+                con.print(f"  ~ {c}")
+            for n, step in enumerate(p["steps"]["steps"], start=1):
+                con.print(f"  {n:>2}. {step['description']}")
+
+    out.emit(data, render)
+
+
+def _require_message(message: str | None, verb: str) -> str:
+    if not message or not message.strip():
+        raise UsageError(
+            f"{verb} needs a reason: the ledger records why every change was made",
+            hint=f"Run 'graven {verb} ... -m \"why you are doing this\"'.",
+        )
+    return message.strip()
+
+
+def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
+    out.emit(data, lambda con, d: render_results(con, d, verb))
+    if any_failed(results):
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("services", nargs=-1)
+@click.option("-m", "--message", help="Why: recorded in the ledger (required).")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the release recorded; the rollout goes on ('graven status -w').",
+)
+@output_option
+@click.pass_context
+def deploy(
+    ctx: click.Context, services: tuple[str, ...], message: str | None, no_wait: bool, output: str
+) -> None:
+    """Build, release and roll out SERVICES (default: all), replacing instances."""
+    app = app_context(ctx)
+    out = Output(output)
+    why = _require_message(message, "deploy")
+    chosen = _services_from(app, services)
+    candidates = release_candidates(app, chosen, out)
+    client = app.controller()
+    details: dict[str, Any] = {"spec": str(app.spec().path)}
+    commit = source_commit(app.spec().root)
+    if commit:
+        details["source_commit"] = commit
+    results = []
+    for c in candidates:
+        r = client.request(
+            "POST", "/v1/deploy", {**c, "actor": actor(), "message": why, "details": details}
+        )
+        out.progress(
+            f"[bold]deploy[/] {c['service']}: {r['release']}"
+            + ("" if r["changed"] else " (unchanged)")
+        )
+        results.append({"service": c["service"], **r})
+    _await(app, out, results, no_wait)
+    status = client.request("GET", "/v1/status")["services"]
+    urls = {s["service"]: s["url"] for s in status}
+    _finish(out, {"results": results, "urls": urls, "url": urls.get(chosen[0])}, results, "deploy")
+
+
+def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait: bool) -> None:
+    await_results(app.controller, results, no_wait=no_wait, progress=out.progress)
+
+
+@click.command()
+@click.argument("service")
+@click.option("--to", "to", type=int, metavar="N", help="Release number to return to (r N).")
+@click.option("-m", "--message", help="Why: recorded in the ledger.", default="rollback")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the rollback recorded; it goes on ('graven status -w').",
+)
+@output_option
+@click.pass_context
+def rollback(
+    ctx: click.Context, service: str, to: int | None, message: str, no_wait: bool, output: str
+) -> None:
+    """Return SERVICE to the release that served before (or --to N)."""
+    app = app_context(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST",
+        "/v1/rollback",
+        {"service": service, "to": to, "actor": actor(), "message": message},
+    )
+    out.progress(f"[bold]rollback[/] {service} -> {r['release']}")
+    results = [{"service": service, **r}]
+    _await(app, out, results, no_wait)
+    status = client.request("GET", "/v1/status", service=service)["services"]
+    _finish(
+        out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback"
+    )
+
+
+@click.command()
+@click.argument("service")
+@click.option("-m", "--message", default="promote", help="Why: recorded in the ledger.")
+@click.option(
+    "--detach",
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    help="Return at once, the promotion recorded; the rollout goes on ('graven status -w').",
+)
+@output_option
+@click.pass_context
+def promote(ctx: click.Context, service: str, message: str, no_wait: bool, output: str) -> None:
+    """Let SERVICE's paused rollout go on (a manual blue-green switch, a canary step)."""
+    app = app_context(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/promote", {"service": service, "actor": actor(), "message": message}
+    )
+    out.progress(f"[bold]promote[/] {service}: {r['release']}")
+    data = {"service": service, "rollout": r["rollout"], "release": r["release"]}
+    if not no_wait:
+        # Until it finishes or pauses again.
+        data["rollout_result"] = wait_rollouts(
+            client,
+            {service: r["rollout"]},
+            out.progress,
+            ended=lambda ro: (
+                ro["state"] != "running"
+                or (ro["progress"].startswith("paused") and not ro["promoted"])
+            ),
+        )[0]
+
+    def render(con: Any, d: Any) -> None:
+        ro = d.get("rollout_result") or {}
+        con.print(
+            f"[green]{d['service']}[/]: {ro.get('state', 'promoted')} {ro.get('progress', '')}"
+        )
+
+    out.emit(data, render)
+
+
+@click.command()
+@click.argument("service")
+@click.option("-m", "--message", default="aborted", help="Why: recorded in the ledger and shown.")
+@output_option
+@click.pass_context
+def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
+    """Stop SERVICE's rollout and return to the release that served before it."""
+    app = app_context(ctx)
+    out = Output(output)
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/abort", {"service": service, "actor": actor(), "message": message}
+    )
+    out.emit(r, lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
+
+
+@click.command()
+@click.argument("service", required=False)
+@click.option("-m", "--message", default="down", help="Why: recorded in the ledger.")
+@output_option
+@click.pass_context
+def down(ctx: click.Context, service: str | None, message: str, output: str) -> None:
+    """Drain and stop SERVICE's instances and router (default: every service, then
+    the controller)."""
+    app = app_context(ctx)
+    out = Output(output)
+    from graven.controller.client import ControllerClient
+
+    if service is None and not ControllerClient(app.state_dir).alive():
+        # Nothing to reach; starting a controller only to stop it would be silly,
+        # unless something is still recorded as running.
+        from graven.controller.offline import routers_running
+        from graven.controller.paths import state_db
+
+        recorded = state_db(app.state_dir).exists()
+        if not recorded or not (app.state().live_instances() or routers_running(app.state_dir)):
+            out.emit(
+                {"results": [], "controller": "not running"},
+                lambda c, d: c.print("nothing running"),
+            )
+            return
+    client = app.controller()
+    r = client.request(
+        "POST", "/v1/down", {"service": service, "actor": actor(), "message": message}
+    )
+    results = r["results"]
+    _await(app, out, results, False)
+    data: dict[str, Any] = {"results": results}
+    if service is None:
+        client.request("POST", "/v1/shutdown", {})
+        data["controller"] = "stopped"
+
+    def render(con: Any, d: Any) -> None:
+        for x in d["results"]:
+            state = "stopped" if x.get("changed") else "already down"
+            con.print(f"[green]{x['service']}[/]: {state}")
+        if d.get("controller"):
+            con.print("controller stopped")
+
+    out.emit(data, render)
