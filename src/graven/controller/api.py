@@ -690,7 +690,7 @@ class _Connection:
         self.evicted = False
 
 
-def _busy(limit: int) -> tuple[int, dict[str, Any]]:
+def _busy(limit: int) -> tuple[int, dict[str, object]]:
     return 503, BadRequest(
         f"the controller has {limit} connections open",
         hint="Retry in a moment; if this persists, something is holding connections open.",
