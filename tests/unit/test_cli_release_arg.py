@@ -10,16 +10,17 @@ import pytest
 
 from graven.cli import main as cli_main
 from graven.cli.context import AppContext
+from graven.controller.client import ControllerClient
 from graven.errors import ControllerError
 
 
-class Recorder:
+class Recorder(ControllerClient):
     """A controller client that records the request and refuses it (no controller)."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
 
-    def request(self, method: str, path: str, body: dict[str, Any]) -> NoReturn:
+    def request(self, method: str, path: str, body: Any = None, **query: Any) -> NoReturn:
         self.bodies.append(body)
         raise ControllerError("recorded")
 

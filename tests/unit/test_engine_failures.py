@@ -13,6 +13,7 @@ import pytest
 from graven.controller.api import Api
 from graven.controller.engine import ServiceWorker
 from graven.controller.health_watch import BACKOFF_MAX, CRASH_RESET, backoff
+from graven.controller.results import to_json
 from graven.model import BlueGreenConfig, HealthCheck, ServiceConfig
 from tests.unit.test_engine import World, config
 
@@ -27,8 +28,7 @@ def one(**kw: Any) -> ServiceConfig:
 
 
 def status(world: World) -> dict[str, Any]:
-    out: dict[str, Any] = Api(world.engine, lambda: None).engine_status("web")[0]
-    return out
+    return to_json(Api(world.engine, lambda: None).engine_status("web")[0])
 
 
 def health_pass(world: World) -> None:
@@ -42,7 +42,7 @@ def test_a_router_that_cannot_listen_fails_the_first_rollout_with_the_reason(wor
     world.router.foreign_ports[18080] = "pid 4242 (nginx)"
     out = world.deploy(world.v1)
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "failed"
     assert "port 18080 on 127.0.0.1 is in use by pid 4242 (nginx)" in ro.reason
     assert "Stop what holds port 18080" in ro.reason  # the next step
@@ -57,7 +57,7 @@ def test_moving_to_a_busy_port_goes_back_to_the_release_that_served(world: World
     world.router.foreign_ports[18081] = "pid 4242 (nginx)"
     out = world.deploy(world.v2, dataclasses.replace(config(), port=18081))
     world.converge()
-    assert world.state.rollout(int(out["rollout"])).state == "failed"  # type: ignore[call-overload]
+    assert world.state.rollout(out.rollout).state == "failed"
     assert world.state.desired_release("web") == 1
     assert world.serving() == [(1, "healthy")] * 3
     assert world.router.running() == {"web": 18080}
@@ -76,7 +76,7 @@ def test_a_rollout_stuck_in_start_up_fails_at_its_progress_deadline(world: World
     start = world.clock.now()
     out = world.deploy(world.v2, slow)
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "failed"
     assert ro.reason.startswith("no progress for 60s (the progress deadline)")
     assert "progress_deadline" in ro.reason  # says what to change
@@ -124,7 +124,7 @@ def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
         task = asyncio.ensure_future(world.engine.reconcile("web"))
         for _ in range(100_000):
             await asyncio.sleep(0)
-            ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+            ro = world.state.rollout(out.rollout)
             if ro.progress.startswith("paused"):
                 break
         world.clock.advance(3600)  # an hour at the gate
@@ -133,7 +133,7 @@ def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
 
     asyncio.run(scenario())
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "succeeded", ro.reason
 
 

@@ -137,7 +137,7 @@ def test_stop_stops_the_process_and_forgets_its_health(world: World) -> None:
 
 def test_record_progress_moves_the_canary_step_and_clears_its_gate(world: World) -> None:
     out = world.deploy(world.v1, config(replicas=1))
-    rollout = int(out["rollout"])  # type: ignore[call-overload]
+    rollout = out.rollout
     with world.state.transaction() as tx:
         tx.set_rollout_gate(rollout, RolloutGate(pause=PauseGate(until=1.0, done=True)))
     asyncio.run(applier_of(world, Host()).apply("web", RecordProgress(2, 3), {}))

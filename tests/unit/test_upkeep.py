@@ -110,15 +110,17 @@ def test_the_real_runtime_and_routers_have_their_logs_bounded(tmp_path: Path) ->
 def test_status_reports_the_state_dir(world: World, tmp_path: Path) -> None:
     engine = world.engine
     api = Api(engine, lambda: None)
-    reply = asyncio.run(api.status({}, {}))
-    assert reply["state_dir"]["path"] == str(tmp_path)
-    assert reply["state_dir"]["problem"] is None
-    assert reply["state_dir"]["free_bytes"] > 0
+    reply = asyncio.run(api.status({}, {})).state_dir
+    assert reply is not None
+    assert reply.path == str(tmp_path)
+    assert reply.problem is None
+    assert reply.free_bytes is not None and reply.free_bytes > 0
 
     engine.upkeep.disk.probe = lambda path: False  # writes keep failing
     engine.upkeep.disk.refused(OSError(errno.ENOSPC, "No space left on device"))
-    reply = asyncio.run(api.status({}, {}))
-    assert reply["state_dir"]["problem"].startswith(f"state dir {tmp_path} is full")
+    full = asyncio.run(api.status({}, {})).state_dir
+    assert full is not None and full.problem is not None
+    assert full.problem.startswith(f"state dir {tmp_path} is full")
 
 
 @pytest.mark.parametrize("appending", [True, False])

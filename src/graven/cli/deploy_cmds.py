@@ -15,6 +15,7 @@ from graven.cli.options import output_option
 from graven.cli.output import Output
 from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
 from graven.cli.status_cmds import say_if_stopped
+from graven.controller.results import to_json
 from graven.errors import UsageError
 from graven.model import ReleaseId
 
@@ -87,9 +88,11 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
 
         plans = [stopped_plan(app.state_dir, c) for c in candidates]
     else:
-        plans = [client.request("POST", "/v1/plan", c) for c in candidates]
+        plans = [client.plan(c) for c in candidates]
     data: dict[str, Any] = {
-        "plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]
+        "plans": [
+            {"service": c["service"], **to_json(p)} for c, p in zip(candidates, plans, strict=True)
+        ]
     }
     if client is None:
         data["controller"] = STOPPED
@@ -152,17 +155,13 @@ def deploy(
         details["source_commit"] = commit
     results = []
     for c in candidates:
-        r = client.request(
-            "POST", "/v1/deploy", {**c, "actor": actor(), "message": why, "details": details}
-        )
+        r = client.deploy(c, actor=actor(), message=why, details=details)
         out.progress(
-            f"[bold]deploy[/] {c['service']}: {r['release']}"
-            + ("" if r["changed"] else " (unchanged)")
+            f"[bold]deploy[/] {c['service']}: {r.release}" + ("" if r.changed else " (unchanged)")
         )
-        results.append({"service": c["service"], **r})
+        results.append({"service": c["service"], **to_json(r)})
     _await(app, out, results, no_wait)
-    status = client.request("GET", "/v1/status")["services"]
-    urls = {s["service"]: s["url"] for s in status}
+    urls = {s.service: s.url for s in client.status().services}
     _finish(out, {"results": results, "urls": urls, "url": urls.get(chosen[0])}, results, "deploy")
 
 
@@ -191,17 +190,13 @@ def rollback(
     out = Output(output)
     number = ReleaseId.parse(to, service=service).number if to is not None else None
     client = app.controller()
-    r = client.request(
-        "POST",
-        "/v1/rollback",
-        {"service": service, "to": number, "actor": actor(), "message": message},
-    )
-    out.progress(f"[bold]rollback[/] {service} -> {r['release']}")
-    results = [{"service": service, **r}]
+    r = client.rollback(service, to=number, actor=actor(), message=message)
+    out.progress(f"[bold]rollback[/] {service} -> {r.release}")
+    results = [{"service": service, **to_json(r)}]
     _await(app, out, results, no_wait)
-    status = client.request("GET", "/v1/status", service=service)["services"]
+    status = client.status(service).services
     _finish(
-        out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback"
+        out, {"results": results, "url": status[0].url if status else None}, results, "rollback"
     )
 
 
@@ -222,16 +217,14 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
     app = app_context(ctx)
     out = Output(output)
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/promote", {"service": service, "actor": actor(), "message": message}
-    )
-    out.progress(f"[bold]promote[/] {service}: {r['release']}")
-    data = {"service": service, "rollout": r["rollout"], "release": r["release"]}
+    r = client.promote(service, actor=actor(), message=message)
+    out.progress(f"[bold]promote[/] {service}: {r.release}")
+    data: dict[str, Any] = {"service": service, "rollout": r.rollout, "release": r.release}
     if not no_wait:
         # Until it finishes or pauses again.
         data["rollout_result"] = wait_rollouts(
             client,
-            {service: r["rollout"]},
+            {service: r.rollout},
             out.progress,
             ended=lambda ro: (
                 ro["state"] != "running"
@@ -258,10 +251,8 @@ def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
     app = app_context(ctx)
     out = Output(output)
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/abort", {"service": service, "actor": actor(), "message": message}
-    )
-    out.emit(r, lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
+    r = client.abort(service, actor=actor(), message=message)
+    out.emit(to_json(r), lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
 
 
 @click.command()
@@ -290,14 +281,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
             )
             return
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/down", {"service": service, "actor": actor(), "message": message}
-    )
-    results = r["results"]
+    results = [to_json(r) for r in client.down(service, actor=actor(), message=message)]
     _await(app, out, results, False)
     data: dict[str, Any] = {"results": results}
     if service is None:
-        client.request("POST", "/v1/shutdown", {})
+        client.shutdown()
         data["controller"] = "stopped"
 
     def render(con: Any, d: Any) -> None:

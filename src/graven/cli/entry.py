@@ -183,6 +183,8 @@ def _fast_rollback(argv: list[str]) -> int | None:
     as_json = output == "json"
     try:
         try:
+            # Raw JSON on purpose: the typed replies (graven.controller.results) would
+            # add their import to this path's start-up; the full CLI's verb uses them.
             r = client.request(
                 "POST",
                 "/v1/rollback",

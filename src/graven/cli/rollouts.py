@@ -48,6 +48,8 @@ def wait_rollouts(
     try:
         while pending:
             for service, rid in list(pending.items()):
+                # Raw JSON: the lean rollback path waits here too, and skips the
+                # typed replies' import (see graven.cli.entry).
                 r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
                 if r["progress"] and r["progress"] != last.get(service):
                     last[service] = r["progress"]

@@ -28,12 +28,13 @@ def _status_data(
     """The status to show (after following running rollouts, with ``watch``), and
     whether a rollout it followed failed or was aborted."""
     from graven.cli.rollouts import watch_status
+    from graven.controller.results import to_json
 
     client = app.running_controller()  # a look starts no controller
     if client is None:
         from graven.controller.offline import stopped_status
 
-        data = stopped_status(app.state_dir, service)
+        data: dict[str, Any] = to_json(stopped_status(app.state_dir, service))
         running = [
             s["service"]
             for s in data["services"]
@@ -49,7 +50,7 @@ def _status_data(
             )
         return data, False
     if not watch:
-        return client.request("GET", "/v1/status", service=service), False
+        return to_json(client.status(service)), False
     data, finished = watch_status(client, service, out.progress)
     return data, any(ro["state"] not in ("succeeded", "running") for ro in finished)
 

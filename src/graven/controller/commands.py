@@ -8,9 +8,18 @@ change goes through ``Commands.record``, the one path that does those three thin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
+from graven.controller.results import (
+    AbortResult,
+    DeployResult,
+    DownResult,
+    PlanView,
+    PreviewResult,
+    PromoteResult,
+    RollbackResult,
+)
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.state import StateTransaction
@@ -49,8 +58,8 @@ class Commands:
         config: ServiceConfig,
         actor: str,
         message: str,
-        details: dict[str, Any],
-    ) -> dict[str, Any]:
+        details: Mapping[str, object],
+    ) -> DeployResult:
         self.engine.store.get_image(image)  # refuse digests the store does not hold
         now = self.clock.now()
         content_hash = Release.hash_of(service, image, config)
@@ -60,11 +69,7 @@ class Commands:
             if current.content_hash == content_hash:
                 # Same desired state again: nothing to do, nothing to record.
                 running = self.state.running_rollout(service)
-                return {
-                    "changed": False,
-                    "release": current.id,
-                    "rollout": running.id if running else None,
-                }
+                return DeployResult(False, current.id, running.id if running else None)
         made: list[tuple[Release, int]] = []
 
         def change(tx: StateTransaction) -> LedgerEntry:
@@ -85,7 +90,7 @@ class Commands:
 
         entry = self.record(service, change)
         release, rollout = made[0]
-        return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
+        return DeployResult(True, release.id, rollout, entry.seq)
 
     def rollback_target(self, service: str) -> int:
         desired = self.state.desired_release(service)
@@ -101,7 +106,7 @@ class Commands:
             )
         return target
 
-    def rollback(self, service: str, to: int | None, actor: str, message: str) -> dict[str, Any]:
+    def rollback(self, service: str, to: int | None, actor: str, message: str) -> RollbackResult:
         if service not in self.state.services():
             raise NotFoundError(f"service {service!r} was never deployed")
         target = to if to is not None else self.rollback_target(service)
@@ -109,11 +114,7 @@ class Commands:
         desired = self.state.desired_release(service)
         if desired == target:
             running = self.state.running_rollout(service)
-            return {
-                "changed": False,
-                "release": release.id,
-                "rollout": running.id if running else None,
-            }
+            return RollbackResult(False, release.id, running.id if running else None)
         now = self.clock.now()
         rollouts: list[int] = []
 
@@ -136,14 +137,9 @@ class Commands:
             )
 
         entry = self.record(service, change)
-        return {
-            "changed": True,
-            "release": release.id,
-            "rollout": rollouts[0],
-            "ledger": entry.seq,
-        }
+        return RollbackResult(True, release.id, rollouts[0], entry.seq)
 
-    def down(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def down(self, service: str, actor: str, message: str) -> DownResult:
         services = self.state.services()
         if service not in services:
             raise NotFoundError(f"service {service!r} was never deployed")
@@ -155,7 +151,7 @@ class Commands:
             and service not in routers
             and f"{service}-preview" not in routers  # a router left over still goes
         ):
-            return {"changed": False, "service": service, "rollout": None}
+            return DownResult(False, service, None)
         now = self.clock.now()
         rollouts: list[int] = []
 
@@ -174,9 +170,9 @@ class Commands:
             )
 
         entry = self.record(service, change)
-        return {"changed": True, "service": service, "rollout": rollouts[0], "ledger": entry.seq}
+        return DownResult(True, service, rollouts[0], entry.seq)
 
-    def promote(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def promote(self, service: str, actor: str, message: str) -> PromoteResult:
         ro = self.state.running_rollout(service)
         if ro is None:
             raise UsageError(
@@ -200,9 +196,9 @@ class Commands:
             )
 
         self.record(service, change)
-        return {"service": service, "rollout": ro.id, "release": to}
+        return PromoteResult(service, ro.id, to)
 
-    def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def abort(self, service: str, actor: str, message: str) -> AbortResult:
         ro = self.state.running_rollout(service)
         if ro is None:
             raise UsageError(
@@ -231,16 +227,16 @@ class Commands:
             )
 
         self.record(service, change)
-        return {"service": service, "rollout": ro.id, "reason": reason}
+        return AbortResult(service, ro.id, reason)
 
-    def preview(self, service: str, image: Digest, config: ServiceConfig) -> dict[str, Any]:
+    def preview(self, service: str, image: Digest, config: ServiceConfig) -> PreviewResult:
         """What deploying ``image`` with ``config`` would do now; changes nothing."""
         engine = self.engine
         content_hash = Release.hash_of(service, image, config)
         desired = self.state.desired_release(service)
         current = self.state.release(service, desired) if desired is not None else None
         if current is not None and current.content_hash == content_hash:
-            return {"changed": False, "from": current.id, "steps": engine.plan(service).to_dict()}
+            return PreviewResult(False, current.id, PlanView.of(engine.plan(service)))
         numbers = [r.number for r in self.state.releases(service)]
         nxt = max(numbers, default=0) + 1
         plan = engine.plan_with(
@@ -259,13 +255,13 @@ class Commands:
                 if k != "env" and old[k] != new[k]
             ]
             changes += env_changes(current.config.env, config.env)
-        return {
-            "changed": True,
-            "from": current.id if current else None,
-            "to": release_id(service, nxt),
-            "changes": changes,
-            "steps": plan.to_dict(),
-        }
+        return PreviewResult(
+            True,
+            current.id if current else None,
+            PlanView.of(plan),
+            to=release_id(service, nxt),
+            changes=tuple(changes),
+        )
 
 
 def env_changes(old: tuple[tuple[str, str], ...], new: tuple[tuple[str, str], ...]) -> list[str]:

@@ -4,6 +4,12 @@ Level-triggered: every pass starts from what the state store and the processes s
 now, never from what the previous pass intended. That is what makes a controller
 killed mid-rollout safe to restart: the next pass plans from the instances it finds
 and carries on.
+
+The engine runs one worker per service (plan, then apply step by step within the
+progress deadline) and owns what the rest use: the router's backend sets. Around it:
+``controller.commands`` records desired-state changes, ``rollout.apply`` applies each
+step (``rollout.gates`` its waits), ``controller.health_watch`` probes routed instances
+and paces crash loops, and ``ledger.head`` writes the ledger head.
 """
 
 from __future__ import annotations
