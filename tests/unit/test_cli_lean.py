@@ -210,3 +210,20 @@ def test_ctrl_c_while_waiting_stops_watching_not_the_rollout() -> None:
     with pytest.raises(StoppedWatching) as caught:
         wait_rollouts(client, {"web": 3, "api": 4}, lambda line: None)
     assert "'graven abort SERVICE' to stop it (rolling out: api, web)" in caught.value.message
+
+
+# --- the recogniser and the click verbs agree --------------------------------------------
+
+
+def _option_names(command: click.Command) -> set[str]:
+    return {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
+
+
+def test_the_recogniser_knows_the_click_verbs_options() -> None:
+    """Every option of the click verb is recognised (its help option, added by click,
+    goes to the full CLI): the lean path cannot fall behind a new option unnoticed."""
+    from graven.cli.build_cmds import build
+    from graven.cli.deploy_cmds import rollback
+
+    assert _option_names(build) == {*entry.BUILD_FLAGS, *entry.BUILD_VALUES}
+    assert _option_names(rollback) == {*entry.ROLLBACK_FLAGS, *entry.ROLLBACK_VALUES}

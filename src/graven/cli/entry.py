@@ -47,73 +47,65 @@ def _split_globals(argv: list[str], verb: str) -> tuple[str | None, str | None, 
     return None
 
 
-def _build_args(rest: list[str]) -> tuple[list[str], bool, str] | None:
-    """``[IMAGE...] [--no-cache] [-o json|text]`` in any order, each option once, as
-    (images, no_cache, output); None for anything else."""
-    names: list[str] = []
+# Each recognised verb's options, by the parameter they set: flags, then options that
+# take a value. tests/unit/test_cli_lean.py holds them to the click verbs' options.
+BUILD_FLAGS = {"--no-cache": "no_cache"}
+BUILD_VALUES = {"-o": "output", "--output": "output"}
+ROLLBACK_FLAGS = {"--detach": "no_wait", "--no-wait": "no_wait"}
+ROLLBACK_VALUES = {"--to": "to", "-m": "message", "--message": "message", **BUILD_VALUES}
+
+
+def _options(
+    rest: list[str], flags: dict[str, str], values: dict[str, str]
+) -> tuple[list[str], dict[str, str]] | None:
+    """``rest`` as (arguments, {parameter: value}), options in any order, each once
+    (a flag's value is ""); None for an unknown option, a repeated one, or a value
+    click might read otherwise (missing, or starting with '-')."""
+    arguments: list[str] = []
     seen: dict[str, str] = {}
     args = iter(rest)
     for arg in args:
-        if arg == "--no-cache":
-            name, value = "no_cache", ""
-        elif arg in ("-o", "--output"):
-            name, value = "output", next(args, "")
+        if arg in flags:
+            name, value = flags[arg], ""
+        elif arg in values:
+            name, value = values[arg], next(args, "-")
+            if value.startswith("-"):
+                return None
         elif arg.startswith("-"):
             return None
         else:
-            names.append(arg)
+            arguments.append(arg)
             continue
         if name in seen:
             return None
         seen[name] = value
-    output = seen.get("output", "text")
-    if output not in ("json", "text"):
+    if seen.get("output", "text") not in ("json", "text"):
         return None
-    return names, "no_cache" in seen, output
+    return arguments, seen
 
 
-# The rollback command's options that take a value, by the name they set.
-_ROLLBACK_VALUES = {
-    "--to": "to",
-    "-m": "message",
-    "--message": "message",
-    "-o": "output",
-    "--output": "output",
-}
+def _build_args(rest: list[str]) -> tuple[list[str], bool, str] | None:
+    """``[IMAGE...] [--no-cache] [-o json|text]`` as (images, no_cache, output)."""
+    parsed = _options(rest, BUILD_FLAGS, BUILD_VALUES)
+    if parsed is None:
+        return None
+    names, seen = parsed
+    return names, "no_cache" in seen, seen.get("output", "text")
 
 
 def _rollback_args(rest: list[str]) -> tuple[str, int | None, str, bool, str] | None:
-    """``SERVICE [--to N] [-m MSG] [--detach|--no-wait] [-o json|text]`` in any order,
-    each option once, as (service, to, message, no_wait, output); None for anything
-    else."""
-    service: str | None = None
-    seen: dict[str, str] = {}
-    args = iter(rest)
-    for arg in args:
-        if arg in ("--detach", "--no-wait"):
-            name, value = "no_wait", ""
-        elif arg in _ROLLBACK_VALUES:
-            name, value = _ROLLBACK_VALUES[arg], next(args, "-")
-            if value.startswith("-"):
-                return None  # missing, or an option click might read otherwise
-        elif arg.startswith("-") or service is not None:
-            return None
-        else:
-            service = arg
-            continue
-        if name in seen:
-            return None
-        seen[name] = value
+    """``SERVICE [--to N] [-m MSG] [--detach|--no-wait] [-o json|text]`` as (service,
+    to, message, no_wait, output)."""
+    parsed = _options(rest, ROLLBACK_FLAGS, ROLLBACK_VALUES)
+    if parsed is None:
+        return None
+    arguments, seen = parsed
     to = seen.get("to")
-    output = seen.get("output", "text")
-    if (
-        service is None
-        or output not in ("json", "text")
-        or (to is not None and not (to.isascii() and to.isdigit()))
-    ):
+    if len(arguments) != 1 or (to is not None and not (to.isascii() and to.isdigit())):
         return None
     message = seen.get("message", "rollback")
-    return service, int(to) if to is not None else None, message, "no_wait" in seen, output
+    output = seen.get("output", "text")
+    return arguments[0], int(to) if to is not None else None, message, "no_wait" in seen, output
 
 
 def recognised(argv: list[str]) -> Callable[[], int] | None:
