@@ -18,6 +18,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from graven.cli.context import AppContext
+    from graven.cli.output import Output
 
 
 def _split_globals(argv: list[str], verb: str) -> tuple[str | None, str | None, list[str]] | None:
@@ -118,14 +123,6 @@ def recognised(argv: list[str]) -> Callable[[], int] | None:
     else:
         return None
     spec_file, state_opt, rest = split
-
-    from graven.cli.context import AppContext
-    from graven.cli.output import Output
-
-    app = AppContext(
-        spec_file=Path(spec_file) if spec_file else None,
-        state_dir_option=Path(state_opt) if state_opt else None,
-    )
     if verb == "build":
         build = _build_args(rest)
         if build is None:
@@ -133,14 +130,30 @@ def recognised(argv: list[str]) -> Callable[[], int] | None:
         names, no_cache, output = build
         from graven.cli.build_flow import build_verb
 
-        return lambda: build_verb(app, names, Output(output), no_cache=no_cache)
+        app, out = _context(spec_file, state_opt, output)
+        return lambda: build_verb(app, names, out, no_cache=no_cache)
     rollback = _rollback_args(rest)
     if rollback is None:
         return None
     service, to, message, no_wait, output = rollback
     from graven.cli.rollouts import rollback as run
 
-    return lambda: run(app, service, to, message, no_wait=no_wait, out=Output(output))
+    app, out = _context(spec_file, state_opt, output)
+    return lambda: run(app, service, to, message, no_wait=no_wait, out=out)
+
+
+def _context(
+    spec_file: str | None, state_dir: str | None, output: str
+) -> tuple[AppContext, Output]:
+    """What the root command and the ``-o`` option give a click verb."""
+    from graven.cli.context import AppContext
+    from graven.cli.output import Output
+
+    app = AppContext(
+        spec_file=Path(spec_file) if spec_file else None,
+        state_dir_option=Path(state_dir) if state_dir else None,
+    )
+    return app, Output(output)
 
 
 def main() -> None:
