@@ -1,4 +1,5 @@
-"""Rendering: commands return plain data; this module is the only place that writes.
+"""Rendering: commands return plain data; this module (and the line writer it holds,
+:class:`graven.cli.lines.LineWriter`) is the only place that writes.
 
 ``-o json`` prints the same data the human view is drawn from, so scripts and
 people see one truth.
