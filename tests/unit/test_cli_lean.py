@@ -13,8 +13,8 @@ import click
 import pytest
 
 from graven.cli import entry
-from graven.cli.exits import exit_code, report_error
-from graven.cli.rollouts import StoppedWatching, wait_rollouts
+from graven.cli.exits import StoppedWatching, exit_code, report_error
+from graven.cli.rollouts import wait_rollouts
 from graven.errors import ControllerNotRunning, NotFoundError, SpecError, SpecProblem
 
 COLOR_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "COLUMNS")

@@ -15,8 +15,26 @@ from collections.abc import Callable
 from typing import Any
 
 from graven.cli.lines import isatty
-from graven.cli.rollouts import StoppedWatching
 from graven.errors import GravenError
+
+
+class StoppedWatching(Exception):
+    """Ctrl-C while a verb waits for rollouts: the verb stops watching, the controller
+    goes on. Both CLI paths print ``message`` and exit 130."""
+
+    exit_code = 130
+
+    def __init__(self, services: list[str]) -> None:
+        self.services = services
+        target = services[0] if len(services) == 1 else "SERVICE"
+        self.message = (
+            "stopped watching; the rollout goes on — 'graven status -w' to follow, "
+            f"'graven abort {target}' to stop it"
+        )
+        if len(services) > 1:
+            self.message += f" (rolling out: {', '.join(services)})"
+        super().__init__(self.message)
+
 
 # click's pattern for the escape sequences it strips from output that is not a tty.
 _ANSI = re.compile(r"\033\[[0-?]*[ -/]*[@-~]")

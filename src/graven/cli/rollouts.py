@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from graven.cli import render
+from graven.cli.exits import StoppedWatching
 
 if TYPE_CHECKING:
     from graven.cli.context import AppContext
@@ -20,24 +21,6 @@ if TYPE_CHECKING:
     from graven.controller.client import ControllerClient
 
 Progress = Callable[["Line"], None]
-
-
-class StoppedWatching(Exception):
-    """Ctrl-C while a verb waits for rollouts: the verb stops watching, the controller
-    goes on. Both CLI paths print ``message`` and exit 130."""
-
-    exit_code = 130
-
-    def __init__(self, services: list[str]) -> None:
-        self.services = services
-        target = services[0] if len(services) == 1 else "SERVICE"
-        self.message = (
-            "stopped watching; the rollout goes on — 'graven status -w' to follow, "
-            f"'graven abort {target}' to stop it"
-        )
-        if len(services) > 1:
-            self.message += f" (rolling out: {', '.join(services)})"
-        super().__init__(self.message)
 
 
 def wait_rollouts(
