@@ -5,9 +5,7 @@ click is only a type here: the lean paths in ``graven.cli.entry`` use this modul
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import sys
 from functools import cached_property
 from pathlib import Path
@@ -139,6 +137,9 @@ def actor() -> str:
     explicit = os.environ.get("GRAVEN_ACTOR")
     if explicit:
         return explicit
+    import getpass
+    import socket  # only the verbs that record a change ask; a no-op build does not
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

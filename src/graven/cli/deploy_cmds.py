@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from graven.cli.build_cmds import build_images
+from graven.cli import render
+from graven.cli.build_flow import build
 from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.options import output_option
 from graven.cli.output import Output
-from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
+from graven.cli.rollouts import await_results, wait_rollouts
 from graven.cli.status_cmds import say_if_stopped
 from graven.controller.results import to_json
 from graven.errors import UsageError
@@ -39,7 +40,7 @@ def release_candidates(app: AppContext, services: list[str], out: Output) -> lis
     spec = app.spec().spec
     image_names = sorted({spec.services[s].image for s in services})
     configs = {s: _config_and_secrets(app, s) for s in services}  # before a long build
-    built = {r["name"]: r["digest"] for r in build_images(app, image_names, out, no_cache=False)}
+    built = {i.name: i.digest for i in build(app, image_names, out)}
     return [
         {
             "service": s,
@@ -97,7 +98,7 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
     if client is None:
         data["controller"] = STOPPED
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         say_if_stopped(con, d)
         for p in d["plans"]:
             if not p["changed"]:
@@ -109,7 +110,7 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
             for n, step in enumerate(p["steps"]["steps"], start=1):
                 con.print(f"  {n:>2}. {step['description']}")
 
-    out.emit(data, render)
+    out.emit(data, view)
 
 
 def _require_message(message: str | None, verb: str) -> str:
@@ -122,8 +123,9 @@ def _require_message(message: str | None, verb: str) -> str:
 
 
 def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
-    out.emit(data, lambda con, d: render_results(con, d, verb))
-    if any_failed(results):
+    outcomes = [render.ServiceOutcome.of(r) for r in results]
+    out.show(data, render.outcomes(outcomes, verb, data.get("url")))
+    if render.any_failed(outcomes):
         sys.exit(1)
 
 
@@ -156,9 +158,7 @@ def deploy(
     results = []
     for c in candidates:
         r = client.deploy(c, actor=actor(), message=why, details=details)
-        out.progress(
-            f"[bold]deploy[/] {c['service']}: {r.release}" + ("" if r.changed else " (unchanged)")
-        )
+        out.progress(render.change_recorded("deploy", c["service"], r.release, changed=r.changed))
         results.append({"service": c["service"], **to_json(r)})
     _await(app, out, results, no_wait)
     urls = {s.service: s.url for s in client.status().services}
@@ -186,18 +186,11 @@ def rollback(
     ctx: click.Context, service: str, to: str | None, message: str, no_wait: bool, output: str
 ) -> None:
     """Return SERVICE to the release that served before (or --to RELEASE)."""
-    app = app_context(ctx)
-    out = Output(output)
+    from graven.cli.rollouts import rollback as run
+
     number = ReleaseId.parse(to, service=service).number if to is not None else None
-    client = app.controller()
-    r = client.rollback(service, to=number, actor=actor(), message=message)
-    out.progress(f"[bold]rollback[/] {service} -> {r.release}")
-    results = [{"service": service, **to_json(r)}]
-    _await(app, out, results, no_wait)
-    status = client.status(service).services
-    _finish(
-        out, {"results": results, "url": status[0].url if status else None}, results, "rollback"
-    )
+    if code := run(app_context(ctx), service, number, message, no_wait=no_wait, out=Output(output)):
+        sys.exit(code)
 
 
 @click.command()
@@ -218,7 +211,7 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
     out = Output(output)
     client = app.controller()
     r = client.promote(service, actor=actor(), message=message)
-    out.progress(f"[bold]promote[/] {service}: {r.release}")
+    out.progress(render.change_recorded("promote", service, r.release))
     data: dict[str, Any] = {"service": service, "rollout": r.rollout, "release": r.release}
     if not no_wait:
         # Until it finishes or pauses again.
@@ -232,13 +225,13 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
             ),
         )[0]
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         ro = d.get("rollout_result") or {}
         con.print(
             f"[green]{d['service']}[/]: {ro.get('state', 'promoted')} {ro.get('progress', '')}"
         )
 
-    out.emit(data, render)
+    out.emit(data, view)
 
 
 @click.command()
@@ -288,11 +281,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
         client.shutdown()
         data["controller"] = "stopped"
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         for x in d["results"]:
             state = "stopped" if x.get("changed") else "already down"
             con.print(f"[green]{x['service']}[/]: {state}")
         if d.get("controller"):
             con.print("controller stopped")
 
-    out.emit(data, render)
+    out.emit(data, view)
