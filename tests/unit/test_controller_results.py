@@ -292,3 +292,17 @@ def test_the_api_answers_with_the_encoded_result(world: World) -> None:
     assert isinstance(reply, DeployResult)
     assert from_json(DeployResult, json.loads(json.dumps(to_json(reply)))) == reply
     assert (reply.changed, reply.release, reply.ledger) == (True, "web@r1", 1)
+
+
+def test_a_promoted_rollout_reads_back_through_the_client_as_it_always_did(world: World) -> None:
+    """The store keeps ``promoted`` as a bool; the wire has always carried 0 or 1."""
+    out = world.deploy(world.v1, config(replicas=1))
+    assert out.rollout is not None
+    with world.state.transaction() as tx:
+        tx.set_rollout_promoted(out.rollout, True)
+    status = to_json(asyncio.run(Api(world.engine, lambda: None).status({}, {})))
+    rollout = status["services"][0]["rollout"]  # type: ignore[call-overload, index]
+    assert rollout["promoted"] == 1 and rollout["promoted"] is not True  # type: ignore[index]
+    decoded = from_json(StatusView, json.loads(json.dumps(status)), "reply to /v1/status")
+    assert decoded.services[0].rollout is not None
+    assert decoded.services[0].rollout.promoted == 1

@@ -173,7 +173,7 @@ class RolloutView:
             started_at=ro.started_at,
             finished_at=ro.finished_at,
             step_index=ro.step_index,
-            promoted=ro.promoted,
+            promoted=int(ro.promoted),  # 0 or 1 on the wire, as it always was
             switched_at=ro.switched_at,
             paused_until=ro.paused_until,
             progressed_at=ro.progressed_at,
