@@ -6,11 +6,20 @@ message and an exit code, never a traceback (unless ``--debug``)::
     GravenError                      exit 1 unless said otherwise
     ├── UsageError                   exit 2: bad arguments or invalid input
     │   ├── SpecError                graven.yaml problems, each with file:line and key path
-    │   └── NotFoundError            a named image, service, release or instance is unknown
+    │   ├── NotFoundError            a named image, service, release or instance is unknown
+    │   ├── BadRequest               the controller's API refused a request (its HTTP status)
+    │   └── ImportRejected           an image to import is malformed or unsafe
     ├── BuildError                   a recipe step failed
+    │   └── SandboxUnavailable       run steps cannot be isolated here
     ├── StoreError                   the content store is missing or corrupt data
+    │   └── TreePathError            a path inside an image tree cannot be used as asked
+    ├── RegistryError                a registry refused, failed, or sent an untrusted reply
+    │   ├── RegistryAuthError        it wants other credentials (401) or denies (403)
+    │   ├── RegistryNotFound         no such repository, tag or blob there
+    │   └── RegistryUnavailable      down, unreachable, too slow or failing after retries
     ├── DiskError                    a filesystem refused a write: full, over quota, read-only
     ├── StateAccessError             the state dir is not this user's to read
+    ├── SecretMissing                a release refers to a secret the state dir lacks
     ├── RuntimeFailure               an instance could not be started or stopped
     ├── RouterError                  the router process failed or refused a change
     ├── ControllerError              the controller is unreachable or refused a request
@@ -18,6 +27,13 @@ message and an exit code, never a traceback (unless ``--debug``)::
     ├── RolloutFailed                a rollout could not finish and was rolled back
     ├── LedgerTampered               ``audit --verify`` found an altered entry
     └── InternalError                a broken invariant: please report
+
+The subclasses this module does not define live beside the code that raises them:
+``BadRequest`` in ``graven.controller.api``, ``ImportRejected`` in
+``graven.store.oci_import``, ``SandboxUnavailable`` in ``graven.build.sandbox``,
+``TreePathError`` in ``graven.store.cas``, the ``Registry*`` errors in
+``graven.store.registry`` and ``SecretMissing`` in ``graven.controller.secret_store``.
+A test holds this tree to the classes that exist.
 """
 
 from __future__ import annotations

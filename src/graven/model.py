@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from graven.errors import UsageError
 
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
@@ -123,9 +126,130 @@ class HealthCheck:
     command: tuple[str, ...] = ()
 
 
+StrategyName = Literal["rolling", "blue-green", "canary"]
+STRATEGY_NAMES: tuple[StrategyName, ...] = ("rolling", "blue-green", "canary")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """When a canary (or a blue-green preview) passes, fails or is inconclusive."""
+
+    window: float = 30.0  # seconds of traffic watched per analysis
+    max_error_rate: float = 0.01
+    max_p99: float | None = 1.0  # seconds; None: no latency limit
+    min_requests: int = 50
+
+
+@dataclass(frozen=True)
+class RollingConfig:
+    """Replace a few instances at a time, within the surge and unavailability bounds."""
+
+    name: ClassVar[StrategyName] = "rolling"
+    weighted: ClassVar[bool] = False
+
+    max_surge: int = 1
+    max_unavailable: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise UsageError(
+                "max_surge and max_unavailable cannot both be 0: nothing could move",
+                hint="Allow one instance above the replica count (max_surge: 1).",
+            )
+
+
+@dataclass(frozen=True)
+class BlueGreenConfig:
+    """A full new set beside the old one, one traffic switch, the old set kept warm."""
+
+    name: ClassVar[StrategyName] = "blue-green"
+    # Traffic moves by router weights, so going back is a switch of weights too.
+    weighted: ClassVar[bool] = True
+
+    preview_port: int | None = None  # the preview route to the new set before the switch
+    auto_promote: bool = True  # False: the switch waits for 'graven promote'
+    rollback_window: float = 300.0  # seconds the previous set stays warm after the switch
+    analysis: AnalysisConfig = AnalysisConfig()  # judges the preview traffic
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    """One canary step: ``weight`` percent of live traffic to the new release, then a
+    pause (seconds; 0 for none; None until ``graven promote``), then an analysis."""
+
+    weight: int
+    pause: float | None = 0.0
+    analysis: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, bool) or not isinstance(self.weight, int):
+            raise UsageError(f"canary step weight: expected an integer (got {self.weight!r})")
+        if not 1 <= self.weight <= 100:
+            raise UsageError(f"canary step weight must be 1-100 (got {self.weight})")
+        if self.pause is not None and not (math.isfinite(self.pause) and self.pause >= 0):
+            raise UsageError(f"canary step pause must be 0 or more seconds (got {self.pause})")
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """Traffic shifted to the new release in steps, each paused and judged."""
+
+    name: ClassVar[StrategyName] = "canary"
+    weighted: ClassVar[bool] = True
+
+    steps: tuple[CanaryStep, ...] = ()
+    analysis: AnalysisConfig = AnalysisConfig()
+
+
+StrategyConfig = RollingConfig | BlueGreenConfig | CanaryConfig
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything about a service a release freezes, besides the image digest."""
+
+    replicas: int
+    port: int
+    health: HealthCheck
+    env: tuple[tuple[str, str], ...] = ()
+    strategy: StrategyConfig = RollingConfig()
+    drain_timeout: float = 10.0
+    stop_grace: float = 10.0
+    target: str = "local"
+    # A rollout that completes no step for this long fails (waits at gates excepted).
+    progress_deadline: float = 600.0
+
+    @property
+    def preview_port(self) -> int | None:
+        """The port of the strategy's preview route, if it has one."""
+        return self.strategy.preview_port if isinstance(self.strategy, BlueGreenConfig) else None
+
+    @property
+    def analysis(self) -> AnalysisConfig:
+        """The strategy's analysis settings (the defaults for one that analyzes nothing)."""
+        if isinstance(self.strategy, BlueGreenConfig | CanaryConfig):
+            return self.strategy.analysis
+        return AnalysisConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: releases are stored and hashed in it, requests carry it."""
+        return ConfigRecord.of(self).to_dict()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServiceConfig:
+        """From the JSON form, as any graven version stored it (settings the strategy
+        does not use are dropped; see ``ConfigRecord.to_config`` for a strict read)."""
+        return ConfigRecord.from_dict(data).to_config(strict=False)
+
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """The JSON form of a ``ServiceConfig``: one flat record, every strategy's settings
+    side by side (those a strategy does not use at their defaults).
+
+    This is a stored format: release rows hold it and content hashes are computed over
+    it, so a field never changes meaning or default, and a new one needs a default (rows
+    written before it must still load, and hash as they did)."""
 
     replicas: int
     port: int
@@ -148,8 +272,91 @@ class ServiceConfig:
     max_error_rate: float = 0.01
     max_p99: float | None = 1.0
     min_requests: int = 50
-    # A rollout that completes no step for this long fails (waits at gates excepted).
     progress_deadline: float = 600.0
+
+    @classmethod
+    def of(cls, config: ServiceConfig) -> ConfigRecord:
+        s = config.strategy
+        analysis = config.analysis
+        return cls(
+            replicas=config.replicas,
+            port=config.port,
+            health=config.health,
+            env=config.env,
+            strategy=s.name,
+            max_surge=s.max_surge if isinstance(s, RollingConfig) else 1,
+            max_unavailable=s.max_unavailable if isinstance(s, RollingConfig) else 0,
+            drain_timeout=config.drain_timeout,
+            stop_grace=config.stop_grace,
+            target=config.target,
+            preview_port=(s.preview_port or 0) if isinstance(s, BlueGreenConfig) else 0,
+            auto_promote=s.auto_promote if isinstance(s, BlueGreenConfig) else True,
+            rollback_window=s.rollback_window if isinstance(s, BlueGreenConfig) else 300.0,
+            canary_steps=tuple(
+                (step.weight, step.pause, step.analysis)
+                for step in (s.steps if isinstance(s, CanaryConfig) else ())
+            ),
+            analysis_window=analysis.window,
+            max_error_rate=analysis.max_error_rate,
+            max_p99=analysis.max_p99,
+            min_requests=analysis.min_requests,
+            progress_deadline=config.progress_deadline,
+        )
+
+    def to_config(self, *, strict: bool = True) -> ServiceConfig:
+        """The typed config. ``strict`` refuses a setting the strategy does not use
+        (a request); otherwise it is dropped (a row stored before strategies had types).
+
+        Raises ``UsageError`` naming the field for an unknown strategy or a bad value."""
+        if self.strategy not in STRATEGY_NAMES:
+            raise UsageError(
+                f"strategy: expected one of {', '.join(STRATEGY_NAMES)} (got {self.strategy!r})"
+            )
+        analysis = AnalysisConfig(
+            window=self.analysis_window,
+            max_error_rate=self.max_error_rate,
+            max_p99=self.max_p99,
+            min_requests=self.min_requests,
+        )
+        strategy: StrategyConfig
+        if self.strategy == "blue-green":
+            strategy = BlueGreenConfig(
+                preview_port=self.preview_port or None,
+                auto_promote=self.auto_promote,
+                rollback_window=self.rollback_window,
+                analysis=analysis,
+            )
+        elif self.strategy == "canary":
+            steps: list[CanaryStep] = []
+            for n, (weight, pause, analyze) in enumerate(self.canary_steps):
+                try:
+                    steps.append(CanaryStep(weight, pause, analyze))
+                except UsageError as exc:
+                    raise UsageError(f"canary_steps[{n}]: {exc.message}") from None
+            strategy = CanaryConfig(steps=tuple(steps), analysis=analysis)
+        else:
+            strategy = RollingConfig(max_surge=self.max_surge, max_unavailable=self.max_unavailable)
+        config = ServiceConfig(
+            replicas=self.replicas,
+            port=self.port,
+            health=self.health,
+            env=self.env,
+            strategy=strategy,
+            drain_timeout=self.drain_timeout,
+            stop_grace=self.stop_grace,
+            target=self.target,
+            progress_deadline=self.progress_deadline,
+        )
+        if strict:
+            kept = ConfigRecord.of(config)
+            for f in fields(self):
+                if getattr(self, f.name) != getattr(kept, f.name):
+                    raise UsageError(
+                        f"{f.name}: strategy {self.strategy!r} does not use it"
+                        f" (got {getattr(self, f.name)!r})",
+                        hint=f"Leave {f.name} out, or at its default, for this strategy.",
+                    )
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,7 +365,7 @@ class ServiceConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ServiceConfig:
+    def from_dict(cls, data: dict[str, Any]) -> ConfigRecord:
         data = dict(data)
         health = dict(data["health"])
         health["command"] = tuple(health.get("command", ()))
@@ -169,6 +376,42 @@ class ServiceConfig:
             for w, p, a in data.get("canary_steps", ())
         )
         return cls(**data)
+
+
+_RELEASE_ID_RE = re.compile(r"^(?:([a-z][a-z0-9-]{0,62})@)?r?([0-9]{1,18})\Z")
+
+
+def release_id(service: str, number: int) -> str:
+    """How a release is named everywhere (ledger, status, logs): ``web@r7``."""
+    return f"{service}@r{number}"
+
+
+@dataclass(frozen=True)
+class ReleaseId:
+    """A release named by its service and number; ``str()`` spells it ``web@r7``."""
+
+    service: str
+    number: int
+
+    def __str__(self) -> str:
+        return release_id(self.service, self.number)
+
+    @classmethod
+    def parse(cls, text: str, *, service: str) -> ReleaseId:
+        """``web@r7``, ``r7`` or ``7``, of ``service``; raises ``UsageError`` otherwise
+        (another service's release, a number below 1, anything else)."""
+        m = _RELEASE_ID_RE.match(text)
+        if m is None or int(m.group(2)) < 1:
+            raise UsageError(
+                f"not a release: {text!r} (expected {release_id(service, 3)}, r3 or 3)",
+                hint=f"Run 'graven releases {service}' to list its releases.",
+            )
+        if m.group(1) is not None and m.group(1) != service:
+            raise UsageError(
+                f"{text} is a release of {m.group(1)!r}, not of {service!r}",
+                hint=f"Run 'graven releases {service}' to list its releases.",
+            )
+        return cls(service, int(m.group(2)))
 
 
 @dataclass(frozen=True)
@@ -183,12 +426,20 @@ class Release:
 
     @property
     def id(self) -> str:
-        return f"{self.service}@r{self.number}"
+        return release_id(self.service, self.number)
 
     @staticmethod
     def hash_of(service: str, image: Digest, config: ServiceConfig) -> str:
         doc = {"service": service, "image": str(image), "config": config.to_dict()}
         return "sha256:" + hashlib.sha256(canonical_json(doc)).hexdigest()
+
+
+# The life of an instance: starting -> healthy <-> unhealthy; draining; stopped (final).
+InstanceState = Literal["starting", "healthy", "unhealthy", "draining", "stopped"]
+LIVE_STATES: tuple[InstanceState, ...] = ("starting", "healthy", "unhealthy", "draining")
+# How a rollout ended ('running' until it does); 'superseded': a newer rollout took over.
+RolloutState = Literal["running", "succeeded", "failed", "aborted", "superseded"]
+RolloutKind = Literal["deploy", "rollback", "down"]
 
 
 @dataclass(frozen=True)
@@ -203,7 +454,7 @@ class Instance:
     port: int
     pid: int
     started_at: float
-    state: str = "starting"  # starting | healthy | unhealthy | draining | stopped
+    state: InstanceState = "starting"
     # Crash loops: how many instances of the service died unexpectedly, one after the
     # other, before this one started, and how the last of them ended.
     restarts: int = 0
@@ -212,3 +463,8 @@ class Instance:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @staticmethod
+    def new_id(service: str, release: int, token: str) -> str:
+        """``web-r7-3f2a``: the service, its release, and a random ``token``."""
+        return f"{service}-r{release}-{token}"

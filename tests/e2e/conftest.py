@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from graven.runtime.process import process_start_time
+from graven import detached
 from graven.spec import scaffold
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import eventually, free_port
@@ -128,7 +128,7 @@ class Project:
                 if rec.get("collector_pid"):
                     found.append((int(rec["collector_pid"]), rec.get("collector_start_time")))
         if (pid := self.controller_pid()) is not None:
-            found.append((pid, process_start_time(pid)))
+            found.append((pid, detached.start_time(pid)))
         return found
 
     def graven_processes(self) -> set[tuple[int, int]]:
@@ -138,7 +138,7 @@ class Project:
         found = {
             (pid, started)
             for pid, started in self.known_pids()
-            if started is not None and process_start_time(pid) == started
+            if started is not None and detached.start_time(pid) == started
         }
         children: dict[int, list[int]] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -149,7 +149,7 @@ class Project:
         todo = [pid for pid, _ in found]
         while todo:
             for child in children.get(todo.pop(), []):
-                started = process_start_time(child)
+                started = detached.start_time(child)
                 if started is not None and (child, started) not in found:
                     found.add((child, started))
                     todo.append(child)
@@ -164,7 +164,7 @@ class Project:
         before |= self.graven_processes()  # anything down itself started
 
         def survivors() -> list[int]:
-            return sorted(pid for pid, started in before if process_start_time(pid) == started)
+            return sorted(pid for pid, started in before if detached.start_time(pid) == started)
 
         eventually(lambda: not survivors(), timeout)
         left = survivors()
@@ -182,7 +182,7 @@ def _cmdline(pid: int) -> str:
 
 def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:
     for pid, started in recorded:
-        if started is None or process_start_time(pid) != started:
+        if started is None or detached.start_time(pid) != started:
             continue  # gone, or the pid now belongs to someone else
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ from graven.controller.api import Api
 from graven.controller.client import ControllerClient
 from graven.controller.engine import Engine
 from graven.controller.paths import controller_socket
-from graven.ledger.store import StateStore
+from graven.ledger.sqlite import SqliteStateStore
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
@@ -75,7 +75,7 @@ class ApiServer:
 
     async def _serve(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        state = StateStore(self.state_dir / "state.db")
+        state = SqliteStateStore(self.state_dir / "state.db")
         store = ContentStore(self.state_dir / "store")
         runtime = FakeRuntime()
         engine = Engine(

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from graven.model import BlueGreenConfig, CanaryConfig, CanaryStep
 from graven.plan.blue_green import BlueGreenStatus, plan_blue_green
-from graven.plan.canary import CanaryStep, plan_canary
+from graven.plan.canary import plan_canary
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.testing.load import Load
 from tests.e2e.conftest import Project
@@ -43,9 +44,7 @@ _STEPS = {
             2,
             2,
             _FLEET,
-            auto_promote=True,
-            preview=False,
-            rollback_window=2.0,
+            BlueGreenConfig(rollback_window=2.0),
             weights={},
             status=BlueGreenStatus(),
             now=0.0,
@@ -53,7 +52,10 @@ _STEPS = {
     ].index("switch")
     + 1,
     "canary": [
-        s.kind for s in plan_canary("hello", 2, 2, _FLEET, steps=[CanaryStep(50, 1.0, False)]).steps
+        s.kind
+        for s in plan_canary(
+            "hello", 2, 2, _FLEET, CanaryConfig((CanaryStep(50, 1.0, False),))
+        ).steps
     ].index("switch")
     + 1,
 }

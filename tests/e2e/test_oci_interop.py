@@ -32,7 +32,7 @@ import pytest
 from graven.build.builder import build_image
 from graven.controller.paths import store_root
 from graven.model import Image, ImageConfig
-from graven.spec.models import Recipe
+from graven.spec.recipe import Recipe
 from graven.store.cas import ContentStore
 from graven.store.oci_export.compress import MEDIA_TYPES
 from graven.store.oci_export.layout import ExportResult, export_archive, export_layout

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
+from graven import detached
 from graven.router.embedded import EmbeddedRouter
-from graven.runtime.process import process_start_time
 from graven.testing.load import Load
 from tests.e2e.conftest import Project, eventually, pid_alive
 
@@ -49,7 +49,7 @@ def test_a_router_killed_under_load_refuses_no_connection(
     assert doc is not None
     serving = list(doc.get("workers") or [doc["pid"]])  # a lone proxy serves itself
     target = serving[0] if victim == "proxy" else supervisor
-    seen = {pid: process_start_time(pid) for pid in {supervisor, *serving}}
+    seen = {pid: detached.start_time(pid) for pid in {supervisor, *serving}}
     controller_pid = project.controller_pid()
     assert controller_pid is not None
     if controller == "controller-dead":
@@ -81,6 +81,6 @@ def test_a_router_killed_under_load_refuses_no_connection(
         assert project.status()["instances"]  # the CLI still sees the service
     finally:
         for pid, started in seen.items():
-            if started is not None and process_start_time(pid) == started:
+            if started is not None and detached.start_time(pid) == started:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -115,4 +115,6 @@ def test_any_config_becomes_a_service_config_or_is_refused(
     except BadRequest:
         return
     assert isinstance(config, ServiceConfig)
-    assert json.loads(json.dumps(config.to_dict())) == json.loads(json.dumps(data))
+    # Keys left out of the health object take their defaults; nothing else changes.
+    expected = {**data, "health": {**DEFAULTS["health"], **data["health"]}}
+    assert json.loads(json.dumps(config.to_dict())) == json.loads(json.dumps(expected))

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graven.errors import UsageError
+from graven.model import AnalysisConfig, BlueGreenConfig
 from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
 from graven.plan.rolling import ObservedInstance
 from graven.plan.steps import (
@@ -22,6 +23,8 @@ from graven.plan.steps import (
     SwitchTraffic,
 )
 from tests.property.traffic_sim import World
+
+PREVIEW_PORT = 9080
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,11 @@ def plan_for(world: World, case: Case) -> Plan:
         case.release,
         case.replicas,
         world.observed(),
-        auto_promote=case.auto_promote,
-        preview=case.preview,
-        rollback_window=case.window,
+        BlueGreenConfig(
+            auto_promote=case.auto_promote,
+            preview_port=PREVIEW_PORT if case.preview else None,
+            rollback_window=case.window,
+        ),
         weights=world.table,
         status=BlueGreenStatus(world.promoted, world.switched_at),
         now=world.clock,
@@ -197,7 +202,11 @@ def kinds(plan: Plan) -> list[str]:
 
 def test_manual_blue_green_with_preview_reads_like_the_runbook() -> None:
     plan = plan_blue_green(
-        "web", 2, 2, steady(2), auto_promote=False, preview=True, rollback_window=600
+        "web",
+        2,
+        2,
+        steady(2),
+        BlueGreenConfig(auto_promote=False, preview_port=PREVIEW_PORT, rollback_window=600),
     )
     assert kinds(plan) == [
         *["start"] * 2,
@@ -222,9 +231,7 @@ def test_promote_received_lifts_the_gate() -> None:
         2,
         2,
         steady(2),
-        auto_promote=False,
-        preview=False,
-        rollback_window=600,
+        BlueGreenConfig(auto_promote=False, rollback_window=600),
         status=BlueGreenStatus(promoted=True),
     )
     assert "pause" not in kinds(plan) and "switch" in kinds(plan)
@@ -236,22 +243,30 @@ def test_auto_promote_gates_on_analysis_of_the_preview() -> None:
         2,
         2,
         steady(2),
-        auto_promote=True,
-        preview=True,
-        rollback_window=60,
-        analysis_window=30,
+        BlueGreenConfig(
+            auto_promote=True,
+            preview_port=PREVIEW_PORT,
+            rollback_window=60,
+            analysis=AnalysisConfig(window=30),
+        ),
     )
     gate = plan.steps[kinds(plan).index("switch") - 1]
     assert gate == Analyze(30, 1, 2)
     no_preview = plan_blue_green(
-        "web", 2, 2, steady(2), auto_promote=True, preview=False, rollback_window=60
+        "web", 2, 2, steady(2), BlueGreenConfig(auto_promote=True, rollback_window=60)
     )
     # Without a preview there is no traffic to judge: the health checks are the gate.
     assert kinds(no_preview)[kinds(no_preview).index("switch") - 1] == "route"
 
 
 def test_first_deploy_has_no_gate_and_nothing_to_keep_warm() -> None:
-    plan = plan_blue_green("web", 1, 3, [], auto_promote=False, preview=True, rollback_window=600)
+    plan = plan_blue_green(
+        "web",
+        1,
+        3,
+        [],
+        BlueGreenConfig(auto_promote=False, preview_port=PREVIEW_PORT, rollback_window=600),
+    )
     assert "pause" not in kinds(plan) and "keep-warm" not in kinds(plan)
     assert kinds(plan)[-1] == "switch"
 
@@ -264,9 +279,7 @@ def test_resumed_after_the_switch_only_the_rest_of_the_window_remains() -> None:
         2,
         2,
         observed,
-        auto_promote=False,
-        preview=True,
-        rollback_window=600,
+        BlueGreenConfig(auto_promote=False, preview_port=PREVIEW_PORT, rollback_window=600),
         weights=weights,
         status=BlueGreenStatus(switched_at=100.0),
         now=400.0,
@@ -286,9 +299,7 @@ def test_resumed_after_the_switch_only_the_rest_of_the_window_remains() -> None:
         2,
         2,
         observed,
-        auto_promote=False,
-        preview=True,
-        rollback_window=600,
+        BlueGreenConfig(auto_promote=False, preview_port=PREVIEW_PORT, rollback_window=600),
         weights=weights,
         status=BlueGreenStatus(switched_at=100.0),
         now=800.0,
@@ -305,4 +316,4 @@ def test_flip_back_tops_up_a_short_warm_set_before_switching() -> None:
 
 def test_replicas_must_be_positive() -> None:
     with pytest.raises(UsageError, match="replicas must be at least 1"):
-        plan_blue_green("web", 1, 0, [], auto_promote=True, preview=False, rollback_window=0)
+        plan_blue_green("web", 1, 0, [], BlueGreenConfig(auto_promote=True, rollback_window=0))

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graven.errors import UsageError
+from graven.model import AnalysisConfig, CanaryConfig, CanaryStep
 from graven.plan.canary import (
     MAX_WEIGHT,
-    CanaryStep,
     canary_count,
     plan_abort,
     plan_canary,
@@ -28,7 +28,7 @@ from graven.plan.steps import (
     StartInstance,
     SwitchTraffic,
 )
-from graven.router import proxy
+from graven.router import base as router_base
 from tests.property.traffic_sim import World
 
 # --- weight math ------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_uneven_splits_scale_to_stay_exact() -> None:
 
 
 def test_max_weight_is_the_routers() -> None:
-    assert MAX_WEIGHT == proxy.MAX_WEIGHT
+    assert MAX_WEIGHT == router_base.MAX_WEIGHT
 
 
 @settings(max_examples=500, deadline=None)
@@ -92,9 +92,20 @@ def test_bad_steps_are_refused_with_where_and_what() -> None:
     with pytest.raises(UsageError, match="pause must be 0 or more seconds"):
         CanaryStep(10, pause=-1)
     with pytest.raises(UsageError, match=r"steps\[0\]: weight 100 completes the rollout"):
-        plan_canary("web", 2, 2, [], steps=[CanaryStep(100), CanaryStep(10)])
+        plan_canary(
+            "web",
+            2,
+            2,
+            [],
+            CanaryConfig(
+                (
+                    CanaryStep(100),
+                    CanaryStep(10),
+                )
+            ),
+        )
     with pytest.raises(UsageError, match="step_index must be 0-1"):
-        plan_canary("web", 2, 2, [], steps=[CanaryStep(10)], step_index=2)
+        plan_canary("web", 2, 2, [], CanaryConfig((CanaryStep(10),)), step_index=2)
 
 
 # --- plans --------------------------------------------------------------------------------
@@ -168,7 +179,7 @@ def plan_for(world: World, case: Case) -> Plan:
         case.release,
         case.replicas,
         world.observed(),
-        steps=case.steps,
+        CanaryConfig(tuple(case.steps)),
         step_index=world.step_index,
         weights=world.table,
     )
@@ -276,7 +287,9 @@ def test_abort_returns_all_traffic_to_stable(
 
 def test_a_typical_canary_reads_like_the_runbook() -> None:
     steps = [CanaryStep(10, pause=60), CanaryStep(50, pause=None, analysis=True), CanaryStep(100)]
-    plan = plan_canary("web", 2, 3, steady(3), steps=steps, analysis_window=30)
+    plan = plan_canary(
+        "web", 2, 3, steady(3), CanaryConfig(tuple(steps), AnalysisConfig(window=30))
+    )
     described = [s.describe("web") for s in plan.steps]
     assert described == [
         "start a new instance of web@r2 (new-1)",
@@ -318,7 +331,9 @@ def test_resuming_at_a_later_step_skips_the_done_ones() -> None:
         ObservedInstance("c2", 2, "healthy"),
     ]
     weights = {"r1-0": 60, "r1-1": 60, "r1-2": 60, "c1": 10, "c2": 10}
-    plan = plan_canary("web", 2, 3, observed, steps=steps, step_index=1, weights=weights)
+    plan = plan_canary(
+        "web", 2, 3, observed, CanaryConfig(tuple(steps)), step_index=1, weights=weights
+    )
     assert plan.steps[0] == SetWeights(
         (("r1-0", 50), ("r1-1", 50), ("r1-2", 50), ("c1", 75), ("c2", 75)), ((1, 50), (2, 50))
     )
@@ -326,7 +341,18 @@ def test_resuming_at_a_later_step_skips_the_done_ones() -> None:
 
 
 def test_first_deploy_skips_the_steps() -> None:
-    plan = plan_canary("web", 1, 2, [], steps=[CanaryStep(10, pause=None), CanaryStep(100)])
+    plan = plan_canary(
+        "web",
+        1,
+        2,
+        [],
+        CanaryConfig(
+            (
+                CanaryStep(10, pause=None),
+                CanaryStep(100),
+            )
+        ),
+    )
     assert [s.kind for s in plan.steps] == [
         "start",
         "start",

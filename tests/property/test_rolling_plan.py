@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from graven.model import RollingConfig
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import AwaitHealthy, Drain, RouteTraffic, StartInstance, StopInstance
 
@@ -65,15 +66,13 @@ def test_rolling_respects_bounds_and_converges(
     case: tuple[int, int, int, int, list[ObservedInstance]],
 ) -> None:
     replicas, surge, unavailable, desired, observed = case
-    plan = plan_rolling(
-        "web", desired, replicas, observed, max_surge=surge, max_unavailable=unavailable
-    )
+    plan = plan_rolling("web", desired, replicas, observed, RollingConfig(surge, unavailable))
     fleet = apply(observed, plan.steps, replicas - unavailable, replicas + surge)
     # Ends with exactly one release serving, at full strength.
     assert sorted((i.release, i.state) for i in fleet.values()) == [(desired, "healthy")] * replicas
     # Re-planning after the apply is empty.
     again = plan_rolling(
-        "web", desired, replicas, list(fleet.values()), max_surge=surge, max_unavailable=unavailable
+        "web", desired, replicas, list(fleet.values()), RollingConfig(surge, unavailable)
     )
     assert again.empty, again
 

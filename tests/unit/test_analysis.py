@@ -199,7 +199,7 @@ def test_error_rate_above_the_limit_fails() -> None:
     assert verdict.outcome == "fail"
     assert verdict.codes == (REASON_ERROR_RATE_EXCEEDED,)
     assert verdict.reasons[0].startswith("canary r2 error rate 12.0% (24/200) exceeds 1.0%")
-    assert verdict.metrics["canary"]["error_rate"] == 0.12
+    assert verdict.metrics.canary.error_rate == 0.12
 
 
 def test_p99_above_the_limit_fails() -> None:
@@ -207,11 +207,11 @@ def test_p99_above_the_limit_fails() -> None:
     assert verdict.outcome == "fail"
     assert verdict.codes == (REASON_P99_EXCEEDED,)
     assert verdict.reasons == ("canary r2 p99 latency (between 1s and 2s) exceeds 500ms",)
-    assert verdict.metrics["canary"]["p99_seconds"] == 2.0
+    assert verdict.metrics.canary.p99_seconds == 2.0
     overflow = analyze(release(2, hist(ms10=90, over=10)), None, LIMITS)
     assert "(above 5s)" in overflow.reasons[0]
-    assert overflow.metrics["canary"]["p99_seconds"] is None
-    assert overflow.metrics["canary"]["p99_overflow"] is True
+    assert overflow.metrics.canary.p99_seconds is None
+    assert overflow.metrics.canary.p99_overflow is True
 
 
 def test_a_canary_like_its_baseline_passes() -> None:
@@ -222,8 +222,8 @@ def test_a_canary_like_its_baseline_passes() -> None:
     assert summary.startswith("canary r2 passed: error rate 0.0% (0/100) within 1.0%")
     assert "p99 latency between 50ms and 100ms within 500ms" in summary
     assert "latency no worse than baseline r1 (slower in " in summary
-    test = verdict.metrics["latency_test"]
-    assert test["u"] == 24120.0 and test["p_within_margin"] == pytest.approx(5.148389e-05)
+    test = verdict.metrics.latency_test
+    assert test.u == 24120.0 and test.p_within_margin == pytest.approx(5.148389e-05)
 
 
 def test_a_slower_canary_fails_even_within_the_p99_limit() -> None:
@@ -255,17 +255,15 @@ def test_more_errors_than_the_baseline_fails_below_the_absolute_limit() -> None:
         "canary r2 error rate 3.0% (6/200) is above baseline r1's 0.50% (10/2000) "
         "by more than 0.50% (Fisher's exact test, p=0.0019 < 0.05)"
     )
-    assert verdict.metrics["error_test"] == {
-        "method": "fisher",
-        "p_value": pytest.approx(0.0019283768731900414),
-    }
+    assert verdict.metrics.error_test.method == "fisher"
+    assert verdict.metrics.error_test.p_value == pytest.approx(0.0019283768731900414)
 
 
 def test_one_stray_error_against_a_clean_baseline_passes() -> None:
     canary = ReleaseTraffic(2, 200, 1, 1, hist(ms10=200))
     baseline = ReleaseTraffic(1, 20000, 0, 0, hist(ms10=20000))
     verdict = analyze(canary, baseline, LIMITS)
-    assert verdict.metrics["error_test"]["p_value"] < 0.05  # significant, but only 0.5 points
+    assert verdict.metrics.error_test.p_value < 0.05  # significant, but only 0.5 points
     assert verdict.outcome == "pass"
 
 
@@ -295,7 +293,22 @@ def test_failures_and_undecided_checks_all_show() -> None:
     verdict = analyze(canary, baseline, LIMITS)
     assert verdict.outcome == "fail"
     assert REASON_ERROR_RATE_EXCEEDED in verdict.codes and REASON_P99_EXCEEDED in verdict.codes
-    json.dumps(verdict.to_dict(), allow_nan=False)  # the API can send it as is
+    sent = json.loads(json.dumps(verdict.to_dict(), allow_nan=False))  # the API can send it
+    metrics = sent["metrics"]
+    assert list(metrics) == ["canary", "baseline", "latency_test", "error_test", "thresholds"]
+    assert list(metrics["latency_test"]) == [
+        "method",
+        "u",
+        "n_canary",
+        "n_baseline",
+        "z",
+        "p_slower",
+        "p_within_margin",
+        "effect",
+    ]
+    assert metrics["error_test"]["method"] in ("fisher", "z")
+    assert metrics["canary"]["latency_buckets"] == list(canary.latency_buckets)
+    assert metrics["canary"]["timed_requests"] == canary.timed
 
 
 def test_judge_reads_two_router_readings() -> None:
@@ -313,7 +326,7 @@ def test_judge_reads_two_router_readings() -> None:
         start, end, {"s1": 1, "c1": 2}, canary_release=2, baseline_release=1, thresholds=LIMITS
     )
     assert verdict.outcome == "pass"
-    assert verdict.metrics["baseline"]["requests"] == 500
+    assert verdict.metrics.baseline.requests == 500
     nothing = judge([], [], {}, canary_release=2, baseline_release=None, thresholds=LIMITS)
     assert nothing.outcome == "inconclusive"
 

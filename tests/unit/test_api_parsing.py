@@ -22,8 +22,8 @@ from graven.controller.api import (
     service_config,
     service_name,
 )
-from graven.model import HealthCheck, ServiceConfig
-from graven.spec.models import NAME_PATTERN as SPEC_NAME_PATTERN
+from graven.model import AnalysisConfig, CanaryConfig, CanaryStep, HealthCheck, ServiceConfig
+from graven.spec.fields import NAME_PATTERN as SPEC_NAME_PATTERN
 
 
 @pytest.mark.parametrize(
@@ -224,10 +224,10 @@ FULL = ServiceConfig(
     port=8080,
     health=HealthCheck(kind="command", command=("true",), interval=0.5),
     env=(("A", "1"),),
-    strategy="canary",
-    canary_steps=((10, 30.0, True), (50, None, False)),
-    max_p99=None,
-    preview_port=0,
+    strategy=CanaryConfig(
+        steps=(CanaryStep(10, 30.0, True), CanaryStep(50, None, False)),
+        analysis=AnalysisConfig(max_p99=None),
+    ),
 )
 
 
@@ -265,6 +265,31 @@ def test_service_config_round_trips_its_json_form() -> None:
     ],
 )
 def test_service_config_refuses_wrong_types_naming_the_key(
+    change: dict[str, Any], message: str
+) -> None:
+    data = {**FULL.to_dict(), **change}
+    with pytest.raises(BadRequest, match="^request body: " + message):
+        service_config(json.loads(json.dumps(data)))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"strategy": "recreate"},
+            r"config\.strategy: expected one of rolling, blue-green, canary",
+        ),
+        # Settings of another strategy would be dropped unseen: refused instead.
+        ({"preview_port": 9000}, r"config\.preview_port: strategy 'canary' does not use it"),
+        ({"max_surge": 3}, r"config\.max_surge: strategy 'canary' does not use it"),
+        ({"canary_steps": [[0, 1.0, True]]}, r"config\.canary_steps\[0\]: canary step weight"),
+        (
+            {"strategy": "rolling", "canary_steps": [], "max_surge": 0, "max_unavailable": 0},
+            r"config\.max_surge and max_unavailable cannot both be 0",
+        ),
+    ],
+)
+def test_service_config_refuses_what_its_strategy_cannot_take(
     change: dict[str, Any], message: str
 ) -> None:
     data = {**FULL.to_dict(), **change}

@@ -18,7 +18,8 @@ from graven.controller.paths import store_root
 from graven.errors import BuildError, NotFoundError, SpecError, UsageError
 from graven.model import Image, ImageConfig
 from graven.spec import json_schema, load_spec
-from graven.spec.models import Recipe, Spec
+from graven.spec.models import Spec
+from graven.spec.recipe import Recipe
 from graven.store.cas import ContentStore
 from graven.store.oci_export.documents import oci_documents
 from graven.store.oci_export.layout import export_layout

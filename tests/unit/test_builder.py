@@ -11,7 +11,7 @@ import pytest
 
 from graven.build.builder import BuildResult, StepOutcome, build_image
 from graven.errors import BuildError
-from graven.spec.models import Recipe
+from graven.spec.recipe import Recipe
 from graven.store.cas import ContentStore
 from graven.testing.image_store import FakeImageStore
 

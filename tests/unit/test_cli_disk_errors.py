@@ -59,13 +59,14 @@ def test_other_errors_are_not_disguised(monkeypatch: pytest.MonkeyPatch) -> None
         cli_main.main(["check"])
 
 
-@pytest.mark.parametrize("lean", ["_fast_build", "_fast_rollback"])
+@pytest.mark.parametrize("argv", [["build", "-o", "json"], ["rollback", "web", "-o", "json"]])
 def test_the_lean_paths_show_a_message_and_exit_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], lean: str
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
 ) -> None:
-    monkeypatch.setattr(entry, "_fast_build", lambda argv: None)
-    monkeypatch.setattr(entry, lean, refuse)
-    monkeypatch.setattr(sys, "argv", ["graven", "rollback", "web", "-o", "json"])
+    monkeypatch.setattr(AppContext, "spec_path", refuse)
+    monkeypatch.setattr(AppContext, "state_dir", property(refuse))
+    monkeypatch.setattr(cli_main, "main", lambda argv: pytest.fail("took the full CLI"))
+    monkeypatch.setattr(sys, "argv", ["graven", *argv])
     with pytest.raises(SystemExit) as info:
         entry.main()
     assert info.value.code == 1

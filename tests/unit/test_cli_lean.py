@@ -1,5 +1,6 @@
-"""The lean CLI paths (``graven.cli.entry``, ``graven.cli.plain``): they must print what
-the full CLI prints, and hand everything they do not recognise to it."""
+"""The lean entry path (``graven.cli.entry``): it recognises ``build`` and ``rollback``
+and runs the very functions the click verbs run, with the same error mapping
+(``graven.cli.exits``); everything else goes to the full CLI."""
 
 from __future__ import annotations
 
@@ -10,14 +11,10 @@ from typing import Any
 
 import click
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from rich.console import Console
-from rich.errors import MarkupError
 
 from graven.cli import entry
-from graven.cli.plain import PlainConsole, plain_text, report_error, unstyled
-from graven.cli.rollouts import StoppedWatching, render_results, wait_rollouts
+from graven.cli.exits import StoppedWatching, exit_code, report_error
+from graven.cli.rollouts import wait_rollouts
 from graven.errors import ControllerNotRunning, NotFoundError, SpecError, SpecProblem
 
 COLOR_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "COLUMNS")
@@ -32,79 +29,6 @@ class Tty(io.StringIO):
 def _no_color_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in COLOR_ENV:
         monkeypatch.delenv(name, raising=False)
-
-
-def rich_prints(markup: str) -> str:
-    out = io.StringIO()
-    Console(file=out, highlight=False, soft_wrap=True).print(markup)
-    return out.getvalue()
-
-
-# --- plain text is rich's text, or rich decides --------------------------------------
-
-TEMPLATES = (
-    "[bold]rollback[/] {0} -> {1}",
-    "[green]{0}[/]: already at {1}; nothing to do",
-    "[yellow]rollback {0}[/]: {1}",
-    "[green]rollback {0}[/]: {1} serving",
-    "[red]rollback {0} {1}[/]: {2}",
-    "url: {0}",
-    "  {0}: {1}",
-)
-PIECES = [*"ab:/.-_ []\\\t\n@é+1", "[/]", "[red]", ":smile:", "::"]
-TRICKY = st.lists(st.sampled_from(PIECES), max_size=8).map("".join)
-
-
-@given(st.sampled_from(TEMPLATES), st.lists(TRICKY, min_size=3, max_size=3))
-def test_plain_text_is_what_rich_prints_or_none(template: str, values: list[str]) -> None:
-    markup = template.format(*values)
-    text = plain_text(markup)
-    try:
-        printed = rich_prints(markup)
-    except MarkupError:
-        assert text is None
-        return
-    assert text is None or text + "\n" == printed
-
-
-@pytest.mark.parametrize(
-    "markup",
-    [
-        "[bold]rollback[/] hello -> hello@r1",
-        "[red]rollback hello failed[/]: ",
-        "url: http://127.0.0.1:8080/",
-        "  hello: step 2/5: switch traffic to hello@r1",
-        "  hello: paused: awaiting promote; run 'graven promote hello' to go on",
-    ],
-)
-def test_graven_lines_come_out_plain(markup: str) -> None:
-    assert plain_text(markup) is not None
-    assert plain_text(markup) + "\n" == rich_prints(markup)  # type: ignore[operator]
-
-
-@pytest.mark.parametrize("markup", ["x :smile: y", "a [link] b", "tab\there", "café", "[/]x"])
-def test_lines_rich_might_change_are_left_to_rich(markup: str) -> None:
-    assert plain_text(markup) is None
-
-
-def test_plain_console_writes_plain_lines_and_hands_the_rest_to_rich(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stdout", out)
-    con = PlainConsole()
-    con.print("[green]rollback hello[/]: hello@r1 serving")
-    con.print("thumbs :+1: up")
-    assert out.getvalue() == "rollback hello: hello@r1 serving\nthumbs 👍 up\n"
-
-
-def test_a_terminal_is_left_to_rich(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert unstyled(io.StringIO())
-    assert not unstyled(Tty())
-    monkeypatch.setenv("FORCE_COLOR", "1")
-    assert not unstyled(io.StringIO())
-    monkeypatch.setenv("TTY_COMPATIBLE", "0")
-    assert unstyled(Tty())
 
 
 # --- errors: as click showed them ------------------------------------------------------
@@ -140,20 +64,6 @@ def test_errors_read_as_click_shows_them(
 def test_json_errors_keep_their_key_order(capsys: pytest.CaptureFixture[str]) -> None:
     report_error(SpecError([SpecProblem("graven.yaml", 3, "services", "bad")]), as_json=True)
     assert capsys.readouterr().out.startswith('{\n  "error": "SpecError",\n  "message"')
-
-
-# --- the shared renderer ---------------------------------------------------------------
-
-
-def test_a_rollout_not_waited_for_is_not_called_failed(capsys: pytest.CaptureFixture[str]) -> None:
-    data = {
-        "results": [{"service": "hello", "changed": True, "release": "hello@r1", "rollout": 4}],
-        "url": None,
-    }
-    render_results(PlainConsole(), data, "rollback")
-    assert (
-        capsys.readouterr().out == "rollback hello: hello@r1 recorded; rolling out (not waiting)\n"
-    )
 
 
 # --- what the rollback path recognises ---------------------------------------------------
@@ -205,7 +115,7 @@ def test_rollback_arguments_it_handles(argv: list[str], expected: tuple[object, 
 def test_what_it_does_not_recognise_goes_to_the_full_cli(
     argv: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert entry._fast_rollback(argv) is None
+    assert entry.recognised(argv) is None
     import graven.cli.main as full
 
     calls: list[list[str]] = []
@@ -223,16 +133,52 @@ def test_values_click_would_refuse_go_to_the_full_cli(tmp_path: Path) -> None:
     assert entry._split_globals(["-f", "x", "-f", "y", "rollback"], "rollback") is None
 
 
-def test_no_controller_means_not_handled_and_nothing_started(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    assert entry._fast_rollback(["--state-dir", str(state), "rollback", "web"]) is None
-    assert not state.exists()
+@pytest.mark.parametrize(
+    ("rest", "expected"),
+    [
+        ([], ([], False, "text")),
+        (["web", "api", "-o", "json"], (["web", "api"], False, "json")),
+        (["--no-cache", "web", "--output", "text"], (["web"], True, "text")),
+    ],
+)
+def test_build_arguments_it_handles(rest: list[str], expected: tuple[object, ...]) -> None:
+    assert entry._build_args(rest) == expected
 
 
-def test_no_spec_means_not_handled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["build", "--bogus"],
+        ["build", "-o", "yaml"],
+        ["build", "-ojson"],
+        ["build", "--no-cache", "--no-cache"],
+        ["build", "-o", "json", "-o", "text"],
+        ["build", "--help"],
+        ["--debug", "build"],
+    ],
+)
+def test_build_arguments_it_leaves_to_the_full_cli(argv: list[str]) -> None:
+    assert entry.recognised(argv) is None
+
+
+def test_both_paths_give_the_same_answer_without_a_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No spec and no state dir: the lean call and the click verb fail alike."""
+    import graven.cli.main as full
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GRAVEN_STATE_DIR", raising=False)
-    assert entry._fast_rollback(["rollback", "web"]) is None
+    for argv in (["rollback", "web"], ["build", "-o", "json"]):
+        run = entry.recognised(argv)
+        assert run is not None
+        lean_code = exit_code(run, debug=False, as_json="json" in argv)
+        lean = capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            full.main(argv)
+        assert (lean_code, lean.out, lean.err) == (info.value.code, *capsys.readouterr())
+        assert lean_code == 2
+        assert "no graven.yaml" in lean.out + lean.err
 
 
 def test_a_missing_socket_is_controller_not_running(tmp_path: Path) -> None:
@@ -264,3 +210,20 @@ def test_ctrl_c_while_waiting_stops_watching_not_the_rollout() -> None:
     with pytest.raises(StoppedWatching) as caught:
         wait_rollouts(client, {"web": 3, "api": 4}, lambda line: None)
     assert "'graven abort SERVICE' to stop it (rolling out: api, web)" in caught.value.message
+
+
+# --- the recogniser and the click verbs agree --------------------------------------------
+
+
+def _option_names(command: click.Command) -> set[str]:
+    return {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
+
+
+def test_the_recogniser_knows_the_click_verbs_options() -> None:
+    """Every option of the click verb is recognised (its help option, added by click,
+    goes to the full CLI): the lean path cannot fall behind a new option unnoticed."""
+    from graven.cli.build_cmds import build
+    from graven.cli.deploy_cmds import rollback
+
+    assert _option_names(build) == {*entry.BUILD_FLAGS, *entry.BUILD_VALUES}
+    assert _option_names(rollback) == {*entry.ROLLBACK_FLAGS, *entry.ROLLBACK_VALUES}

@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 
 from graven.controller.engine import Engine
+from graven.controller.results import DeployResult
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import verify_chain
-from graven.ledger.store import StateStore
 from graven.model import Digest, HealthCheck, ImageConfig, ServiceConfig
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
 from graven.testing.clock import FakeClock
 from graven.testing.fakes import FakeRouter
 from graven.testing.runtime import FakeRuntime
+from graven.testing.state import MemoryStateStore
 
 
 def config(replicas: int = 3, **kw: object) -> ServiceConfig:
@@ -25,7 +26,7 @@ def config(replicas: int = 3, **kw: object) -> ServiceConfig:
 
 class World:
     def __init__(self, tmp: Path) -> None:
-        self.state = StateStore(tmp / "state.db")
+        self.state = MemoryStateStore()
         self.store = ContentStore(tmp / "store")
         self.runtime = FakeRuntime()
         self.router = FakeRouter()
@@ -48,7 +49,7 @@ class World:
 
     def deploy(
         self, image: Digest, cfg: ServiceConfig | None = None, why: str = "test"
-    ) -> dict[str, object]:
+    ) -> DeployResult:
         return self.engine.commands.deploy(
             "web", image, "web", cfg or config(), "ana@host", why, {}
         )
@@ -76,11 +77,11 @@ def world(tmp_path: Path) -> World:
 
 def test_deploy_converges_and_records(world: World) -> None:
     out = world.deploy(world.v1)
-    assert out["changed"] is True and out["release"] == "web@r1"
+    assert out.changed is True and out.release == "web@r1"
     world.converge()
     assert world.serving() == [(1, "healthy")] * 3
     assert world.routed() == {i.id for i in world.state.live_instances("web")}
-    assert world.state.rollout(int(out["rollout"])).state == "succeeded"  # type: ignore[arg-type]
+    assert world.state.rollout(out.rollout).state == "succeeded"
     entries = world.state.ledger()
     assert [(e.action, e.release, e.actor, e.message) for e in entries] == [
         ("deploy", "web@r1", "ana@host", "test")
@@ -93,7 +94,7 @@ def test_same_deploy_twice_is_a_no_op(world: World) -> None:
     world.converge()
     started = len(world.runtime.started)
     again = world.deploy(world.v1, why="again")
-    assert again["changed"] is False
+    assert again.changed is False
     world.converge()
     assert len(world.runtime.started) == started
     assert len(world.state.ledger()) == 1
@@ -124,7 +125,7 @@ def test_failed_health_rolls_back_and_says_why(world: World) -> None:
     world.runtime.unhealthy_releases.add(2)
     out = world.deploy(world.v2)
     world.converge()
-    rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[arg-type]
+    rollout = world.state.rollout(out.rollout)
     assert rollout.state == "failed"
     assert "did not pass health check GET /healthz" in rollout.reason
     assert world.state.desired_release("web") == 1
@@ -143,7 +144,7 @@ def test_rollback_goes_to_the_release_that_served_before(world: World) -> None:
     world.deploy(world.v2)
     world.converge()
     out = world.engine.commands.rollback("web", None, "ana", "bad v2")
-    assert out["release"] == "web@r1"
+    assert out.release == "web@r1"
     world.converge()
     assert world.serving() == [(1, "healthy")] * 3
     # Rolling back again swaps back to r2.

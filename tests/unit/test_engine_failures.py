@@ -13,7 +13,8 @@ import pytest
 from graven.controller.api import Api
 from graven.controller.engine import ServiceWorker
 from graven.controller.health_watch import BACKOFF_MAX, CRASH_RESET, backoff
-from graven.model import HealthCheck, ServiceConfig
+from graven.controller.results import to_json
+from graven.model import BlueGreenConfig, HealthCheck, ServiceConfig
 from tests.unit.test_engine import World, config
 
 
@@ -27,8 +28,7 @@ def one(**kw: Any) -> ServiceConfig:
 
 
 def status(world: World) -> dict[str, Any]:
-    out: dict[str, Any] = Api(world.engine, lambda: None).engine_status("web")[0]
-    return out
+    return to_json(Api(world.engine, lambda: None).engine_status("web")[0])
 
 
 def health_pass(world: World) -> None:
@@ -42,7 +42,7 @@ def test_a_router_that_cannot_listen_fails_the_first_rollout_with_the_reason(wor
     world.router.foreign_ports[18080] = "pid 4242 (nginx)"
     out = world.deploy(world.v1)
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "failed"
     assert "port 18080 on 127.0.0.1 is in use by pid 4242 (nginx)" in ro.reason
     assert "Stop what holds port 18080" in ro.reason  # the next step
@@ -57,7 +57,7 @@ def test_moving_to_a_busy_port_goes_back_to_the_release_that_served(world: World
     world.router.foreign_ports[18081] = "pid 4242 (nginx)"
     out = world.deploy(world.v2, dataclasses.replace(config(), port=18081))
     world.converge()
-    assert world.state.rollout(int(out["rollout"])).state == "failed"  # type: ignore[call-overload]
+    assert world.state.rollout(out.rollout).state == "failed"
     assert world.state.desired_release("web") == 1
     assert world.serving() == [(1, "healthy")] * 3
     assert world.router.running() == {"web": 18080}
@@ -76,7 +76,7 @@ def test_a_rollout_stuck_in_start_up_fails_at_its_progress_deadline(world: World
     start = world.clock.now()
     out = world.deploy(world.v2, slow)
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "failed"
     assert ro.reason.startswith("no progress for 60s (the progress deadline)")
     assert "progress_deadline" in ro.reason  # says what to change
@@ -117,14 +117,14 @@ def test_a_failing_pass_runs_into_the_deadline_instead_of_retrying_forever(world
 def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
     world.deploy(world.v1, one())
     world.converge()
-    gated = one(strategy="blue-green", auto_promote=False, progress_deadline=5.0)
+    gated = one(strategy=BlueGreenConfig(auto_promote=False), progress_deadline=5.0)
     out = world.deploy(world.v2, gated)
 
     async def scenario() -> None:
         task = asyncio.ensure_future(world.engine.reconcile("web"))
         for _ in range(100_000):
             await asyncio.sleep(0)
-            ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+            ro = world.state.rollout(out.rollout)
             if ro.progress.startswith("paused"):
                 break
         world.clock.advance(3600)  # an hour at the gate
@@ -133,7 +133,7 @@ def test_manual_gates_do_not_count_against_the_deadline(world: World) -> None:
 
     asyncio.run(scenario())
     world.converge()
-    ro = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    ro = world.state.rollout(out.rollout)
     assert ro.state == "succeeded", ro.reason
 
 
@@ -160,8 +160,8 @@ def test_a_dead_instance_is_recorded_ledgered_and_replaced_after_a_growing_delay
     world.converge()
     hows = ["exited with code 1", "exited with code 1", "killed by SIGKILL"]
     first = die(world, hows[0])
-    row = world.state.instance_row(first)
-    assert row is not None and row["reason"] == "died: exited with code 1"
+    record = world.state.instance(first)
+    assert record is not None and record.reason == "died: exited with code 1"
     entry = world.state.ledger()[-1]
     assert entry.action == "instance-died" and entry.details["instance"] == first
     assert entry.details["exit"] == "exited with code 1" and entry.details["restarts"] == 1
@@ -272,7 +272,8 @@ def test_status_shows_traffic_per_instance_and_per_release(world: World) -> None
         }
     ]
     ids = [i.id for i in world.state.live_instances("web")]
-    world.state.set_weights({ids[0]: 0})
+    with world.state.transaction() as tx:
+        tx.set_weights({ids[0]: 0})
     s = status(world)
     assert [i["traffic_percent"] for i in s["instances"]] == [0.0, 50.0, 50.0]
     assert s["instances"][0]["weight"] == 0
@@ -281,7 +282,7 @@ def test_status_shows_traffic_per_instance_and_per_release(world: World) -> None
 def test_status_names_the_live_and_the_warm_release_after_a_blue_green_switch(
     world: World,
 ) -> None:
-    bg = config(replicas=2, strategy="blue-green", rollback_window=1000.0)
+    bg = config(replicas=2, strategy=BlueGreenConfig(rollback_window=1000.0))
     world.deploy(world.v1, bg)
     world.converge()
     world.deploy(world.v2, bg)

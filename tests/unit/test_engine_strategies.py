@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from graven.model import ServiceConfig
+from graven.model import AnalysisConfig, BlueGreenConfig, CanaryConfig, CanaryStep, ServiceConfig
 from graven.testing.clock import FakeClock
 from tests.unit.test_engine import World, config
 
@@ -39,11 +38,16 @@ def world(tmp_path: Path) -> World:
 
 
 def blue_green(**kw: Any) -> ServiceConfig:
-    return config(replicas=2, strategy="blue-green", rollback_window=1000.0, **kw)
+    return config(replicas=2, strategy=BlueGreenConfig(rollback_window=1000.0, **kw))
 
 
-def canary(steps: tuple[tuple[int, float | None, bool], ...], **kw: Any) -> ServiceConfig:
-    return config(replicas=2, strategy="canary", canary_steps=steps, **kw)
+def canary(steps: tuple[tuple[int, float | None, bool], ...], **analysis: Any) -> ServiceConfig:
+    return config(
+        replicas=2,
+        strategy=CanaryConfig(
+            steps=tuple(CanaryStep(*s) for s in steps), analysis=AnalysisConfig(**analysis)
+        ),
+    )
 
 
 def weights_by_release(world: World) -> dict[int, list[int]]:
@@ -67,8 +71,9 @@ async def until(check: Callable[[], bool], task: asyncio.Task[None], limit: int 
     raise AssertionError("never reached the expected point")
 
 
-def rollout_state(world: World, rollout: object) -> str:
-    return world.state.rollout(int(rollout)).state  # type: ignore[call-overload]
+def rollout_state(world: World, rollout: int | None) -> str:
+    assert rollout is not None
+    return world.state.rollout(rollout).state
 
 
 def test_blue_green_switches_at_once_and_rolls_back_by_a_switch(world: World) -> None:
@@ -79,7 +84,7 @@ def test_blue_green_switches_at_once_and_rolls_back_by_a_switch(world: World) ->
 
     async def scenario() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
-        await until(lambda: rollout_state(world, out["rollout"]) == "succeeded", task)
+        await until(lambda: rollout_state(world, out.rollout) == "succeeded", task)
         # All live traffic on r2 in one change; r1 warm and idle, not stopped.
         assert weights_by_release(world) == {1: [0, 0], 2: [100, 100]}
         started = len(world.runtime.started)
@@ -87,7 +92,7 @@ def test_blue_green_switches_at_once_and_rolls_back_by_a_switch(world: World) ->
         await task
         await world.engine.reconcile("web")
         assert weights_by_release(world)[1] == [100, 100]
-        assert world.state.rollout(back["rollout"]).state == "succeeded"
+        assert world.state.rollout(back.rollout).state == "succeeded"
         assert len(world.runtime.started) == started, "a rollback in the window starts nothing"
 
     asyncio.run(scenario())
@@ -100,7 +105,7 @@ def test_blue_green_waits_for_promote(world: World) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
-        rid = int(out["rollout"])  # type: ignore[call-overload]
+        rid = out.rollout
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         # The new set runs but takes no live traffic until promoted.
         assert weights_by_release(world) == {1: [100, 100], 2: [0, 0]}
@@ -151,9 +156,9 @@ def test_failing_canary_aborts_with_its_reason_and_goes_back(world: World) -> No
 
     assert isinstance(world.clock, TrafficClock)
     world.clock.on_sleep = traffic
-    out = world.deploy(world.v2, canary(((50, 0.0, True),), analysis_window=5.0, min_requests=20))
+    out = world.deploy(world.v2, canary(((50, 0.0, True),), window=5.0, min_requests=20))
     world.converge(passes=20)
-    rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    rollout = world.state.rollout(out.rollout)
     assert rollout.state == "failed"
     assert rollout.reason.startswith("analysis failed:")
     assert "5xx" in rollout.reason or "error" in rollout.reason
@@ -171,14 +176,14 @@ def test_abort_names_who_and_why(world: World) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
-        rid = int(out["rollout"])  # type: ignore[call-overload]
+        rid = out.rollout
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         world.engine.commands.abort("web", "ana@host", "saw errors in preview")
         await task
 
     asyncio.run(scenario())
     world.converge(passes=20)
-    rollout = world.state.rollout(int(out["rollout"]))  # type: ignore[call-overload]
+    rollout = world.state.rollout(out.rollout)
     assert rollout.state == "aborted"
     assert rollout.reason == "aborted by ana@host: saw errors in preview"
     assert weights_by_release(world) == {1: [100, 100]}
@@ -190,11 +195,11 @@ def test_plan_shows_the_strategy_steps_before_anything_runs(world: World) -> Non
     world.converge()
     started = len(world.runtime.started)
     preview = world.engine.commands.preview("web", world.v2, blue_green(auto_promote=False))
-    described = [s["description"] for s in preview["steps"]["steps"]]
+    described = [s.description for s in preview.steps.steps]
     assert any("pause until 'graven promote web'" in d for d in described)
     assert any("switch all live traffic to web@r2" in d for d in described)
     canary_plan = world.engine.commands.preview("web", world.v2, canary(((20, 5.0, True),)))
-    kinds = [s["kind"] for s in canary_plan["steps"]["steps"]]
+    kinds = [s.kind for s in canary_plan.steps.steps]
     assert "analyze" in kinds and "set-weights" in kinds
     assert len(world.runtime.started) == started  # planning starts nothing
 
@@ -221,13 +226,12 @@ def test_a_restarted_controller_resumes_the_analysis_window_it_was_in(
 
     assert isinstance(world.clock, TrafficClock)
     world.clock.on_sleep = traffic
-    out = world.deploy(world.v2, canary(((50, 30.0, True),), analysis_window=60.0, min_requests=20))
-    rid = int(out["rollout"])  # type: ignore[call-overload]
+    out = world.deploy(world.v2, canary(((50, 30.0, True),), window=60.0, min_requests=20))
+    rid = out.rollout
 
     def window_start() -> float | None:
-        gate = world.state.rollout(rid).gate
-        analysis = json.loads(gate).get("analysis") if gate else None
-        return float(analysis["started_at"]) if analysis else None
+        analysis = world.state.rollout(rid).gate.analysis
+        return analysis.started_at if analysis else None
 
     async def until_killed() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
@@ -259,7 +263,7 @@ def test_an_aborted_blue_green_stops_its_preview_router(world: World) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
-        rid = int(out["rollout"])  # type: ignore[call-overload]
+        rid = out.rollout
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         assert world.router.running().get("web-preview") == 9901
         world.engine.commands.abort("web", "ana@host", "preview looks wrong")
@@ -278,7 +282,7 @@ def test_down_in_a_paused_blue_green_leaves_no_router(world: World) -> None:
 
     async def scenario() -> None:
         task = asyncio.create_task(world.engine.reconcile("web"))
-        rid = int(out["rollout"])  # type: ignore[call-overload]
+        rid = out.rollout
         await until(lambda: world.state.rollout(rid).progress.startswith("paused"), task)
         world.engine.commands.down("web", "ana@host", "done for today")
         await task
@@ -296,6 +300,6 @@ def test_down_stops_a_router_left_running_with_nothing_behind_it(world: World) -
     world.converge(passes=20)
     world.router.ensure("web-preview", 9901)  # left over, e.g. by an older graven
     out = world.engine.commands.down("web", "ana@host", "again")
-    assert out["changed"] is True
+    assert out.changed is True
     world.converge(passes=20)
     assert world.router.running() == {}

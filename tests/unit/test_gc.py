@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from graven.errors import StoreError
-from graven.ledger.store import StateStore
+from graven.ledger.sqlite import SqliteStateStore
 from graven.model import Digest, HealthCheck, Image, ImageConfig, Instance, ServiceConfig
 from graven.store.cas import ContentStore
 from graven.store.gc import GRACE_PERIOD, collect, reachable, run_gc
@@ -136,14 +136,14 @@ def test_history_retention(store: ContentStore, tmp_path: Path) -> None:
 def release_images(
     store: ContentStore, tmp_path: Path, db: Path, count: int, service: str = "web"
 ) -> list[Image]:
-    state = StateStore(db)
+    state = SqliteStateStore(db)
     images = []
     try:
         for n in range(1, count + 1):
             image = make_image(store, tmp_path, {"version": f"{service} {n}".encode()})
             with state.transaction() as tx:
-                release = StateStore.add_release(tx, service, image.digest, service, CONFIG, 1.0)
-                StateStore.set_desired(tx, service, release.number, 1.0)
+                release = tx.add_release(service, image.digest, service, CONFIG, 1.0)
+                tx.set_desired(service, release.number, 1.0)
             images.append(image)
     finally:
         state.close()
@@ -167,9 +167,9 @@ def test_the_last_releases_are_kept(store: ContentStore, tmp_path: Path) -> None
 def test_the_desired_release_is_kept_however_old(store: ContentStore, tmp_path: Path) -> None:
     db = tmp_path / "state" / "state.db"
     images = release_images(store, tmp_path, db, 4)
-    state = StateStore(db)
+    state = SqliteStateStore(db)
     with state.transaction() as tx:  # rolled back to r1
-        StateStore.set_desired(tx, "web", 1, 2.0)
+        tx.set_desired("web", 1, 2.0)
     state.close()
 
     report = run_gc(store, now=LATER, state_db=db, keep_releases=1)
@@ -181,7 +181,7 @@ def test_the_desired_release_is_kept_however_old(store: ContentStore, tmp_path: 
 def test_images_of_live_instances_are_kept(store: ContentStore, tmp_path: Path) -> None:
     db = tmp_path / "state" / "state.db"
     images = release_images(store, tmp_path, db, 3)
-    state = StateStore(db)
+    state = SqliteStateStore(db)
     for n, (image, inst_state) in enumerate(zip(images[:2], ["draining", "stopped"], strict=True)):
         instance = Instance(
             id=f"web-r{n + 1}-0000",
@@ -194,7 +194,8 @@ def test_images_of_live_instances_are_kept(store: ContentStore, tmp_path: Path) 
             started_at=1.0,
             state=inst_state,
         )
-        state.add_instance(instance, pid_start=0)
+        with state.transaction() as tx:
+            tx.add_instance(instance, pid_start=0)
     state.close()
 
     report = run_gc(store, now=LATER, state_db=db, keep_releases=0)
@@ -304,9 +305,10 @@ def test_checkouts_nothing_uses_are_removed(
     for image in two:
         store.checkout(image.rootfs, checkouts / image.digest.hex)
     (checkouts / "not-ours").mkdir()
-    state = StateStore(db)
+    state = SqliteStateStore(db)
     live = Instance("web-r1-0000", "web", 1, named.digest, "127.0.0.1", 9000, 1, 1.0, "healthy")
-    state.add_instance(live, pid_start=0)
+    with state.transaction() as tx:
+        tx.add_instance(live, pid_start=0)
     state.close()
 
     report = run_gc(store, now=LATER, state_db=db, checkouts=checkouts)

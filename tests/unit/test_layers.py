@@ -87,7 +87,7 @@ def test_big_steps_split_by_content_and_one_edit_touches_one_layer(
 
 def test_each_file_changing_step_adds_a_layer(tmp_path: Path) -> None:
     from graven.build.builder import build_image
-    from graven.spec.models import Recipe
+    from graven.spec.recipe import Recipe
 
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "main.py").write_text("print('hi')\n")

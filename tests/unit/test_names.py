@@ -6,7 +6,7 @@ import pytest
 
 from graven.model import Digest, is_valid_name
 from graven.reference import _COMPONENT_RE, _TAG_RE
-from graven.spec.models import _check_env_name
+from graven.spec.fields import check_env_name
 
 
 def test_a_digest_with_a_trailing_newline_is_refused() -> None:
@@ -22,8 +22,8 @@ def test_a_name_with_a_newline_is_refused(name: str) -> None:
 
 
 def test_env_names_and_registry_names_match_whole() -> None:
-    assert _check_env_name("TOKEN") == "TOKEN"
+    assert check_env_name("TOKEN") == "TOKEN"
     with pytest.raises(ValueError):
-        _check_env_name("TOKEN\n")
+        check_env_name("TOKEN\n")
     assert _TAG_RE.match("v1") and not _TAG_RE.match("v1\n")
     assert _COMPONENT_RE.match("library") and not _COMPONENT_RE.match("library\n")

@@ -14,6 +14,7 @@ import textwrap
 import pytest
 from rich.console import Console
 
+from graven.cli.lines import Span
 from graven.cli.output import Output
 from graven.cli.registry_cmds import _Transfers
 from graven.model import Digest
@@ -191,3 +192,16 @@ def test_json_mode_and_the_output_module_never_import_rich() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_styled_lines_go_above_a_live_bar_and_plain_into_a_log() -> None:
+    """A styled line (never markup) prints as it is: in a log as its text, on a
+    terminal above the bar, its brackets untouched."""
+    for terminal in (True, False):
+        err = console(terminal=terminal)
+        out = Output("text", err=err)
+        with out.bar("build web", total=1) as bar:
+            bar.line(("  step 1 ", Span("cached", "dim"), "  run: echo [x]"))
+        text = written(err)
+        assert "  step 1 cached  run: echo [x]" in re.sub(ESC + r"\[[0-9;]*m", "", text)
+        assert (BAR in text) is terminal

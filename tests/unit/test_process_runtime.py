@@ -10,7 +10,7 @@ import pytest
 from graven.errors import RuntimeFailure
 from graven.model import ImageConfig
 from graven.runtime.base import LaunchSpec
-from graven.runtime.process import ProcessRuntime, describe_exit
+from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
 
@@ -55,9 +55,3 @@ def test_how_an_instance_ended_is_known(tmp_path: Path) -> None:
     assert runtime.exit_reason(handle) == "exited with code 3"
     runtime.forget(handle)
     assert runtime.exit_reason(handle) == ""
-
-
-def test_exit_descriptions() -> None:
-    assert describe_exit(0) == "exited with code 0"
-    assert describe_exit(-9) == "killed by SIGKILL"
-    assert describe_exit(-200) == "killed by signal 200"

@@ -1,41 +1,12 @@
-"""The embedded proxy's per-backend counters: latency buckets and what GET /backends shows."""
+"""The embedded proxy's per-backend counters: what GET /backends shows, and how they
+follow a backend across set changes (the buckets themselves: test_router_base.py)."""
 
 from __future__ import annotations
 
-import pytest
-
-from graven.router.base import LATENCY_BOUNDS, Backend
-from graven.router.proxy import BackendTable, latency_bucket
+from graven.router.base import LATENCY_BOUNDS, Backend, latency_bucket
+from graven.router.proxy.backends import BackendTable
 
 OVERFLOW = len(LATENCY_BOUNDS)
-
-
-@pytest.mark.parametrize(
-    ("seconds", "bucket"),
-    [
-        (0.0, 0),
-        (0.0004, 0),
-        (0.001, 0),  # bounds are inclusive upper bounds, like Prometheus' "le"
-        (0.0010001, 1),
-        (0.002, 1),
-        (0.0035, 2),
-        (0.05, 5),
-        (0.999, 9),
-        (1.0, 9),
-        (4.9, 11),
-        (5.0, 11),
-        (5.0001, OVERFLOW),
-        (3600.0, OVERFLOW),
-    ],
-)
-def test_latency_bucket(seconds: float, bucket: int) -> None:
-    assert latency_bucket(seconds) == bucket
-
-
-def test_every_bound_lands_in_its_own_bucket_and_just_above_in_the_next() -> None:
-    for i, bound in enumerate(LATENCY_BOUNDS):
-        assert latency_bucket(bound) == i
-        assert latency_bucket(bound * 1.000001) == i + 1
 
 
 def test_the_snapshot_reports_weights_and_zeroed_histograms() -> None:

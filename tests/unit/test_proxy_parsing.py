@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from graven.router.proxy import (
+from graven.router.proxy.http1 import (
     _BadMessage,
     _parse_request,
     _parse_request_strict,

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 
 from graven.router.base import Backend
-from graven.router.proxy import (
+from graven.router.proxy.backends import (
     POOL_IDLE_TIMEOUT,
     POOL_SIZE,
     BackendTable,
-    _Channel,
     _Entry,
     _Pool,
 )
+from graven.router.proxy.channel import _Channel
 
 
 class FakeTransport(asyncio.Transport):

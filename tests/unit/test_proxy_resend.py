@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from graven.router.proxy import FailureKind, resend_decision
+from graven.router.proxy.exchange import FailureKind, resend_decision
 
 FAILURES: list[FailureKind] = ["eof", "reset", "timeout", "other"]
 METHODS = [b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"POST", b"PATCH", b"CONNECT"]

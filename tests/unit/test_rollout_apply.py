@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from graven.errors import InternalError
+from graven.ledger.state import PauseGate, RolloutGate
 from graven.plan import steps
 from graven.plan.steps import (
     RecordProgress,
@@ -91,7 +93,7 @@ def test_a_step_without_a_handler_is_refused(world: World) -> None:
     class Teleport:
         kind: str = "teleport"
 
-    with pytest.raises(TypeError, match="unknown step"):
+    with pytest.raises(InternalError, match="no handler for plan step"):
         asyncio.run(applier_of(world, Host()).apply("web", Teleport(), {}))  # type: ignore[arg-type]
 
 
@@ -135,8 +137,9 @@ def test_stop_stops_the_process_and_forgets_its_health(world: World) -> None:
 
 def test_record_progress_moves_the_canary_step_and_clears_its_gate(world: World) -> None:
     out = world.deploy(world.v1, config(replicas=1))
-    rollout = int(out["rollout"])  # type: ignore[call-overload]
-    world.state.update_rollout(rollout, gate='{"pause": {"until": 1, "done": true}}')
+    rollout = out.rollout
+    with world.state.transaction() as tx:
+        tx.set_rollout_gate(rollout, RolloutGate(pause=PauseGate(until=1.0, done=True)))
     asyncio.run(applier_of(world, Host()).apply("web", RecordProgress(2, 3), {}))
     ro = world.state.rollout(rollout)
-    assert (ro.step_index, ro.gate) == (2, None)
+    assert (ro.step_index, ro.gate) == (2, RolloutGate())

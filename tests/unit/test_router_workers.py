@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from graven.router.base import LATENCY_BOUNDS, Backend
-from graven.router.proxy import BackendTable, RouterProxy, main, split_address
+from graven.router.base import LATENCY_BOUNDS, Backend, split_address
+from graven.router.proxy.backends import BackendTable
+from graven.router.proxy.entry import main
+from graven.router.proxy.server import RouterProxy
 from graven.router.workers import (
     RouterOptions,
     _control_reply,

@@ -234,7 +234,7 @@ def _body(world: World, secrets: dict[str, Any], env: list[list[str]] | None = N
 def test_deploy_records_references_and_instances_get_values(world: World, tmp_path: Path) -> None:
     api = Api(world.engine, lambda: None)
     preview = asyncio.run(api.plan(_body(world, {"TOKEN": "hunter2"}), {}))
-    assert preview["changed"]
+    assert preview.changed
     assert not (tmp_path / "secrets").exists() or [
         p.name for p in (tmp_path / "secrets").iterdir()
     ] == ["key"], "plan must store no value"
@@ -250,10 +250,10 @@ def test_deploy_records_references_and_instances_get_values(world: World, tmp_pa
 
     # Same secret: same release. Another secret: a change plan shows by reference.
     same = asyncio.run(api.plan(_body(world, {"TOKEN": "hunter2"}), {}))
-    assert not same["changed"]
+    assert not same.changed
     other = asyncio.run(api.plan(_body(world, {"TOKEN": "hunter3"}), {}))
-    assert other["changed"]
-    (change,) = other["changes"]
+    assert other.changed
+    (change,) = other.changes
     new_ref = world.engine.secrets.reference("hunter3")
     assert change == f"env TOKEN: {recorded['TOKEN']!r} -> {new_ref!r}"
 

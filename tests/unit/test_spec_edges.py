@@ -16,8 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from graven.errors import SpecError, SpecProblem
-from graven.spec import Spec, load_spec
-from graven.spec import loader as spec_loader
+from graven.spec import Spec, load_spec, yaml_tree
 
 # Service lines start at 7, under this image.
 IMAGE = """\
@@ -378,23 +377,23 @@ def test_a_huge_flow_list_is_refused_before_any_node_is_built(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counted = _Counted()
-    monkeypatch.setattr(spec_loader.yaml, "parse", counted)
-    monkeypatch.setattr(spec_loader.yaml, "compose", _never)
+    monkeypatch.setattr(yaml_tree.yaml, "parse", counted)
+    monkeypatch.setattr(yaml_tree.yaml, "compose", _never)
     # One byte over the size limit: refused before the parser sees a byte of it.
-    too_big = only_problem(project, "#" * (spec_loader.MAX_SPEC_BYTES + 1))
+    too_big = only_problem(project, "#" * (yaml_tree.MAX_SPEC_BYTES + 1))
     assert too_big.message.startswith("file is larger than 4 MiB")
     assert counted.events == 0
 
     # Just under the size limit: some two million values in one line.
-    count = (spec_loader.MAX_SPEC_BYTES - 16) // 2
+    count = (yaml_tree.MAX_SPEC_BYTES - 16) // 2
     text = "x-a: [" + "1," * (count - 1) + "1]\n"
-    assert len(text) <= spec_loader.MAX_SPEC_BYTES
+    assert len(text) <= yaml_tree.MAX_SPEC_BYTES
 
     problem = only_problem(project, text)
 
-    assert problem.message.startswith(f"the spec holds more than {spec_loader.MAX_VALUES} values")
+    assert problem.message.startswith(f"the spec holds more than {yaml_tree.MAX_VALUES} values")
     # The work done is bounded by the budget, not by the size of the file.
-    assert counted.events <= spec_loader.MAX_VALUES + 10
+    assert counted.events <= yaml_tree.MAX_VALUES + 10
 
 
 def test_values_under_the_budget_still_load(project: Path) -> None:

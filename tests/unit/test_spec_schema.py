@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from graven.spec import json_schema, load_spec
-from graven.spec.models import DURATION_PATTERN
+from graven.spec.fields import DURATION_PATTERN
 
 GOOD = """\
 version: 1

@@ -15,7 +15,7 @@ import pytest
 from graven.build.builder import BuildResult, build_image
 from graven.errors import StoreError
 from graven.model import Digest, ImageConfig
-from graven.spec.models import Recipe
+from graven.spec.recipe import Recipe
 from graven.store.cas import ContentStore, blobs
 from graven.store.oci_export.layers import layer_blob
 from graven.store.tree_model import Tree

@@ -18,11 +18,11 @@ from graven.controller.api import Api
 from graven.controller.engine import Engine
 from graven.controller.paths import controller_log
 from graven.controller.upkeep import log_files
-from graven.ledger.store import StateStore
+from graven.ledger.sqlite import SqliteStateStore
 from graven.logfiles import LogLimits, RotatingStreamHandler
 from graven.model import HealthCheck, ImageConfig, ServiceConfig
 from graven.router.embedded import EmbeddedRouter
-from graven.router.haproxy import HAProxyRouter
+from graven.router.haproxy.adapter import HAProxyRouter
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
@@ -62,7 +62,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     monkeypatch.setenv("GRAVEN_STATE_MIN_FREE", "1")
     logs = tmp_path / "logs"
     logs.mkdir()
-    state = StateStore(tmp_path / "state.db")
+    state = SqliteStateStore(tmp_path / "state.db")
     store = ContentStore(tmp_path / "store")
     runtime, router = LoggingRuntime(logs), LoggingRouter(logs)
     engine = Engine(tmp_path, state, store, runtime, router, FakeClock(), probe=runtime.probe)
@@ -111,15 +111,17 @@ def test_the_real_runtime_and_routers_have_their_logs_bounded(tmp_path: Path) ->
 def test_status_reports_the_state_dir(world: World, tmp_path: Path) -> None:
     engine = world.engine
     api = Api(engine, lambda: None)
-    reply = asyncio.run(api.status({}, {}))
-    assert reply["state_dir"]["path"] == str(tmp_path)
-    assert reply["state_dir"]["problem"] is None
-    assert reply["state_dir"]["free_bytes"] > 0
+    reply = asyncio.run(api.status({}, {})).state_dir
+    assert reply is not None
+    assert reply.path == str(tmp_path)
+    assert reply.problem is None
+    assert reply.free_bytes is not None and reply.free_bytes > 0
 
     engine.upkeep.disk.probe = lambda path: False  # writes keep failing
     engine.upkeep.disk.refused(OSError(errno.ENOSPC, "No space left on device"))
-    reply = asyncio.run(api.status({}, {}))
-    assert reply["state_dir"]["problem"].startswith(f"state dir {tmp_path} is full")
+    full = asyncio.run(api.status({}, {})).state_dir
+    assert full is not None and full.problem is not None
+    assert full.problem.startswith(f"state dir {tmp_path} is full")
 
 
 @pytest.mark.parametrize("appending", [True, False])

@@ -52,7 +52,7 @@ from graven.build.ignore import IGNORE_FILE, IgnoreRules
 from graven.build.interpreter import with_interpreter_labels
 from graven.errors import BuildError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
-from graven.spec.models import (
+from graven.spec.recipe import (
     SCRATCH,
     CmdStep,
     CopyStep,

@@ -39,11 +39,9 @@ numbering, ``SOURCE_DATE_EPOCH=0``, no inherited environment.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
-import signal
 import stat
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -52,6 +50,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from graven.detached import kill_group
 from graven.errors import BuildError
 
 UNSAFE_HOST_RUN_ENV = "GRAVEN_UNSAFE_HOST_RUN"
@@ -431,16 +430,11 @@ def _execute(
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         output, _ = proc.communicate()
         return proc.returncode, output, True
     except BaseException:
-        _kill_group(proc.pid)
+        kill_group(proc.pid)
         proc.wait()
         raise
     return proc.returncode, output, False
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)

@@ -5,21 +5,19 @@ click is only a type here: the lean paths in ``graven.cli.entry`` use this modul
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import sys
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from graven.errors import UsageError
+from graven.errors import InternalError, UsageError
 
 if TYPE_CHECKING:
     import click
 
     from graven.controller.client import ControllerClient
-    from graven.ledger.store import StateStore
+    from graven.ledger.state import StateStore
     from graven.spec.loader import LoadedSpec
     from graven.store.cas import ContentStore
 
@@ -99,10 +97,10 @@ class AppContext:
 
     def state(self) -> StateStore:
         from graven.controller.paths import require_access, state_db
-        from graven.ledger.store import StateStore
+        from graven.ledger.state import open_state_store
 
         require_access(self.state_dir, state_db(self.state_dir))
-        return StateStore(state_db(self.state_dir), read_only=True)
+        return open_state_store(state_db(self.state_dir), read_only=True)
 
     def controller(self) -> ControllerClient:
         """A client of this state dir's controller, started if none runs: for the
@@ -130,7 +128,7 @@ def app_context(ctx: click.Context) -> AppContext:
     """The AppContext the root command stored, from any subcommand's click context."""
     obj = ctx.find_root().obj
     if not isinstance(obj, AppContext):
-        raise TypeError("graven's root command did not set up its context")
+        raise InternalError("graven's root command did not set up its context")
     return obj
 
 
@@ -139,6 +137,9 @@ def actor() -> str:
     explicit = os.environ.get("GRAVEN_ACTOR")
     if explicit:
         return explicit
+    import getpass
+    import socket  # only the verbs that record a change ask; a no-op build does not
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):

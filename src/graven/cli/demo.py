@@ -62,6 +62,7 @@ def _write_spec(directory: Path, port: int, version: str) -> None:
 def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     from graven.cli import deploy_cmds as cli
     from graven.controller.client import ControllerClient
+    from graven.controller.results import to_json
     from graven.spec import scaffold
 
     directory = directory.resolve()
@@ -72,12 +73,10 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     previous = ControllerClient(state_dir)
     if previous.alive():
         out.progress("[dim]stopping the previous demo[/]")
-        for r in previous.request(
-            "POST", "/v1/down", {"service": None, "actor": actor(), "message": "demo restart"}
-        )["results"]:
-            if r.get("rollout"):
-                cli.wait_for_rollouts(app, {r["service"]: r["rollout"]}, Output("json"))
-        previous.request("POST", "/v1/shutdown", {})
+        for r in previous.down(None, actor=actor(), message="demo restart"):
+            if r.rollout:
+                cli.wait_for_rollouts(app, {r.service: r.rollout}, Output("json"))
+        previous.shutdown()
         time.sleep(0.3)
     scaffold(directory, force=True)
     port = _free_port(8080)
@@ -107,18 +106,15 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     out.progress("\n[bold]3. Roll back to v1 while traffic flows[/]")
     client = app.controller()
     with Load("127.0.0.1", port, clients=4, min_requests=requests_per_phase) as load:
-        r = client.request(
-            "POST",
-            "/v1/rollback",
-            {"service": "hello", "to": None, "actor": actor(), "message": "demo: roll back"},
-        )
-        done = cli.wait_for_rollouts(app, {"hello": r["rollout"]}, out)[0]
-        report["rollback"] = {"release": r["release"], "state": done["state"]}
+        back = client.rollback("hello", actor=actor(), message="demo: roll back")
+        if back.rollout is None:
+            raise GravenError("demo rollback changed nothing: v1 should have been desired again")
+        done = cli.wait_for_rollouts(app, {"hello": back.rollout}, out)[0]
+        report["rollback"] = {"release": back.release, "state": done["state"]}
     report["rollback_traffic"] = _traffic(out, load.report, "during the rollback")
 
     out.progress("\n[bold]4. Status[/]")
-    status = client.request("GET", "/v1/status")
-    report["status"] = status
+    report["status"] = to_json(client.status())
     from graven.ledger.chain import verify_chain
 
     entries = app.state().ledger()
@@ -167,15 +163,13 @@ def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
 
     candidates = cli.release_candidates(app, ["hello"], out)
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/deploy", {**candidates[0], "actor": actor(), "message": message, "details": {}}
-    )
-    out.progress(f"  release {r['release']}")
-    if r.get("rollout"):
-        done = cli.wait_for_rollouts(app, {"hello": r["rollout"]}, out)[0]
+    r = client.deploy(candidates[0], actor=actor(), message=message, details={})
+    out.progress(f"  release {r.release}")
+    if r.rollout:
+        done = cli.wait_for_rollouts(app, {"hello": r.rollout}, out)[0]
         if done["state"] != "succeeded":
             raise GravenError(f"demo deploy {done['state']}: {done['reason']}")
-    return {"release": r["release"], "image": candidates[0]["image"]}
+    return {"release": r.release, "image": candidates[0]["image"]}
 
 
 def _traffic(out: Output, report: LoadReport, phase: str) -> dict[str, Any]:

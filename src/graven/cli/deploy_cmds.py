@@ -9,13 +9,16 @@ from typing import Any
 
 import click
 
-from graven.cli.build_cmds import build_images
+from graven.cli import render
+from graven.cli.build_flow import build
 from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.options import output_option
 from graven.cli.output import Output
-from graven.cli.rollouts import any_failed, await_results, render_results, wait_rollouts
+from graven.cli.rollouts import await_results, wait_rollouts
 from graven.cli.status_cmds import say_if_stopped
+from graven.controller.results import to_json
 from graven.errors import UsageError
+from graven.model import ReleaseId
 
 
 def _services_from(app: AppContext, services: tuple[str, ...]) -> list[str]:
@@ -37,7 +40,7 @@ def release_candidates(app: AppContext, services: list[str], out: Output) -> lis
     spec = app.spec().spec
     image_names = sorted({spec.services[s].image for s in services})
     configs = {s: _config_and_secrets(app, s) for s in services}  # before a long build
-    built = {r["name"]: r["digest"] for r in build_images(app, image_names, out, no_cache=False)}
+    built = {i.name: i.digest for i in build(app, image_names, out)}
     return [
         {
             "service": s,
@@ -86,14 +89,16 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
 
         plans = [stopped_plan(app.state_dir, c) for c in candidates]
     else:
-        plans = [client.request("POST", "/v1/plan", c) for c in candidates]
+        plans = [client.plan(c) for c in candidates]
     data: dict[str, Any] = {
-        "plans": [{"service": c["service"], **p} for c, p in zip(candidates, plans, strict=True)]
+        "plans": [
+            {"service": c["service"], **to_json(p)} for c, p in zip(candidates, plans, strict=True)
+        ]
     }
     if client is None:
         data["controller"] = STOPPED
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         say_if_stopped(con, d)
         for p in d["plans"]:
             if not p["changed"]:
@@ -105,7 +110,7 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
             for n, step in enumerate(p["steps"]["steps"], start=1):
                 con.print(f"  {n:>2}. {step['description']}")
 
-    out.emit(data, render)
+    out.emit(data, view)
 
 
 def _require_message(message: str | None, verb: str) -> str:
@@ -118,8 +123,9 @@ def _require_message(message: str | None, verb: str) -> str:
 
 
 def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
-    out.emit(data, lambda con, d: render_results(con, d, verb))
-    if any_failed(results):
+    outcomes = [render.ServiceOutcome.of(r) for r in results]
+    out.show(data, render.outcomes(outcomes, verb, data.get("url")))
+    if render.any_failed(outcomes):
         sys.exit(1)
 
 
@@ -151,17 +157,11 @@ def deploy(
         details["source_commit"] = commit
     results = []
     for c in candidates:
-        r = client.request(
-            "POST", "/v1/deploy", {**c, "actor": actor(), "message": why, "details": details}
-        )
-        out.progress(
-            f"[bold]deploy[/] {c['service']}: {r['release']}"
-            + ("" if r["changed"] else " (unchanged)")
-        )
-        results.append({"service": c["service"], **r})
+        r = client.deploy(c, actor=actor(), message=why, details=details)
+        out.progress(render.change_recorded("deploy", c["service"], r.release, changed=r.changed))
+        results.append({"service": c["service"], **to_json(r)})
     _await(app, out, results, no_wait)
-    status = client.request("GET", "/v1/status")["services"]
-    urls = {s["service"]: s["url"] for s in status}
+    urls = {s.service: s.url for s in client.status().services}
     _finish(out, {"results": results, "urls": urls, "url": urls.get(chosen[0])}, results, "deploy")
 
 
@@ -171,7 +171,7 @@ def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait:
 
 @click.command()
 @click.argument("service")
-@click.option("--to", "to", type=int, metavar="N", help="Release number to return to (r N).")
+@click.option("--to", "to", metavar="RELEASE", help="Release to return to: 3, r3 or SERVICE@r3.")
 @click.option("-m", "--message", help="Why: recorded in the ledger.", default="rollback")
 @click.option(
     "--detach",
@@ -183,24 +183,14 @@ def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait:
 @output_option
 @click.pass_context
 def rollback(
-    ctx: click.Context, service: str, to: int | None, message: str, no_wait: bool, output: str
+    ctx: click.Context, service: str, to: str | None, message: str, no_wait: bool, output: str
 ) -> None:
-    """Return SERVICE to the release that served before (or --to N)."""
-    app = app_context(ctx)
-    out = Output(output)
-    client = app.controller()
-    r = client.request(
-        "POST",
-        "/v1/rollback",
-        {"service": service, "to": to, "actor": actor(), "message": message},
-    )
-    out.progress(f"[bold]rollback[/] {service} -> {r['release']}")
-    results = [{"service": service, **r}]
-    _await(app, out, results, no_wait)
-    status = client.request("GET", "/v1/status", service=service)["services"]
-    _finish(
-        out, {"results": results, "url": status[0]["url"] if status else None}, results, "rollback"
-    )
+    """Return SERVICE to the release that served before (or --to RELEASE)."""
+    from graven.cli.rollouts import rollback as run
+
+    number = ReleaseId.parse(to, service=service).number if to is not None else None
+    if code := run(app_context(ctx), service, number, message, no_wait=no_wait, out=Output(output)):
+        sys.exit(code)
 
 
 @click.command()
@@ -220,16 +210,14 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
     app = app_context(ctx)
     out = Output(output)
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/promote", {"service": service, "actor": actor(), "message": message}
-    )
-    out.progress(f"[bold]promote[/] {service}: {r['release']}")
-    data = {"service": service, "rollout": r["rollout"], "release": r["release"]}
+    r = client.promote(service, actor=actor(), message=message)
+    out.progress(render.change_recorded("promote", service, r.release))
+    data: dict[str, Any] = {"service": service, "rollout": r.rollout, "release": r.release}
     if not no_wait:
         # Until it finishes or pauses again.
         data["rollout_result"] = wait_rollouts(
             client,
-            {service: r["rollout"]},
+            {service: r.rollout},
             out.progress,
             ended=lambda ro: (
                 ro["state"] != "running"
@@ -237,13 +225,13 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
             ),
         )[0]
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         ro = d.get("rollout_result") or {}
         con.print(
             f"[green]{d['service']}[/]: {ro.get('state', 'promoted')} {ro.get('progress', '')}"
         )
 
-    out.emit(data, render)
+    out.emit(data, view)
 
 
 @click.command()
@@ -256,10 +244,8 @@ def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
     app = app_context(ctx)
     out = Output(output)
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/abort", {"service": service, "actor": actor(), "message": message}
-    )
-    out.emit(r, lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
+    r = client.abort(service, actor=actor(), message=message)
+    out.emit(to_json(r), lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
 
 
 @click.command()
@@ -288,21 +274,18 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
             )
             return
     client = app.controller()
-    r = client.request(
-        "POST", "/v1/down", {"service": service, "actor": actor(), "message": message}
-    )
-    results = r["results"]
+    results = [to_json(r) for r in client.down(service, actor=actor(), message=message)]
     _await(app, out, results, False)
     data: dict[str, Any] = {"results": results}
     if service is None:
-        client.request("POST", "/v1/shutdown", {})
+        client.shutdown()
         data["controller"] = "stopped"
 
-    def render(con: Any, d: Any) -> None:
+    def view(con: Any, d: Any) -> None:
         for x in d["results"]:
             state = "stopped" if x.get("changed") else "already down"
             con.print(f"[green]{x['service']}[/]: {state}")
         if d.get("controller"):
             con.print("controller stopped")
 
-    out.emit(data, render)
+    out.emit(data, view)

@@ -8,14 +8,12 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from graven.cli.context import AppContext
-from graven.cli.plain import report_error, write_json
-from graven.cli.rollouts import StoppedWatching
-from graven.errors import GravenError
+from graven.cli.exits import exit_code, wants_json, write_json
+from graven.errors import InternalError
 
 # Every verb, as "module:command", in the order help lists them (the order teaches
 # the workflow; the image engine's verbs follow). A module is imported only when one
@@ -55,7 +53,7 @@ class _Group(click.Group):
             module, attr = VERBS[name].split(":")
             command = getattr(importlib.import_module(module), attr)
             if not isinstance(command, click.Command):
-                raise TypeError(f"{VERBS[name]} is not a click command")
+                raise InternalError(f"{VERBS[name]} is not a click command")
             self.add_command(command, name)
         return self.commands.get(name)
 
@@ -96,59 +94,28 @@ def cli(ctx: click.Context, spec_file: Path | None, state_dir: Path | None, debu
 def main(argv: list[str] | None = None) -> None:
     """Entry point: maps every error to a message and an exit code."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    as_json = _wants_json(args)
+    as_json = wants_json(args)
+    code = exit_code(lambda: _run(args, as_json=as_json), debug="--debug" in args, as_json=as_json)
+    if code:
+        sys.exit(code)
+
+
+def _run(args: list[str], *, as_json: bool) -> int:
+    """The click group on ``args``; click's own exceptions as exit codes."""
     try:
         cli.main(args=args, prog_name="graven", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort as exc:
         if isinstance(exc.__cause__, KeyboardInterrupt):
             click.echo("interrupted", err=True)  # Ctrl-C outside a rollout wait
-            sys.exit(130)
+            return 130
         click.echo("aborted", err=True)
-        sys.exit(1)
+        return 1
     except click.ClickException as exc:
         if as_json:
-            _json_error({"error": "UsageError", "message": exc.format_message()})
+            write_json({"error": "UsageError", "message": exc.format_message()}, sort_keys=False)
         else:
             exc.show()
-        sys.exit(2)
-    except GravenError as exc:
-        if debug:
-            raise
-        report_error(exc, as_json=as_json)
-        sys.exit(exc.exit_code)
-    except StoppedWatching as exc:
-        sys.stderr.write(exc.message + "\n")
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:
-        _exit_if_refused_write(exc, debug=debug, as_json=as_json)
-        raise
-
-
-def _exit_if_refused_write(exc: Exception, *, debug: bool, as_json: bool) -> None:
-    """A write the filesystem refused (full, over quota, read-only) is the operator's
-    to fix, not a bug: a message and exit 1, no traceback (unless ``--debug``)."""
-    from graven.disk import disk_error
-
-    refused = disk_error(exc)
-    if refused is None or debug:
-        return
-    report_error(refused, as_json=as_json)
-    sys.exit(refused.exit_code)
-
-
-def _wants_json(args: list[str]) -> bool:
-    for i, a in enumerate(args):
-        if a in ("-o", "--output") and i + 1 < len(args) and args[i + 1] == "json":
-            return True
-        if a in ("-ojson", "--output=json"):
-            return True
-    return False
-
-
-def _json_error(data: dict[str, Any]) -> None:
-    write_json(data, sort_keys=False)
+        return 2
+    return 0

@@ -1,4 +1,5 @@
-"""Rendering: commands return plain data; this module is the only place that writes.
+"""Rendering: commands return plain data; this module (and the line writer it holds,
+:class:`graven.cli.lines.LineWriter`) is the only place that writes.
 
 ``-o json`` prints the same data the human view is drawn from, so scripts and
 people see one truth.
@@ -6,16 +7,19 @@ people see one truth.
 Long work reports progress through :meth:`Output.bar`. On a terminal that is a live
 rich progress bar on stderr (erased when done, the lines printed under it stay); in
 a log or CI it is just the plain progress lines, with no bar frames or cursor codes;
-with ``-o json`` it is silent. rich is imported only when something is written.
+with ``-o json`` it is silent. rich is imported only when something is written
+that rich must draw: :mod:`graven.cli.lines` writes styled lines to a pipe or a log
+without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from graven.cli.plain import write_json
+from graven.cli.exits import write_json
+from graven.cli.lines import Line, LineWriter, rich_text
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -46,6 +50,8 @@ class Output:
         self._err = err
         self._err_given = err is not None
         self._live: Progress | None = None
+        self.lines = LineWriter(console=lambda: self.out, through=out)
+        self.err_lines = LineWriter(stderr=True, console=lambda: self.err, through=err)
 
     @property
     def out(self) -> Console:
@@ -65,11 +71,25 @@ class Output:
         elif render is not None:
             render(self.out, data)
 
-    def progress(self, text: str) -> None:
+    def show(self, data: Any, lines: Iterable[Line]) -> None:
+        """``data`` as JSON, or ``lines`` (a renderer's view of it) for people."""
+        if self.json:
+            write_json(data)
+        else:
+            self.lines.write_all(lines)
+
+    def progress(self, text: str | Line) -> None:
         """A line of progress for humans, on stderr; silent in JSON mode. While a bar
-        is live the line is printed above it."""
-        if not self.json:
+        is live the line is printed above it. ``text`` is rich markup, or a styled
+        line (never parsed)."""
+        if self.json:
+            return
+        if isinstance(text, str):
             self.err.print(text)
+        elif self._live is not None:
+            self.err.print(rich_text(text))
+        else:
+            self.err_lines.write(text)
 
     @property
     def bars_shown(self) -> bool:
@@ -138,8 +158,9 @@ class ProgressBar:
         """True when this is a bar on a terminal (worth feeding byte counts)."""
         return self._progress is not None
 
-    def line(self, text: str) -> None:
-        """A progress line (rich markup): above the bar, or alone where none is shown."""
+    def line(self, text: str | Line) -> None:
+        """A progress line (rich markup, or a styled line): above the bar, or alone where
+        none is shown."""
         self._output.progress(text)
 
     def advance(self, amount: float = 1) -> None:

@@ -82,7 +82,7 @@ def _port_warnings(app: AppContext, loaded: LoadedSpec) -> list[SpecProblem]:
     """
     from graven.netports import descends_from, port_holder
     from graven.router.embedded import EmbeddedRouter
-    from graven.router.haproxy import HAProxyRouter
+    from graven.router.haproxy.adapter import HAProxyRouter
 
     routers: list[EmbeddedRouter | HAProxyRouter] = []
     try:

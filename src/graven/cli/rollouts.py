@@ -1,8 +1,8 @@
-"""Waiting for the rollouts a verb started and reporting how they ended.
+"""Waiting for the rollouts a verb started, and ``graven rollback`` itself.
 
-Shared by ``deploy`` and ``rollback`` in the full CLI and by the lean ``rollback``
-in ``graven.cli.entry``, so both paths wait, print and exit alike. Neither click nor
-rich is imported here: ``con`` is anything with rich's ``print(markup)``.
+Shared by ``deploy``, ``promote``, ``status -w`` and ``rollback``; ``rollback`` runs
+from here whichever entry path recognised it. Neither click nor rich is imported:
+progress goes to a callable taking a styled line (:mod:`graven.cli.lines`).
 """
 
 from __future__ import annotations
@@ -11,32 +11,22 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from graven.cli import render
+from graven.cli.exits import StoppedWatching
+
 if TYPE_CHECKING:
+    from graven.cli.context import AppContext
+    from graven.cli.lines import Line
+    from graven.cli.output import Output
     from graven.controller.client import ControllerClient
 
-
-class StoppedWatching(Exception):
-    """Ctrl-C while a verb waits for rollouts: the verb stops watching, the controller
-    goes on. Both CLI paths print ``message`` and exit 130."""
-
-    exit_code = 130
-
-    def __init__(self, services: list[str]) -> None:
-        self.services = services
-        target = services[0] if len(services) == 1 else "SERVICE"
-        self.message = (
-            "stopped watching; the rollout goes on — 'graven status -w' to follow, "
-            f"'graven abort {target}' to stop it"
-        )
-        if len(services) > 1:
-            self.message += f" (rolling out: {', '.join(services)})"
-        super().__init__(self.message)
+Progress = Callable[["Line"], None]
 
 
 def wait_rollouts(
     client: ControllerClient,
     rollouts: dict[str, int],
-    progress: Callable[[str], None],
+    progress: Progress,
     *,
     ended: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
@@ -48,10 +38,12 @@ def wait_rollouts(
     try:
         while pending:
             for service, rid in list(pending.items()):
+                # Raw JSON: the lean rollback path waits here too, and skips the
+                # typed replies' import (see graven.cli.entry).
                 r = client.request("GET", "/v1/rollout", id=rid)["rollout"]
                 if r["progress"] and r["progress"] != last.get(service):
                     last[service] = r["progress"]
-                    progress(f"  {service}: {r['progress']}")
+                    progress(render.rollout_step(service, r["progress"]))
                 # A rollout paused at a manual gate is done as far as this command goes.
                 if (ended or _ended)(r):
                     done[service] = r
@@ -68,7 +60,7 @@ def _ended(rollout: dict[str, Any]) -> bool:
 
 
 def watch_status(
-    client: ControllerClient, service: str | None, progress: Callable[[str], None]
+    client: ControllerClient, service: str | None, progress: Progress
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """``graven status -w``: follow the rollouts running now to their end (or a manual
     gate), then the status as it is then, and how each watched rollout ended."""
@@ -79,16 +71,16 @@ def watch_status(
         if s["rollout"] and s["rollout"]["state"] == "running"
     }
     if not running:
-        progress("no rollout running")
+        progress(("no rollout running",))
         return status, []
     try:
         for name, rid in running.items():
-            progress(f"[bold]following[/] {name}: rollout #{rid}")
+            progress(render.following(name, rid))
     except KeyboardInterrupt:
         raise StoppedWatching(sorted(running)) from None
     finished = wait_rollouts(client, running, progress)
     for name, ro in zip(running, finished, strict=True):
-        progress(f"  {name}: {ro['state']}" + (f" — {ro['reason']}" if ro.get("reason") else ""))
+        progress(render.followed(name, ro["state"], ro.get("reason")))
     return client.request("GET", "/v1/status", service=service), finished
 
 
@@ -97,7 +89,7 @@ def await_results(
     results: list[dict[str, Any]],
     *,
     no_wait: bool,
-    progress: Callable[[str], None],
+    progress: Progress,
 ) -> None:
     """Unless ``no_wait``, wait for the rollouts in ``results`` and attach how each
     ended as ``rollout_result``. ``connect`` is only called when there is a wait."""
@@ -111,34 +103,36 @@ def await_results(
             r["rollout_result"] = by_service[r["service"]]
 
 
-def render_results(con: Any, data: dict[str, Any], verb: str) -> None:
-    """One line per service (how its rollout ended), then the URL if there is one."""
-    for r in data["results"]:
-        if not r.get("changed", True):
-            con.print(f"[green]{r['service']}[/]: already at {r['release']}; nothing to do")
-            continue
-        ro = r.get("rollout_result")
-        if ro is None:
-            # --no-wait: the change is recorded; how its rollout ends is not known here.
-            con.print(
-                f"[green]{verb} {r['service']}[/]: {r.get('release', '')} recorded; "
-                "rolling out (not waiting)"
-            )
-        elif ro.get("state") == "running":
-            con.print(f"[yellow]{verb} {r['service']}[/]: {ro.get('progress', '')}")
-        elif ro.get("state") == "succeeded":
-            con.print(f"[green]{verb} {r['service']}[/]: {r.get('release', 'done')} serving")
-        else:
-            con.print(
-                f"[red]{verb} {r['service']} {ro.get('state', 'failed')}[/]: {ro.get('reason', '')}"
-            )
-    if data.get("url"):
-        con.print(f"url: {data['url']}")
+def rollback(
+    app: AppContext, service: str, to: int | None, message: str, *, no_wait: bool, out: Output
+) -> int:
+    """``graven rollback``: return ``service`` to the release that served before (or
+    release ``to``); unless ``no_wait``, wait for the rollout. The exit code.
 
+    The request goes out before anything only the output needs is imported: inside a
+    blue-green rollback window the traffic switch waits for nothing else."""
+    from graven.cli.context import actor
+    from graven.controller.client import ControllerClient
+    from graven.errors import ControllerNotRunning
 
-def any_failed(results: list[dict[str, Any]]) -> bool:
-    """Whether a rollout that was waited for ended other than succeeded or paused."""
-    finished = ("succeeded", "running")  # running: paused at a manual gate, not failed
-    return any(
-        (r.get("rollout_result") or {}).get("state", "succeeded") not in finished for r in results
-    )
+    body = {"service": service, "to": to, "actor": actor(), "message": message}
+    client = ControllerClient(app.state_dir)
+    try:
+        r = client.request("POST", "/v1/rollback", body)
+    except ControllerNotRunning:
+        # Nothing was sent: start the controller, as every verb that changes state does.
+        client = app.controller()
+        r = client.request("POST", "/v1/rollback", body)
+    out.progress(render.change_recorded("rollback", service, r["release"]))
+    results = [{"service": service, **r}]
+
+    def connect() -> ControllerClient:
+        client.ensure_running()
+        return client
+
+    await_results(connect, results, no_wait=no_wait, progress=out.progress)
+    status = client.request("GET", "/v1/status", service=service)["services"]
+    url = status[0]["url"] if status else None
+    outcomes = [render.ServiceOutcome.of(x) for x in results]
+    out.show({"results": results, "url": url}, render.outcomes(outcomes, "rollback", url))
+    return 1 if render.any_failed(outcomes) else 0

@@ -28,12 +28,13 @@ def _status_data(
     """The status to show (after following running rollouts, with ``watch``), and
     whether a rollout it followed failed or was aborted."""
     from graven.cli.rollouts import watch_status
+    from graven.controller.results import to_json
 
     client = app.running_controller()  # a look starts no controller
     if client is None:
         from graven.controller.offline import stopped_status
 
-        data = stopped_status(app.state_dir, service)
+        data: dict[str, Any] = to_json(stopped_status(app.state_dir, service))
         running = [
             s["service"]
             for s in data["services"]
@@ -49,7 +50,7 @@ def _status_data(
             )
         return data, False
     if not watch:
-        return client.request("GET", "/v1/status", service=service), False
+        return to_json(client.status(service)), False
     data, finished = watch_status(client, service, out.progress)
     return data, any(ro["state"] not in ("succeeded", "running") for ro in finished)
 
@@ -164,22 +165,22 @@ def releases(ctx: click.Context, service: str, output: str) -> None:
     app = app_context(ctx)
     st = app.state()
     desired = st.desired_release(service)
-    rows = st.releases(service)
-    if not rows:
+    records = st.releases(service)
+    if not records:
         raise UsageError(f"service {service!r} has no releases", hint="Run 'graven deploy'.")
     data = {
         "service": service,
         "releases": [
             {
-                "release": rel.id,
-                "image": str(rel.image),
-                "image_name": row["image_name"],
-                "created_at": row["created_at"],
-                "healthy_at": row["healthy_at"],
-                "current": rel.number == desired,
-                "content_hash": rel.content_hash,
+                "release": r.id,
+                "image": str(r.release.image),
+                "image_name": r.image_name,
+                "created_at": r.created_at,
+                "healthy_at": r.healthy_at,
+                "current": r.number == desired,
+                "content_hash": r.release.content_hash,
             }
-            for rel, row in rows
+            for r in records
         ],
     }
 

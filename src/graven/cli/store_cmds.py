@@ -27,7 +27,7 @@ class _Duration(click.ParamType[float]):
     ) -> float:
         if isinstance(value, float):
             return value
-        from graven.spec.models import parse_duration
+        from graven.spec.fields import parse_duration
 
         try:
             return parse_duration(value)

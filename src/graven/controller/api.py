@@ -24,16 +24,37 @@ import os
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
 from graven.controller.engine import Engine
 from graven.controller.health_watch import CRASH_LOOP_AFTER, HealthMemory
+from graven.controller.results import (
+    AbortResult,
+    DeployResult,
+    DownResults,
+    HealthReply,
+    InstanceStatus,
+    PreviewResult,
+    PromoteResult,
+    ReleaseShare,
+    Reply,
+    RollbackResult,
+    RolloutInstance,
+    RolloutReply,
+    RolloutView,
+    ServiceStatus,
+    ShutdownReply,
+    StateDirView,
+    StatusView,
+    from_json,
+    to_json,
+)
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
-from graven.model import Digest, HealthCheck, ServiceConfig
+from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
 
 log = logging.getLogger("graven.controller.api")
 
@@ -54,7 +75,7 @@ WRITE_TIMEOUT = 5.0
 MAX_CONNECTIONS = 64
 
 _DIGITS = frozenset("0123456789")
-# The spec's Name (graven.spec.models.NAME_PATTERN, which a test holds this to): not
+# The spec's Name (graven.spec.fields.NAME_PATTERN, which a test holds this to): not
 # imported, as pydantic would roughly double the controller's import time.
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -62,16 +83,41 @@ _METHOD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # Visible ASCII: what a request target may hold once percent-encoded.
 _TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 
-Handler = Callable[[dict[str, Any], dict[str, list[str]]], Awaitable[Any]]
+Body = Mapping[str, object]  # a request body, as parse_body checked it
+Query = dict[str, list[str]]
+Handler = Callable[[Body, Query], Awaitable[Reply]]
 
 
-def _health_of(state: str, mem: HealthMemory | None) -> str:
+def _health_of(state: InstanceState, mem: HealthMemory | None) -> str:
     """What the probes say of an instance: passing only when the last probe passed."""
     if state != "healthy":
         return state
     if mem is None or mem.passing is None:
         return "passing"  # passed its start-up check; not re-probed since
     return "passing" if mem.passing else f"failing ({mem.failures} in a row)"
+
+
+@dataclasses.dataclass
+class _Share:
+    """One release's instances in a status, while they are counted."""
+
+    traffic_percent: float = 0.0
+    instances: int = 0
+    healthy: int = 0
+    preview: bool = False
+
+    def view(self, release: str) -> ReleaseShare:
+        percent = round(self.traffic_percent, 1)
+        role = (
+            "live"
+            if percent > 0
+            else "preview"
+            if self.preview
+            else "warm"
+            if self.healthy
+            else "starting"
+        )
+        return ReleaseShare(release, percent, self.instances, self.healthy, self.preview, role)
 
 
 class BadRequest(UsageError):
@@ -157,7 +203,7 @@ def parse_head(head: bytes) -> RequestHead:
     return RequestHead(method, path, query, length)
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
+def parse_body(raw: bytes) -> dict[str, object]:
     """A request body: a UTF-8 JSON object, nested at most MAX_DEPTH deep, with
     integers that fit 64 bits, finite numbers and strings without lone surrogates."""
     if not raw:
@@ -182,7 +228,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _check_tree(body: dict[str, Any]) -> None:
+def _check_tree(body: Body) -> None:
     # Iterative, so a tree json.loads accepted cannot overflow the stack here.
     stack: list[tuple[Any, str, int]] = [(body, "", 1)]
     while stack:
@@ -219,7 +265,7 @@ def _check_text(text: str, where: str) -> None:
 
 
 def field(
-    body: dict[str, Any],
+    body: Body,
     key: str,
     kind: type,
     *,
@@ -242,7 +288,7 @@ def field(
     return value
 
 
-def service_name(body: dict[str, Any], *, required: bool = True) -> Any:
+def service_name(body: Body, *, required: bool = True) -> Any:
     """``body["service"]``: a name the spec allows, as it becomes file names."""
     name = field(body, "service", str, required=required)
     if name is not None and not _NAME_RE.fullmatch(name):
@@ -257,11 +303,15 @@ def query_number(query: dict[str, list[str]], key: str, *, low: int = 1) -> int:
     return parse_decimal(values[0], f"query: {key!r}", low=low)
 
 
-def service_config(data: dict[str, Any]) -> ServiceConfig:
+def service_config(data: object) -> ServiceConfig:
     """A ServiceConfig from its JSON form, every field checked against its type:
-    numbers within range, lists for tuples, no unknown keys."""
-    checked = _dataclass_fields(ServiceConfig, data, "request body: config")
-    return ServiceConfig.from_dict(checked)
+    numbers within range, lists for tuples, no unknown keys, no setting the strategy
+    does not use."""
+    checked = _dataclass_fields(ConfigRecord, data, "request body: config")
+    try:
+        return ConfigRecord.from_dict(checked).to_config(strict=True)
+    except UsageError as exc:
+        raise BadRequest(f"request body: config.{exc.message}", hint=exc.hint) from None
 
 
 def _dataclass_fields(cls: type, data: Any, where: str) -> dict[str, Any]:
@@ -359,17 +409,17 @@ class Api:
 
     # --- handlers -----------------------------------------------------------------------
 
-    async def health(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
-        return {"ok": True, "pid": os.getpid()}
+    async def health(self, body: Body, query: Query) -> HealthReply:
+        return HealthReply(ok=True, pid=os.getpid())
 
-    async def status(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def status(self, body: Body, query: Query) -> StatusView:
         wanted = query.get("service", [None])[0]
-        return {
-            "services": self.engine_status(wanted),
-            "state_dir": self.engine.upkeep.disk.report(),
-        }
+        return StatusView(
+            self.engine_status(wanted),
+            state_dir=from_json(StateDirView, self.engine.upkeep.disk.report(), "state dir report"),
+        )
 
-    def engine_status(self, wanted: str | None) -> list[dict[str, Any]]:
+    def engine_status(self, wanted: str | None) -> tuple[ServiceStatus, ...]:
         st = self.engine.state
         services = st.services()
         if wanted is not None and wanted not in services:
@@ -384,7 +434,7 @@ class Api:
                 continue
             desired = services[name]
             release = st.release(name, desired) if desired is not None else None
-            row = st.release_row(name, desired) if desired is not None else None
+            record = st.release_record(name, desired) if desired is not None else None
             rollout = st.last_rollout(name)
             live = st.live_instances(name)
             weights = st.weights(name)
@@ -392,91 +442,77 @@ class Api:
             routed = {i.id: weights.get(i.id, 100) for i in live if i.state == "healthy"}
             total = sum(routed.values())
             instances = []
-            releases: dict[str, dict[str, Any]] = {}
+            releases: dict[str, _Share] = {}
             for inst in live:
                 mem = self.engine.health_watch.memory.get(inst.id)
                 share = 100.0 * routed.get(inst.id, 0) / total if total else 0.0
-                rel = f"{name}@r{inst.release}"
-                agg = releases.setdefault(
-                    rel, {"release": rel, "traffic_percent": 0.0, "instances": 0, "healthy": 0}
-                )
-                agg["traffic_percent"] += share
-                agg["instances"] += 1
-                agg["healthy"] += inst.state == "healthy"
-                agg["preview"] = agg.get("preview", False) or inst.id in preview
+                rel = release_id(name, inst.release)
+                agg = releases.setdefault(rel, _Share())
+                agg.traffic_percent += share
+                agg.instances += 1
+                agg.healthy += inst.state == "healthy"
+                agg.preview = agg.preview or inst.id in preview
                 instances.append(
-                    {
-                        "id": inst.id,
-                        "release": rel,
-                        "image": str(inst.image),
-                        "address": inst.address,
-                        "pid": inst.pid,
+                    InstanceStatus(
+                        id=inst.id,
+                        release=rel,
+                        image=str(inst.image),
+                        address=inst.address,
+                        pid=inst.pid,
                         # Still routed, but its last probe failed: not "healthy".
-                        "state": "degraded"
+                        state="degraded"
                         if inst.state == "healthy" and mem is not None and mem.passing is False
                         else inst.state,
-                        "started_at": inst.started_at,
+                        started_at=inst.started_at,
                         # "passing": the last probe passed; "failing": it did not (the
                         # instance is taken out after unhealthy_threshold misses in a row).
-                        "health": _health_of(inst.state, mem),
-                        "probe": mem.last if mem else "",
-                        "failed_probes": mem.failures if mem else 0,
-                        "weight": weights.get(inst.id, 100) if inst.id in routed else 0,
-                        "traffic_percent": round(share, 1),
-                        "preview": inst.id in preview,
-                        "restarts": inst.restarts,
-                        "last_exit": inst.last_exit,
-                    }
-                )
-            for agg in releases.values():
-                agg["traffic_percent"] = round(agg["traffic_percent"], 1)
-                agg["role"] = (
-                    "live"
-                    if agg["traffic_percent"] > 0
-                    else "preview"
-                    if agg["preview"]
-                    else "warm"
-                    if agg["healthy"]
-                    else "starting"
+                        health=_health_of(inst.state, mem),
+                        probe=mem.last if mem else "",
+                        failed_probes=mem.failures if mem else 0,
+                        weight=weights.get(inst.id, 100) if inst.id in routed else 0,
+                        traffic_percent=round(share, 1),
+                        preview=inst.id in preview,
+                        restarts=inst.restarts,
+                        last_exit=inst.last_exit,
+                    )
                 )
             port = running_routers.get(name)
             preview_port = running_routers.get(f"{name}-preview")
             crashes = st.crashes(name)
+            left = self.engine.health_watch.backoff_left(name)
             out.append(
-                {
-                    "service": name,
-                    "desired_release": release.id if release else None,
-                    "image": str(release.image) if release else None,
-                    "image_name": row["image_name"] if row else None,
-                    "replicas": release.config.replicas if release else 0,
-                    "url": f"http://127.0.0.1:{port}/" if port else None,
-                    "preview_url": f"http://127.0.0.1:{preview_port}/" if preview_port else None,
-                    "rollout": rollout.to_dict() if rollout else None,
-                    "releases": sorted(releases.values(), key=lambda r: str(r["release"])),
-                    "restarts": crashes.restarts,
-                    "last_exit": crashes.last_exit,
-                    "crash_looping": crashes.restarts >= CRASH_LOOP_AFTER,
-                    "next_start_in": round(left, 1)
-                    if (left := self.engine.health_watch.backoff_left(name)) > 0
-                    else None,
-                    "problem": self.engine.problems.get(name),
-                    "instances": instances,
-                }
+                ServiceStatus(
+                    service=name,
+                    desired_release=release.id if release else None,
+                    image=str(release.image) if release else None,
+                    image_name=record.image_name if record else None,
+                    replicas=release.config.replicas if release else 0,
+                    url=f"http://127.0.0.1:{port}/" if port else None,
+                    preview_url=f"http://127.0.0.1:{preview_port}/" if preview_port else None,
+                    rollout=RolloutView.of(rollout) if rollout else None,
+                    releases=tuple(agg.view(rel) for rel, agg in sorted(releases.items())),
+                    restarts=crashes.restarts,
+                    last_exit=crashes.last_exit,
+                    crash_looping=crashes.restarts >= CRASH_LOOP_AFTER,
+                    next_start_in=round(left, 1) if left > 0 else None,
+                    problem=self.engine.problems.get(name),
+                    instances=tuple(instances),
+                )
             )
-        return out
+        return tuple(out)
 
-    async def rollout(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def rollout(self, body: Body, query: Query) -> RolloutReply:
         rollout = self.engine.state.rollout(query_number(query, "id"))
-        return {
-            "rollout": rollout.to_dict(),
-            "instances": [
-                {"id": i.id, "release": i.release, "state": i.state}
+        return RolloutReply(
+            RolloutView.of(rollout),
+            tuple(
+                RolloutInstance(i.id, i.release, i.state)
                 for i in self.engine.state.live_instances(rollout.service)
-            ],
-        }
+            ),
+        )
 
     def _candidate(
-        self, body: dict[str, Any], *, keep_secrets: bool = False
+        self, body: Body, *, keep_secrets: bool = False
     ) -> tuple[str, Digest, ServiceConfig]:
         service = service_name(body)
         config = service_config(field(body, "config", dict))
@@ -487,7 +523,9 @@ class Api:
         secrets = field(body, "secrets", dict, required=False) or {}
         return service, image, self._seal(config, secrets, keep=keep_secrets)
 
-    def _seal(self, config: ServiceConfig, secrets: dict[str, Any], *, keep: bool) -> ServiceConfig:
+    def _seal(
+        self, config: ServiceConfig, secrets: Mapping[str, object], *, keep: bool
+    ) -> ServiceConfig:
         """``config`` with each secret env value as a reference; ``keep`` stores the
         values (deploy), else they are only hashed (plan). No value is ever echoed."""
         env = dict(config.env)
@@ -497,21 +535,21 @@ class Api:
                     f"env {key}: values of the form '<secret sha256:…>' are reserved for secrets",
                     hint="Set a secret with env_file, ${VAR} or {secret_file: PATH} instead.",
                 )
-        for key, value in secrets.items():
-            if not _ENV_NAME.fullmatch(key) or not isinstance(value, str) or "\0" in value:
+        for key, secret in secrets.items():
+            if not _ENV_NAME.fullmatch(key) or not isinstance(secret, str) or "\0" in secret:
                 raise BadRequest(
                     f"request body: secret {_shown(key)} needs a variable name and a text value"
                 )
             if key in env:
                 raise BadRequest(f"request body: env {key} is both plain and secret")
             store = self.engine.secrets
-            env[key] = store.put(value) if keep else store.reference(value)
+            env[key] = store.put(secret) if keep else store.reference(secret)
         return dataclasses.replace(config, env=tuple(sorted(env.items())))
 
-    async def plan(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def plan(self, body: Body, query: Query) -> PreviewResult:
         return self.engine.commands.preview(*self._candidate(body))
 
-    async def deploy(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def deploy(self, body: Body, query: Query) -> DeployResult:
         service, image, config = self._candidate(body, keep_secrets=True)
         details = field(body, "details", dict, required=False) or {}
         return self.engine.commands.deploy(
@@ -524,7 +562,7 @@ class Api:
             details,
         )
 
-    async def rollback(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def rollback(self, body: Body, query: Query) -> RollbackResult:
         return self.engine.commands.rollback(
             service_name(body),
             field(body, "to", int, required=False, low=1),
@@ -532,26 +570,26 @@ class Api:
             field(body, "message", str),
         )
 
-    async def promote(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def promote(self, body: Body, query: Query) -> PromoteResult:
         return self.engine.commands.promote(
             service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
-    async def abort(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def abort(self, body: Body, query: Query) -> AbortResult:
         return self.engine.commands.abort(
             service_name(body), field(body, "actor", str), field(body, "message", str)
         )
 
-    async def down(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def down(self, body: Body, query: Query) -> DownResults:
         service = service_name(body, required=False)
         actor = field(body, "actor", str)
         message = field(body, "message", str)
         names = [service] if service else sorted(self.engine.state.services())
-        return {"results": [self.engine.commands.down(n, actor, message) for n in names]}
+        return DownResults(tuple(self.engine.commands.down(n, actor, message) for n in names))
 
-    async def shutdown(self, body: dict[str, Any], query: dict[str, list[str]]) -> Any:
+    async def shutdown(self, body: Body, query: Query) -> ShutdownReply:
         asyncio.get_running_loop().call_later(0.05, self.on_shutdown)
-        return {"ok": True}
+        return ShutdownReply(ok=True)
 
     # --- wire ---------------------------------------------------------------------------
 
@@ -639,7 +677,7 @@ class Api:
         if handler is None:
             return 404, {"error": "NotFound", "message": f"no route {head.method} {head.path}"}
         try:
-            return 200, await handler(parse_body(raw), head.query)
+            return 200, to_json(await handler(parse_body(raw), head.query))
         except BadRequest as exc:
             return exc.status, exc.to_dict()
         except GravenError as exc:
@@ -656,7 +694,7 @@ class _Connection:
         self.evicted = False
 
 
-def _busy(limit: int) -> tuple[int, dict[str, Any]]:
+def _busy(limit: int) -> tuple[int, dict[str, object]]:
     return 503, BadRequest(
         f"the controller has {limit} connections open",
         hint="Retry in a moment; if this persists, something is holding connections open.",

@@ -10,11 +10,12 @@ import json
 import os
 import socket
 import sys
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
 
+from graven import detached
 from graven.controller.paths import (
     controller_log,
     controller_socket,
@@ -29,6 +30,22 @@ from graven.errors import (
     NotFoundError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from graven.controller.results import (
+        AbortResult,
+        DeployResult,
+        DownResult,
+        HealthReply,
+        PreviewResult,
+        PromoteResult,
+        RollbackResult,
+        RolloutReply,
+        ShutdownReply,
+        StatusView,
+    )
+
+T = TypeVar("T")
 
 
 def _exchange(path: Path, request: bytes, timeout: float) -> tuple[int, bytes]:
@@ -75,8 +92,14 @@ class ControllerClient:
         self.timeout = timeout
 
     def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, **query: Any
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None = None,
+        **query: str | int | None,
     ) -> Any:
+        """One request and its JSON reply as parsed, unchecked: the typed methods below
+        check it. A refusal raises the error the controller named."""
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         payload = json.dumps(body).encode() if body is not None else b""
@@ -108,13 +131,100 @@ class ControllerClient:
             ) from exc
         if status == 200:
             return data
-        message = data.get("message", f"HTTP {status}")
+        if not isinstance(data, dict):
+            raise ControllerError(f"the controller answered HTTP {status}: {raw[:200]!r}")
+        message = str(data.get("message") or f"HTTP {status}")
         hint = data.get("hint")
+        hint = str(hint) if hint is not None else None
         if data.get("error") == "NotFoundError":
             raise NotFoundError(message, hint=hint)
         if status == 400:
             raise UsageError(message, hint=hint)
         raise GravenError(message, hint=hint)
+
+    def _call(
+        self,
+        reply: type[T],
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None = None,
+        **query: str | int | None,
+    ) -> T:
+        from graven.controller.results import from_json
+
+        return from_json(reply, self.request(method, path, body, **query), f"reply to {path}")
+
+    # --- the API, typed ------------------------------------------------------------------
+    # Each method imports the reply types when called: the lean CLI paths, which send
+    # raw requests, do not pay for them (dataclasses and all) at start.
+
+    def health(self) -> HealthReply:
+        from graven.controller import results
+
+        return self._call(results.HealthReply, "GET", "/v1/health")
+
+    def status(self, service: str | None = None) -> StatusView:
+        """Every service (or ``service`` only): instances, releases, rollout, health."""
+        from graven.controller import results
+
+        return self._call(results.StatusView, "GET", "/v1/status", service=service)
+
+    def rollout(self, rollout_id: int) -> RolloutReply:
+        from graven.controller import results
+
+        return self._call(results.RolloutReply, "GET", "/v1/rollout", id=rollout_id)
+
+    def plan(self, candidate: Mapping[str, object]) -> PreviewResult:
+        """What deploying ``candidate`` (service, image, image_name, config, secrets)
+        would do now."""
+        from graven.controller import results
+
+        return self._call(results.PreviewResult, "POST", "/v1/plan", candidate)
+
+    def deploy(
+        self,
+        candidate: Mapping[str, object],
+        *,
+        actor: str,
+        message: str,
+        details: Mapping[str, object],
+    ) -> DeployResult:
+        from graven.controller import results
+
+        body = {**candidate, "actor": actor, "message": message, "details": details}
+        return self._call(results.DeployResult, "POST", "/v1/deploy", body)
+
+    def rollback(
+        self, service: str, *, to: int | None = None, actor: str, message: str
+    ) -> RollbackResult:
+        from graven.controller import results
+
+        body = {"service": service, "to": to, "actor": actor, "message": message}
+        return self._call(results.RollbackResult, "POST", "/v1/rollback", body)
+
+    def promote(self, service: str, *, actor: str, message: str) -> PromoteResult:
+        from graven.controller import results
+
+        body = {"service": service, "actor": actor, "message": message}
+        return self._call(results.PromoteResult, "POST", "/v1/promote", body)
+
+    def abort(self, service: str, *, actor: str, message: str) -> AbortResult:
+        from graven.controller import results
+
+        body = {"service": service, "actor": actor, "message": message}
+        return self._call(results.AbortResult, "POST", "/v1/abort", body)
+
+    def down(self, service: str | None, *, actor: str, message: str) -> tuple[DownResult, ...]:
+        """Take ``service`` down (None: every service)."""
+        from graven.controller import results
+
+        body = {"service": service, "actor": actor, "message": message}
+        return self._call(results.DownResults, "POST", "/v1/down", body).results
+
+    def shutdown(self) -> ShutdownReply:
+        from graven.controller import results
+
+        return self._call(results.ShutdownReply, "POST", "/v1/shutdown", {})
 
     def alive(self) -> bool:
         if not self.socket.exists():
@@ -129,38 +239,28 @@ class ControllerClient:
         """Start a detached controller for this state dir unless one answers."""
         if self.alive():
             return
-        import subprocess  # only when a controller must be started
-
         for change in make_private(self.state_dir):
             sys.stderr.write(f"graven: tightened permissions of {change}\n")
         log_path = controller_log(self.state_dir)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(log_fd, "ab") as log:
-            proc = subprocess.Popen(
+            proc = detached.spawn(
                 [sys.executable, "-m", "graven.controller.daemon", str(self.state_dir.resolve())],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
+                output=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if self.alive():
+        if detached.wait_until(self.alive, wait, unless_exited=proc):
+            return
+        if proc.poll() is not None:
+            # Lost a race with another starter? Then its controller will answer soon.
+            if detached.wait_until(self.alive, 0.2):
                 return
-            if proc.poll() is not None and not self.alive():
-                # Lost a race with another starter? Then its controller will answer soon.
-                time.sleep(0.2)
-                if self.alive():
-                    return
-                _raise_if_unwritable(self.state_dir)
-                tail = log_path.read_text(errors="replace").splitlines()[-10:]
-                raise ControllerError(
-                    "the controller exited while starting:\n" + "\n".join(tail),
-                    hint=f"Full log: {log_path}",
-                )
-            time.sleep(0.05)
+            _raise_if_unwritable(self.state_dir)
+            tail = log_path.read_text(errors="replace").splitlines()[-10:]
+            raise ControllerError(
+                "the controller exited while starting:\n" + "\n".join(tail),
+                hint=f"Full log: {log_path}",
+            )
         raise ControllerError(
             f"the controller did not answer within {wait:g}s", hint=f"See {log_path}."
         )

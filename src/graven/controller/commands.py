@@ -8,18 +8,28 @@ change goes through ``Commands.record``, the one path that does those three thin
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
+from graven.controller.results import (
+    AbortResult,
+    DeployResult,
+    DownResult,
+    PlanView,
+    PreviewResult,
+    PromoteResult,
+    RollbackResult,
+)
 from graven.errors import NotFoundError, UsageError
 from graven.ledger.chain import LedgerEntry
-from graven.model import Digest, Release, ServiceConfig
+from graven.ledger.state import StateTransaction
+from graven.model import Digest, Release, ServiceConfig, release_id
 
 if TYPE_CHECKING:
     from graven.controller.engine import Engine
 
 # Writes a change inside the transaction it is given and returns its ledger entry.
-Change = Callable[[Any], LedgerEntry]
+Change = Callable[[StateTransaction], LedgerEntry]
 
 
 class Commands:
@@ -33,8 +43,8 @@ class Commands:
     def record(self, service: str, change: Change, *, wake: bool = True) -> LedgerEntry:
         """Commit ``change`` and its ledger entry together, wake ``service``'s worker
         (unless ``wake`` is False) and move the ledger head."""
-        with self.state.transaction() as db:
-            entry = self.state.append_ledger(db, change(db))
+        with self.state.transaction() as tx:
+            entry = tx.append_ledger(change(tx))
         if wake:
             self.engine.wake(service)
         self.engine.head.advance(entry)
@@ -48,8 +58,8 @@ class Commands:
         config: ServiceConfig,
         actor: str,
         message: str,
-        details: dict[str, Any],
-    ) -> dict[str, Any]:
+        details: Mapping[str, object],
+    ) -> DeployResult:
         self.engine.store.get_image(image)  # refuse digests the store does not hold
         now = self.clock.now()
         content_hash = Release.hash_of(service, image, config)
@@ -59,17 +69,13 @@ class Commands:
             if current.content_hash == content_hash:
                 # Same desired state again: nothing to do, nothing to record.
                 running = self.state.running_rollout(service)
-                return {
-                    "changed": False,
-                    "release": current.id,
-                    "rollout": running.id if running else None,
-                }
+                return DeployResult(False, current.id, running.id if running else None)
         made: list[tuple[Release, int]] = []
 
-        def change(db: Any) -> LedgerEntry:
-            release = self.state.add_release(db, service, image, image_name, config, now)
-            rollout = self.state.start_rollout(db, service, "deploy", desired, release.number, now)
-            self.state.set_desired(db, service, release.number, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            release = tx.add_release(service, image, image_name, config, now)
+            rollout = tx.start_rollout(service, "deploy", desired, release.number, now)
+            tx.set_desired(service, release.number, now)
             made.append((release, rollout))
             return LedgerEntry(
                 at=now,
@@ -84,7 +90,7 @@ class Commands:
 
         entry = self.record(service, change)
         release, rollout = made[0]
-        return {"changed": True, "release": release.id, "rollout": rollout, "ledger": entry.seq}
+        return DeployResult(True, release.id, rollout, entry.seq)
 
     def rollback_target(self, service: str) -> int:
         desired = self.state.desired_release(service)
@@ -92,19 +98,15 @@ class Commands:
             raise UsageError(
                 f"{service} is not deployed", hint=f"Run 'graven deploy {service}' first."
             )
-        rows = self.state._query(
-            "SELECT to_release FROM rollouts WHERE service=? AND state='succeeded' "
-            "AND to_release IS NOT NULL AND to_release != ? ORDER BY id DESC LIMIT 1",
-            (service, desired),
-        )
-        if not rows:
+        target = self.state.last_served_release(service, other_than=desired)
+        if target is None:
             raise UsageError(
                 f"{service} has no earlier release that served healthily",
                 hint=f"Run 'graven releases {service}' and pick one with --to.",
             )
-        return int(rows[0]["to_release"])
+        return target
 
-    def rollback(self, service: str, to: int | None, actor: str, message: str) -> dict[str, Any]:
+    def rollback(self, service: str, to: int | None, actor: str, message: str) -> RollbackResult:
         if service not in self.state.services():
             raise NotFoundError(f"service {service!r} was never deployed")
         target = to if to is not None else self.rollback_target(service)
@@ -112,17 +114,13 @@ class Commands:
         desired = self.state.desired_release(service)
         if desired == target:
             running = self.state.running_rollout(service)
-            return {
-                "changed": False,
-                "release": release.id,
-                "rollout": running.id if running else None,
-            }
+            return RollbackResult(False, release.id, running.id if running else None)
         now = self.clock.now()
         rollouts: list[int] = []
 
-        def change(db: Any) -> LedgerEntry:
-            rollout = self.state.start_rollout(db, service, "rollback", desired, target, now)
-            self.state.set_desired(db, service, target, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            rollout = tx.start_rollout(service, "rollback", desired, target, now)
+            tx.set_desired(service, target, now)
             rollouts.append(rollout)
             return LedgerEntry(
                 at=now,
@@ -132,18 +130,16 @@ class Commands:
                 release=release.id,
                 image=str(release.image),
                 message=message,
-                details={"from": f"{service}@r{desired}", "rollout": rollout},
+                details={
+                    "from": release_id(service, desired) if desired is not None else None,
+                    "rollout": rollout,
+                },
             )
 
         entry = self.record(service, change)
-        return {
-            "changed": True,
-            "release": release.id,
-            "rollout": rollouts[0],
-            "ledger": entry.seq,
-        }
+        return RollbackResult(True, release.id, rollouts[0], entry.seq)
 
-    def down(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def down(self, service: str, actor: str, message: str) -> DownResult:
         services = self.state.services()
         if service not in services:
             raise NotFoundError(f"service {service!r} was never deployed")
@@ -155,28 +151,28 @@ class Commands:
             and service not in routers
             and f"{service}-preview" not in routers  # a router left over still goes
         ):
-            return {"changed": False, "service": service, "rollout": None}
+            return DownResult(False, service, None)
         now = self.clock.now()
         rollouts: list[int] = []
 
-        def change(db: Any) -> LedgerEntry:
-            rollout = self.state.start_rollout(db, service, "down", desired, None, now)
-            self.state.set_desired(db, service, None, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            rollout = tx.start_rollout(service, "down", desired, None, now)
+            tx.set_desired(service, None, now)
             rollouts.append(rollout)
             return LedgerEntry(
                 at=now,
                 actor=actor,
                 action="down",
                 service=service,
-                release=f"{service}@r{desired}" if desired else "",
+                release=release_id(service, desired) if desired else "",
                 message=message,
                 details={"rollout": rollout},
             )
 
         entry = self.record(service, change)
-        return {"changed": True, "service": service, "rollout": rollouts[0], "ledger": entry.seq}
+        return DownResult(True, service, rollouts[0], entry.seq)
 
-    def promote(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def promote(self, service: str, actor: str, message: str) -> PromoteResult:
         ro = self.state.running_rollout(service)
         if ro is None:
             raise UsageError(
@@ -184,23 +180,25 @@ class Commands:
                 hint=f"Run 'graven status {service}' to see its last rollout.",
             )
         now = self.clock.now()
+        # A rollout taking the service down has no release to promote to.
+        to = release_id(service, ro.to_release) if ro.to_release is not None else ""
 
-        def change(db: Any) -> LedgerEntry:
-            db.execute("UPDATE rollouts SET promoted=1 WHERE id=?", (ro.id,))
+        def change(tx: StateTransaction) -> LedgerEntry:
+            tx.set_rollout_promoted(ro.id, True)
             return LedgerEntry(
                 at=now,
                 actor=actor,
                 action="promote",
                 service=service,
-                release=f"{service}@r{ro.to_release}",
+                release=to,
                 message=message,
                 details={"rollout": ro.id},
             )
 
         self.record(service, change)
-        return {"service": service, "rollout": ro.id, "release": f"{service}@r{ro.to_release}"}
+        return PromoteResult(service, ro.id, to)
 
-    def abort(self, service: str, actor: str, message: str) -> dict[str, Any]:
+    def abort(self, service: str, actor: str, message: str) -> AbortResult:
         ro = self.state.running_rollout(service)
         if ro is None:
             raise UsageError(
@@ -210,37 +208,36 @@ class Commands:
         now = self.clock.now()
         reason = f"aborted by {actor}: {message}"
 
-        def change(db: Any) -> LedgerEntry:
-            db.execute(
-                "UPDATE rollouts SET state='aborted', reason=?, finished_at=? WHERE id=?",
-                (reason, now, ro.id),
-            )
-            self.state.set_desired(db, service, ro.from_release, now)
+        def change(tx: StateTransaction) -> LedgerEntry:
+            tx.finish_rollout(ro.id, "aborted", reason, now, running_only=False)
+            tx.set_desired(service, ro.from_release, now)
             return LedgerEntry(
                 at=now,
                 actor=actor,
                 action="abort",
                 service=service,
-                release=f"{service}@r{ro.to_release}",
+                release=release_id(service, ro.to_release) if ro.to_release is not None else "",
                 message=message,
                 details={
                     "rollout": ro.id,
-                    "rolled_back_to": f"{service}@r{ro.from_release}" if ro.from_release else None,
+                    "rolled_back_to": release_id(service, ro.from_release)
+                    if ro.from_release
+                    else None,
                 },
             )
 
         self.record(service, change)
-        return {"service": service, "rollout": ro.id, "reason": reason}
+        return AbortResult(service, ro.id, reason)
 
-    def preview(self, service: str, image: Digest, config: ServiceConfig) -> dict[str, Any]:
+    def preview(self, service: str, image: Digest, config: ServiceConfig) -> PreviewResult:
         """What deploying ``image`` with ``config`` would do now; changes nothing."""
         engine = self.engine
         content_hash = Release.hash_of(service, image, config)
         desired = self.state.desired_release(service)
         current = self.state.release(service, desired) if desired is not None else None
         if current is not None and current.content_hash == content_hash:
-            return {"changed": False, "from": current.id, "steps": engine.plan(service).to_dict()}
-        numbers = [r.number for r, _ in self.state.releases(service)]
+            return PreviewResult(False, current.id, PlanView.of(engine.plan(service)))
+        numbers = [r.number for r in self.state.releases(service)]
         nxt = max(numbers, default=0) + 1
         plan = engine.plan_with(
             service, nxt, config, engine.observe(service), self.state.weights(service), None
@@ -258,13 +255,13 @@ class Commands:
                 if k != "env" and old[k] != new[k]
             ]
             changes += env_changes(current.config.env, config.env)
-        return {
-            "changed": True,
-            "from": current.id if current else None,
-            "to": f"{service}@r{nxt}",
-            "changes": changes,
-            "steps": plan.to_dict(),
-        }
+        return PreviewResult(
+            True,
+            current.id if current else None,
+            PlanView.of(plan),
+            to=release_id(service, nxt),
+            changes=tuple(changes),
+        )
 
 
 def env_changes(old: tuple[tuple[str, str], ...], new: tuple[tuple[str, str], ...]) -> list[str]:

@@ -37,7 +37,7 @@ from graven.controller.paths import (
     store_root,
 )
 from graven.errors import ControllerError, GravenError
-from graven.ledger.store import StateStore
+from graven.ledger.state import open_state_store
 from graven.logfiles import RotatingStreamHandler, appends_to, log_limits
 from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
@@ -131,7 +131,7 @@ def _router(state_dir: Path) -> Router:
     if kind != recorded:
         write_atomic(recorded_file, kind.encode(), mode=0o600)
     if kind == "haproxy":
-        from graven.router.haproxy import HAProxyRouter
+        from graven.router.haproxy.adapter import HAProxyRouter
 
         return HAProxyRouter(state_dir)
     if kind != "embedded":
@@ -146,7 +146,7 @@ def _services_running(state_dir: Path) -> bool:
     db = state_db(state_dir)
     if not db.exists():
         return False
-    store = StateStore(db, read_only=True)
+    store = open_state_store(db, read_only=True)
     try:
         return bool(store.live_instances())
     finally:
@@ -155,7 +155,7 @@ def _services_running(state_dir: Path) -> bool:
 
 async def _serve(state_dir: Path, idle: float | None) -> None:
     clock = RealClock()
-    state = StateStore(state_db(state_dir))
+    state = open_state_store(state_db(state_dir))
     store = ContentStore(store_root(state_dir))
     engine = Engine(
         state_dir,
@@ -177,7 +177,7 @@ async def _serve(state_dir: Path, idle: float | None) -> None:
         last_request[0] = loop.time()  # a verb at work: not idle
         await api.serve_connection(reader, writer)
 
-    sock = controller_socket(state_dir)
+    sock = controller_socket(state_dir, create=True)
     sock.unlink(missing_ok=True)
     server = await asyncio.start_unix_server(serve_connection, path=str(sock))
     sock.chmod(0o600)

@@ -4,6 +4,12 @@ Level-triggered: every pass starts from what the state store and the processes s
 now, never from what the previous pass intended. That is what makes a controller
 killed mid-rollout safe to restart: the next pass plans from the instances it finds
 and carries on.
+
+The engine runs one worker per service (plan, then apply step by step within the
+progress deadline) and owns what the rest use: the router's backend sets. Around it:
+``controller.commands`` records desired-state changes, ``rollout.apply`` applies each
+step (``rollout.gates`` its waits), ``controller.health_watch`` probes routed instances
+and paces crash loops, and ``ledger.head`` writes the ledger head.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from graven.clock import Clock
 from graven.controller.commands import Commands
@@ -24,11 +29,10 @@ from graven.controller.upkeep import Upkeep, log_files
 from graven.errors import GravenError, RouterError
 from graven.ledger.chain import LedgerEntry
 from graven.ledger.head import LedgerHead
-from graven.ledger.store import Rollout, StateStore
-from graven.model import ServiceConfig
+from graven.ledger.state import RolloutRecord, StateStore, StateTransaction
+from graven.model import RolloutState, ServiceConfig, release_id
 from graven.netports import port_holder
-from graven.plan.blue_green import BlueGreenStatus, plan_blue_green, plan_flip_back
-from graven.plan.canary import CanaryStep, plan_canary
+from graven.plan.blue_green import BlueGreenStatus, plan_flip_back
 from graven.plan.rolling import ObservedInstance, plan_rolling
 from graven.plan.steps import (
     Analyze,
@@ -40,6 +44,7 @@ from graven.plan.steps import (
     Step,
     bind_slots,
 )
+from graven.plan.strategy import plan_release
 from graven.rollout.apply import Applier, Probe
 from graven.rollout.failure import StepFailed
 from graven.rollout.health import probe as run_probe
@@ -89,7 +94,7 @@ class Engine:
         # Why the last pass of a service could not do its work (shown by status).
         self.problems: dict[str, str] = {}
         self._waiting: set[str] = set()  # services whose rollout is in a wait step
-        self._deadlines: dict[str, tuple[float, Rollout]] = {}  # the step being applied
+        self._deadlines: dict[str, tuple[float, RolloutRecord]] = {}  # the step being applied
         self.upkeep = Upkeep(state_dir)
         self.secrets = SecretStore(secrets_dir(state_dir))
         self.head = LedgerHead(state_dir)
@@ -113,9 +118,10 @@ class Engine:
             if self.runtime.alive(handle):
                 log.info("adopted %s (pid %d)", inst.id, inst.pid)
             else:
-                self.state.set_instance_state(
-                    inst.id, "stopped", at=self.clock.now(), reason="not running at start-up"
-                )
+                with self.state.transaction() as tx:
+                    tx.set_instance_state(
+                        inst.id, "stopped", at=self.clock.now(), reason="not running at start-up"
+                    )
         for service, release in self.state.services().items():
             if release is not None:
                 self.sync_router(service)
@@ -182,11 +188,11 @@ class Engine:
             leaving = last.to_release
         else:
             return False
-        if leaving is None or self.state.release_row(service, leaving) is None:
+        if leaving is None or self.state.release_record(service, leaving) is None:
             return False
-        return self.state.release(service, leaving).config.strategy in ("blue-green", "canary")
+        return self.state.release(service, leaving).config.strategy.weighted
 
-    def _status_rollout(self, service: str, desired: int) -> Rollout | None:
+    def _status_rollout(self, service: str, desired: int) -> RolloutRecord | None:
         """The rollout that brought ``desired``: its persisted status drives re-planning."""
         last = self.state.last_rollout(service)
         return last if last is not None and last.to_release == desired else None
@@ -211,44 +217,21 @@ class Engine:
         cfg: ServiceConfig,
         observed: list[ObservedInstance],
         weights: dict[str, int],
-        ro: Rollout | None,
+        ro: RolloutRecord | None,
     ) -> Plan:
         """The plan of ``cfg``'s strategy toward release ``desired``."""
-        if cfg.strategy == "blue-green":
-            return plan_blue_green(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                auto_promote=cfg.auto_promote,
-                preview=bool(cfg.preview_port),
-                rollback_window=cfg.rollback_window,
-                weights=weights,
-                status=BlueGreenStatus(
-                    promoted=bool(ro.promoted) if ro else False,
-                    switched_at=ro.switched_at if ro else None,
-                ),
-                now=self.clock.now(),
-                analysis_window=cfg.analysis_window,
-            )
-        if cfg.strategy == "canary":
-            return plan_canary(
-                service,
-                desired,
-                cfg.replicas,
-                observed,
-                steps=[CanaryStep(w, p, a) for w, p, a in cfg.canary_steps],
-                step_index=ro.step_index if ro else 0,
-                weights=weights,
-                analysis_window=cfg.analysis_window,
-            )
-        return plan_rolling(
+        return plan_release(
             service,
             desired,
-            cfg.replicas,
+            cfg,
             observed,
-            max_surge=cfg.max_surge,
-            max_unavailable=cfg.max_unavailable,
+            weights=weights,
+            status=BlueGreenStatus(
+                promoted=bool(ro.promoted) if ro else False,
+                switched_at=ro.switched_at if ro else None,
+            ),
+            step_index=ro.step_index if ro else 0,
+            now=self.clock.now(),
         )
 
     async def reconcile(self, service: str) -> None:
@@ -274,7 +257,8 @@ class Engine:
             if desired is None:
                 await asyncio.to_thread(self.router.stop, service)
             elif rollout is not None:
-                self.state.mark_release_healthy(service, desired, self.clock.now())
+                with self.state.transaction() as tx:
+                    tx.mark_release_healthy(service, desired, self.clock.now())
             if rollout is not None:
                 self._finish(rollout.id, service, "succeeded", "")
             self.problems.pop(service, None)
@@ -294,9 +278,14 @@ class Engine:
                 if not waits and self._overdue(service):
                     return
                 shown = bind_slots(step, slots)
-                self.state.set_rollout_progress(
-                    rollout.id, f"step {n}/{total}: {shown.describe(service)}", at=self.clock.now()
-                )
+                # Written before every step, so it does not wait for the disk: the next
+                # pass re-plans from what runs anyway.
+                with self.state.transaction(durable=False) as tx:
+                    tx.set_rollout_progress(
+                        rollout.id,
+                        progress=f"step {n}/{total}: {shown.describe(service)}",
+                        progressed_at=self.clock.now(),
+                    )
             try:
                 if waits:
                     self._waiting.add(service)
@@ -305,7 +294,8 @@ class Engine:
                     finally:
                         self._waiting.discard(service)
                     if rollout is not None:  # the deadline counts from the end of a wait
-                        self.state.update_rollout(rollout.id, progressed_at=self.clock.now())
+                        with self.state.transaction() as tx:
+                            tx.set_rollout_progress(rollout.id, progressed_at=self.clock.now())
                 else:
                     await self._apply_within_deadline(service, step, slots, rollout)
             except StepFailed as exc:
@@ -333,7 +323,7 @@ class Engine:
         )
 
     async def _apply_within_deadline(
-        self, service: str, step: Step, slots: dict[str, str], rollout: Rollout | None
+        self, service: str, step: Step, slots: dict[str, str], rollout: RolloutRecord | None
     ) -> None:
         if rollout is None:
             await self.applier.apply(service, step, slots)
@@ -358,16 +348,16 @@ class Engine:
             return None
         return self._deadline_reason(service, at[1])
 
-    def _progress_deadline(self, rollout: Rollout) -> float:
+    def _progress_deadline(self, rollout: RolloutRecord) -> float:
         if rollout.to_release is None:
             return DEFAULT_PROGRESS_DEADLINE
         return self.state.release(rollout.service, rollout.to_release).config.progress_deadline
 
-    def _deadline_left(self, rollout: Rollout) -> float:
+    def _deadline_left(self, rollout: RolloutRecord) -> float:
         since = rollout.progressed_at if rollout.progressed_at is not None else rollout.started_at
         return since + self._progress_deadline(rollout) - self.clock.now()
 
-    def _deadline_reason(self, service: str, rollout: Rollout) -> str:
+    def _deadline_reason(self, service: str, rollout: RolloutRecord) -> str:
         current = self.state.rollout(rollout.id)
         reason = (
             f"no progress for {self._progress_deadline(rollout):g}s (the progress deadline) "
@@ -388,8 +378,9 @@ class Engine:
         self._fail(service, rollout.to_release, rollout.id, self._deadline_reason(service, rollout))
         return True
 
-    def _finish(self, rollout_id: int, service: str, state: str, reason: str) -> None:
-        self.state.finish_rollout(rollout_id, state, reason, self.clock.now())
+    def _finish(self, rollout_id: int, service: str, state: RolloutState, reason: str) -> None:
+        with self.state.transaction() as tx:
+            tx.finish_rollout(rollout_id, state, reason, self.clock.now())
         self.notify(service)
 
     def notify(self, service: str) -> None:
@@ -406,24 +397,22 @@ class Engine:
             # Self-healing or taking down: nothing to roll back to; try again next pass.
             log.error("%s: %s", service, reason)
             return
+        failing = rollout.id
 
-        def failed(db: Any) -> LedgerEntry:
-            db.execute(
-                "UPDATE rollouts SET state='failed', reason=?, finished_at=? WHERE id=?",
-                (reason, now, rollout_id),
-            )
+        def failed(tx: StateTransaction) -> LedgerEntry:
+            tx.finish_rollout(failing, "failed", reason, now, running_only=False)
             if self.state.desired_release(service) == desired:
-                self.state.set_desired(db, service, back, now)
+                tx.set_desired(service, back, now)
             return LedgerEntry(
                 at=now,
                 actor=CONTROLLER_ACTOR,
                 action="rollout-failed",
                 service=service,
-                release=f"{service}@r{desired}" if desired else "",
+                release=release_id(service, desired) if desired else "",
                 message=reason,
                 details={
                     "rollout": rollout_id,
-                    "rolled_back_to": f"{service}@r{back}" if back else None,
+                    "rolled_back_to": release_id(service, back) if back else None,
                 },
             )
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from graven.ledger.chain import LedgerEntry
-from graven.model import Instance
+from graven.ledger.state import StateTransaction
+from graven.model import Instance, release_id
 from graven.runtime.base import Handle
 
 if TYPE_CHECKING:
@@ -103,7 +104,8 @@ class HealthWatch:
         mem.passing = ok
         mem.failures = 0 if ok else mem.failures + 1
         if mem.failures >= cfg.health.unhealthy_threshold:
-            self.state.set_instance_state(inst.id, "unhealthy", reason=f"health check: {reason}")
+            with self.state.transaction() as tx:
+                tx.set_instance_state(inst.id, "unhealthy", reason=f"health check: {reason}")
             self.engine.sync_router(inst.service)
             log.warning("%s unhealthy: %s", inst.id, reason)
             return inst.service
@@ -116,16 +118,16 @@ class HealthWatch:
         now = self.clock.now()
         restarts = 0
 
-        def died(db: Any) -> LedgerEntry:
+        def died(tx: StateTransaction) -> LedgerEntry:
             nonlocal restarts
-            self.state.mark_stopped(db, inst.id, at=now, reason=f"died: {how}")
-            restarts = self.state.record_crash(db, inst.service, how, now)
+            tx.set_instance_state(inst.id, "stopped", at=now, reason=f"died: {how}")
+            restarts = tx.record_crash(inst.service, how, now)
             return LedgerEntry(
                 at=now,
                 actor=CONTROLLER_ACTOR,
                 action="instance-died",
                 service=inst.service,
-                release=f"{inst.service}@r{inst.release}",
+                release=release_id(inst.service, inst.release),
                 image=str(inst.image),
                 message=f"{inst.id} {how}; it is replaced by a new instance",
                 details={
@@ -144,8 +146,8 @@ class HealthWatch:
 
     def replacement_failed(self, service: str, how: str) -> None:
         """A replacement started while self-healing did not come up: one more crash."""
-        with self.state.transaction() as db:
-            self.state.record_crash(db, service, how, self.clock.now())
+        with self.state.transaction() as tx:
+            tx.record_crash(service, how, self.clock.now())
 
     def backoff_left(self, service: str) -> float:
         """Seconds until a dead instance of ``service`` may be replaced (0: now)."""
@@ -166,5 +168,6 @@ class HealthWatch:
                 continue
             live = self.state.live_instances(service)
             if live and all(i.state == "healthy" for i in live):
-                self.state.reset_crashes(service)
+                with self.state.transaction() as tx:
+                    tx.reset_crashes(service)
                 log.info("%s: instances stayed up; crash loop over", service)

@@ -8,16 +8,24 @@ reports over what the store records, and nothing in it starts, stops or writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from graven.clock import RealClock
 from graven.controller.api import Api
 from graven.controller.engine import Engine
 from graven.controller.paths import state_db, store_root
+from graven.controller.results import (
+    InstanceStatus,
+    PreviewResult,
+    StateDirView,
+    StatusView,
+    from_json,
+)
 from graven.errors import NotFoundError
-from graven.ledger.store import StateStore
+from graven.ledger.state import StateStore, open_state_store
 from graven.router.base import Router
 from graven.runtime.base import Handle
 from graven.runtime.process import ProcessRuntime
@@ -32,7 +40,7 @@ def _recorded_router(state_dir: Path) -> Router:
     recorded = state_dir / "router"
     kind = recorded.read_text().strip() if recorded.exists() else "embedded"
     if kind == "haproxy":
-        from graven.router.haproxy import HAProxyRouter
+        from graven.router.haproxy.adapter import HAProxyRouter
 
         return HAProxyRouter(state_dir)
     from graven.router.embedded import EmbeddedRouter
@@ -60,10 +68,12 @@ def _engine(state_dir: Path, state: StateStore) -> Engine:
 def _state(state_dir: Path) -> StateStore:
     db = state_db(state_dir)
     # Nothing deployed yet: an empty store in memory answers as the real one would.
-    return StateStore(db, read_only=True) if db.exists() else StateStore(Path(":memory:"))
+    return (
+        open_state_store(db, read_only=True) if db.exists() else open_state_store(Path(":memory:"))
+    )
 
 
-def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
+def stopped_status(state_dir: Path, service: str | None) -> StatusView:
     """What ``GET /v1/status`` answers, from the records, marked ``controller: stopped``.
 
     With no controller nothing watches health, so each instance's state is what was
@@ -76,21 +86,28 @@ def stopped_status(state_dir: Path, service: str | None) -> dict[str, Any]:
                 f"service {service!r} was never deployed",
                 hint="Run 'graven status' to list deployed services.",
             )
-        services = Api(engine, lambda: None).engine_status(service)
-        for s in services:
-            for inst in s["instances"]:
-                handle = Handle(inst["pid"], state.pid_start(inst["id"]))
-                if not engine.runtime.alive(handle):
-                    inst["state"] = "not running"
-        data: dict[str, Any] = {"services": services, "controller": STOPPED}
-        if state_dir.is_dir():
-            data["state_dir"] = engine.upkeep.disk.report()  # as the controller reports it
+
+        def as_recorded(inst: InstanceStatus) -> InstanceStatus:
+            handle = Handle(inst.pid, state.pid_start(inst.id))
+            if engine.runtime.alive(handle):
+                return inst
+            return dataclasses.replace(inst, state="not running")
+
+        services = tuple(
+            dataclasses.replace(s, instances=tuple(as_recorded(i) for i in s.instances))
+            for s in Api(engine, lambda: None).engine_status(service)
+        )
+        state_dir_view = None
+        if state_dir.is_dir():  # as the controller reports it
+            state_dir_view = from_json(
+                StateDirView, engine.upkeep.disk.report(), "state dir report"
+            )
     finally:
         state.close()
-    return data
+    return StatusView(services, controller=STOPPED, state_dir=state_dir_view)
 
 
-def stopped_plan(state_dir: Path, candidate: dict[str, Any]) -> dict[str, Any]:
+def stopped_plan(state_dir: Path, candidate: Mapping[str, object]) -> PreviewResult:
     """What ``POST /v1/plan`` answers for ``candidate``, planned from the records."""
     # As the controller would get it: the wire form (lists, not tuples).
     wire = json.loads(json.dumps(candidate))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# sun_path holds 108 bytes; stay well below it.
-_MAX_SOCKET_PATH = 100
+from graven import detached
 
 
 def state_dir_for(option: Path | None, spec_path: Path | None) -> Path | None:
@@ -19,16 +18,24 @@ def state_dir_for(option: Path | None, spec_path: Path | None) -> Path | None:
     return spec_path.resolve().parent / ".graven" if spec_path is not None else None
 
 
-def controller_socket(state_dir: Path) -> Path:
-    """The API socket: in the state dir, or under /tmp when that path is too long."""
-    path = state_dir.resolve() / "controller.sock"
-    if len(str(path).encode()) <= _MAX_SOCKET_PATH:
-        return path
-    import hashlib  # rarely needed: keep every CLI verb's start lean
-    import tempfile
+def controller_socket(state_dir: Path, *, create: bool = False) -> Path:
+    """The API socket: in the state dir, or in a private directory under /tmp when that
+    path is too long for a socket address.
 
-    tag = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"graven-{tag}.sock"
+    That directory is checked (this user's own, mode 700, not a symlink) whenever it
+    exists, and made when ``create`` (by the controller, before it binds): /tmp is
+    shared, and a socket in someone else's directory could be theirs."""
+    path = state_dir.resolve() / "controller.sock"
+    if detached.fits_socket_address(path):
+        return path
+    from graven.errors import ControllerError
+
+    tag = detached.short_name(state_dir.resolve())
+    short = detached.temp_dir() / f"graven-{tag}-controller"
+    detached.private_dir(
+        short, what="controller socket directory", error=ControllerError, create=create
+    )
+    return short / "controller.sock"
 
 
 def controller_log(state_dir: Path) -> Path:

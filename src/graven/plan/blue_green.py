@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from graven.errors import UsageError
+from graven.model import BlueGreenConfig
 from graven.plan.rolling import ObservedInstance
 from graven.plan.steps import (
     Analyze,
@@ -214,26 +215,26 @@ def plan_blue_green(
     release: int,
     replicas: int,
     observed: Sequence[ObservedInstance],
+    config: BlueGreenConfig,
     *,
-    auto_promote: bool,
-    preview: bool,
-    rollback_window: float,
     weights: Mapping[str, int] | None = None,
     status: BlueGreenStatus | None = None,
     now: float = 0.0,
-    analysis_window: float = 60.0,
 ) -> Plan:
     """Steps from what runs to ``replicas`` instances of ``release`` taking all traffic.
 
     ``weights`` is the router weight of each routed instance (absent: 100). Before the
     cut-over, the gate is ``Pause(None, "awaiting promote")`` unless ``status.promoted``;
-    with ``auto_promote`` it is an ``Analyze`` of the preview traffic against the live
-    release when ``preview`` is on, else the start-up health checks alone. A first
-    deploy (nothing else serving) has no gate, as in Argo Rollouts. After the switch
-    the previous set is kept warm for what is left of ``rollback_window`` (counted
-    from ``status.switched_at``, with ``now``), then drained and stopped.
+    with ``config.auto_promote`` it is an ``Analyze`` of the preview traffic against the
+    live release when ``config`` has a preview port, else the start-up health checks
+    alone. A first deploy (nothing else serving) has no gate, as in Argo Rollouts.
+    After the switch the previous set is kept warm for what is left of
+    ``config.rollback_window`` (counted from ``status.switched_at``, with ``now``), then
+    drained and stopped.
     """
     check_replicas(replicas)
+    preview = config.preview_port is not None
+    rollback_window = config.rollback_window
     status = status or BlueGreenStatus()
     fleet = Fleet(release, observed, weights or {})
     floor = min(replicas, fleet.initial_serving)
@@ -254,9 +255,9 @@ def plan_blue_green(
             fleet.steps += [RoutePreview(t) for t in targets]
         baseline = heaviest_release((m for m in fleet.others() if m.serving), lambda m: m.weight)
         if baseline is not None:
-            if auto_promote:
+            if config.auto_promote:
                 if preview:
-                    fleet.steps.append(Analyze(analysis_window, baseline, release))
+                    fleet.steps.append(Analyze(config.analysis.window, baseline, release))
             elif not status.promoted:
                 fleet.steps.append(Pause(None, PROMOTE_REASON))
         fleet.switch()

@@ -32,33 +32,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from graven.errors import InternalError, UsageError
+from graven.model import CanaryConfig, CanaryStep
 from graven.plan.blue_green import Fleet, check_replicas, heaviest_release, plan_flip_back
 from graven.plan.rolling import ObservedInstance
 from graven.plan.steps import Analyze, Pause, Plan, RecordProgress
 
-# The router's largest weight (graven.router.proxy.MAX_WEIGHT; a test keeps them equal).
+# The router's largest weight (graven.router.base.MAX_WEIGHT; a test keeps them equal).
 MAX_WEIGHT = 1000
-
-
-@dataclass(frozen=True)
-class CanaryStep:
-    """One canary step: ``weight`` percent of live traffic to the new release, then a
-    pause (seconds; 0 for none; None until ``graven promote``), then an analysis."""
-
-    weight: int
-    pause: float | None = 0.0
-    analysis: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, int):
-            raise UsageError(f"canary step weight: expected an integer (got {self.weight!r})")
-        if not 1 <= self.weight <= 100:
-            raise UsageError(f"canary step weight must be 1-100 (got {self.weight})")
-        if self.pause is not None and not (math.isfinite(self.pause) and self.pause >= 0):
-            raise UsageError(f"canary step pause must be 0 or more seconds (got {self.pause})")
 
 
 def canary_count(replicas: int, steps: Sequence[CanaryStep]) -> int:
@@ -105,14 +87,13 @@ def plan_canary(
     release: int,
     replicas: int,
     observed: Sequence[ObservedInstance],
+    config: CanaryConfig,
     *,
-    steps: Sequence[CanaryStep],
     step_index: int = 0,
     weights: Mapping[str, int] | None = None,
-    analysis_window: float = 60.0,
 ) -> Plan:
-    """Steps from what runs through the canary ``steps`` (from ``step_index`` on) to
-    ``replicas`` instances of ``release`` taking all traffic.
+    """Steps from what runs through the canary steps of ``config`` (from
+    ``step_index`` on) to ``replicas`` instances of ``release`` taking all traffic.
 
     ``weights`` is the router weight of each routed instance (absent: 100). When no
     other release serves (a first deploy, or the cut-over already happened), the
@@ -122,6 +103,8 @@ def plan_canary(
     ``step_index`` skips the steps already done (a pause restarts in full).
     """
     check_replicas(replicas)
+    steps = config.steps
+    analysis_window = config.analysis.window
     _check_steps(steps, step_index)
     fleet = Fleet(release, observed, weights or {})
     floor = min(replicas, fleet.initial_serving)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graven.errors import InternalError
+from graven.model import InstanceState, RollingConfig
 from graven.plan.steps import (
     AwaitHealthy,
     Drain,
@@ -19,6 +21,8 @@ from graven.plan.steps import (
     StopInstance,
 )
 
+DEFAULT_ROLLING = RollingConfig()  # one above the replica count, none below
+
 
 @dataclass(frozen=True)
 class ObservedInstance:
@@ -26,7 +30,7 @@ class ObservedInstance:
 
     id: str
     release: int
-    state: str  # starting | healthy | unhealthy | draining
+    state: InstanceState  # a live one: starting, healthy, unhealthy or draining
 
 
 def plan_rolling(
@@ -34,11 +38,10 @@ def plan_rolling(
     release: int | None,
     replicas: int,
     observed: list[ObservedInstance],
-    *,
-    max_surge: int = 1,
-    max_unavailable: int = 0,
+    config: RollingConfig = DEFAULT_ROLLING,
 ) -> Plan:
-    """Steps from ``observed`` to ``replicas`` healthy, routed instances of ``release``.
+    """Steps from ``observed`` to ``replicas`` healthy, routed instances of ``release``,
+    within ``config``'s surge and unavailability bounds.
 
     ``release=None`` takes the service down: every instance is drained and stopped.
     Assumes started instances become healthy; when one does not, the rollout fails
@@ -78,8 +81,8 @@ def plan_rolling(
     # Old instances that are still only starting count as unavailable: retire them first.
     old.sort(key=lambda i: (i.state == "healthy", i.id))
     available = new_count + sum(1 for i in old if i.state == "healthy")
-    floor = max(replicas - max_unavailable, 0)
-    ceiling = replicas + max_surge
+    floor = max(replicas - config.max_unavailable, 0)
+    ceiling = replicas + config.max_surge
     slot = 0
     while old or new_count < replicas:
         progressed = False
@@ -109,9 +112,9 @@ def plan_rolling(
         progressed = progressed or bool(batch)
         if not progressed:
             # Both bounds block every move: only possible with surge 0 and unavailable 0,
-            # which the spec rejects; fail loudly rather than loop.
-            raise ValueError(
-                f"{service}: max_surge={max_surge} and max_unavailable={max_unavailable} "
-                "leave no room to replace any instance"
+            # which RollingConfig refuses; fail loudly rather than loop.
+            raise InternalError(
+                f"{service}: max_surge={config.max_surge} and "
+                f"max_unavailable={config.max_unavailable} leave no room to replace any instance"
             )
     return Plan(service, release, tuple(steps))

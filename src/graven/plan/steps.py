@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from graven.model import release_id
+
 
 @dataclass(frozen=True)
 class StartInstance:
@@ -39,7 +41,7 @@ class StartInstance:
     kind: str = "start"
 
     def describe(self, service: str) -> str:
-        return f"start a new instance of {service}@r{self.release} ({self.slot})"
+        return f"start a new instance of {release_id(service, self.release)} ({self.slot})"
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class SetWeights:
         table = ", ".join(f"{t}={w}" for t, w in self.weights)
         if not self.shares:
             return f"set router weights {table}"
-        split = ", ".join(f"{service}@r{r} {p}%" for r, p in self.shares)
+        split = ", ".join(f"{release_id(service, r)} {p}%" for r, p in self.shares)
         return f"shift live traffic to {split} (weights {table})"
 
 
@@ -139,8 +141,8 @@ class Analyze:
 
     def describe(self, service: str) -> str:
         return (
-            f"analyze {service}@r{self.canary_release} against "
-            f"{service}@r{self.baseline_release} for {_seconds(self.window)}"
+            f"analyze {release_id(service, self.canary_release)} against "
+            f"{release_id(service, self.baseline_release)} for {_seconds(self.window)}"
         )
 
 
@@ -153,7 +155,8 @@ class SwitchTraffic:
     kind: str = "switch"
 
     def describe(self, service: str) -> str:
-        return f"switch all live traffic to {service}@r{self.to_release} (others stay warm, idle)"
+        to = release_id(service, self.to_release)
+        return f"switch all live traffic to {to} (others stay warm, idle)"
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class KeepWarm:
 
     def describe(self, service: str) -> str:
         return (
-            f"keep {service}@r{self.release} warm for {_seconds(self.until_seconds)} "
+            f"keep {release_id(service, self.release)} warm for {_seconds(self.until_seconds)} "
             f"(rollback window: 'graven rollback {service}' switches back at once)"
         )
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from graven.errors import InternalError, UsageError
 from graven.router.base import LATENCY_BOUNDS, BackendStats
@@ -305,26 +305,98 @@ def compare_error_rates(a: int, n1: int, b: int, n2: int) -> ErrorComparison:
 
 
 @dataclass(frozen=True)
+class TrafficMetrics:
+    """One release's traffic in a window, as an analysis reports it."""
+
+    release: int
+    requests: int
+    errors: int
+    responses_5xx: int
+    error_rate: float
+    timed_requests: int
+    # JSON has no infinity: a p99 beyond the last bound is reported as an overflow.
+    p99_seconds: float | None
+    p99_overflow: bool
+    latency_buckets: tuple[int, ...]
+
+    @classmethod
+    def of(cls, traffic: ReleaseTraffic) -> TrafficMetrics:
+        p99 = p99_seconds(traffic.latency_buckets)
+        return cls(
+            release=traffic.release,
+            requests=traffic.requests,
+            errors=traffic.errors,
+            responses_5xx=traffic.responses_5xx,
+            error_rate=traffic.error_rate,
+            timed_requests=traffic.timed,
+            p99_seconds=p99 if p99 is not None and math.isfinite(p99) else None,
+            p99_overflow=p99 == math.inf,
+            latency_buckets=traffic.latency_buckets,
+        )
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """The Mann-Whitney comparison of the canary's latency with the baseline's."""
+
+    u: float
+    n_canary: int
+    n_baseline: int
+    z: float
+    p_slower: float
+    p_within_margin: float
+    effect: float
+    method: str = "mann-whitney-u"
+
+
+@dataclass(frozen=True)
+class AnalysisMetrics:
+    """The numbers behind a verdict; a test not run (too little traffic) is None."""
+
+    canary: TrafficMetrics
+    baseline: TrafficMetrics | None
+    thresholds: AnalysisThresholds
+    latency_test: LatencyComparison | None = None
+    error_test: ErrorComparison | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        latency = asdict(self.latency_test) if self.latency_test else None
+        if latency is not None:  # the method first, as the API has always sent it
+            latency = {"method": latency.pop("method"), **latency}
+        return {
+            "canary": _traffic_dict(self.canary),
+            "baseline": _traffic_dict(self.baseline) if self.baseline else None,
+            "latency_test": latency,
+            "error_test": asdict(self.error_test) if self.error_test else None,
+            "thresholds": asdict(self.thresholds),
+        }
+
+
+def _traffic_dict(metrics: TrafficMetrics) -> dict[str, object]:
+    return {**asdict(metrics), "latency_buckets": list(metrics.latency_buckets)}
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The outcome of an analysis. ``reasons`` are sentences for people; ``codes`` holds
     the stable reason code of each, in the same order, for scripts and the API."""
 
     outcome: Outcome
     reasons: tuple[str, ...]
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: AnalysisMetrics | None = None
     codes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.codes) != len(self.reasons):
             raise InternalError("a verdict needs one reason code per reason")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "outcome": self.outcome,
             "reasons": [
                 {"code": c, "message": m} for c, m in zip(self.codes, self.reasons, strict=True)
             ],
-            "metrics": self.metrics,
+            "metrics": self.metrics.to_dict() if self.metrics else {},
         }
 
 
@@ -345,22 +417,6 @@ def _latency_range(index: int) -> str:
     return f"between {_secs(LATENCY_BOUNDS[index - 1])} and {_secs(LATENCY_BOUNDS[index])}"
 
 
-def _traffic_metrics(traffic: ReleaseTraffic) -> dict[str, Any]:
-    p99 = p99_seconds(traffic.latency_buckets)
-    return {
-        "release": traffic.release,
-        "requests": traffic.requests,
-        "errors": traffic.errors,
-        "responses_5xx": traffic.responses_5xx,
-        "error_rate": traffic.error_rate,
-        "timed_requests": traffic.timed,
-        # JSON has no infinity: a p99 beyond the last bound is reported as an overflow.
-        "p99_seconds": p99 if p99 is not None and math.isfinite(p99) else None,
-        "p99_overflow": p99 == math.inf,
-        "latency_buckets": list(traffic.latency_buckets),
-    }
-
-
 class _Findings:
     def __init__(self) -> None:
         self.items: list[tuple[Outcome | None, str, str]] = []  # None: a note
@@ -369,7 +425,7 @@ class _Findings:
     def add(self, severity: Outcome | None, code: str, message: str) -> None:
         self.items.append((severity, code, message))
 
-    def verdict(self, canary: int, metrics: dict[str, Any]) -> Verdict:
+    def verdict(self, canary: int, metrics: AnalysisMetrics) -> Verdict:
         severities = {s for s, _, _ in self.items}
         outcome: Outcome = "pass"
         if "fail" in severities:
@@ -390,13 +446,11 @@ def analyze(
     """Judge ``canary`` against ``thresholds`` and, when given, against ``baseline``."""
     t = thresholds
     found = _Findings()
-    metrics: dict[str, Any] = {
-        "canary": _traffic_metrics(canary),
-        "baseline": _traffic_metrics(baseline) if baseline is not None else None,
-        "latency_test": None,
-        "error_test": None,
-        "thresholds": asdict(t),
-    }
+    metrics = AnalysisMetrics(
+        canary=TrafficMetrics.of(canary),
+        baseline=TrafficMetrics.of(baseline) if baseline is not None else None,
+        thresholds=t,
+    )
     name = f"r{canary.release}"
     if canary.requests < t.min_requests:
         found.add(
@@ -449,9 +503,9 @@ def analyze(
         )
         return found.verdict(canary.release, metrics)
 
-    _compare_errors(found, metrics, canary, baseline, t)
+    metrics = replace(metrics, error_test=_compare_errors(found, canary, baseline, t))
     if canary.timed and baseline.timed:
-        _compare_latency(found, metrics, canary, baseline, t)
+        metrics = replace(metrics, latency_test=_compare_latency(found, canary, baseline, t))
     elif index is not None or t.max_p99_seconds is None:  # not reported above already
         missing = f"canary {name}" if index is None else f"baseline {base}"
         found.add(
@@ -463,14 +517,9 @@ def analyze(
 
 
 def _compare_errors(
-    found: _Findings,
-    metrics: dict[str, Any],
-    canary: ReleaseTraffic,
-    baseline: ReleaseTraffic,
-    t: AnalysisThresholds,
-) -> None:
+    found: _Findings, canary: ReleaseTraffic, baseline: ReleaseTraffic, t: AnalysisThresholds
+) -> ErrorComparison:
     test = compare_error_rates(canary.errors, canary.requests, baseline.errors, baseline.requests)
-    metrics["error_test"] = {"method": test.method, "p_value": test.p_value}
     excess = canary.error_rate - baseline.error_rate
     method = "Fisher's exact test" if test.method == "fisher" else "two-proportion z-test"
     mine = f"{_pct(canary.error_rate)} ({canary.errors}/{canary.requests})"
@@ -487,28 +536,24 @@ def _compare_errors(
         )
     else:
         found.passed.append(f"error rate not above {theirs}")
+    return test
 
 
 def _compare_latency(
-    found: _Findings,
-    metrics: dict[str, Any],
-    canary: ReleaseTraffic,
-    baseline: ReleaseTraffic,
-    t: AnalysisThresholds,
-) -> None:
+    found: _Findings, canary: ReleaseTraffic, baseline: ReleaseTraffic, t: AnalysisThresholds
+) -> LatencyComparison:
     test = mann_whitney(canary.latency_buckets, baseline.latency_buckets)
     limit = 0.5 + t.latency_margin
     p_within = test.p_within(t.latency_margin)
-    metrics["latency_test"] = {
-        "method": "mann-whitney-u",
-        "u": test.u,
-        "n_canary": test.n_canary,
-        "n_baseline": test.n_baseline,
-        "z": test.z,
-        "p_slower": test.p_slower,
-        "p_within_margin": p_within,
-        "effect": test.effect,
-    }
+    comparison = LatencyComparison(
+        u=test.u,
+        n_canary=test.n_canary,
+        n_baseline=test.n_baseline,
+        z=test.z,
+        p_slower=test.p_slower,
+        p_within_margin=p_within,
+        effect=test.effect,
+    )
     share = f"slower in {_pct(test.effect)} of request pairs"
     against = f"baseline r{baseline.release}"
     if test.p_slower < t.alpha and test.effect >= limit:
@@ -530,6 +575,7 @@ def _compare_latency(
             f"below {_pct(limit)} at alpha {t.alpha:g} (p={test.p_slower:.2g} and "
             f"{p_within:.2g}); more traffic would decide",
         )
+    return comparison
 
 
 def judge(

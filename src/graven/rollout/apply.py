@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from graven.clock import Clock
-from graven.errors import GravenError, RuntimeFailure
-from graven.ledger.store import StateStore
+from graven.errors import GravenError, InternalError, RuntimeFailure
+from graven.ledger.state import RolloutGate, StateStore
 from graven.model import HealthCheck, Instance
 from graven.plan.steps import (
     Analyze,
@@ -115,7 +115,7 @@ class Applier:
         """Apply ``step`` of ``service``'s plan; a started instance binds its slot."""
         handler = self.handlers.get(type(step))
         if handler is None:
-            raise TypeError(f"unknown step {step!r}")
+            raise InternalError(f"no handler for plan step {step!r}")
         await handler(service, bind_slots(step, slots), slots)
 
     # --- instances ---------------------------------------------------------------------
@@ -127,7 +127,8 @@ class Applier:
         await self.await_healthy(step.target)
 
     async def _route(self, service: str, step: RouteTraffic, slots: Slots) -> None:
-        self.state.set_instance_state(step.target, "healthy")
+        with self.state.transaction() as tx:
+            tx.set_instance_state(step.target, "healthy")
         self.host.sync_router(service)
 
     async def _drain(self, service: str, step: Drain, slots: Slots) -> None:
@@ -149,7 +150,7 @@ class Applier:
     async def start_instance(self, service: str, number: int) -> str:
         release = self.state.release(service, number)
         image = self.store.get_image(release.image)
-        inst_id = f"{service}-r{number}-{secrets.token_hex(2)}"
+        inst_id = Instance.new_id(service, number, secrets.token_hex(2))
         port = self._free_port()
         try:
             spec = LaunchSpec(
@@ -164,31 +165,32 @@ class Applier:
         except GravenError as exc:
             raise StepFailed(exc.message + (f" ({exc.hint})" if exc.hint else "")) from exc
         crashes = self.state.crashes(service)
-        self.state.add_instance(
-            Instance(
-                id=inst_id,
-                service=service,
-                release=number,
-                image=release.image,
-                host=spec.host,
-                port=port,
-                pid=handle.pid,
-                started_at=self.clock.now(),
-                state="starting",
-                restarts=crashes.restarts,
-                last_exit=crashes.last_exit,
-            ),
-            handle.pid_start,
-        )
+        with self.state.transaction() as tx:
+            tx.add_instance(
+                Instance(
+                    id=inst_id,
+                    service=service,
+                    release=number,
+                    image=release.image,
+                    host=spec.host,
+                    port=port,
+                    pid=handle.pid,
+                    started_at=self.clock.now(),
+                    state="starting",
+                    restarts=crashes.restarts,
+                    last_exit=crashes.last_exit,
+                ),
+                handle.pid_start,
+            )
         log.info("started %s (pid %d, port %d)", inst_id, handle.pid, port)
         return inst_id
 
     def _handle(self, inst_id: str) -> tuple[Instance, Handle]:
-        row = self.state.instance_row(inst_id)
-        if row is None:
+        record = self.state.instance(inst_id)
+        if record is None:
             raise StepFailed(f"instance {inst_id} is unknown")
-        inst = StateStore._instance(row)
-        return inst, Handle(inst.pid, int(row["pid_start"]))
+        inst = record.instance
+        return inst, Handle(inst.pid, record.pid_start)
 
     async def await_healthy(self, inst_id: str) -> None:
         inst, handle = self._handle(inst_id)
@@ -225,7 +227,8 @@ class Applier:
     async def drain(self, service: str, inst_id: str) -> None:
         inst, _ = self._handle(inst_id)
         cfg = self.state.release(service, inst.release).config
-        self.state.set_instance_state(inst_id, "draining")
+        with self.state.transaction() as tx:
+            tx.set_instance_state(inst_id, "draining")
         self.host.sync_router(service)
         deadline = self.clock.monotonic() + cfg.drain_timeout
         while self.clock.monotonic() < deadline:
@@ -242,48 +245,58 @@ class Applier:
             # Never stop a routed instance: drain it first.
             await self.drain(service, inst_id)
         await asyncio.to_thread(self.runtime.stop, handle, cfg.stop_grace)
-        self.state.set_instance_state(inst_id, "stopped", at=self.clock.now(), reason=reason)
+        with self.state.transaction() as tx:
+            tx.set_instance_state(inst_id, "stopped", at=self.clock.now(), reason=reason)
         self.host.instance_stopped(inst_id)
         self.host.sync_router(service)
         log.info("stopped %s (%s)", inst_id, reason)
 
     # --- weighted strategies: traffic steps ----------------------------------------------
 
-    def _preview_port(self, service: str) -> int:
-        """The preview port of the desired release (0: none)."""
+    def _preview_port(self, service: str) -> int | None:
+        """The preview port of the desired release (None: none)."""
         desired = self.state.desired_release(service)
         if desired is None:
-            return 0
+            return None
         return self.state.release(service, desired).config.preview_port
 
     async def _set_weights(self, service: str, step: SetWeights, slots: Slots) -> None:
         live = {i.id for i in self.state.live_instances(service)}
-        self.state.set_weights({t: w for t, w in step.weights if t in live})
+        with self.state.transaction() as tx:
+            tx.set_weights({t: w for t, w in step.weights if t in live})
         self.host.sync_router(service)
 
     async def _route_preview(self, service: str, step: RoutePreview, slots: Slots) -> None:
-        self.state.set_preview(step.target, True)
+        with self.state.transaction() as tx:
+            tx.set_preview(step.target, True)
         if port := self._preview_port(service):
             await asyncio.to_thread(self.host.sync_preview, service, port)
 
     async def _switch(self, service: str, step: SwitchTraffic, slots: Slots) -> None:
         ro = self.state.running_rollout(service)
         port = self._preview_port(service)
-        self.state.set_weights(
-            {
-                i.id: 100 if i.release == step.to_release else 0
-                for i in self.state.live_instances(service)
-                if i.state == "healthy"
-            },
-            clear_preview=True,
-        )
+        with self.state.transaction() as tx:
+            tx.set_weights(
+                {
+                    i.id: 100 if i.release == step.to_release else 0
+                    for i in self.state.live_instances(service)
+                    if i.state == "healthy"
+                },
+                clear_preview=True,
+            )
         self.host.sync_router(service)
         if port:
             await asyncio.to_thread(self.host.sync_preview, service, port)
         if ro is not None and ro.to_release == step.to_release:
             # All live traffic is on the new release: the rollout has done its job;
             # what follows (the warm window, retiring the old set) is housekeeping.
-            self.state.finish_switch(ro.id, service, step.to_release, self.clock.now())
+            # When it switched (the rollback window starts), the release's first
+            # healthy time, and the rollout's success: one change.
+            now = self.clock.now()
+            with self.state.transaction() as tx:
+                tx.set_rollout_switched(ro.id, now)
+                tx.mark_release_healthy(service, step.to_release, now)
+                tx.finish_rollout(ro.id, "succeeded", "", now)
             self.host.notify(service)
 
     async def _keep_warm(self, service: str, step: KeepWarm, slots: Slots) -> None:
@@ -292,7 +305,9 @@ class Applier:
     async def _record_progress(self, service: str, step: RecordProgress, slots: Slots) -> None:
         if (ro := self.state.running_rollout(service)) is not None:
             # A new step: its pause and analysis start from nothing.
-            self.state.update_rollout(ro.id, step_index=step.step_index, gate=None)
+            with self.state.transaction() as tx:
+                tx.set_rollout_step(ro.id, step.step_index)
+                tx.set_rollout_gate(ro.id, RolloutGate())
 
     async def _pause(self, service: str, step: Pause, slots: Slots) -> None:
         desired = self.state.desired_release(service)

@@ -8,19 +8,24 @@ only what is left.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Protocol
 
 from graven.clock import Clock
-from graven.ledger.store import Rollout, StateStore
+from graven.ledger.state import (
+    AnalysisGate,
+    PauseGate,
+    RolloutGate,
+    RolloutRecord,
+    StateStore,
+)
 from graven.model import ServiceConfig
 from graven.plan.steps import Analyze, Pause
 from graven.rollout.analysis import AnalysisThresholds, judge
 from graven.rollout.failure import StepFailed
-from graven.router.base import BackendStats, Router
+from graven.router.base import Router
 
 log = logging.getLogger("graven.controller")
 
@@ -61,36 +66,37 @@ class Gates:
         return self.state.desired_release(service) == desired
 
     def promoted(self, rollout_id: int) -> bool:
-        return bool(self.state.rollout(rollout_id).promoted)
+        return self.state.rollout(rollout_id).promoted
 
     async def await_promote(self, service: str, rollout_id: int, why: str) -> bool:
         """Hold until ``graven promote``; False when superseded."""
-        self.state.update_rollout(
-            rollout_id, progress=f"paused: {why}; run 'graven promote {service}' to go on"
-        )
+        with self.state.transaction() as tx:
+            tx.set_rollout_progress(
+                rollout_id, progress=f"paused: {why}; run 'graven promote {service}' to go on"
+            )
         while not self.promoted(rollout_id):
             if not await self.hold(service, 3600.0, lambda: self.promoted(rollout_id)):
                 return False
         return True
 
     async def pause(
-        self, service: str, step: Pause, ro: Rollout | None, cfg: ServiceConfig | None
+        self, service: str, step: Pause, ro: RolloutRecord | None, cfg: ServiceConfig | None
     ) -> None:
         """A timed pause, or one until ``graven promote`` (``step.seconds`` None)."""
         if ro is None:
             return
-        canary = cfg is not None and cfg.strategy == "canary"
+        canary = cfg is not None and cfg.strategy.name == "canary"
         if step.seconds is None:
             if not await self.await_promote(service, ro.id, step.reason):
                 return
         else:
-            gate = _gate_of(ro)
-            pause = gate.get("pause")
-            if isinstance(pause, dict) and pause.get("done"):
+            gate = ro.gate
+            if gate.pause is not None and gate.pause.done:
                 return  # done before a restart; its promote flag was reset then
             until = ro.paused_until or self.clock.now() + step.seconds
-            gate["pause"] = {"until": until, "done": False}
-            self.state.update_rollout(ro.id, paused_until=until, gate=json.dumps(gate))
+            with self.state.transaction() as tx:
+                tx.set_rollout_pause(ro.id, until)
+                tx.set_rollout_gate(ro.id, replace(gate, pause=PauseGate(until)))
             held = await self.hold(
                 service,
                 max(until - self.clock.now(), 0.0),
@@ -98,14 +104,15 @@ class Gates:
             )
             if not held:
                 return
-            gate["pause"] = {"until": until, "done": True}
-            done: dict[str, Any] = {"paused_until": None, "gate": json.dumps(gate)}
-            if canary:
-                done["promoted"] = 0  # a promote moves one step
-            self.state.update_rollout(ro.id, **done)  # both or neither, across a crash
+            with self.state.transaction() as tx:  # all or nothing, across a crash
+                tx.set_rollout_pause(ro.id, None)
+                tx.set_rollout_gate(ro.id, replace(gate, pause=PauseGate(until, done=True)))
+                if canary:
+                    tx.set_rollout_promoted(ro.id, False)  # a promote moves one step
             return
         if canary:
-            self.state.update_rollout(ro.id, promoted=0)  # a promote moves one step
+            with self.state.transaction() as tx:
+                tx.set_rollout_promoted(ro.id, False)  # a promote moves one step
 
     async def analyze(self, service: str, step: Analyze, rollout_id: int | None) -> None:
         """Judge the canary's traffic against the baseline's over ``step.window``.
@@ -118,28 +125,29 @@ class Gates:
         if cfg is None:
             return
         ro = self.state.rollout(rollout_id) if rollout_id is not None else None
-        gate = _gate_of(ro) if ro is not None else {}
-        key = [step.canary_release, step.baseline_release, step.window]
+        gate = ro.gate if ro is not None else RolloutGate()
         releases = {i.id: i.release for i in self.state.live_instances(service)}
-        saved = gate.get("analysis")
-        if isinstance(saved, dict) and saved.get("key") == key:
-            started_at = float(saved["started_at"])
-            start = [
-                BackendStats(**{**b, "latency_buckets": tuple(b["latency_buckets"])})
-                for b in saved["start"]
-            ]
-            releases = {**saved["releases"], **releases}
+        saved = gate.analysis
+        if saved is not None and saved.matches(
+            step.canary_release, step.baseline_release, step.window
+        ):
+            started_at = saved.started_at
+            start = list(saved.start)
+            releases = {**dict(saved.releases), **releases}
         else:
             start = await asyncio.to_thread(self.router.stats, service)
             started_at = self.clock.now()
             if ro is not None:
-                gate["analysis"] = {
-                    "key": key,
-                    "started_at": started_at,
-                    "start": [asdict(b) for b in start],
-                    "releases": releases,
-                }
-                self.state.update_rollout(ro.id, gate=json.dumps(gate))
+                window = AnalysisGate(
+                    canary_release=step.canary_release,
+                    baseline_release=step.baseline_release,
+                    window=step.window,
+                    started_at=started_at,
+                    start=tuple(start),
+                    releases=tuple(releases.items()),
+                )
+                with self.state.transaction() as tx:
+                    tx.set_rollout_gate(ro.id, replace(gate, analysis=window))
         left = max(started_at + step.window - self.clock.now(), 0.0)
         if not await self.hold(service, left, lambda: False):
             return
@@ -152,9 +160,9 @@ class Gates:
             canary_release=step.canary_release,
             baseline_release=step.baseline_release,
             thresholds=AnalysisThresholds(
-                max_error_rate=cfg.max_error_rate,
-                max_p99_seconds=cfg.max_p99,
-                min_requests=cfg.min_requests,
+                max_error_rate=cfg.analysis.max_error_rate,
+                max_p99_seconds=cfg.analysis.max_p99,
+                min_requests=cfg.analysis.min_requests,
             ),
         )
         log.info("%s: analysis %s: %s", service, verdict.outcome, "; ".join(verdict.reasons))
@@ -163,13 +171,5 @@ class Gates:
         if verdict.outcome == "inconclusive" and rollout_id is not None:
             why = "analysis inconclusive (" + "; ".join(verdict.reasons) + ")"
             if await self.await_promote(service, rollout_id, why):
-                self.state.update_rollout(rollout_id, promoted=0)
-
-
-def _gate_of(ro: Rollout) -> dict[str, Any]:
-    """How far the current step's timed pause and analysis got."""
-    try:
-        gate = json.loads(ro.gate) if ro.gate else {}
-    except ValueError:
-        return {}
-    return gate if isinstance(gate, dict) else {}
+                with self.state.transaction() as tx:
+                    tx.set_rollout_promoted(rollout_id, False)

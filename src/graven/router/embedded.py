@@ -28,51 +28,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from graven import detached
 from graven.atomic import write_atomic
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats
-from graven.router.proxy import BackendSetError, backends_to_json, parse_backends
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendStats, check_backends
+from graven.router.proxy.backends import backends_to_json
 
 if TYPE_CHECKING:
     from graven.router.workers import RouterOptions
 
-_MAX_SOCKET_PATH: Final = 100  # sun_path holds 108 bytes; keep a margin
 _HEALTH_TIMEOUT: Final = 2.0
 _ADMIN_TIMEOUT: Final = 10.0
 _POLL: Final = 0.02
-
-# Proxies this process spawned, by pid. Kept at module level so that any
-# EmbeddedRouter in the process can reap them (no zombies, no ResourceWarning) even
-# after the object that started them is gone.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def check_backends(backends: list[Backend]) -> None:
-    """Raise ``RouterError`` if the proxy would refuse ``backends`` (same rules)."""
-    try:
-        parse_backends(backends_to_json(backends))
-    except BackendSetError as exc:
-        raise RouterError(
-            f"invalid backend set: {exc}",
-            hint="Each backend needs a unique id, a host:port address, "
-            "state 'ready' or 'drain' and a weight of 0-1000.",
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -111,34 +91,6 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, start time)`` of a process from /proc, or None if there is none."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses; fields after the
-    # last ')' are plain. Field 3 (state) is the first of them, field 22 the 20th.
-    fields = text[text.rfind(")") + 2 :].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _reap(pid: int) -> None:
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        del _CHILDREN[pid]
-
-
-def _is_running(pid: int, start_time: int) -> bool:
-    """True if ``pid`` is still the very process that started at ``start_time``."""
-    _reap(pid)
-    stat = _proc_stat(pid)
-    return stat is not None and stat[1] == start_time and stat[0] not in ("Z", "X")
 
 
 def default_workers() -> int:
@@ -189,8 +141,7 @@ class EmbeddedRouter:
     def ensure(self, service: str, port: int) -> None:
         """Make sure a proxy for ``service`` listens on ``port``; adopt a running one."""
         check_service_name(service)
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise UsageError(f"router port must be 1-65535 (got {port!r})")
+        check_router_port(port)
         files = self._files(service)
         for patient in (True, False):
             with self._locked(files):
@@ -198,9 +149,7 @@ class EmbeddedRouter:
                     return
             # A worker whose supervisor died holds the port and starts a new
             # supervisor under this lock: let it, then adopt what it started.
-            deadline = time.monotonic() + self.start_timeout
-            while time.monotonic() < deadline and self._health(files) is None:
-                time.sleep(_POLL)
+            detached.wait_until(lambda: self._health(files) is not None, self.start_timeout)
 
     def _ensure_locked(self, files: _Files, port: int, *, patient: bool) -> bool:
         """One attempt of ``ensure``; False (only when ``patient``) if the recorded
@@ -214,7 +163,7 @@ class EmbeddedRouter:
             self._terminate(files, pid)
         else:
             record = self._read_record(files)
-            if record is not None and _is_running(record.pid, record.start_time):
+            if record is not None and detached.is_running(record.pid, record.start_time):
                 # Alive but silent: still starting, or wedged. Give it the start
                 # timeout before replacing it.
                 if record.port == port and self._wait_healthy(files, record.pid, None):
@@ -284,7 +233,7 @@ class EmbeddedRouter:
             record = self._read_record(files)
             if health is not None:
                 self._terminate(files, health[0])
-            elif record is not None and _is_running(record.pid, record.start_time):
+            elif record is not None and detached.is_running(record.pid, record.start_time):
                 self._terminate(files, record.pid)
             for path in (files.pid, files.state, files.sock):
                 with contextlib.suppress(FileNotFoundError):
@@ -300,7 +249,7 @@ class EmbeddedRouter:
             if not is_valid_name(service):
                 continue
             record = self._read_record(self._files(service))
-            if record is not None and _is_running(record.pid, record.start_time):
+            if record is not None and detached.is_running(record.pid, record.start_time):
                 out[service] = record.port
         return out
 
@@ -310,7 +259,7 @@ class EmbeddedRouter:
         """The pid of the service's live proxy, or None."""
         check_service_name(service)
         record = self._read_record(self._files(service))
-        if record is not None and _is_running(record.pid, record.start_time):
+        if record is not None and detached.is_running(record.pid, record.start_time):
             return record.pid
         return None
 
@@ -328,7 +277,7 @@ class EmbeddedRouter:
 
     def _files(self, service: str) -> _Files:
         sock = self.dir / f"{service}.sock"
-        if len(os.fsencode(sock.absolute())) > _MAX_SOCKET_PATH:
+        if not detached.fits_socket_address(sock):
             sock = self._short_socket_dir() / f"{service}.sock"
         return _Files(
             service=service,
@@ -342,20 +291,9 @@ class EmbeddedRouter:
     def _short_socket_dir(self) -> Path:
         # Same state dir, same short dir: a restarted controller finds the socket
         # without the pid file too.
-        key = hashlib.sha256(os.fsencode(self.state_dir.resolve())).hexdigest()[:16]
-        short = Path(tempfile.gettempdir()) / f"graven-{key}-routers"
-        try:
-            short.mkdir(mode=0o700, exist_ok=True)
-            st = short.lstat()
-        except OSError as exc:
-            raise RouterError(f"cannot create admin socket directory {short}: {exc}") from None
-        # /tmp is shared: only a private directory of our own may hold the socket.
-        if short.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise RouterError(
-                f"admin socket directory {short} is not a private directory of this user",
-                hint=f"Remove {short}, or use a shorter state directory path.",
-            )
-        return short
+        tag = detached.short_name(self.state_dir.resolve())
+        short = detached.temp_dir() / f"graven-{tag}-routers"
+        return detached.private_dir(short, what="admin socket directory", error=RouterError)
 
     @contextlib.contextmanager
     def _locked(self, files: _Files) -> Iterator[None]:
@@ -391,10 +329,10 @@ class EmbeddedRouter:
 
     @staticmethod
     def _write_record(files: _Files, pid: int, port: int) -> None:
-        stat = _proc_stat(pid)
-        if stat is None:
+        started = detached.start_time(pid)
+        if started is None:
             return
-        doc = {"pid": pid, "port": port, "start_time": stat[1], "admin": str(files.sock)}
+        doc = {"pid": pid, "port": port, "start_time": started, "admin": str(files.sock)}
         try:
             write_atomic(files.pid, json.dumps(doc).encode(), mode=0o600)
         except OSError as exc:
@@ -426,78 +364,35 @@ class EmbeddedRouter:
             str(files.lock),
         ]
         try:
-            with files.log.open("ab") as log:
-                offset = log.tell()
-                stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-                log.write(f"--- {stamp} starting: {' '.join(argv[1:])}\n".encode())
-                log.flush()
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    close_fds=True,
-                    start_new_session=True,
-                    cwd=self.dir,
-                )
+            offset, proc = detached.spawn_logged(argv, files.log, cwd=self.dir)
         except OSError as exc:
             raise RouterError(
                 f"cannot start the router for service {files.service!r}: {exc}"
             ) from None
-        _CHILDREN[proc.pid] = proc
         # Recorded before it is healthy, so a controller that dies right now still
         # finds (and can stop) this process.
         self._write_record(files, proc.pid, port)
         if self._wait_healthy(files, proc.pid, proc):
             return
-        if proc.poll() is None:
+        how = detached.describe_failed_start(proc, files.sock, self.start_timeout)
+        if proc.poll() is None:  # a pid reaped already may be reused
             self._terminate(files, proc.pid)
-            what = f"did not answer on {files.sock} within {self.start_timeout:.0f} s"
-        else:
-            what = f"exited with code {proc.returncode}"
         with contextlib.suppress(FileNotFoundError):
             files.pid.unlink()
-        raise RouterError(
-            f"router for service {files.service!r} on port {port} {what}: "
-            f"{router_log_tail(files.log, offset)}",
-            hint=f"If port {port} is in use, stop what holds it or choose another port. "
-            f"Full log: {files.log}",
-        )
+        raise start_failure(f"router for service {files.service!r}", port, how, files.log, offset)
 
     def _wait_healthy(self, files: _Files, pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                return False
+        def answers() -> bool:
             health = self._health(files)
-            if health is not None and health[0] == pid:
-                return True
-            time.sleep(_POLL)
-        return False
+            return health is not None and health[0] == pid
+
+        return detached.wait_until(answers, self.start_timeout, unless_exited=proc)
 
     def _terminate(self, files: _Files, pid: int) -> None:
         """SIGTERM ``pid``, wait for its drain, then SIGKILL. Only our proxy is signalled:
         the start time is read once and re-checked, so a reused pid is left alone."""
-        stat = _proc_stat(pid)
-        if stat is None:
-            return
-        start_time = stat[1]
-        for sig, wait in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
-            if not _is_running(pid, start_time):
-                break
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                raise RouterError(
-                    f"not allowed to stop the router of service {files.service!r} (pid {pid})",
-                    hint="Run graven as the user that started the router.",
-                ) from None
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _is_running(pid, start_time):
-                time.sleep(_POLL)
-        _reap(pid)
+        with not_allowed_to_stop(f"the router of service {files.service!r}", pid):
+            detached.stop_pid(pid, grace=self.stop_timeout)
 
     @staticmethod
     def _health(files: _Files) -> tuple[int, int] | None:
@@ -516,11 +411,7 @@ class EmbeddedRouter:
         try:
             return self._call(files, method, path, body, _ADMIN_TIMEOUT)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise RouterError(
-                f"no router is running for service {files.service!r}",
-                hint="The controller starts it (Router.ensure) on its next reconcile; "
-                f"if it keeps failing, see {files.log}.",
-            ) from None
+            raise no_router(files.service, files.log) from None
         except (OSError, http.client.HTTPException, ValueError, TypeError) as exc:
             raise RouterError(
                 f"router for service {files.service!r} did not answer {method} {path}: {exc}",
@@ -588,14 +479,15 @@ def revive_router(
         if record is None or record.pid != dead_pid:
             return None
         proc = start()
-        _CHILDREN[proc.pid] = proc
+        detached.track(proc)
         EmbeddedRouter._write_record(files, proc.pid, options.port)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
+
+        def answers() -> bool:
             health = EmbeddedRouter._health(files)
-            if health is not None and health[0] == proc.pid:
-                return proc.pid
-            time.sleep(_POLL)
+            return health is not None and health[0] == proc.pid
+
+        if detached.wait_until(answers, timeout, unless_exited=proc):
+            return proc.pid
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -628,6 +520,42 @@ def _latency_buckets(value: object) -> tuple[int, ...]:
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
         raise ValueError(f"latency_buckets: expected non-negative integers (got {value!r})")
     return tuple(value)
+
+
+def check_router_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"router port must be 1-65535 (got {port!r})")
+
+
+def no_router(service: str, log: Path) -> RouterError:
+    """The error for a call to a router that is not running."""
+    return RouterError(
+        f"no router is running for service {service!r}",
+        hint="The controller starts it (Router.ensure) on its next reconcile; "
+        f"if it keeps failing, see {log}.",
+    )
+
+
+def start_failure(what: str, port: int, how: str, log: Path, offset: int) -> RouterError:
+    """The error for a router process that did not come up on ``port``: ``how``
+    (``detached.describe_failed_start``), and what it logged since ``offset``."""
+    return RouterError(
+        f"{what} on port {port} {how}: {router_log_tail(log, offset)}",
+        hint=f"If port {port} is in use, stop what holds it or choose another port. "
+        f"Full log: {log}",
+    )
+
+
+@contextlib.contextmanager
+def not_allowed_to_stop(what: str, pid: int) -> Iterator[None]:
+    """Turn a refused signal (another user's process) into a RouterError that says so."""
+    try:
+        yield
+    except PermissionError:
+        raise RouterError(
+            f"not allowed to stop {what} (pid {pid})",
+            hint="Run graven as the user that started the router.",
+        ) from None
 
 
 def check_service_name(service: str) -> None:

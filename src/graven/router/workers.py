@@ -50,24 +50,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from graven import detached
 from graven.atomic import write_atomic
-from graven.router.base import LATENCY_BOUNDS, Backend
-from graven.router.proxy import (
-    DRAIN_TIMEOUT,
-    EXIT_BIND,
-    EXIT_STATE,
-    BackendSetError,
+from graven.router.base import LATENCY_BOUNDS, Backend, BackendSetError
+from graven.router.proxy.admin import serve_admin_request
+from graven.router.proxy.backends import (
     BackendTable,
-    Closable,
-    RouterProxy,
-    _error_response,
     backends_to_json,
     load_state,
-    loop_name,
     parse_backends,
-    serve_admin_request,
     state_document,
 )
+from graven.router.proxy.entry import EXIT_BIND, EXIT_STATE
+from graven.router.proxy.http1 import _error_response
+from graven.router.proxy.server import DRAIN_TIMEOUT, Closable, RouterProxy, loop_name
 
 log = logging.getLogger("graven.router.workers")
 
@@ -229,9 +225,7 @@ async def _revive_supervisor(options: RouterOptions, listen_fd: int, dead: int) 
 
     def start() -> subprocess.Popen[bytes]:
         # Its own session, like the first one: it outlives this worker.
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, pass_fds=(listen_fd,), start_new_session=True
-        )
+        return detached.spawn(argv, output=None, pass_fds=(listen_fd,))
 
     log.warning("supervisor (pid %d) is gone; starting a new one unless stopped", dead)
     try:
@@ -666,7 +660,7 @@ def inherited_listener(fd: int) -> socket.socket:
 
 async def run_supervisor(options: RouterOptions, listen_fd: int | None = None) -> int:
     """Hold the port and the admin socket, run the workers; until SIGTERM."""
-    from graven.router.proxy import _admin_in_use, _die
+    from graven.router.proxy.entry import _admin_in_use, _die
 
     service, host, port = options.service, options.host, options.port
     admin_path, state_path = options.admin, options.state

@@ -13,16 +13,14 @@ again by pid and the pid's kernel start time.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Collection
 from pathlib import Path
 
+from graven import detached
 from graven.errors import RuntimeFailure
+from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
 from graven.store.cas import ContentStore
 
@@ -34,48 +32,6 @@ _READ_ONLY_SHIM = (
 # Without isolation: only the pid file. The instance writes it itself, before it becomes
 # the entrypoint, so a controller killed right after the spawn still finds it.
 _PID_SHIM = 'echo $$ > "$0" && exec "$@"'
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel start time of ``pid`` (clock ticks since boot), or None if it is gone.
-
-    Zombies count as gone: they serve nothing.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may contain spaces or parens: fields start after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        _reap(pid)
-        return None
-    return int(fields[19])
-
-
-# Instances this process started, by pid: reaping them through Popen keeps their exit
-# status, which tells a crash loop's operator how each instance ended.
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-def _reap(pid: int) -> None:
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        child.poll()
-        return
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def describe_exit(returncode: int) -> str:
-    """``exited with code 1`` or ``killed by SIGKILL``, from a Popen return code."""
-    if returncode >= 0:
-        return f"exited with code {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"killed by {name}"
 
 
 class ProcessRuntime:
@@ -161,22 +117,13 @@ class ProcessRuntime:
             "HOST": spec.host,
             "GRAVEN_INSTANCE": spec.instance_id,
             "GRAVEN_SERVICE": spec.service,
-            "GRAVEN_RELEASE": f"{spec.service}@r{spec.release}",
+            "GRAVEN_RELEASE": release_id(spec.service, spec.release),
             "GRAVEN_IMAGE": str(spec.image.digest),
         }
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+                proc = detached.spawn(argv, output=log, cwd=workdir, env=env, keep_exit_status=True)
             except OSError as exc:
                 raise RuntimeFailure(
                     f"{spec.instance_id}: cannot start {command[0]}: {exc.strerror or exc}",
@@ -187,8 +134,7 @@ class ProcessRuntime:
                     f"{spec.instance_id}: cannot start {command[0]}: {exc}",
                     hint="Check the service's env in graven.yaml ('graven check' names the key).",
                 ) from exc
-        _CHILDREN[proc.pid] = proc
-        started = process_start_time(proc.pid)
+        started = detached.start_time(proc.pid)
         if started is None:
             raise RuntimeFailure(
                 f"{spec.instance_id}: exited at once; log:\n{self.log_tail(spec.instance_id)}"
@@ -196,7 +142,7 @@ class ProcessRuntime:
         return Handle(pid=proc.pid, pid_start=started)
 
     def alive(self, handle: Handle) -> bool:
-        return process_start_time(handle.pid) == handle.pid_start
+        return _stamp(handle).running()
 
     def orphans(self, recorded: Collection[str]) -> list[tuple[str, Handle]]:
         """Instances that run but are not in ``recorded``: started by a controller that
@@ -210,7 +156,7 @@ class ProcessRuntime:
                 pid = int(pid_file.read_text().strip())
             except (OSError, ValueError):
                 continue
-            started = process_start_time(pid)
+            started = detached.start_time(pid)
             # The pid may have been reused since: only a process that carries the
             # instance's own id in its environment is that instance.
             if started is not None and _environ_has(pid, f"GRAVEN_INSTANCE={instance_id}"):
@@ -219,30 +165,22 @@ class ProcessRuntime:
 
     def exit_reason(self, handle: Handle) -> str:
         """How a dead instance ended, when this process started it (else unknown)."""
-        child = _CHILDREN.get(handle.pid)
-        if child is None or child.poll() is None:
-            return ""
-        return describe_exit(child.returncode)
+        code = detached.exit_status(handle.pid)
+        return "" if code is None else detached.describe_exit(code)
 
     def forget(self, handle: Handle) -> None:
         """Drop what is kept about a dead instance."""
-        child = _CHILDREN.get(handle.pid)
-        if child is not None and child.poll() is not None:
-            del _CHILDREN[handle.pid]
+        detached.forget(handle.pid)
 
     def stop(self, handle: Handle, grace: float) -> None:
-        if not self.alive(handle):
-            return
-        _signal_group(handle.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not self.alive(handle):
-                return
-            time.sleep(0.02)
-        _signal_group(handle.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while self.alive(handle) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        """SIGTERM the instance's process group, SIGKILL it after ``grace`` seconds."""
+        try:
+            detached.stop(_stamp(handle), grace=grace, group=True)
+        except PermissionError as exc:
+            raise RuntimeFailure(
+                f"not allowed to signal process group {handle.pid}: {exc}",
+                hint="Run graven as the user that started the instance.",
+            ) from exc
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
         path = self.log_path(instance_id)
@@ -261,10 +199,5 @@ def _environ_has(pid: int, entry: str) -> bool:
     return entry.encode() in environ.split(b"\0")
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError as exc:
-        raise RuntimeFailure(f"not allowed to signal process group {pid}: {exc}") from exc
+def _stamp(handle: Handle) -> detached.ProcessStamp:
+    return detached.ProcessStamp(handle.pid, handle.pid_start)

@@ -179,12 +179,12 @@ def state_roots(db: Path, roots: Roots, *, keep_releases: int) -> None:
     """Images of retained releases and live instances, from the state database."""
     if not db.exists():
         return
-    from graven.ledger.store import StateStore
+    from graven.ledger.state import open_state_store
 
-    state = StateStore(db, read_only=True)
+    state = open_state_store(db, read_only=True)
     try:
         for service, desired in sorted(state.services().items()):
-            releases = [rel for rel, _ in state.releases(service)]
+            releases = [r.release for r in state.releases(service)]
             wanted = {r.number for r in (releases[-keep_releases:] if keep_releases else [])}
             rollout = state.running_rollout(service)
             for release in releases:

@@ -8,7 +8,6 @@ for an instance when a test needs real traffic through a real router.
 
 from __future__ import annotations
 
-import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,8 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from graven.errors import RouterError, UsageError
 from graven.model import is_valid_name
-from graven.router.base import LATENCY_BOUNDS, Backend, BackendState, BackendStats
-from graven.router.embedded import check_backends
+from graven.router.base import (
+    LATENCY_BOUNDS,
+    Backend,
+    BackendState,
+    BackendStats,
+    check_backends,
+    latency_bucket,
+)
 
 
 @dataclass
@@ -165,7 +170,7 @@ class FakeRouter:
         fb.errors += errors
         fb.responses_5xx += errors
         if latency is not None:
-            fb.latency[bisect.bisect_left(LATENCY_BOUNDS, latency)] += requests
+            fb.latency[latency_bucket(latency)] += requests
 
     def crash(self, service: str) -> None:
         """The router process dies: it stops running but its backend set is kept."""

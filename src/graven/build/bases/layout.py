@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from graven.build.bases.common import imported, located, remember_import
 from graven.errors import GravenError, UsageError
 from graven.model import Digest, Image
-from graven.spec.models import LayoutBase
+from graven.spec.recipe import LayoutBase
 from graven.store.base import ImageStore
 
 MAX_INDEX_BYTES = 4 * 1024 * 1024  # an OCI layout's index.json, read to find a cached import

@@ -9,7 +9,7 @@ from dataclasses import replace
 from graven.build.bases.common import imported, located, remember_import
 from graven.errors import GravenError, UsageError
 from graven.model import Image
-from graven.spec.models import RegistryBase
+from graven.spec.recipe import RegistryBase
 from graven.store.base import ImageStore
 
 

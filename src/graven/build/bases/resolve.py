@@ -11,7 +11,7 @@ from graven.build.bases.layout import layout_base
 from graven.build.bases.registry import registry_base
 from graven.errors import BuildError, GravenError
 from graven.model import Image
-from graven.spec.models import ImageBase, LayoutBase, Recipe, RegistryBase
+from graven.spec.recipe import ImageBase, LayoutBase, Recipe, RegistryBase
 from graven.store.base import ImageStore
 
 

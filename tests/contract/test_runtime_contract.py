@@ -1,0 +1,108 @@
+"""The Runtime port's contract against each adapter: FakeRuntime and ProcessRuntime
+(real processes from a real image in a content store)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graven.model import Image, ImageConfig
+from graven.runtime.base import Handle, LaunchSpec, Runtime
+from graven.runtime.process import ProcessRuntime
+from graven.store.cas import ContentStore
+from graven.store.tree_model import Tree
+from graven.testing.contracts.runtime import RuntimeContract, RuntimeHarness
+from graven.testing.runtime import FakeRuntime
+
+# The instance: sets itself up, says it runs, then waits (60 s at most) for its exit
+# file (named by its pid: the shim execs, so the pid is the handle's) and exits with
+# the code written there. IGNORE_TERM makes SIGTERM do nothing (sleep inherits the
+# ignored signal, so only SIGKILL ends it).
+INSTANCE_SCRIPT = """\
+[ -n "$IGNORE_TERM" ] && trap '' TERM
+EXIT_FILE="$EXIT_DIR/$$"
+echo "started $GRAVEN_INSTANCE"
+i=0
+while [ ! -s "$EXIT_FILE" ] && [ "$i" -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+exit "$(cat "$EXIT_FILE" 2>/dev/null || echo 9)"
+"""
+
+
+def make_image(store: ContentStore) -> Image:
+    return store.put_image(
+        store.put_tree(Tree.of([])), ImageConfig(entrypoint=("sh", "-c", INSTANCE_SCRIPT))
+    )
+
+
+class FakeHarness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.fake = FakeRuntime()
+        self.runtime: Runtime = self.fake
+        self.image = make_image(ContentStore(tmp_path / "store"))
+
+    def spec(self, instance_id: str, *, ignores_sigterm: bool = False) -> LaunchSpec:
+        if ignores_sigterm:
+            self.fake.ignores_sigterm.add(instance_id)
+        return LaunchSpec(instance_id, "web", 1, self.image, (), 1)
+
+    def end(self, handle: Handle, code: int) -> None:
+        self.fake.kill(handle.pid, f"exited with code {code}")
+
+    def crash(self, handle: Handle) -> None:
+        self.fake.kill(handle.pid, "killed by SIGKILL")
+
+    def restarted(self) -> Runtime:
+        return self.fake  # its records are all the state there is
+
+
+class ProcessHarness:
+    def __init__(self, tmp_path: Path) -> None:
+        self.state_dir = tmp_path / "state"
+        self.store = ContentStore(tmp_path / "store")
+        self.runtime: Runtime = ProcessRuntime(self.state_dir, self.store)
+        self.image = make_image(self.store)
+        self.exit_files = tmp_path / "exits"
+        self.exit_files.mkdir()
+
+    def spec(self, instance_id: str, *, ignores_sigterm: bool = False) -> LaunchSpec:
+        env = [("EXIT_DIR", str(self.exit_files))]
+        if ignores_sigterm:
+            env.append(("IGNORE_TERM", "1"))
+        return LaunchSpec(instance_id, "web", 1, self.image, tuple(env), 1)
+
+    def end(self, handle: Handle, code: int) -> None:
+        (self.exit_files / str(handle.pid)).write_text(str(code))
+
+    def crash(self, handle: Handle) -> None:
+        os.killpg(handle.pid, signal.SIGKILL)
+
+    def restarted(self) -> Runtime:
+        return ProcessRuntime(self.state_dir, self.store)
+
+    def close(self) -> None:
+        """Stop what still runs, by the pid each instance recorded."""
+        for instance_id, handle in self.runtime.orphans(set()):
+            with contextlib.suppress(Exception):
+                self.runtime.stop(handle, grace=0.0)
+            assert not self.runtime.alive(handle), f"{instance_id} survived the test"
+
+
+class TestFakeRuntime(RuntimeContract):
+    @pytest.fixture
+    def runtime_harness(self, tmp_path: Path) -> RuntimeHarness:
+        return FakeHarness(tmp_path)
+
+
+class TestProcessRuntime(RuntimeContract):
+    @pytest.fixture
+    def runtime_harness(self, tmp_path: Path) -> Iterator[RuntimeHarness]:
+        harness = ProcessHarness(tmp_path)
+        try:
+            yield harness
+        finally:
+            harness.close()
