@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
+from graven import detached
 from graven.errors import RuntimeFailure
 from graven.model import ImageConfig
 from graven.runtime.base import LaunchSpec
@@ -48,10 +48,7 @@ def test_a_missing_program_is_a_clear_start_failure(tmp_path: Path) -> None:
 def test_how_an_instance_ended_is_known(tmp_path: Path) -> None:
     runtime, spec = launch(tmp_path, ("sh", "-c", "exit 3"))
     handle = runtime.start(spec)
-    deadline = time.monotonic() + 10
-    while runtime.alive(handle) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not runtime.alive(handle)
+    assert detached.wait_until(lambda: not runtime.alive(handle), 10)
     assert runtime.exit_reason(handle) == "exited with code 3"
     runtime.forget(handle)
     assert runtime.exit_reason(handle) == ""
