@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from graven.build.builder import StepOutcome
     from graven.spec.loader import LoadedSpec
     from graven.spec.recipe import Recipe
-    from graven.store.cas import ContentStore
+    from graven.store.base import ImageStore
 
 
 class StepRun(NamedTuple):
@@ -77,7 +77,7 @@ class Project(Protocol):
 
     def spec(self) -> LoadedSpec: ...
 
-    def store(self) -> ContentStore: ...
+    def store(self) -> ImageStore: ...
 
 
 class ImageProgress(Protocol):

@@ -50,7 +50,7 @@ from graven.rollout.failure import StepFailed
 from graven.rollout.health import probe as run_probe
 from graven.router.base import Backend, Router
 from graven.runtime.base import Handle, Runtime
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 log = logging.getLogger("graven.controller")
 
@@ -75,7 +75,7 @@ class Engine:
         self,
         state_dir: Path,
         state: StateStore,
-        store: ContentStore,
+        store: ImageStore,
         runtime: Runtime,
         router: Router,
         clock: Clock,

@@ -39,7 +39,7 @@ from graven.rollout.failure import StepFailed
 from graven.rollout.gates import GateHost, Gates
 from graven.router.base import Router
 from graven.runtime.base import Handle, LaunchSpec, Runtime
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 log = logging.getLogger("graven.controller")
 
@@ -79,7 +79,7 @@ class Applier:
     def __init__(
         self,
         state: StateStore,
-        store: ContentStore,
+        store: ImageStore,
         runtime: Runtime,
         router: Router,
         clock: Clock,

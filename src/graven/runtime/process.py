@@ -22,7 +22,7 @@ from graven import detached
 from graven.errors import RuntimeFailure
 from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
-from graven.store.cas import ContentStore
+from graven.store.base import ImageStore
 
 # Runs inside the new mount namespace: make the checkout read-only, then become the entrypoint.
 _READ_ONLY_SHIM = (
@@ -37,7 +37,7 @@ _PID_SHIM = 'echo $$ > "$0" && exec "$@"'
 class ProcessRuntime:
     """Runtime adapter for host processes."""
 
-    def __init__(self, state_dir: Path, store: ContentStore) -> None:
+    def __init__(self, state_dir: Path, store: ImageStore) -> None:
         self.state_dir = state_dir
         self.store = store
         self.isolate = os.geteuid() == 0 and shutil.which("unshare") is not None
