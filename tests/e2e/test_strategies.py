@@ -139,7 +139,7 @@ def test_a_failing_canary_aborts_by_itself_and_says_why(routed_project: Project)
 
 
 def test_rolling_deploy_and_rollback_under_load(routed_project: Project) -> None:
-    rolling = "      type: rolling\n      max_surge: 1"
+    rolling = {"type": "rolling", "max_surge": 1}
     write(routed_project, "v1", rolling)
     routed_project.graven("deploy", "-m", "v1")
     write(routed_project, "v2", rolling)
