@@ -15,7 +15,6 @@ from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.options import output_option
 from graven.cli.output import Output
 from graven.cli.rollouts import await_results, wait_rollouts
-from graven.cli.status_cmds import say_if_stopped
 from graven.controller.results import to_json
 from graven.errors import UsageError
 from graven.model import ReleaseId
@@ -84,33 +83,19 @@ def plan(ctx: click.Context, services: tuple[str, ...], output: str) -> None:
     chosen = _services_from(app, services)
     candidates = release_candidates(app, chosen, out)
     client = app.running_controller()  # a look starts no controller
+    controller: str | None = None
     if client is None:
         from graven.controller.offline import STOPPED, stopped_plan
 
         plans = [stopped_plan(app.state_dir, c) for c in candidates]
+        controller = STOPPED
     else:
         plans = [client.plan(c) for c in candidates]
-    data: dict[str, Any] = {
-        "plans": [
-            {"service": c["service"], **to_json(p)} for c, p in zip(candidates, plans, strict=True)
-        ]
-    }
-    if client is None:
-        data["controller"] = STOPPED
-
-    def view(con: Any, d: Any) -> None:
-        say_if_stopped(con, d)
-        for p in d["plans"]:
-            if not p["changed"]:
-                con.print(f"[green]{p['service']}[/]: up to date ({p['from']}); nothing to do")
-                continue
-            con.print(f"[bold]{p['service']}[/]: {p['from'] or '(nothing)'} -> {p['to']}")
-            for c in p["changes"]:
-                con.print(f"  ~ {c}")
-            for n, step in enumerate(p["steps"]["steps"], start=1):
-                con.print(f"  {n:>2}. {step['description']}")
-
-    out.emit(data, view)
+    previews = [(c["service"], p) for c, p in zip(candidates, plans, strict=True)]
+    data: dict[str, Any] = {"plans": [{"service": s, **to_json(p)} for s, p in previews]}
+    if controller is not None:
+        data["controller"] = controller
+    out.show(data, render.plans(previews, controller))
 
 
 def _require_message(message: str | None, verb: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -139,3 +139,42 @@ class LineWriter:
         from rich.console import Console
 
         return Console(file=self.file, highlight=False, soft_wrap=True)
+
+
+Cell = str | Span
+
+
+def width(text: str) -> int:
+    """Columns ``text`` takes on a terminal (wide East Asian characters take two)."""
+    import unicodedata
+
+    if text.isascii():
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Cell]]) -> list[Line]:
+    """Columns as a borderless rich table lays them out when they fit (a space at each
+    edge, two between columns, every cell padded to its column), header in bold. A
+    cell is never cut or wrapped: a row wider than the terminal runs on."""
+    widths = [width(h) for h in header]
+    for row in rows:
+        for n, cell in enumerate(row):
+            widths[n] = max(widths[n], width(_text(cell)))
+    lines: list[Line] = [(bold(plain(_row(header, widths))),)]
+    lines.extend(_row(row, widths) for row in rows)
+    return lines
+
+
+def _text(cell: Cell) -> str:
+    return cell if isinstance(cell, str) else cell.text
+
+
+def _row(cells: Sequence[Cell], widths: Sequence[int]) -> Line:
+    parts: list[str | Span] = [" "]
+    for n, (cell, w) in enumerate(zip(cells, widths, strict=True)):
+        if n:
+            parts.append("  ")
+        parts.extend((cell, " " * (w - width(_text(cell)))))
+    parts.append(" ")
+    return tuple(p for p in parts if p)

@@ -220,16 +220,6 @@ def short(digest: str | None) -> str:
     return digest.removeprefix("sha256:")[:12]
 
 
-def ago(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
 def human_size(n: int) -> str:
     """Bytes for people: 512 B, 1.5 KiB, 23.4 MiB."""
     size = float(n)
