@@ -1,5 +1,5 @@
-"""The renderers of ``status``, ``releases`` and ``plan``: typed replies and
-records in, lines out, rendered into a StringIO (plain) and a fake terminal."""
+"""The renderers of ``status``, ``releases``, ``plan`` and ``audit``: typed replies
+and records in, lines out, rendered into a StringIO (plain) and a fake terminal."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from graven.controller.results import (
     StatusView,
     StepView,
 )
+from graven.ledger.chain import LedgerEntry
 from graven.ledger.state import ReleaseRecord
 from graven.model import Digest, HealthCheck, Release, ServiceConfig
 
@@ -280,3 +281,21 @@ def test_plans_list_changes_and_steps() -> None:
 def test_a_plan_answered_from_the_records_says_so() -> None:
     same = PreviewResult(False, "db@r3", steps=PlanView("db", None, ()))
     assert written(render.plans([("db", same)], "stopped")).startswith("controller: stopped (")
+
+
+# --- audit -----------------------------------------------------------------------------
+
+
+def test_the_ledger_and_its_proof() -> None:
+    entries = [
+        LedgerEntry(NOW, "alice", "deploy", "web", "web@r1", message="first go", seq=1),
+        LedgerEntry(NOW, "bob", "rollback", "web", "web@r0", message="[red]oops[/]", seq=12),
+    ]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW))
+    assert written(render.ledger(entries, 2)) == (
+        " #   WHEN                 WHO    ACTION    RELEASE  WHY          \n"
+        f" 1   {when}  alice  deploy    web@r1   first go     \n"
+        f" 12  {when}  bob    rollback  web@r0   [red]oops[/] \n"
+        "verified: 2 entries, chain intact\n"
+    )
+    assert written(render.ledger([])) == " #  WHEN  WHO  ACTION  RELEASE  WHY \n"

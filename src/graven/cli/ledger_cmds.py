@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 import click
 
+from graven.cli import render
 from graven.cli.context import app_context
 from graven.cli.options import output_option
 from graven.cli.output import Output
@@ -32,9 +32,9 @@ def audit(ctx: click.Context, service: str | None, verify: bool, output: str) ->
     app = app_context(ctx)
     st = app.state()
     entries = st.ledger()
-    data: dict[str, Any] = {
-        "entries": [e.to_dict() for e in entries if service is None or e.service == service]
-    }
+    shown = [e for e in entries if service is None or e.service == service]
+    data: dict[str, Any] = {"entries": [e.to_dict() for e in shown]}
+    verified: int | None = None  # how many entries the chain proof covered
     if verify:
         head_file = app.state_dir / "ledger.head"
         head = None
@@ -52,24 +52,7 @@ def audit(ctx: click.Context, service: str | None, verify: bool, output: str) ->
             data.update(verified=False, first_bad_entry=exc.seq, **exc.to_dict())
             Output(output).emit(data)
             sys.exit(exc.exit_code)
+        verified = count
         data["verified"] = True
         data["verified_entries"] = count
-
-    def render(con: Any, d: Any) -> None:
-        from rich.table import Table
-
-        t = Table("#", "WHEN", "WHO", "ACTION", "RELEASE", "WHY", box=None)
-        for e in d["entries"]:
-            t.add_row(
-                str(e["seq"]),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"])),
-                e["actor"],
-                e["action"],
-                e["release"],
-                e["message"],
-            )
-        con.print(t)
-        if d.get("verified"):
-            con.print(f"[green]verified[/]: {d['verified_entries']} entries, chain intact")
-
-    Output(output).emit(data, render)
+    Output(output).show(data, render.ledger(shown, verified))

@@ -2,8 +2,8 @@
 
 ``graven build`` (and the build inside ``deploy`` and ``plan``), ``deploy`` and
 ``rollback`` show what they did through these functions, whichever path ran them;
-``status``, ``releases`` and ``plan`` show the controller's typed replies and
-the ledger's records through them too. :class:`~graven.cli.lines.LineWriter`
+``status``, ``releases``, ``plan`` and ``audit`` show the controller's typed replies
+and the ledger's records through them too. :class:`~graven.cli.lines.LineWriter`
 writes the lines. Pure: nothing here writes, and neither click nor rich is imported;
 user data is never parsed as markup.
 """
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         StateDirView,
         StatusView,
     )
+    from graven.ledger.chain import LedgerEntry
     from graven.ledger.state import ReleaseRecord
 
 # --- build -----------------------------------------------------------------------------
@@ -282,4 +283,19 @@ def plans(previews: Sequence[tuple[str, PreviewResult]], controller: str | None)
         lines.extend(
             (f"  {n:>2}. {step.description}",) for n, step in enumerate(p.steps.steps, start=1)
         )
+    return lines
+
+
+# --- audit -----------------------------------------------------------------------------
+
+
+def ledger(entries: Sequence[LedgerEntry], verified: int | None = None) -> list[Line]:
+    """``graven audit``: the ledger's entries, then (``verified``: how many entries
+    the chain proof covered) that the chain is intact."""
+    lines = table(
+        ("#", "WHEN", "WHO", "ACTION", "RELEASE", "WHY"),
+        [(str(e.seq), local_time(e.at), e.actor, e.action, e.release, e.message) for e in entries],
+    )
+    if verified is not None:
+        lines.append((green("verified"), f": {verified} entries, chain intact"))
     return lines
