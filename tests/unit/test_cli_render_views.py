@@ -1,5 +1,6 @@
-"""The renderers of ``status``, ``releases``, ``plan`` and ``audit``: typed replies
-and records in, lines out, rendered into a StringIO (plain) and a fake terminal."""
+"""The renderers of ``status``, ``releases``, ``plan``, ``promote``, ``abort``, ``down``
+and ``audit``: typed replies and records in, lines out, rendered into a StringIO
+(plain) and a fake terminal."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from rich.console import Console
 from graven.cli import render
 from graven.cli.lines import Line, LineWriter, table
 from graven.controller.results import (
+    AbortResult,
+    DownResult,
     InstanceStatus,
     PlanView,
     PreviewResult,
@@ -281,6 +284,35 @@ def test_plans_list_changes_and_steps() -> None:
 def test_a_plan_answered_from_the_records_says_so() -> None:
     same = PreviewResult(False, "db@r3", steps=PlanView("db", None, ()))
     assert written(render.plans([("db", same)], "stopped")).startswith("controller: stopped (")
+
+
+# --- promote, abort, down ----------------------------------------------------------------
+
+
+def test_promote_abort_and_down() -> None:
+    assert written(
+        [
+            render.promoted("web", "running", "paused: awaiting promote"),
+            render.promoted("web", None, ""),
+            render.aborted(AbortResult("web", 7, "[bold]stop[/] it")),
+            *render.taken_down(
+                [DownResult(True, "web", 8), DownResult(False, "api", None)],
+                controller_stopped=True,
+            ),
+            render.nothing_running(),
+        ]
+    ) == (
+        "web: running paused: awaiting promote\n"
+        "web: promoted \n"
+        "web: [bold]stop[/] it\n"
+        "web: stopped\n"
+        "api: already down\n"
+        "controller stopped\n"
+        "nothing running\n"
+    )
+    assert "controller" not in written(
+        render.taken_down([DownResult(True, "web", 8)], controller_stopped=False)
+    )
 
 
 # --- audit -----------------------------------------------------------------------------

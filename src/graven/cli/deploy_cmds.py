@@ -210,13 +210,8 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
             ),
         )[0]
 
-    def view(con: Any, d: Any) -> None:
-        ro = d.get("rollout_result") or {}
-        con.print(
-            f"[green]{d['service']}[/]: {ro.get('state', 'promoted')} {ro.get('progress', '')}"
-        )
-
-    out.emit(data, view)
+    ro = data.get("rollout_result") or {}
+    out.show(data, [render.promoted(service, ro.get("state"), ro.get("progress", ""))])
 
 
 @click.command()
@@ -230,7 +225,7 @@ def abort(ctx: click.Context, service: str, message: str, output: str) -> None:
     out = Output(output)
     client = app.controller()
     r = client.abort(service, actor=actor(), message=message)
-    out.emit(to_json(r), lambda con, d: con.print(f"[yellow]{d['service']}[/]: {d['reason']}"))
+    out.show(to_json(r), [render.aborted(r)])
 
 
 @click.command()
@@ -253,24 +248,15 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
 
         recorded = state_db(app.state_dir).exists()
         if not recorded or not (app.state().live_instances() or routers_running(app.state_dir)):
-            out.emit(
-                {"results": [], "controller": "not running"},
-                lambda c, d: c.print("nothing running"),
-            )
+            out.show({"results": [], "controller": "not running"}, [render.nothing_running()])
             return
     client = app.controller()
-    results = [to_json(r) for r in client.down(service, actor=actor(), message=message)]
+    downs = client.down(service, actor=actor(), message=message)
+    results = [to_json(r) for r in downs]
     _await(app, out, results, False)
     data: dict[str, Any] = {"results": results}
     if service is None:
         client.shutdown()
         data["controller"] = "stopped"
 
-    def view(con: Any, d: Any) -> None:
-        for x in d["results"]:
-            state = "stopped" if x.get("changed") else "already down"
-            con.print(f"[green]{x['service']}[/]: {state}")
-        if d.get("controller"):
-            con.print("controller stopped")
-
-    out.emit(data, view)
+    out.show(data, render.taken_down(downs, controller_stopped=service is None))

@@ -2,8 +2,8 @@
 
 ``graven build`` (and the build inside ``deploy`` and ``plan``), ``deploy`` and
 ``rollback`` show what they did through these functions, whichever path ran them;
-``status``, ``releases``, ``plan`` and ``audit`` show the controller's typed replies
-and the ledger's records through them too. :class:`~graven.cli.lines.LineWriter`
+``status``, ``releases``, ``plan``, ``promote``, ``abort``, ``down`` and ``audit``
+show the controller's typed replies and the ledger's records through them too. :class:`~graven.cli.lines.LineWriter`
 writes the lines. Pure: nothing here writes, and neither click nor rich is imported;
 user data is never parsed as markup.
 """
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from graven.build.builder import StepOutcome
     from graven.build.orchestrate import BuiltImage
     from graven.controller.results import (
+        AbortResult,
+        DownResult,
         InstanceStatus,
         PreviewResult,
         RolloutView,
@@ -133,6 +135,31 @@ def any_failed(results: Sequence[ServiceOutcome]) -> bool:
     """Whether a rollout that was waited for ended other than succeeded or paused."""
     # running: paused at a manual gate, not failed
     return any(r.state not in (None, "succeeded", "running") for r in results)
+
+
+def promoted(service: str, state: str | None, progress: str) -> Line:
+    """``promote``: how the rollout stands after the promote (``state`` None: not
+    waited for)."""
+    return (green(service), f": {state or 'promoted'} {progress}")
+
+
+def aborted(result: AbortResult) -> Line:
+    """``abort``: the rollout stopped, and the reason it records."""
+    return (yellow(result.service), f": {result.reason}")
+
+
+def taken_down(results: Sequence[DownResult], *, controller_stopped: bool) -> list[Line]:
+    """``down``: each service stopped (or down already), then the controller."""
+    lines: list[Line] = [
+        (green(r.service), ": " + ("stopped" if r.changed else "already down")) for r in results
+    ]
+    if controller_stopped:
+        lines.append(("controller stopped",))
+    return lines
+
+
+def nothing_running() -> Line:
+    return ("nothing running",)
 
 
 # --- status ----------------------------------------------------------------------------
