@@ -3,9 +3,9 @@
 ``graven build`` (and the build inside ``deploy`` and ``plan``), ``deploy`` and
 ``rollback`` show what they did through these functions, whichever path ran them;
 ``status``, ``releases``, ``plan``, ``promote``, ``abort``, ``down`` and ``audit``
-show the controller's typed replies and the ledger's records through them too. :class:`~graven.cli.lines.LineWriter`
-writes the lines. Pure: nothing here writes, and neither click nor rich is imported;
-user data is never parsed as markup.
+show the controller's typed replies and the ledger's records through them too.
+:class:`~graven.cli.lines.LineWriter` writes the lines. Pure: nothing here writes,
+and neither click nor rich is imported; user data is never parsed as markup.
 """
 
 from __future__ import annotations
