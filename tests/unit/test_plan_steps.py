@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import get_args
 
+from graven.controller.results import PlanView, to_json
 from graven.plan.steps import (
     Analyze,
     AwaitHealthy,
@@ -94,7 +95,7 @@ def test_plans_with_new_steps_serialize() -> None:
             StopInstance("web-r6-0000"),
         ),
     )
-    data = json.loads(json.dumps(plan.to_dict()))
+    data = json.loads(json.dumps(to_json(PlanView.of(plan))))
     assert [s["kind"] for s in data["steps"]] == [
         "start",
         "set-weights",

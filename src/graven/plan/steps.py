@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 from graven.model import release_id
 
@@ -238,12 +237,3 @@ class Plan:
     @property
     def empty(self) -> bool:
         return not self.steps
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "release": self.release,
-            "steps": [
-                {"kind": s.kind, "description": s.describe(self.service)} for s in self.steps
-            ],
-        }

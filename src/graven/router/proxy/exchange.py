@@ -55,10 +55,6 @@ class _BackendFailed(Exception):
     """The backend went away or sent a body we cannot frame."""
 
 
-class _BrokenBody(Exception):
-    """The backend broke off a short body before the proxy answered the client."""
-
-
 async def _read(src: _Channel, n: int, fail: type[Exception]) -> bytes:
     try:
         data = await src.read(n)
