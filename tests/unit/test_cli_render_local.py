@@ -373,3 +373,68 @@ def test_the_verbs_print_a_path_with_markup_in_it_as_it_is(tmp_path: Path) -> No
     gc = CliRunner().invoke(cli, [*state, "gc", "--dry-run"])
     assert gc.exit_code == 0, gc.output
     assert gc.stderr.startswith(f"gc (dry run) {odd}/state/store\n")
+
+
+# --- the demo ----------------------------------------------------------------------------
+
+
+def test_the_demo_tour_ends_with_what_serves_the_audit_and_what_to_try() -> None:
+    from graven.controller.results import StatusView
+    from graven.ledger.chain import LedgerEntry
+    from tests.unit.test_cli_render_views import DIGEST, instance, service
+
+    hello = service(
+        "hello",
+        desired_release="hello@r1",
+        url="http://127.0.0.1:8080/",
+        instances=(instance("hello-r1-a1", "hello@r1", "healthy", "passing", age=5),),
+    )
+    status = StatusView(services=(hello,))
+    entries = [
+        LedgerEntry(0.0, "me@host", "deploy", "hello", "hello@r1", message="demo: first", seq=1),
+        LedgerEntry(0.0, "me@host", "rollback", "hello", "hello@r1", message=ODD, seq=2),
+    ]
+    commands = {"what runs": "/v/bin/graven status", "stop everything": "/v/bin/graven down"}
+    lines = [
+        view.demo_note("stopping the previous demo"),
+        view.demo_phase("1. Build and deploy v1", f"(3 replicas) from /d/{ODD}/graven.yaml"),
+        view.demo_traffic(600, 0, "during the v2 deploy", [("v1", 350), ("v2", 250)]),
+        *view.demo_tour(
+            status, entries, (0, 0), "http://127.0.0.1:8080/", commands, Path("/v/bin/activate")
+        ),
+    ]
+    assert written(lines) == (
+        "stopping the previous demo\n"
+        "\n"
+        f"1. Build and deploy v1 (3 replicas) from /d/{ODD}/graven.yaml\n"
+        "  600 requests during the v2 deploy: 0 failed  (v1: 350, v2: 250)\n"
+        "hello serving hello@r1 at http://127.0.0.1:8080/\n"
+        f"  hello-r1-a1  healthy  127.0.0.1:40123  image {DIGEST[:19]}\n"
+        "\n"
+        "5. Audit trail (hash-chained, verified)\n"
+        f" #  WHO      ACTION    RELEASE   {'WHY'.ljust(len(ODD))} \n"
+        f" 1  me@host  deploy    hello@r1  {'demo: first'.ljust(len(ODD))} \n"
+        f" 2  me@host  rollback  hello@r1  {ODD} \n"
+        "\n"
+        "failed requests: 0 during deploy, 0 during rollback\n"
+        "\n"
+        "The service is running: curl http://127.0.0.1:8080/\n"
+        "Try these from any shell (or run 'source /v/bin/activate' to type plain 'graven'):\n"
+        "  /v/bin/graven status   # what runs\n"
+        "  /v/bin/graven down   # stop everything\n"
+    )
+    styled = drawn(lines)
+    assert "\x1b[32m600 requests during the v2 deploy: 0 failed\x1b[0m" in styled
+    assert "\x1b[32mfailed requests: 0" in styled
+
+
+def test_failed_demo_requests_are_red_and_no_virtualenv_means_no_source_hint() -> None:
+    from graven.controller.results import StatusView
+
+    lines = view.demo_tour(StatusView(services=()), [], (2, 1), "http://x/", {}, None)
+    styled = drawn(lines)
+    assert "\x1b[31mfailed requests: 2 during deploy, 1 during rollback\x1b[0m" in styled
+    assert written(lines).endswith("Try these from any shell:\n")
+    assert "\x1b[31m3 requests during the rollback: 3 failed" in drawn(
+        [view.demo_traffic(3, 3, "during the rollback", [])]
+    )

@@ -1,15 +1,17 @@
-"""The views of the verbs that need no controller: values in, styled lines out.
+"""The views of the verbs that work on the project and the store: values in, styled
+lines out.
 
 ``init``, ``check``, ``images``, ``store fsck``, ``gc``, ``image export``/``import``,
 ``push``, ``pull`` and ``base`` show their typed results (and their progress lines)
-through these functions; :mod:`graven.cli.render` holds the views of build, deploy and
-the controller's replies. Pure, like it: nothing here writes, neither click nor rich
-is imported, and user data (paths, names, tool output) is never parsed as markup.
+through these functions, and so does ``demo`` its tour; :mod:`graven.cli.render` holds
+the views of build, deploy and the controller's replies. Pure, like it: nothing here
+writes, neither click nor rich is imported, and user data (paths, names, tool output)
+is never parsed as markup.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,9 @@ from graven.cli.output import human_size, short
 
 if TYPE_CHECKING:
     from graven.build.bases.common import MadeBase
+    from graven.controller.results import StatusView
     from graven.errors import SpecProblem
+    from graven.ledger.chain import LedgerEntry
     from graven.model import Image
     from graven.spec.summary import SpecSummary
     from graven.store.cas.fsck import FsckReport
@@ -255,4 +259,57 @@ def base_made(base: MadeBase) -> list[Line]:
         where = f"{interpreter.get('path')} ({interpreter.get('source')})"
         lines.append((f"  interpreter: {where}",))
     lines.append((f"  use it in a recipe: base: {{image: {image.name}}}",))
+    return lines
+
+
+# --- the demo --------------------------------------------------------------------------
+
+
+def demo_phase(title: str, detail: str = "") -> Line:
+    """A numbered part of the tour begins (after a blank line)."""
+    return ("\n", bold(title), *((f" {detail}",) if detail else ()))
+
+
+def demo_note(text: str) -> Line:
+    return (dim(text),)
+
+
+def demo_traffic(sent: int, failed: int, phase: str, versions: Sequence[tuple[str, int]]) -> Line:
+    """How the requests sent during a rollout went, and which versions answered."""
+    answered = ", ".join(f"{version}: {n}" for version, n in versions)
+    outcome = Span(f"{sent} requests {phase}: {failed} failed", "green" if not failed else "red")
+    return ("  ", outcome, f"  ({answered})")
+
+
+def demo_tour(
+    status: StatusView,
+    entries: Sequence[LedgerEntry],
+    traffic_failed: tuple[int, int],
+    url: str,
+    commands: Mapping[str, str],
+    activate: Path | None,
+) -> list[Line]:
+    """The end of ``graven demo``: what serves, the audit trail, the failed requests
+    (during the deploy, during the rollback), and commands to try next (``activate``:
+    the virtualenv's activate script, if there is one)."""
+    lines: list[Line] = []
+    for s in status.services:
+        lines.append((bold(s.service), f" serving {s.desired_release} at {s.url}"))
+        lines.extend(
+            (f"  {i.id}  {i.state}  {i.address}  image {i.image[:19]}",) for i in s.instances
+        )
+    lines.append(demo_phase("5. Audit trail", "(hash-chained, verified)"))
+    lines.extend(
+        table(
+            ("#", "WHO", "ACTION", "RELEASE", "WHY"),
+            [(str(e.seq), e.actor, e.action, e.release, e.message) for e in entries],
+        )
+    )
+    during_deploy, during_rollback = traffic_failed
+    failed = f"failed requests: {during_deploy} during deploy, {during_rollback} during rollback"
+    lines.append(("\n", red(failed) if during_deploy + during_rollback else green(failed)))
+    lines.append(("\nThe service is running: ", bold(f"curl {url}")))
+    source = f" (or run 'source {activate}' to type plain 'graven'):" if activate else ":"
+    lines.append(("Try these from any shell" + source,))
+    lines.extend(("  ", bold(command), f"   # {what}") for what, command in commands.items())
     return lines
