@@ -17,7 +17,7 @@ from graven.model import Image
 from graven.store.base import ImageStore
 
 NOBODY = 65534  # the uid and gid of "nobody" on Debian and most distributions
-PASSWD_FILE = "/etc/passwd"
+USERS_FILE = "/etc/passwd"
 GROUP_FILE = "/etc/group"
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
 
@@ -67,9 +67,9 @@ def resolve_user(
     if uid is None:
         if entry is None or _number(entry[2]) is None:
             raise RuntimeFailure(
-                f"image user {name!r} is not defined in the image's {PASSWD_FILE}",
+                f"image user {name!r} is not defined in the image's {USERS_FILE}",
                 hint="Use a numeric uid in the recipe's 'user:' step (such as 1000:1000), "
-                f"or add the user to the image's {PASSWD_FILE}.",
+                f"or add the user to the image's {USERS_FILE}.",
             )
         uid = int(entry[2])
     if group_name:
@@ -114,6 +114,6 @@ def image_user(store: ImageStore, image: Image, *, default: ImageUser) -> ImageU
     user = image.config.user
     if not user:
         return default
-    passwd = _image_file(store, image, PASSWD_FILE)
+    passwd = _image_file(store, image, USERS_FILE)
     group = _image_file(store, image, GROUP_FILE)
     return resolve_user(user, passwd, group, default=default)
