@@ -110,7 +110,10 @@ class RuncRuntime:
 
     # ------------------------------------------------------------------ start
 
-    def _requirements(self) -> tuple[str, Path]:
+    @staticmethod
+    def check_machine() -> tuple[str, Path]:
+        """runc's path and tini-static's, once this machine can run runc instances;
+        RuntimeFailure saying what is missing otherwise."""
         if os.geteuid() != 0:
             raise RuntimeFailure(
                 f"the runc runtime needs root (graven runs as uid {os.geteuid()})",
@@ -143,7 +146,7 @@ class RuncRuntime:
         return root
 
     def start(self, spec: LaunchSpec) -> Handle:
-        runc, init = self._requirements()
+        runc, init = self.check_machine()
         root = self.store.checkout(
             self.root_tree(spec.image), self.checkout_dir(spec.image), read_only=True
         )
