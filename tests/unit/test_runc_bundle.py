@@ -287,3 +287,15 @@ def test_the_default_runtime_is_process_and_the_choice_sticks(
     store = ContentStore(tmp_path / "store")
     assert isinstance(daemon._runtime(tmp_path, store), ProcessRuntime)
     assert (tmp_path / "runtime").read_text() == "process"
+
+
+def test_a_hook_opens_tmp_and_run_to_the_instance_inside_its_namespace() -> None:
+    # runc copies the covered directory's mode (0555 in a read-only checkout) onto a tmpfs.
+    (hook,) = build()["hooks"]["createContainer"]
+    assert hook["path"] == "/bin/chmod"
+    assert hook["args"] == [
+        "chmod",
+        "1777",
+        "/state/checkouts/abab/tmp",
+        "/state/checkouts/abab/run",
+    ]

@@ -166,6 +166,7 @@ class RuncRuntime:
             cgroups_path=self.cgroups_path(spec.instance_id),
             rlimits=current_rlimits(),
             limits=self.limits,
+            chmod=shutil.which("chmod") or "/bin/chmod",
         )
         bundle = self.bundle_dir(spec.instance_id)
         bundle.mkdir(parents=True, exist_ok=True)
@@ -193,9 +194,10 @@ class RuncRuntime:
                 raise RuntimeFailure(
                     f"{spec.instance_id}: cannot run {runc}: {exc.strerror or exc}"
                 ) from exc
-        if not detached.wait_until(
+        up = detached.wait_until(
             lambda: _read_pid(pid_file) is not None, START_WAIT, unless_exited=proc
-        ):
+        )
+        if not up and _read_pid(pid_file) is None:
             if proc.poll() is None:
                 detached.kill_group(proc.pid)
                 with contextlib.suppress(subprocess.TimeoutExpired):

@@ -5,7 +5,8 @@ the document runc reads; nothing here touches the filesystem or runs anything, s
 sealing decision is a unit-tested value:
 
 - the root is the image's read-only checkout (``root.readonly``); writable places are
-  size-bounded tmpfs mounts (``/tmp``, ``/run``, ``/dev/shm``), all ``nosuid,nodev``;
+  size-bounded tmpfs mounts (``/tmp``, ``/run``, ``/dev/shm``: mode 1777, the
+  instance's only), all ``nosuid,nodev``;
 - the process runs as the image's user with no capabilities at all (every set empty),
   ``noNewPrivileges``, and rlimits no higher than the controller's own;
 - a seccomp filter refuses the calls a sealed instance has no use for (mounting,
@@ -248,6 +249,7 @@ def bundle_config(
     limits: Limits | None = None,
     network_namespace: Path | None = None,
     tmpfs_size: int = TMPFS_SIZE,
+    chmod: str = "/bin/chmod",
 ) -> dict[str, Any]:
     """The ``config.json`` that runs ``spec`` sealed (see the module docstring).
 
@@ -269,6 +271,13 @@ def bundle_config(
         user_doc["additionalGids"] = list(user.additional_gids)
     return {
         "ociVersion": OCI_VERSION,
+        # runc gives a tmpfs the mode of the directory it covers (the read-only
+        # checkout's 0555); this hook runs inside the new mount namespace, on the tmpfs.
+        "hooks": {
+            "createContainer": [
+                {"path": chmod, "args": ["chmod", "1777", f"{root}/tmp", f"{root}/run"]}
+            ]
+        },
         "process": {
             "terminal": False,
             "user": user_doc,
