@@ -5,6 +5,7 @@ containers of a busybox image)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -169,6 +170,11 @@ class RuncHarness:
             with contextlib.suppress(Exception):
                 self.runtime.stop(handle, grace=0.0)
             assert not self.runtime.alive(handle), f"{instance_id} survived the test"
+        # Instances that ended by themselves keep their container until forgotten, as
+        # the controller does once it has read how they ended.
+        for recorded in (self.state_dir / "instances").glob("*/handle"):
+            pid, started = json.loads(recorded.read_text())
+            self.runtime.forget(Handle(pid, started))
         leftover = sorted(p.name for p in (self.state_dir / "runc").glob("*"))
         assert leftover == [], f"runc still keeps containers {leftover}"
 

@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 
 from graven.errors import ControllerError, RuntimeFailure
-from graven.model import Digest, Image, ImageConfig
+from graven.model import Digest, Image, ImageConfig, Resources, Tmpfs, Volume
 from graven.runtime.base import LaunchSpec
 from graven.runtime.image_user import ImageUser, resolve_user
 from graven.runtime.runc import container_id, describe_runc_exit
 from graven.runtime.runc_bundle import (
     DENIED_SYSCALLS,
     INIT_PATH,
-    Limits,
     Rlimit,
+    VolumeMount,
     bundle_config,
 )
 
@@ -25,13 +25,15 @@ ROOTFS = Digest("sha256:" + "cd" * 32)
 NOBODY = ImageUser(65534, 65534)
 
 
-def make_spec(**config: Any) -> LaunchSpec:
+def make_spec(launch: dict[str, Any] | None = None, **config: Any) -> LaunchSpec:
     image_config = ImageConfig(
         entrypoint=config.pop("entrypoint", ("python3", "app.py")),
         **{"workdir": "/app", "env": (("PATH", "/usr/bin"), ("MODE", "image")), **config},
     )
     image = Image(IMAGE_DIGEST, ROOTFS, image_config)
-    return LaunchSpec("web-r3-00ab", "web", 3, image, (("MODE", "service"),), 41234)
+    return LaunchSpec(
+        "web-r3-00ab", "web", 3, image, (("MODE", "service"),), 41234, **(launch or {})
+    )
 
 
 def build(spec: LaunchSpec | None = None, **kw: Any) -> dict[str, Any]:
@@ -165,7 +167,8 @@ def test_without_limits_only_devices_are_restricted() -> None:
 
 
 def test_limits_become_cgroup_resources() -> None:
-    resources = build(limits=Limits(memory=64 << 20, pids=32, cpu=0.5))["linux"]["resources"]
+    limits = Resources(memory=64 << 20, pids=32, cpu=0.5)
+    resources = build(make_spec({"resources": limits}))["linux"]["resources"]
     assert resources["memory"] == {"limit": 64 << 20, "swap": 64 << 20}
     assert resources["pids"] == {"limit": 32}
     assert resources["cpu"] == {"quota": 50_000, "period": 100_000}
@@ -174,7 +177,8 @@ def test_limits_become_cgroup_resources() -> None:
 def test_the_bundle_is_a_json_document() -> None:
     import json
 
-    assert json.loads(json.dumps(build(limits=Limits(cpu=2.0)))) == build(limits=Limits(cpu=2.0))
+    spec = make_spec({"resources": Resources(cpu=2.0)})
+    assert json.loads(json.dumps(build(spec))) == build(spec)
 
 
 # ---------------------------------------------------------------------- ids and exits
@@ -287,6 +291,28 @@ def test_the_default_runtime_is_process_and_the_choice_sticks(
     store = ContentStore(tmp_path / "store")
     assert isinstance(daemon._runtime(tmp_path, store), ProcessRuntime)
     assert (tmp_path / "runtime").read_text() == "process"
+
+
+def test_service_tmpfs_and_volumes_are_mounted_bounded_and_without_suid() -> None:
+    spec = make_spec(
+        {
+            "tmpfs": (Tmpfs("/cache", size=1 << 20),),
+            "volumes": (Volume("/data", name="db"), Volume("/seed", host_path="/srv/seed")),
+        }
+    )
+    volumes = (
+        VolumeMount(Path("/state/volumes/db"), "/data"),
+        VolumeMount(Path("/srv/seed"), "/seed", read_only=True),
+    )
+    config = build(spec, volumes=volumes)
+    cache = mount(config, "/cache")
+    assert cache["type"] == "tmpfs" and f"size={1 << 20}" in cache["options"]
+    data, seed = mount(config, "/data"), mount(config, "/seed")
+    assert data["source"] == "/state/volumes/db" and seed["source"] == "/srv/seed"
+    assert {"rw", "nosuid", "nodev"} <= set(data["options"])
+    assert {"ro", "nosuid", "nodev"} <= set(seed["options"])
+    (hook,) = config["hooks"]["createContainer"]
+    assert "/state/checkouts/abab/cache" in hook["args"]
 
 
 def test_a_hook_opens_tmp_and_run_to_the_instance_inside_its_namespace() -> None:

@@ -2,17 +2,20 @@
 ``runc_bundle``: read-only image root, the image's user, no capabilities, seccomp,
 its own PID/mount/IPC/UTS namespaces, cgroup limits).
 
-Per instance, under the state dir: ``instances/<id>/bundle/config.json`` (written
-atomically), ``instances/<id>/pid`` (the container's init, written by runc) and
-``instances/<id>/log`` (stdout and stderr, appended). runc keeps its own state under
-``<state>/runc`` (``runc --root``), so graven never sees or touches another tool's
-containers.
+Per instance, under the state dir's ``instances/<id>/``: ``bundle/config.json``
+(written atomically), ``pid`` (the container's init, written by runc), ``handle`` (pid
+and start time, once started), ``exit`` (runc's exit code, once it ended) and ``log``
+(stdout and stderr, appended). runc keeps its own state under ``<state>/runc``
+(``runc --root``), so graven never sees or touches another tool's containers.
 
-runc runs in the foreground, detached from the controller (its own session), as the
-container's parent: it reaps the init, removes the container when it ends and exits
-with the init's status, which is how a controller that started an instance learns how
-it ended. The handle is the init's pid and start time, so a restarted controller adopts
-running containers exactly as it adopts processes. Needs root and tini-static.
+runc runs in the foreground (``runc run --keep``), detached from the controller (its
+own session, under a one-line host shell that writes its exit code), as the init's
+parent: it reaps the init and exits with its status. The container and its cgroup are
+kept until graven has read how it ended (``exit_reason``: the code, and whether the
+memory or pids limit was hit) and deleted by ``forget`` or ``stop``. The handle is the
+init's pid and start time, so a restarted controller adopts running containers as it
+adopts processes, and learns how one that died meanwhile ended. Needs root and
+tini-static.
 """
 
 from __future__ import annotations
@@ -35,16 +38,22 @@ from graven.errors import RuntimeFailure
 from graven.model import Digest, Image
 from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.image_user import NOBODY, ImageUser, image_user
-from graven.runtime.runc_bundle import MOUNT_POINTS, Limits, Rlimit, bundle_config
+from graven.runtime.runc_bundle import MOUNT_POINTS, Rlimit, VolumeMount, bundle_config
 from graven.store.base import ImageStore
 from graven.store.tree_model import DIR_MODE, Tree, TreeEntry
 
 RUNC_CANDIDATES: Final = ("runc", "/usr/sbin/runc", "/usr/bin/runc")
 INIT_CANDIDATES: Final = ("/usr/bin/tini-static", "/usr/local/bin/tini-static")
+CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 START_WAIT: Final = 30.0  # seconds for runc to create and start a container
 DEFAULT_USER: Final = ImageUser(NOBODY, NOBODY)
 _CONTAINER_ID = re.compile(r"[^A-Za-z0-9_.+-]")
 _SIGNAL_OFFSET = 128  # runc (and tini) report "killed by signal N" as exit code 128 + N
+# Runs runc and records its exit code where any later controller finds it.
+_EXIT_RECORDER = (
+    'exit_file=$1; shift; "$@"; code=$?; '
+    'echo "$code" > "$exit_file.tmp" && mv "$exit_file.tmp" "$exit_file"; exit "$code"'
+)
 
 
 def container_id(instance_id: str) -> str:
@@ -75,16 +84,30 @@ def find_init() -> Path | None:
     return next((Path(p) for p in INIT_CANDIDATES if os.access(p, os.X_OK)), None)
 
 
+def limits_hit(cgroup: str) -> list[str]:
+    """What the cgroup v1 counters of ``cgroup`` (a cgroupsPath) say the instance ran
+    into: ``out of memory`` (the kernel killed in it), ``pids limit`` (forks refused)."""
+    found = []
+    oom = _counters(CGROUP_ROOT / "memory" / cgroup.lstrip("/") / "memory.oom_control")
+    if oom.get("oom_kill", 0) > 0:
+        found.append("out of memory")
+    pids = _counters(CGROUP_ROOT / "pids" / cgroup.lstrip("/") / "pids.events")
+    if pids.get("max", 0) > 0:
+        found.append("pids limit")
+    return found
+
+
 class RuncRuntime:
     """Runtime adapter for runc containers."""
 
-    def __init__(self, state_dir: Path, store: ImageStore, *, limits: Limits | None = None) -> None:
+    def __init__(self, state_dir: Path, store: ImageStore) -> None:
         self.state_dir = state_dir
         self.store = store
-        self.limits = limits
         self.runc_root = state_dir / "runc"
-        # Containers this object started: init pid -> (its runc process, instance id).
-        self._started: dict[int, tuple[subprocess.Popen[bytes], Handle, str]] = {}
+        # The runc processes this object started (to reap them), by init pid.
+        self._runc: dict[int, subprocess.Popen[bytes]] = {}
+        # How instances ended, read before their container was deleted.
+        self._reasons: dict[Handle, str] = {}
 
     # ------------------------------------------------------------------ paths
 
@@ -98,15 +121,21 @@ class RuncRuntime:
     def bundle_dir(self, instance_id: str) -> Path:
         return self._instance_dir(instance_id) / "bundle"
 
-    def checkout_dir(self, image: Image) -> Path:
-        return self.state_dir / "checkouts" / image.digest.hex
+    def volume_dir(self, name: str) -> Path:
+        """Where a named volume's data lives: under the state dir, outside any instance."""
+        return self.state_dir / "volumes" / name
+
+    def checkout_dir(self, image: Image, tree: Digest) -> Path:
+        # The image's own tree shares the checkout other runtimes use (and gc knows);
+        # one with mount points added is a checkout of its own.
+        name = image.digest.hex if tree == image.rootfs else f"{image.digest.hex}-{tree.hex[:16]}"
+        return self.state_dir / "checkouts" / name
 
     def cgroups_path(self, instance_id: str) -> str:
         # cgroups are machine-wide: the state dir's name keeps two state dirs' instances
         # of the same id apart.
-        return (
-            f"/graven/{detached.short_name(self.state_dir.absolute())}-{container_id(instance_id)}"
-        )
+        state = detached.short_name(self.state_dir.absolute())
+        return f"/graven/{state}-{container_id(instance_id)}"
 
     # ------------------------------------------------------------------ start
 
@@ -133,23 +162,44 @@ class RuncRuntime:
             )
         return runc, init
 
-    def root_tree(self, image: Image) -> Digest:
-        """The image's tree with an empty directory at every mount point it lacks:
-        runc would otherwise create them in the shared checkout."""
+    def root_tree(self, image: Image, extra: Collection[str] = ()) -> Digest:
+        """The image's tree with an empty directory at every mount point it lacks
+        (runc would otherwise create them in the shared, read-only checkout)."""
         root = image.rootfs
         empty: TreeEntry | None = None
-        for point in MOUNT_POINTS:
+        for point in (*MOUNT_POINTS, *sorted(extra)):
             if self.store.lookup(root, point) is None:
                 if empty is None:
                     empty = TreeEntry("", "dir", DIR_MODE, 0, digest=self.store.put_tree(Tree()))
                 root = self.store.place(root, point, empty)
         return root
 
+    def _volumes(self, spec: LaunchSpec, user: ImageUser) -> tuple[VolumeMount, ...]:
+        mounts = []
+        for volume in spec.volumes:
+            if volume.name:
+                source = self.volume_dir(volume.name)
+                if not source.is_dir():
+                    source.mkdir(parents=True, mode=0o700)
+                    # A new volume belongs to the instance's user: it writes there.
+                    os.chown(source, user.uid, user.gid)
+            else:
+                source = Path(volume.host_path)
+                if not source.is_dir():
+                    raise RuntimeFailure(
+                        f"{spec.instance_id}: volume {volume.path}: host directory "
+                        f"{source} does not exist",
+                        hint="Create it (owned by the image's user), or fix 'volumes' in "
+                        "graven.yaml.",
+                    )
+            mounts.append(VolumeMount(source, volume.path, volume.read_only))
+        return tuple(mounts)
+
     def start(self, spec: LaunchSpec) -> Handle:
         runc, init = self.check_machine()
-        root = self.store.checkout(
-            self.root_tree(spec.image), self.checkout_dir(spec.image), read_only=True
-        )
+        extra = {v.path for v in spec.volumes} | {t.path for t in spec.tmpfs}
+        tree = self.root_tree(spec.image, extra)
+        root = self.store.checkout(tree, self.checkout_dir(spec.image, tree), read_only=True)
         workdir = spec.image.config.workdir or "/"
         if not (root / workdir.lstrip("/")).is_dir():
             raise RuntimeFailure(
@@ -165,66 +215,70 @@ class RuncRuntime:
             init=init,
             cgroups_path=self.cgroups_path(spec.instance_id),
             rlimits=current_rlimits(),
-            limits=self.limits,
+            volumes=self._volumes(spec, user),
             chmod=shutil.which("chmod") or "/bin/chmod",
         )
+        inst_dir = self._instance_dir(spec.instance_id)
         bundle = self.bundle_dir(spec.instance_id)
         bundle.mkdir(parents=True, exist_ok=True)
         write_atomic(bundle / "config.json", json.dumps(config, indent=1).encode(), mode=0o600)
-        pid_file = self._instance_dir(spec.instance_id) / "pid"
-        pid_file.unlink(missing_ok=True)
+        for old in ("pid", "handle", "exit"):
+            (inst_dir / old).unlink(missing_ok=True)
         cid = container_id(spec.instance_id)
-        self._delete_stale(runc, cid)
+        self._delete_container(runc, cid)  # one an earlier runc left behind
         argv = [
+            "/bin/sh",
+            "-c",
+            _EXIT_RECORDER,
+            "graven-runc",
+            str(inst_dir / "exit"),
             runc,
             "--root",
             str(self.runc_root),
             "run",
+            "--keep",
             "--bundle",
             str(bundle),
             "--pid-file",
-            str(pid_file),
+            str(inst_dir / "pid"),
             cid,
         ]
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             try:
-                proc = detached.spawn(argv, output=log, cwd=bundle, keep_exit_status=True)
+                proc = detached.spawn(argv, output=log, cwd=bundle)
             except OSError as exc:
                 raise RuntimeFailure(
                     f"{spec.instance_id}: cannot run {runc}: {exc.strerror or exc}"
                 ) from exc
+        pid_file = inst_dir / "pid"
         up = detached.wait_until(
             lambda: _read_pid(pid_file) is not None, START_WAIT, unless_exited=proc
         )
-        if not up and _read_pid(pid_file) is None:
+        pid = _read_pid(pid_file)
+        if not up and pid is None:
             if proc.poll() is None:
                 detached.kill_group(proc.pid)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(detached.KILL_WAIT)
-            detached.forget(proc.pid)
+            self._delete_container(runc, cid)
             raise RuntimeFailure(
                 f"{spec.instance_id}: runc did not start the container; log:\n"
                 f"{self.log_tail(spec.instance_id)}",
-                hint="The log shows runc's own message first; 'graven check' validates the spec.",
+                hint="The log ends with runc's own message; 'graven check' validates the spec.",
             )
-        pid = _read_pid(pid_file)
         started = None if pid is None else detached.start_time(pid)
         if pid is None or started is None:
             raise RuntimeFailure(
                 f"{spec.instance_id}: exited at once; log:\n{self.log_tail(spec.instance_id)}"
             )
         handle = Handle(pid=pid, pid_start=started)
-        self._started[pid] = (proc, handle, spec.instance_id)
+        write_atomic(inst_dir / "handle", json.dumps([pid, started]).encode(), mode=0o600)
+        self._runc[pid] = proc
         return handle
 
-    def _delete_stale(self, runc: str, cid: str) -> None:
-        """Remove what runc kept of an earlier container of this id (its runc was
-        killed before it could clean up), so the new one can take the name."""
-        if (self.runc_root / cid).exists():
-            self._runc_delete(runc, cid)
-
-    def _runc_delete(self, runc: str, cid: str) -> None:
+    def _delete_container(self, runc: str, cid: str) -> None:
+        """``runc delete --force``: the container's processes, state and cgroup go."""
+        if not (self.runc_root / cid).exists():
+            return
         subprocess.run(
             [runc, "--root", str(self.runc_root), "delete", "--force", cid],
             stdin=subprocess.DEVNULL,
@@ -259,61 +313,80 @@ class RuncRuntime:
                 found.append((instance_id, Handle(pid, started)))
         return found
 
+    def _instance_of(self, handle: Handle) -> str | None:
+        """The instance whose recorded handle is ``handle`` (None: not one of ours)."""
+        for path in (self.state_dir / "instances").glob("*/handle"):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(path.read_text()) == [handle.pid, handle.pid_start]:
+                    return path.parent.name
+        return None
+
     def exit_reason(self, handle: Handle) -> str:
-        """How a dead instance ended, when this object started it (else unknown)."""
-        started = self._started.get(handle.pid)
-        if started is None or started[1] != handle or self.alive(handle):
+        """How a dead instance ended (its code or signal, and a limit it hit), from
+        what runc recorded; "" while it runs or when nothing was recorded."""
+        if handle in self._reasons:
+            return self._reasons[handle]
+        if self.alive(handle):
             return ""
-        proc = started[0]
-        # The init is gone; runc reports its status as soon as it has cleaned up.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(detached.KILL_WAIT)
-        code = detached.exit_status(proc.pid)
-        return "" if code is None else describe_runc_exit(code)
+        instance_id = self._instance_of(handle)
+        if instance_id is None:
+            return ""
+        self._reap(handle)
+        exit_file = self._instance_dir(instance_id) / "exit"
+        # The init is gone; runc records its status as soon as it has reaped it.
+        detached.wait_until(exit_file.exists, detached.KILL_WAIT)
+        try:
+            code = int(exit_file.read_text().strip())
+        except (OSError, ValueError):
+            return ""
+        reason = describe_runc_exit(code)
+        if hit := limits_hit(self.cgroups_path(instance_id)):
+            reason += f" ({', '.join(hit)})"
+        self._reasons[handle] = reason
+        return reason
+
+    def _reap(self, handle: Handle) -> None:
+        proc = self._runc.get(handle.pid)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(detached.KILL_WAIT)
+            detached.reap(proc.pid)
+            del self._runc[handle.pid]
 
     def forget(self, handle: Handle) -> None:
-        """Drop what is kept about a dead instance."""
-        started = self._started.get(handle.pid)
-        if started is None or started[1] != handle or started[0].poll() is None:
+        """Drop what is kept about a dead instance: its container, cgroup and exit."""
+        if self.alive(handle):
             return
-        detached.forget(started[0].pid)
-        del self._started[handle.pid]
+        self._reasons.pop(handle, None)
+        instance_id = self._instance_of(handle)
+        if instance_id is None:
+            return
+        self._reap(handle)
+        runc = find_runc()
+        if runc is not None:
+            self._delete_container(runc, container_id(instance_id))
+        for name in ("exit", "handle"):
+            (self._instance_dir(instance_id) / name).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ stop
 
     def stop(self, handle: Handle, grace: float) -> None:
         """SIGTERM the container's init (tini passes it on), SIGKILL it after ``grace``
-        seconds, then make sure runc has removed the container."""
+        seconds; once it is gone, note how it ended and delete the container."""
         try:
-            detached.stop(_stamp(handle), grace=grace)
+            gone = detached.stop(_stamp(handle), grace=grace)
         except PermissionError as exc:
             raise RuntimeFailure(
                 f"not allowed to signal container init {handle.pid}: {exc}",
                 hint="Run graven as root, as the runc runtime needs.",
             ) from exc
-        started = self._started.get(handle.pid)
-        if started is not None and started[1] == handle:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                started[0].wait(detached.KILL_WAIT)
-            instance_id: str | None = started[2]
-        else:
-            instance_id = self._instance_of(handle)
-        if instance_id is None:
-            return
-        cid = container_id(instance_id)
-        pid = _read_pid(self._instance_dir(instance_id) / "pid")
-        # Only a container whose init is gone: the handle may name a reused pid while
-        # the real instance still runs.
-        gone = pid is None or detached.start_time(pid) is None
+        instance_id = self._instance_of(handle)
+        if not gone or instance_id is None:
+            return  # still running (it was never signalled: another process has the pid)
+        self.exit_reason(handle)  # read before the container and its counters go
         runc = find_runc()
-        if gone and runc is not None and (self.runc_root / cid).exists():
-            self._runc_delete(runc, cid)
-
-    def _instance_of(self, handle: Handle) -> str | None:
-        for pid_file in (self.state_dir / "instances").glob("*/pid"):
-            if _read_pid(pid_file) == handle.pid:
-                return pid_file.parent.name
-        return None
+        if runc is not None:
+            self._delete_container(runc, container_id(instance_id))
 
     # ------------------------------------------------------------------ logs
 
@@ -332,6 +405,17 @@ def _read_pid(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _counters(path: Path) -> dict[str, int]:
+    """``name value`` lines of a cgroup file, or nothing when it cannot be read."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+    return out
 
 
 def _environ_has(pid: int, entry: str) -> bool:

@@ -17,7 +17,9 @@ sealing decision is a unit-tested value:
   namespace path is given (instances listen on ``HOST:PORT`` as they would unsealed);
 - an init (tini, bind-mounted read-only at ``/dev/init``) is PID 1 and forwards
   signals, so SIGTERM stops a program that installs no handler of its own;
-- memory, pids and CPU limits go to the instance's own cgroup.
+- memory, pids and CPU limits go to the instance's own cgroup;
+- the service's own tmpfs paths (bounded, mode 1777) and volumes (bind mounts of host
+  directories, ``nosuid,nodev``, read-only when asked) are the only other writable places.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from graven.model import release_id
+from graven.model import Resources, Tmpfs, release_id
 from graven.runtime.base import LaunchSpec
 from graven.runtime.image_user import ImageUser
 
@@ -114,12 +116,12 @@ class Rlimit:
 
 
 @dataclass(frozen=True)
-class Limits:
-    """Cgroup limits of one instance; None leaves that resource unlimited."""
+class VolumeMount:
+    """A volume as the bundle mounts it: a host directory at a path in the instance."""
 
-    memory: int | None = None  # bytes
-    pids: int | None = None  # processes and threads
-    cpu: float | None = None  # cores
+    source: Path
+    destination: str
+    read_only: bool = False
 
 
 def instance_env(spec: LaunchSpec, user: ImageUser) -> list[str]:
@@ -150,9 +152,14 @@ def _tmpfs(
     return {"destination": destination, "type": "tmpfs", "source": "tmpfs", "options": options}
 
 
-def mounts(init: Path, tmpfs_size: int) -> list[dict[str, Any]]:
+def mounts(
+    init: Path,
+    tmpfs_size: int,
+    tmpfs: tuple[Tmpfs, ...] = (),
+    volumes: tuple[VolumeMount, ...] = (),
+) -> list[dict[str, Any]]:
     """The mounts in the order runc applies them: /proc, a minimal /dev, the init,
-    /sys read-only, then the writable tmpfs places."""
+    /sys read-only, the writable tmpfs places, then the service's tmpfs and volumes."""
     return [
         {
             "destination": "/proc",
@@ -192,7 +199,17 @@ def mounts(init: Path, tmpfs_size: int) -> list[dict[str, Any]]:
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
         _tmpfs("/tmp", tmpfs_size),
-        _tmpfs("/run", tmpfs_size, mode="755"),
+        _tmpfs("/run", tmpfs_size),
+        *(_tmpfs(t.path, t.size) for t in tmpfs),
+        *(
+            {
+                "destination": v.destination,
+                "type": "bind",
+                "source": str(v.source),
+                "options": ["rbind", "ro" if v.read_only else "rw", "nosuid", "nodev"],
+            }
+            for v in volumes
+        ),
     ]
 
 
@@ -223,11 +240,9 @@ def seccomp_profile() -> dict[str, Any]:
     }
 
 
-def cgroup_resources(limits: Limits | None) -> dict[str, Any]:
+def cgroup_resources(limits: Resources) -> dict[str, Any]:
     """``linux.resources``: no device access beyond runc's defaults, and the limits."""
     out: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
-    if limits is None:
-        return out
     if limits.memory is not None:
         # memory+swap equal to memory: the limit cannot be dodged by swapping.
         out["memory"] = {"limit": limits.memory, "swap": limits.memory}
@@ -246,7 +261,7 @@ def bundle_config(
     init: Path,
     cgroups_path: str,
     rlimits: tuple[Rlimit, ...],
-    limits: Limits | None = None,
+    volumes: tuple[VolumeMount, ...] = (),
     network_namespace: Path | None = None,
     tmpfs_size: int = TMPFS_SIZE,
     chmod: str = "/bin/chmod",
@@ -255,8 +270,9 @@ def bundle_config(
 
     ``root``: the image's read-only checkout; ``init``: the host's tini-static;
     ``cgroups_path``: unique on this machine; ``rlimits``: at most the caller's own
-    limits (runc cannot raise a hard limit without CAP_SYS_RESOURCE);
-    ``network_namespace``: a namespace path to join, None for the host network."""
+    limits (runc cannot raise a hard limit without CAP_SYS_RESOURCE); ``volumes``: the
+    spec's volumes with their host directories; ``network_namespace``: a namespace path
+    to join, None for the host network. Limits and tmpfs mounts come from ``spec``."""
     config = spec.image.config
     namespaces: list[dict[str, str]] = [
         {"type": "pid"},
@@ -266,6 +282,7 @@ def bundle_config(
     ]
     if network_namespace is not None:
         namespaces.append({"type": "network", "path": str(network_namespace)})
+    writable = ("/tmp", "/run", *(t.path for t in spec.tmpfs))
     user_doc: dict[str, Any] = {"uid": user.uid, "gid": user.gid}
     if user.additional_gids:
         user_doc["additionalGids"] = list(user.additional_gids)
@@ -275,7 +292,10 @@ def bundle_config(
         # checkout's 0555); this hook runs inside the new mount namespace, on the tmpfs.
         "hooks": {
             "createContainer": [
-                {"path": chmod, "args": ["chmod", "1777", f"{root}/tmp", f"{root}/run"]}
+                {
+                    "path": chmod,
+                    "args": ["chmod", "1777", *(f"{root}{p}" for p in writable)],
+                }
             ]
         },
         "process": {
@@ -295,8 +315,8 @@ def bundle_config(
             "noNewPrivileges": True,
         },
         "root": {"path": str(root), "readonly": True},
-        "hostname": spec.instance_id,
-        "mounts": mounts(init, tmpfs_size),
+        "hostname": spec.instance_id[:63],  # the kernel keeps 64 bytes
+        "mounts": mounts(init, tmpfs_size, spec.tmpfs, volumes),
         "annotations": {
             "dev.graven.instance": spec.instance_id,
             "dev.graven.service": spec.service,
@@ -305,7 +325,7 @@ def bundle_config(
         "linux": {
             "namespaces": namespaces,
             "cgroupsPath": cgroups_path,
-            "resources": cgroup_resources(limits),
+            "resources": cgroup_resources(spec.resources),
             "seccomp": seccomp_profile(),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
