@@ -14,6 +14,7 @@ import shutil
 import signal
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,42 @@ results = {
     "remount_bind": run("/bin/busybox", "mount", "-o", "remount,bind,rw", "/app", "/app"),
 }
 print("SEAL-PROBE " + json.dumps(results), flush=True)
+
+# HOG=memory|pids: go past the service's limit before serving (the control is the
+# same image and limits without HOG, which serves).
+hog = os.environ.get("HOG")
+if hog == "memory":
+    held = []
+    while len(held) < 256:  # 2 GiB at most: far past any limit these tests set
+        held.append(b"x" * (8 << 20))
+    print("memory: never stopped", flush=True)
+elif hog == "pids":
+    import threading, time
+    started = 0
+    try:
+        while started < 4096:
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+            started += 1
+    except RuntimeError as exc:
+        print(f"pids: refused after {started} threads: {exc}", flush=True)
+        raise SystemExit(1)
 runpy.run_path("app.py", run_name="__main__")
 '''
 
 
-def runc_spec(project: Project, base: dict[str, Any], *, replicas: int = 2) -> str:
-    service = hello_service(port=project.port, version="v1", replicas=replicas)
+def runc_spec(
+    project: Project,
+    base: dict[str, Any],
+    *,
+    replicas: int = 2,
+    version: str = "v1",
+    env: dict[str, str] | None = None,
+    resources: dict[str, Any] | None = None,
+) -> str:
+    service = hello_service(port=project.port, version=version, replicas=replicas, env=env)
     service["health"]["start_timeout"] = "30s"
+    if resources:
+        service["resources"] = resources
     steps = [
         {"copy": "app", "to": "/app"},
         {"copy": "tools", "to": "/bin"},
@@ -85,8 +115,16 @@ def runc_spec(project: Project, base: dict[str, Any], *, replicas: int = 2) -> s
     )
 
 
+@dataclass
+class RuncProject:
+    """The example service's project, and the host-python base its image starts from."""
+
+    project: Project
+    base: dict[str, Any]
+
+
 @pytest.fixture
-def runc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+def runc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RuncProject]:
     requires.need_tool("runc")
     busybox = requires.need_tool("busybox")
     if not Path("/usr/bin/tini-static").exists():
@@ -98,7 +136,7 @@ def runc_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pr
         (project.root / "tools").mkdir()
         shutil.copy(busybox, project.root / "tools" / "busybox")
         (project.root / "graven.yaml").write_text(runc_spec(project, base))
-        yield project
+        yield RuncProject(project, base)
 
 
 def instances(project: Project) -> list[dict[str, Any]]:
@@ -137,8 +175,8 @@ def runc_containers(project: Project) -> list[str]:
     return sorted(p.name for p in (project.state_dir / "runc").glob("*"))
 
 
-def test_runc_instances_are_sealed_and_serve(runc_project: Project) -> None:
-    project = runc_project
+def test_runc_instances_are_sealed_and_serve(runc_project: RuncProject) -> None:
+    project = runc_project.project
     project.graven("deploy", "-m", "sealed")
     live = instances(project)
     assert len(live) == 2
@@ -173,8 +211,8 @@ def test_runc_instances_are_sealed_and_serve(runc_project: Project) -> None:
     assert runc_containers(project) == []
 
 
-def test_a_restarted_controller_adopts_runc_instances(runc_project: Project) -> None:
-    project = runc_project
+def test_a_restarted_controller_adopts_runc_instances(runc_project: RuncProject) -> None:
+    project = runc_project.project
     project.graven("deploy", "-m", "v1")
     before = sorted((i["id"], i["pid"]) for i in instances(project))
     controller = project.controller_pid()
@@ -190,5 +228,48 @@ def test_a_restarted_controller_adopts_runc_instances(runc_project: Project) -> 
     assert sorted((i["id"], i["pid"]) for i in after) == before
     assert {i["state"] for i in after} == {"healthy"}
     assert get(project.port)["version"] == "v1"
+    project.down_leaves_nothing()
+    assert runc_containers(project) == []
+
+
+LIMITS = {"memory": "48Mi", "pids": 24}
+
+
+def cgroup_file(pid: int, controller: str, name: str) -> Path:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup") / controller / path.lstrip("/") / name
+    raise AssertionError(f"{pid} is in no {controller} cgroup")
+
+
+@pytest.mark.parametrize(
+    ("hog", "reported"),
+    [
+        ("memory", "killed by SIGKILL (out of memory)"),
+        ("pids", "exited with code 1 (pids limit)"),
+    ],
+)
+def test_an_instance_past_its_limit_is_stopped_and_the_limit_named(
+    runc_project: RuncProject, hog: str, reported: str
+) -> None:
+    project, base = runc_project.project, runc_project.base
+    # The control: the same image under the same limits serves.
+    (project.root / "graven.yaml").write_text(
+        runc_spec(project, base, replicas=1, resources=LIMITS)
+    )
+    project.graven("deploy", "-m", "limited")
+    (inst,) = instances(project)
+    assert int(cgroup_file(inst["pid"], "memory", "memory.limit_in_bytes").read_text()) == 48 << 20
+    assert cgroup_file(inst["pid"], "pids", "pids.max").read_text().strip() == "24"
+    assert get(project.port)["version"] == "v1"
+    # The hog: the next release goes past the limit as it starts, and is stopped.
+    (project.root / "graven.yaml").write_text(
+        runc_spec(project, base, replicas=1, version="v2", env={"HOG": hog}, resources=LIMITS)
+    )
+    failed = project.graven("deploy", "-m", "hog", check=False)
+    assert failed.code != 0
+    assert reported in failed.stderr + failed.stdout
+    assert get(project.port)["version"] == "v1"  # the control serves on
     project.down_leaves_nothing()
     assert runc_containers(project) == []

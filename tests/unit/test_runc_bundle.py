@@ -49,7 +49,7 @@ def build(spec: LaunchSpec | None = None, **kw: Any) -> dict[str, Any]:
 
 
 def mount(config: dict[str, Any], destination: str) -> dict[str, Any]:
-    found = [m for m in config["mounts"] if m["destination"] == destination]
+    found: list[dict[str, Any]] = [m for m in config["mounts"] if m["destination"] == destination]
     assert len(found) == 1, f"{destination}: {found}"
     return found[0]
 
