@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from graven.runtime.process import ProcessRuntime
 from graven.runtime.runc import RuncRuntime, find_init
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
+from graven.testing.busybox import busybox_image
 from graven.testing.contracts.runtime import RuntimeContract, RuntimeHarness
 from graven.testing.runtime import FakeRuntime
 from tests import requires
@@ -125,20 +125,6 @@ i=0
 while [ ! -s /tmp/exit ] && [ "$i" -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
 exit "$(cat /tmp/exit 2>/dev/null || echo 9)"
 """
-BUSYBOX_APPLETS = ("sh", "sleep", "cat", "echo", "id", "touch", "mount", "kill", "ls")
-
-
-def busybox_image(store: ContentStore, work: Path, *, config: ImageConfig | None = None) -> Image:
-    """An image of the host's static busybox and a few applet links, nothing else."""
-    busybox = requires.need_tool("busybox")
-    root = work / "busybox-root"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy(busybox, root / "bin" / "busybox")
-    for applet in BUSYBOX_APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    tree = store.ingest_tree(root)
-    default = ImageConfig(entrypoint=("sh", "-c", RUNC_INSTANCE_SCRIPT), env=(("PATH", "/bin"),))
-    return store.put_image(tree, config or default)
 
 
 class RuncHarness:
@@ -150,7 +136,12 @@ class RuncHarness:
         self.state_dir = tmp_path / "state"
         self.store = ContentStore(tmp_path / "store")
         self.runtime: Runtime = RuncRuntime(self.state_dir, self.store)
-        self.image = busybox_image(self.store, tmp_path)
+        self.image = busybox_image(
+            self.store,
+            tmp_path,
+            ImageConfig(entrypoint=("sh", "-c", RUNC_INSTANCE_SCRIPT), env=(("PATH", "/bin"),)),
+            busybox=requires.need_tool("busybox"),
+        )
 
     def spec(self, instance_id: str, *, ignores_sigterm: bool = False) -> LaunchSpec:
         env = (("IGNORE_TERM", "1"),) if ignores_sigterm else ()
