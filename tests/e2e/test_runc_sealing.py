@@ -206,12 +206,17 @@ def test_no_capabilities_no_new_privileges_and_no_way_back_to_root(sealed: Seale
         attempt("tmpfs_mount", "mount -t tmpfs none /tmp"),
         attempt("user_namespace", "unshare -U -r true"),
         attempt("mount_namespace", "unshare -m true"),
+        attempt("sysrq", "echo h > /proc/sysrq-trigger"),
+        attempt("sysctl", "echo 1 > /proc/sys/kernel/sysrq"),
+        attempt("kcore", "dd if=/proc/kcore of=/dev/null bs=1 count=1"),
+        attempt("proc_read", "dd if=/proc/self/status of=/dev/null bs=1 count=1"),  # control
         attempt("echo", "echo probe"),  # the control: commands do run
     ]
     handle, log = sealed.run("\n".join(probes), user="app")
     found = results(log)
-    assert found["echo"] == "ok"
-    for probe in ("remount", "remount_bind", "tmpfs_mount", "user_namespace", "mount_namespace"):
+    assert (found["echo"], found["proc_read"]) == ("ok", "ok")
+    refused = ("remount", "remount_bind", "tmpfs_mount", "user_namespace", "mount_namespace")
+    for probe in (*refused, "sysrq", "sysctl", "kcore"):
         assert found[probe] == "refused", probe
     assert status_line(handle.pid, "CapEff") == ["0000000000000000"]
     assert status_line(handle.pid, "CapBnd") == ["0000000000000000"]
