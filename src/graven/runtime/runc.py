@@ -28,6 +28,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Final
@@ -46,6 +47,7 @@ RUNC_CANDIDATES: Final = ("runc", "/usr/sbin/runc", "/usr/bin/runc")
 INIT_CANDIDATES: Final = ("/usr/bin/tini-static", "/usr/local/bin/tini-static")
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 START_WAIT: Final = 30.0  # seconds for runc to create and start a container
+START_POLL: Final = 0.005
 DEFAULT_USER: Final = ImageUser(NOBODY, NOBODY)
 _CONTAINER_ID = re.compile(r"[^A-Za-z0-9_.+-]")
 _SIGNAL_OFFSET = 128  # runc (and tini) report "killed by signal N" as exit code 128 + N
@@ -221,7 +223,9 @@ class RuncRuntime:
         inst_dir = self._instance_dir(spec.instance_id)
         bundle = self.bundle_dir(spec.instance_id)
         bundle.mkdir(parents=True, exist_ok=True)
-        write_atomic(bundle / "config.json", json.dumps(config, indent=1).encode(), mode=0o600)
+        # Atomic, not durable: a bundle (like the handle below) serves only while the
+        # machine is up, and a container does not outlive a reboot.
+        write_atomic(bundle / "config.json", json.dumps(config).encode(), mode=0o600, durable=False)
         for old in ("pid", "handle", "exit"):
             (inst_dir / old).unlink(missing_ok=True)
         cid = container_id(spec.instance_id)
@@ -252,11 +256,8 @@ class RuncRuntime:
                     f"{spec.instance_id}: cannot run {runc}: {exc.strerror or exc}"
                 ) from exc
         pid_file = inst_dir / "pid"
-        up = detached.wait_until(
-            lambda: _read_pid(pid_file) is not None, START_WAIT, unless_exited=proc
-        )
-        pid = _read_pid(pid_file)
-        if not up and pid is None:
+        pid = _await_pid(pid_file, proc)
+        if pid is None:
             if proc.poll() is None:
                 detached.kill_group(proc.pid)
             self._delete_container(runc, cid)
@@ -265,13 +266,20 @@ class RuncRuntime:
                 f"{self.log_tail(spec.instance_id)}",
                 hint="The log ends with runc's own message; 'graven check' validates the spec.",
             )
-        started = None if pid is None else detached.start_time(pid)
-        if pid is None or started is None:
+        started = detached.start_time(pid)
+        if started is None:
+            detached.wait_until((inst_dir / "exit").exists, detached.KILL_WAIT)
+            how = _describe_exit_file(inst_dir / "exit") or "exited"
+            self._delete_container(runc, cid)
             raise RuntimeFailure(
-                f"{spec.instance_id}: exited at once; log:\n{self.log_tail(spec.instance_id)}"
+                f"{spec.instance_id}: {how} at once; log:\n{self.log_tail(spec.instance_id)}",
+                hint="A runc instance sees only its image: the entrypoint and its interpreter "
+                "must be inside it (see docs/runtimes.md).",
             )
         handle = Handle(pid=pid, pid_start=started)
-        write_atomic(inst_dir / "handle", json.dumps([pid, started]).encode(), mode=0o600)
+        write_atomic(
+            inst_dir / "handle", json.dumps([pid, started]).encode(), mode=0o600, durable=False
+        )
         self._runc[pid] = proc
         return handle
 
@@ -335,11 +343,9 @@ class RuncRuntime:
         exit_file = self._instance_dir(instance_id) / "exit"
         # The init is gone; runc records its status as soon as it has reaped it.
         detached.wait_until(exit_file.exists, detached.KILL_WAIT)
-        try:
-            code = int(exit_file.read_text().strip())
-        except (OSError, ValueError):
+        reason = _describe_exit_file(exit_file)
+        if not reason:
             return ""
-        reason = describe_runc_exit(code)
         if hit := limits_hit(self.cgroups_path(instance_id)):
             reason += f" ({', '.join(hit)})"
         self._reasons[handle] = reason
@@ -397,6 +403,27 @@ class RuncRuntime:
         except OSError:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _await_pid(pid_file: Path, runc: subprocess.Popen[bytes]) -> int | None:
+    """The init's pid once runc has written it, or None if runc exits first or takes
+    longer than START_WAIT. Polled finely: this wait is most of an instance's start."""
+    deadline = time.monotonic() + START_WAIT
+    while time.monotonic() < deadline:
+        pid = _read_pid(pid_file)
+        if pid is not None:
+            return pid
+        if runc.poll() is not None:
+            return _read_pid(pid_file)
+        time.sleep(START_POLL)
+    return None
+
+
+def _describe_exit_file(path: Path) -> str:
+    try:
+        return describe_runc_exit(int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return ""
 
 
 def _read_pid(path: Path) -> int | None:
