@@ -1,8 +1,10 @@
 """Instance start-to-healthy: graven's ``process`` and ``runc`` runtimes against a bare
 ``runc run`` of the same root (a minimal config of the kind ``runc spec`` prints, host
-network), in one run, on the same busybox image serving HTTP with ``httpd``.
+network) and ``podman run`` of the same image, in one run, on a busybox image serving
+HTTP with ``httpd``.
 
     sudo .venv/bin/python bench/runtime_bench.py [--repeat 10] [--filler-mb 200] [--json]
+                                                 [--no-podman]
 
 Start-to-healthy is the time from the start call until an HTTP GET on the instance's
 port answers 200; each instance is then stopped before the next starts. Two images:
@@ -22,7 +24,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -129,6 +130,74 @@ def time_bare_runc(store: ContentStore, image: Image, work: Path, repeat: int) -
     return times
 
 
+def podman_env(home: Path) -> dict[str, str]:
+    """A podman whose files all live under ``home`` (runc, cgroupfs, overlay)."""
+    (home / "containers.conf").write_text(
+        "[containers]\n"
+        'default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]\n'
+        "[engine]\n"
+        'runtime = "runc"\n'
+        'cgroup_manager = "cgroupfs"\n'
+        'events_logger = "none"\n'
+        f'tmp_dir = "{home / "tmp"}"\n'
+    )
+    (home / "storage.conf").write_text(
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'runroot = "{home / "runroot"}"\n'
+        f'graphroot = "{home / "root"}"\n'
+    )
+    return {
+        **os.environ,
+        "CONTAINERS_CONF": str(home / "containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(home / "storage.conf"),
+    }
+
+
+def time_podman(store: ContentStore, image: Image, work: Path, repeat: int) -> list[float]:
+    """``podman run -d --network host`` of the same image, pulled into podman's own
+    storage once first (from an OCI layout graven exports)."""
+    from graven.store.oci_export.layout import export_layout
+
+    export_layout(store, image, work / "layout", "bench")
+    home = Path(tempfile.mkdtemp(prefix="gpb-", dir="/tmp"))  # short: conmon's socket path
+    env = podman_env(home)
+
+    def podman(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", *argv],
+            check=False,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    pulled = podman("pull", "-q", f"oci:{work / 'layout'}:bench")
+    if pulled.returncode != 0:
+        raise SystemExit(f"podman pull failed: {pulled.stderr.strip()}")
+    image_id = pulled.stdout.strip().splitlines()[-1]
+    times = []
+    try:
+        for i in range(repeat):
+            port = free_port()
+            name = f"graven-bench-{i}"
+            began = time.perf_counter()
+            started = podman(
+                "run", "-d", "--network", "host", "--name", name,
+                "-e", f"PORT={port}", "-e", "HOST=127.0.0.1", image_id,
+            )  # fmt: skip
+            if started.returncode != 0:
+                raise SystemExit(f"podman run failed: {started.stderr.strip()}")
+            until_healthy(port)
+            times.append(time.perf_counter() - began)
+            podman("rm", "-f", "-t", "0", name)
+    finally:
+        podman("system", "reset", "-f")
+        shutil.rmtree(home, ignore_errors=True)
+    return times
+
+
 def row(name: str, cold: float | None, warm: list[float], peer: float) -> dict[str, Any]:
     median = statistics.median(warm)
     return {
@@ -145,6 +214,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--filler-mb", type=int, default=200)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-podman", action="store_true", help="skip the podman peer")
     args = parser.parse_args()
     if os.geteuid() != 0 or find_runc() is None or shutil.which("busybox") is None:
         raise SystemExit("needs root, runc and busybox (scripts/setup installs them)")
@@ -162,6 +232,9 @@ def main() -> None:
             bare = time_bare_runc(store, image, peer_work, args.repeat)
             peer = statistics.median(bare)
             rows.append({"image": label, **row("bare runc run -d", None, bare, peer)})
+            if shutil.which("podman") and not args.no_podman:
+                podman = time_podman(store, image, peer_work, args.repeat)
+                rows.append({"image": label, **row("podman run -d", None, podman, peer)})
             runtimes: dict[str, Callable[[Path], Any]] = {
                 "graven process": lambda d: ProcessRuntime(d, store),
                 "graven runc": lambda d: RuncRuntime(d, store),
@@ -175,12 +248,12 @@ def main() -> None:
         return
     print(f"{'image':<22} {'runtime':<18} {'cold':>8} {'median':>8} {'min':>8} {'vs bare':>9}")
     for r in rows:
-        cold = f"{r['cold_s'] * 1000:.0f} ms" if r["cold_s"] is not None else "-"
+        shown = f"{r['cold_s'] * 1000:.0f} ms" if r["cold_s"] is not None else "-"
         print(
-            f"{r['image']:<22} {r['runtime']:<18} {cold:>8} {r['median_s'] * 1000:>5.0f} ms "
+            f"{r['image']:<22} {r['runtime']:<18} {shown:>8} {r['median_s'] * 1000:>5.0f} ms "
             f"{r['min_s'] * 1000:>5.0f} ms {r['vs_bare_runc_ms']:>+6.0f} ms"
         )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
