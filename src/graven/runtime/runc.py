@@ -48,6 +48,7 @@ INIT_CANDIDATES: Final = ("/usr/bin/tini-static", "/usr/local/bin/tini-static")
 CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 START_WAIT: Final = 30.0  # seconds for runc to create and start a container
 START_POLL: Final = 0.005
+MAX_REASONS: Final = 512  # exit reasons of stopped instances kept in memory
 DEFAULT_USER: Final = ImageUser(NOBODY, NOBODY)
 _CONTAINER_ID = re.compile(r"[^A-Za-z0-9_.+-]")
 _SIGNAL_OFFSET = 128  # runc (and tini) report "killed by signal N" as exit code 128 + N
@@ -108,7 +109,9 @@ class RuncRuntime:
         self.runc_root = state_dir / "runc"
         # The runc processes this object started (to reap them), by init pid.
         self._runc: dict[int, subprocess.Popen[bytes]] = {}
-        # How instances ended, read before their container was deleted.
+        # The instances this object started, by handle (others: found by their files).
+        self._ids: dict[Handle, str] = {}
+        # How stopped instances ended, read before their container was deleted.
         self._reasons: dict[Handle, str] = {}
 
     # ------------------------------------------------------------------ paths
@@ -281,6 +284,7 @@ class RuncRuntime:
             inst_dir / "handle", json.dumps([pid, started]).encode(), mode=0o600, durable=False
         )
         self._runc[pid] = proc
+        self._ids[handle] = spec.instance_id
         return handle
 
     def _delete_container(self, runc: str, cid: str) -> None:
@@ -323,6 +327,8 @@ class RuncRuntime:
 
     def _instance_of(self, handle: Handle) -> str | None:
         """The instance whose recorded handle is ``handle`` (None: not one of ours)."""
+        if handle in self._ids:
+            return self._ids[handle]
         for path in (self.state_dir / "instances").glob("*/handle"):
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(path.read_text()) == [handle.pid, handle.pid_start]:
@@ -365,14 +371,18 @@ class RuncRuntime:
             return
         self._reasons.pop(handle, None)
         instance_id = self._instance_of(handle)
-        if instance_id is None:
-            return
+        if instance_id is not None:
+            self._remove(handle, instance_id)
+
+    def _remove(self, handle: Handle, instance_id: str) -> None:
+        """Delete a dead instance's container (and cgroup) and its handle and exit."""
         self._reap(handle)
         runc = find_runc()
         if runc is not None:
             self._delete_container(runc, container_id(instance_id))
         for name in ("exit", "handle"):
             (self._instance_dir(instance_id) / name).unlink(missing_ok=True)
+        self._ids.pop(handle, None)
 
     # ------------------------------------------------------------------ stop
 
@@ -389,10 +399,13 @@ class RuncRuntime:
         instance_id = self._instance_of(handle)
         if not gone or instance_id is None:
             return  # still running (it was never signalled: another process has the pid)
-        self.exit_reason(handle)  # read before the container and its counters go
-        runc = find_runc()
-        if runc is not None:
-            self._delete_container(runc, container_id(instance_id))
+        # Read how it ended before its container and counters go; kept here (a few
+        # hundred at most) for the caller that asks next.
+        reason = self.exit_reason(handle)
+        self._remove(handle, instance_id)
+        self._reasons[handle] = reason
+        while len(self._reasons) > MAX_REASONS:
+            del self._reasons[next(iter(self._reasons))]
 
     # ------------------------------------------------------------------ logs
 
