@@ -28,6 +28,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -113,6 +114,7 @@ class RuncRuntime:
         self._ids: dict[Handle, str] = {}
         # How stopped instances ended, read before their container was deleted.
         self._reasons: dict[Handle, str] = {}
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ paths
 
@@ -354,22 +356,24 @@ class RuncRuntime:
             return ""
         if hit := limits_hit(self.cgroups_path(instance_id)):
             reason += f" ({', '.join(hit)})"
-        self._reasons[handle] = reason
+        with self._lock:
+            self._reasons[handle] = reason
         return reason
 
     def _reap(self, handle: Handle) -> None:
-        proc = self._runc.get(handle.pid)
+        # pop first: the controller calls from its loop and from worker threads.
+        proc = self._runc.pop(handle.pid, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(detached.KILL_WAIT)
             detached.reap(proc.pid)
-            del self._runc[handle.pid]
 
     def forget(self, handle: Handle) -> None:
         """Drop what is kept about a dead instance: its container, cgroup and exit."""
         if self.alive(handle):
             return
-        self._reasons.pop(handle, None)
+        with self._lock:
+            self._reasons.pop(handle, None)
         instance_id = self._instance_of(handle)
         if instance_id is not None:
             self._remove(handle, instance_id)
@@ -403,9 +407,10 @@ class RuncRuntime:
         # hundred at most) for the caller that asks next.
         reason = self.exit_reason(handle)
         self._remove(handle, instance_id)
-        self._reasons[handle] = reason
-        while len(self._reasons) > MAX_REASONS:
-            del self._reasons[next(iter(self._reasons))]
+        with self._lock:
+            self._reasons[handle] = reason
+            while len(self._reasons) > MAX_REASONS:
+                del self._reasons[next(iter(self._reasons))]
 
     # ------------------------------------------------------------------ logs
 
