@@ -60,6 +60,9 @@ results = {
     "write_tmp": attempt(lambda: write("/tmp/written")),
     "remount_root": run("/bin/busybox", "mount", "-o", "remount,rw", "/"),
     "remount_bind": run("/bin/busybox", "mount", "-o", "remount,bind,rw", "/app", "/app"),
+    # The controller's state dir, by its host path: the ledger and the checkouts.
+    "read_state": attempt(lambda: os.listdir(os.environ["PROBE_STATE"])),
+    "write_ledger": attempt(lambda: write(os.environ["PROBE_STATE"] + "/state.db")),
 }
 print("SEAL-PROBE " + json.dumps(results), flush=True)
 
@@ -94,7 +97,8 @@ def runc_spec(
     env: dict[str, str] | None = None,
     resources: dict[str, Any] | None = None,
 ) -> str:
-    service = hello_service(port=project.port, version=version, replicas=replicas, env=env)
+    probe_env = {"PROBE_STATE": str(project.state_dir), **(env or {})}
+    service = hello_service(port=project.port, version=version, replicas=replicas, env=probe_env)
     service["health"]["start_timeout"] = "30s"
     if resources:
         service["resources"] = resources
@@ -198,6 +202,9 @@ def test_runc_instances_are_sealed_and_serve(runc_project: RuncProject) -> None:
         assert results["write_etc"] == "refused: Read-only file system"
         assert results["remount_root"].startswith("refused:")
         assert results["remount_bind"].startswith("refused:")
+        assert results["read_state"] == "refused: No such file or directory"
+        assert results["write_ledger"].startswith("refused:")
+        assert (project.state_dir / "state.db").is_file()  # it is there, on the host
         # Seen from the host too: the instance's root mount is read-only.
         root_mount = next(
             line.split()
