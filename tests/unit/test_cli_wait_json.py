@@ -9,6 +9,7 @@ The controller here answers from canned replies, encoded as the API encodes them
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import time
@@ -309,3 +310,18 @@ def test_status_watch_json_is_the_status_after_the_wait(
     assert printed == json.dumps(to_json(status_of(SUCCEEDED)), indent=2, sort_keys=True) + "\n"
     assert json.loads(printed)["services"][0]["rollout"]["state"] == "succeeded"
     assert polls(controller) == 2
+
+
+def test_the_cli_reads_controller_replies_only_through_the_typed_client() -> None:
+    """No verb calls ``ControllerClient.request`` and indexes the JSON itself: a reply
+    is checked once, in the client, and a malformed one is a ControllerError."""
+    cli = Path(rollouts.__file__).parent
+    raw = [
+        f"{path.name}:{node.lineno}"
+        for path in sorted(cli.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "request"
+    ]
+    assert raw == []

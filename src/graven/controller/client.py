@@ -150,9 +150,9 @@ class ControllerClient:
         raise GravenError(message, hint=hint)
 
     # --- the API, typed ------------------------------------------------------------------
-    # Each method imports its reply type once the request is out: the types (dataclasses
-    # and all) cost a CLI verb ~20-40 ms, which a rollback's traffic switch, on the lean
-    # path, should not wait for; and a verb pays only for the replies it reads.
+    # Each method imports its reply type only once its request is out: the reply types
+    # (dataclasses and all) cost a CLI verb ~20-40 ms, and a rollback's traffic switch,
+    # on the lean path, waits for none of it.
 
     def health(self) -> HealthReply:
         data = self.request("GET", "/v1/health")
