@@ -37,6 +37,7 @@ from graven.controller.results import (
     StatusView,
     to_json,
 )
+from graven.errors import ControllerError
 from graven.spec import scaffold
 from graven.testing.specs import hello_spec
 
@@ -93,7 +94,8 @@ def status_of(rollout: RolloutView) -> StatusView:
 
 class CannedController:
     """Answers each request with the next canned reply for its method and path (the
-    last one again once the others are used); records what was asked."""
+    last one again once the others are used; a dict goes out as it is); records what
+    was asked."""
 
     def __init__(self, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.replies: dict[tuple[str, str], list[object]] = {
@@ -113,7 +115,7 @@ class CannedController:
         self.asked.append(f"{method} {target}")
         queue = self.replies[(method, urlsplit(target).path)]
         reply = queue.pop(0) if len(queue) > 1 else queue[0]
-        return 200, json.dumps(to_json(reply)).encode()
+        return 200, json.dumps(reply if isinstance(reply, dict) else to_json(reply)).encode()
 
 
 @pytest.fixture
@@ -227,6 +229,23 @@ def test_a_failed_rollback_exits_1_with_its_reason(
     assert rollouts.rollback(app, "hello", None, "x", no_wait=False, out=Output("json")) == 1
     [result] = json.loads(capsys.readouterr().out)["results"]
     assert result["rollout_result"] == to_json(failed)
+
+
+def test_a_rollout_reply_that_does_not_fit_is_a_controller_error_naming_the_key(
+    project: Path, controller: CannedController
+) -> None:
+    """Polled replies are checked as the others are (indexing raw JSON, a reply from
+    a mismatched controller was a KeyError deep in the wait)."""
+    controller.answer("POST", "/v1/rollback", RollbackResult(True, "hello@r1", 4, 9))
+    without_state = {k: v for k, v in to_json(RUNNING).items() if k != "state"}
+    controller.answer("GET", "/v1/rollout", {"rollout": without_state, "instances": []})
+    app = AppContext(state_dir_option=project / ".graven")
+    with pytest.raises(ControllerError) as caught:
+        rollouts.rollback(app, "hello", None, "x", no_wait=False, out=Output("json"))
+    assert caught.value.message == (
+        "the controller sent a malformed reply to /v1/rollout: rollout: missing key 'state'"
+    )
+    assert caught.value.hint
 
 
 DEPLOY_WAITED = """\
