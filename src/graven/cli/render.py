@@ -11,8 +11,8 @@ and neither click nor rich is imported; user data is never parsed as markup.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from graven.cli.lines import Line, Span, bold, cyan, dim, green, red, table, yellow
 from graven.cli.output import short
@@ -22,9 +22,11 @@ if TYPE_CHECKING:
     from graven.build.orchestrate import BuiltImage
     from graven.controller.results import (
         AbortResult,
+        DeployResult,
         DownResult,
         InstanceStatus,
         PreviewResult,
+        RollbackResult,
         RolloutView,
         ServiceStatus,
         StateDirView,
@@ -76,17 +78,15 @@ class ServiceOutcome(NamedTuple):
     reason: str = ""
 
     @classmethod
-    def of(cls, result: Mapping[str, Any]) -> ServiceOutcome:
-        """From a verb's JSON result (the controller's reply, with ``rollout_result``
-        attached once waited for)."""
-        ended = result.get("rollout_result")
+    def of(
+        cls, service: str, change: DeployResult | RollbackResult, ended: RolloutView | None
+    ) -> ServiceOutcome:
+        """From the controller's reply to the change and, once waited for, how its
+        rollout ended."""
+        if ended is None:
+            return cls(service, change.changed, change.release)
         return cls(
-            service=result["service"],
-            changed=result.get("changed", True),
-            release=result.get("release"),
-            state=None if ended is None else ended.get("state", "failed"),
-            progress="" if ended is None else ended.get("progress", ""),
-            reason="" if ended is None else ended.get("reason", ""),
+            service, change.changed, change.release, ended.state, ended.progress, ended.reason
         )
 
 
