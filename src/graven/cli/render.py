@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from graven.cli import render_volumes
 from graven.cli.lines import Line, Span, bold, cyan, dim, green, red, table, yellow
 from graven.cli.output import short
 
@@ -222,6 +223,7 @@ def service_status(s: ServiceStatus, now: float) -> list[Line]:
     lines: list[Line] = [(bold(s.service), head)]
     if s.preview_url:
         lines.append((f"  preview {s.preview_url}",))
+    lines.extend(render_volumes.mounts(s.volumes))
     if s.releases:
         shares = (f"{r.release} {r.traffic_percent:g}% {r.role}" for r in s.releases)
         lines.append(("  traffic: " + " · ".join(shares),))

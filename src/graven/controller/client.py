@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         RolloutReply,
         ShutdownReply,
         StatusView,
+        VolumeRemoval,
     )
 
 T = TypeVar("T")
@@ -220,6 +221,13 @@ class ControllerClient:
 
         body = {"service": service, "actor": actor, "message": message}
         return self._call(results.DownResults, "POST", "/v1/down", body).results
+
+    def remove_volume(self, name: str, *, force: bool, actor: str, message: str) -> VolumeRemoval:
+        """Delete the named volume (refused while a release uses it, unless ``force``)."""
+        from graven.controller import results
+
+        body = {"name": name, "force": force, "actor": actor, "message": message}
+        return self._call(results.VolumeRemoval, "POST", "/v1/volume/rm", body)
 
     def shutdown(self) -> ShutdownReply:
         from graven.controller import results
