@@ -230,6 +230,48 @@ def _host_directory(volume: Volume, instance_id: str) -> Path:
     return Path(host)
 
 
+def check_mount_points(
+    root: Path, spec: LaunchSpec, *, runtime_dirs: frozenset[str] = frozenset()
+) -> None:
+    """Refuse a volume or tmpfs path that cannot be mounted over the image at ``root``
+    (a read-only tree): one under a directory the image has must exist in it as a
+    directory, and none may go through a symlink of the image (it would lead out of
+    the image). Paths under ``runtime_dirs`` (top-level names the runtime mounts
+    writable itself, such as ``tmp``) and under names the image lacks are made
+    by the runtime."""
+    for target in [v.path for v in spec.volumes] + [t.path for t in spec.tmpfs]:
+        parts = target.strip("/").split("/")
+        if parts[0] in runtime_dirs:
+            continue
+        here = root
+        for depth, part in enumerate(parts):
+            here = here / part
+            try:
+                info = here.lstat()
+            except FileNotFoundError:
+                if depth == 0:
+                    break  # a new top-level directory: the runtime makes it
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: cannot mount {target}: the image has "
+                    f"/{'/'.join(parts[:depth])} but no {'/'.join(parts[: depth + 1])!r} in it,"
+                    " and the image is read-only",
+                    hint=f"Add a step 'run: mkdir -p {target}' to the recipe, or mount at a "
+                    "top-level path such as /data.",
+                ) from None
+            if stat.S_ISLNK(info.st_mode):
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: cannot mount {target}: /{'/'.join(parts[: depth + 1])}"
+                    " is a symlink in the image",
+                    hint="Mount at the path the link points to, in graven.yaml.",
+                )
+            if not stat.S_ISDIR(info.st_mode):
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: cannot mount {target}: "
+                    f"/{'/'.join(parts[: depth + 1])} is a file in the image",
+                    hint="Choose another path in graven.yaml.",
+                )
+
+
 # --- listing and removing -----------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.image_user import UNPRIVILEGED, ImageUser, resolve_image_user
 from graven.runtime.isolation import Isolation, probe
 from graven.store.base import ImageStore
+from graven.volumes import Mount, check_mount_points, prepare
 
 # Unsealed only: the instance writes its pid itself, before it becomes the entrypoint.
 _PID_SHIM = 'echo $$ > "$0" && exec "$@"'
@@ -57,9 +58,13 @@ _RUNTIME_MOUNTS = frozenset({"proc", "dev", "tmp", "run"})
 # As root, bubblewrap runs as the instance's uid (the uid the host then sees; in its
 # user namespace it can still make the rest). First, in a private mount namespace,
 # the image tree is bound where that uid can reach it.
+# The volumes the instance mounts are bound there too, at STAGE/0, STAGE/1, ...
 _STAGE = "/mnt"
 _STAGE_SHIM = (
-    f'mount --bind "$0" {_STAGE} && uid=$1 gid=$2 && shift 2 && '
+    f"mount -t tmpfs -o mode=0755 graven-stage {_STAGE} && mkdir {_STAGE}/root && "
+    f'mount --bind "$0" {_STAGE}/root && uid=$1 gid=$2 n=$3 && shift 3 && i=0 && '
+    f'while [ "$i" -lt "$n" ]; do mkdir "{_STAGE}/$i" && mount --bind "$1" "{_STAGE}/$i" '
+    "|| exit 125; shift; i=$((i + 1)); done && "
     'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"'
 )
 _CHILD_PID_WAIT = 10.0  # seconds bubblewrap may take to report its child
@@ -152,7 +157,18 @@ class ProcessRuntime:
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             if isolation.sealed:
-                return self._start_sealed(spec, root, command, user, env, log.fileno(), pid_file)
+                uid, gid = (user.uid, user.gid) if user else (os.geteuid(), os.getegid())
+                check_mount_points(root, spec, runtime_dirs=_RUNTIME_MOUNTS)
+                mounts = prepare(self.state_dir, spec, uid, gid)
+                return self._start_sealed(
+                    spec, root, command, user, env, log.fileno(), pid_file, mounts
+                )
+            if spec.volumes or spec.tmpfs:
+                raise RuntimeFailure(
+                    f"{spec.instance_id}: its volumes and tmpfs need a sealed instance, and "
+                    f"this machine cannot seal: {isolation.reason}",
+                    hint="Run graven as root or where user namespaces work, with bubblewrap.",
+                )
             # As named when that stays in the checkout (a multi-call binary reads its
             # name), else the real path: an absolute symlink would lead to the host's.
             named = root / command[0].lstrip("/")
@@ -179,13 +195,14 @@ class ProcessRuntime:
         command: list[str],
         user: ImageUser | None,
         status_fd: int,
+        mounts: tuple[Mount, ...] = (),
     ) -> list[str]:
         """The command line that starts the instance sealed, its root the image tree
-        at ``root`` (see the module docstring)."""
+        at ``root`` (see the module docstring), with ``mounts`` and the spec's tmpfs."""
         staged = os.geteuid() == 0 and user is not None and user.uid != 0
         # bubblewrap runs as the instance's uid then, and that uid cannot walk the
         # private state dir: a mount namespace of its own shows it the tree at STAGE.
-        seen_at = Path(_STAGE) if staged else root
+        seen_at = Path(_STAGE) / "root" if staged else root
         argv = [self.isolation.bwrap, "--tmpfs", "/"]
         for name, target in _top_level(root):
             if target is not None:
@@ -193,6 +210,7 @@ class ProcessRuntime:
             else:
                 argv += ["--ro-bind", str(seen_at / name), f"/{name}"]
         argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        argv += _mount_args(mounts, spec, staged)
         argv += ["--remount-ro", "/"]
         argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         if user is not None and (user.uid != 0 or os.geteuid() != 0):
@@ -211,6 +229,8 @@ class ProcessRuntime:
             str(root),
             str(user.uid),
             str(user.gid),
+            str(len(mounts)),
+            *(str(m.source) for m in mounts),
             *argv,
         ]
 
@@ -223,12 +243,13 @@ class ProcessRuntime:
         env: dict[str, str],
         log_fd: int,
         pid_file: Path,
+        mounts: tuple[Mount, ...] = (),
     ) -> Handle:
         # The pid file is bubblewrap's status stream: the child's pid as soon as it
         # exists, its exit code at the end (a file: nobody need keep reading it).
         status_fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            argv = self.sealed_argv(spec, root, command, user, status_fd)
+            argv = self.sealed_argv(spec, root, command, user, status_fd, mounts)
             with _spawning(spec, command[0]):
                 proc = detached.spawn(
                     argv, output=log_fd, env=env, pass_fds=(status_fd,), keep_exit_status=True
@@ -333,6 +354,26 @@ def read_pid_file(path: Path) -> tuple[int | None, int | None]:
             if isinstance(doc.get("exit-code"), int):
                 code = doc["exit-code"]
     return pid, code
+
+
+def _mount_args(mounts: tuple[Mount, ...], spec: LaunchSpec, staged: bool) -> list[str]:
+    """bubblewrap's volume binds and sized tmpfs, outer paths before inner ones."""
+    binds = [
+        (
+            m.target,
+            "--ro-bind" if m.read_only else "--bind",
+            f"{_STAGE}/{n}" if staged else str(m.source),
+        )
+        for n, m in enumerate(mounts)
+    ]
+    tmpfs = [(t.path, "--tmpfs", str(t.size)) for t in spec.tmpfs]
+    argv: list[str] = []
+    for target, kind, what in sorted(binds + tmpfs):
+        if kind == "--tmpfs":
+            argv += ["--size", what, "--tmpfs", target]
+        else:
+            argv += [kind, what, target]
+    return argv
 
 
 def _top_level(root: Path) -> list[tuple[str, str | None]]:
