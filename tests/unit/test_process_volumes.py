@@ -130,3 +130,16 @@ def test_mount_paths_the_read_only_image_cannot_take_are_refused(tmp_path: Path)
     with pytest.raises(RuntimeFailure, match=r"/etc/app\.conf is a file in the image"):
         check_mount_points(root, spec("/etc/app.conf"))
     assert os.path.islink(root / "run")  # nothing was changed in the image
+
+
+def test_unsealed_an_instance_with_volumes_is_refused_saying_why(tmp_path: Path) -> None:
+    from graven.runtime.isolation import Isolation
+
+    store = ContentStore(tmp_path / "store")
+    runtime = ProcessRuntime(tmp_path / "state", store, Isolation(False, reason="no bwrap here"))
+    host_dir = tmp_path / "conf"
+    host_dir.mkdir()
+    with pytest.raises(RuntimeFailure, match="need a sealed instance.*no bwrap here") as err:
+        runtime.start(probe_spec(runtime, host_dir, store))
+    assert err.value.hint and "bubblewrap" in err.value.hint
+    assert not (tmp_path / "state" / "volumes").exists()  # nothing made for it
