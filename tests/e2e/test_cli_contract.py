@@ -29,6 +29,7 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
         ("audit",),
         ("audit", "--verify"),
         ("rollback", "hello", "--to", "1"),
+        ("volume", "ls"),
         ("down", "hello"),
         ("down",),
     ]
@@ -44,6 +45,9 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
     bad = project.graven("releases", "nope", "-o", "json", check=False)
     assert bad.code == 2
     assert json.loads(bad.stdout)["error"]
+    gone = project.graven("volume", "rm", "nope", "-o", "json", check=False)
+    assert gone.code == 2
+    assert json.loads(gone.stdout)["error"] == "NotFoundError"
 
 
 def test_every_verb_has_help(project: Project) -> None:
@@ -66,6 +70,9 @@ def test_every_verb_has_help(project: Project) -> None:
     ]:
         assert verb in top
         assert "-o, --output" in project.graven(verb, "--help").stdout
+    assert "volume" in top
+    for sub in ("ls", "rm"):
+        assert "-o, --output" in project.graven("volume", sub, "--help").stdout
 
 
 def test_deploy_requires_a_reason(project: Project) -> None:

@@ -6,7 +6,9 @@ A sealed instance (see ``runtime/isolation.py`` for when this machine can seal):
   read-only tmpfs ``/`` holding a read-only bind of each of the image's top-level
   entries (so an image needs no mount points of its own), a fresh ``/proc`` and
   ``/dev``, its own writable tmpfs ``/tmp`` and ``/run``; the state dir, the ledger,
-  the host's ``/etc`` and other instances' files are not there to name;
+  the host's ``/etc`` and other instances' files are not there to name; what the
+  service declares writable is mounted over it (``graven.volumes.prepare``: named
+  volumes and host directories bound, sized tmpfs);
 - its own pid, ipc, uts, cgroup and mount namespaces (so it can signal no other
   process), and a user namespace when it runs as a non-root uid; the host's network,
   so it listens on ``HOST:PORT`` as before;
