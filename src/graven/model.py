@@ -204,6 +204,107 @@ class CanaryConfig:
 StrategyConfig = RollingConfig | BlueGreenConfig | CanaryConfig
 
 
+# Whether an instance must run sealed (its own namespaces, a read-only image root, no
+# capabilities). 'auto' seals where the machine can and says so where it cannot;
+# 'required' refuses to start an instance the runtime cannot seal.
+Isolation = Literal["auto", "required"]
+ISOLATION_MODES: tuple[Isolation, ...] = ("auto", "required")
+MIB = 1024 * 1024
+DEFAULT_TMPFS_SIZE = 64 * MIB
+# Paths an instance may not mount over: the runtime owns them.
+_RESERVED_MOUNT_PATHS = ("/", "/proc", "/sys", "/dev")
+
+
+def _check_mount_path(path: str, what: str) -> None:
+    parts = path.split("/")
+    if (
+        not path.startswith("/")
+        or "\x00" in path
+        or any(part in (".", "..") for part in parts)
+        or "//" in path
+        or (len(path) > 1 and path.endswith("/"))
+        or len(path) > 4096
+    ):
+        raise UsageError(
+            f"{what}: expected an absolute path without '.', '..' or a trailing '/' (got {path!r})"
+        )
+    if path == "/" or any(path == r or path.startswith(r + "/") for r in _RESERVED_MOUNT_PATHS):
+        raise UsageError(
+            f"{what}: {path} belongs to the runtime (/, /proc, /sys and /dev cannot be"
+            " mounted over)"
+        )
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits of one instance, enforced by the runtime; None leaves one unlimited."""
+
+    memory: int | None = None  # bytes the instance's cgroup may charge (RSS + page cache)
+    pids: int | None = None  # processes and threads together
+    cpu: float | None = None  # cores: 0.5 is half of one core's time
+
+    def __post_init__(self) -> None:
+        if self.memory is not None and not 4 * MIB <= self.memory <= 2**50:
+            raise UsageError(f"resources.memory must be 4Mi or more (got {self.memory} bytes)")
+        if self.pids is not None and not 1 <= self.pids <= 4_194_304:
+            raise UsageError(f"resources.pids must be 1 or more (got {self.pids})")
+        if self.cpu is not None and not (math.isfinite(self.cpu) and 0.01 <= self.cpu <= 1024):
+            raise UsageError(f"resources.cpu must be 0.01 cores or more (got {self.cpu})")
+
+    @property
+    def limited(self) -> bool:
+        return (self.memory, self.pids, self.cpu) != (None, None, None)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A writable path of an instance whose data outlives it: a named volume (a
+    directory under the state dir that survives replacement, rollback and 'down' until
+    'graven volume rm'), or a host directory used as it is."""
+
+    path: str  # absolute, inside the instance
+    name: str = ""  # a named volume ...
+    host_path: str = ""  # ... or a host directory (exactly one of the two)
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        _check_mount_path(self.path, "volumes.path")
+        if bool(self.name) == bool(self.host_path):
+            raise UsageError(
+                f"volume {self.path}: give exactly one of 'name' (a named volume) or 'host'"
+                " (a host directory)"
+            )
+        if self.name and not is_valid_name(self.name):
+            raise UsageError(
+                f"volume {self.path}: name {self.name!r} must be lowercase letters, digits and"
+                " '-', starting with a letter"
+            )
+        if self.host_path:
+            _check_mount_path(self.host_path, f"volume {self.path}: host")
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    """A writable, size-bounded path of an instance that starts empty and dies with it."""
+
+    path: str
+    size: int = DEFAULT_TMPFS_SIZE  # bytes
+
+    def __post_init__(self) -> None:
+        _check_mount_path(self.path, "tmpfs.path")
+        if not 4096 <= self.size <= 2**40:
+            raise UsageError(f"tmpfs {self.path}: size must be 4Ki to 1Ti (got {self.size} bytes)")
+
+
+def check_mounts(volumes: tuple[Volume, ...], tmpfs: tuple[Tmpfs, ...]) -> None:
+    """No two writable paths of one instance at the same place."""
+    seen: set[str] = set()
+    for path in [v.path for v in volumes] + [t.path for t in tmpfs]:
+        if path in seen:
+            raise UsageError(f"{path} is mounted twice (in 'volumes' or 'tmpfs')")
+        seen.add(path)
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything about a service a release freezes, besides the image digest."""
@@ -218,6 +319,13 @@ class ServiceConfig:
     target: str = "local"
     # A rollout that completes no step for this long fails (waits at gates excepted).
     progress_deadline: float = 600.0
+    resources: Resources = Resources()
+    volumes: tuple[Volume, ...] = ()
+    tmpfs: tuple[Tmpfs, ...] = ()
+    isolation: Isolation = "auto"
+
+    def __post_init__(self) -> None:
+        check_mounts(self.volumes, self.tmpfs)
 
     @property
     def preview_port(self) -> int | None:
@@ -273,6 +381,16 @@ class ConfigRecord:
     max_p99: float | None = 1.0
     min_requests: int = 50
     progress_deadline: float = 600.0
+    # sealing (0: unlimited); left out of the JSON form at their defaults, so releases
+    # recorded before these existed hash as they did
+    memory_limit: int = 0
+    pids_limit: int = 0
+    cpu_limit: float = 0.0
+    # (path in the instance, volume name, host path, read-only)
+    volumes: tuple[tuple[str, str, str, bool], ...] = ()
+    # (path in the instance, size in bytes)
+    tmpfs: tuple[tuple[str, int], ...] = ()
+    isolation: str = "auto"
 
     @classmethod
     def of(cls, config: ServiceConfig) -> ConfigRecord:
@@ -301,6 +419,12 @@ class ConfigRecord:
             max_p99=analysis.max_p99,
             min_requests=analysis.min_requests,
             progress_deadline=config.progress_deadline,
+            memory_limit=config.resources.memory or 0,
+            pids_limit=config.resources.pids or 0,
+            cpu_limit=config.resources.cpu or 0.0,
+            volumes=tuple((v.path, v.name, v.host_path, v.read_only) for v in config.volumes),
+            tmpfs=tuple((t.path, t.size) for t in config.tmpfs),
+            isolation=config.isolation,
         )
 
     def to_config(self, *, strict: bool = True) -> ServiceConfig:
@@ -336,6 +460,10 @@ class ConfigRecord:
             strategy = CanaryConfig(steps=tuple(steps), analysis=analysis)
         else:
             strategy = RollingConfig(max_surge=self.max_surge, max_unavailable=self.max_unavailable)
+        if self.isolation not in ISOLATION_MODES:
+            raise UsageError(
+                f"isolation: expected one of {', '.join(ISOLATION_MODES)} (got {self.isolation!r})"
+            )
         config = ServiceConfig(
             replicas=self.replicas,
             port=self.port,
@@ -346,6 +474,16 @@ class ConfigRecord:
             stop_grace=self.stop_grace,
             target=self.target,
             progress_deadline=self.progress_deadline,
+            resources=Resources(
+                memory=self.memory_limit or None,
+                pids=self.pids_limit or None,
+                cpu=self.cpu_limit or None,
+            ),
+            volumes=tuple(
+                Volume(path=p, name=n, host_path=h, read_only=ro) for p, n, h, ro in self.volumes
+            ),
+            tmpfs=tuple(Tmpfs(path=p, size=size) for p, size in self.tmpfs),
+            isolation=self.isolation,
         )
         if strict:
             kept = ConfigRecord.of(config)
@@ -362,6 +500,11 @@ class ConfigRecord:
         d = asdict(self)
         d["env"] = [list(kv) for kv in self.env]
         d["canary_steps"] = [list(s) for s in self.canary_steps]
+        d["volumes"] = [list(v) for v in self.volumes]
+        d["tmpfs"] = [list(t) for t in self.tmpfs]
+        for name, default in _SEALING_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -375,7 +518,22 @@ class ConfigRecord:
             (int(w), None if p is None else float(p), bool(a))
             for w, p, a in data.get("canary_steps", ())
         )
+        data["volumes"] = tuple(
+            (str(p), str(n), str(h), bool(ro)) for p, n, h, ro in data.get("volumes", ())
+        )
+        data["tmpfs"] = tuple((str(p), int(size)) for p, size in data.get("tmpfs", ()))
         return cls(**data)
+
+
+# Fields added with sealed instances, and the values that mean "not set".
+_SEALING_DEFAULTS: dict[str, Any] = {
+    "memory_limit": 0,
+    "pids_limit": 0,
+    "cpu_limit": 0.0,
+    "volumes": [],
+    "tmpfs": [],
+    "isolation": "auto",
+}
 
 
 _RELEASE_ID_RE = re.compile(r"^(?:([a-z][a-z0-9-]{0,62})@)?r?([0-9]{1,18})\Z")

@@ -160,6 +160,10 @@ class Applier:
                 image=image,
                 env=self.reveal_env(release.config.env),  # the values, only here
                 port=port,
+                resources=release.config.resources,
+                volumes=release.config.volumes,
+                tmpfs=release.config.tmpfs,
+                isolation=release.config.isolation,
             )
             handle = await asyncio.to_thread(self.runtime.start, spec)
         except GravenError as exc:

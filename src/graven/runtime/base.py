@@ -7,10 +7,10 @@ image, and stops it.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from graven.model import Image
+from graven.model import Image, Isolation, Resources, Tmpfs, Volume
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class LaunchSpec:
     env: tuple[tuple[str, str], ...]
     port: int
     host: str = "127.0.0.1"
+    # What the release's ServiceConfig says about sealing; the runtime enforces what it
+    # can and reports the rest (named volumes live under the runtime's state dir).
+    resources: Resources = field(default_factory=Resources)
+    volumes: tuple[Volume, ...] = ()
+    tmpfs: tuple[Tmpfs, ...] = ()
+    isolation: Isolation = "auto"
 
 
 @dataclass(frozen=True)

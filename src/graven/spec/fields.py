@@ -180,3 +180,52 @@ EnvMap = Annotated[
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[kmgt])?\s*$")
+_SIZE_UNITS = {"k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+SIZE_PATTERN = r"^\d+(\.\d+)?([KMGT]i?B?|[kmgt])?$"
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``1048576``, ``"256Mi"`` (or ``256MiB``: powers of 1024), ``"1G"``
+    (powers of 1000, as Kubernetes reads them)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        unit = (m.group(2) or "").removesuffix("B")
+        if unit.endswith("i"):
+            scale = 1024 ** ("KMGT".index(unit[0]) + 1)
+        elif unit:
+            scale = _SIZE_UNITS[unit.lower()]
+        else:
+            scale = 1
+        size = int(float(m.group(1)) * scale)
+    else:
+        raise ValueError(
+            f"expected a size such as 256Mi, 1Gi or a number of bytes, got {_shown(value)}"
+        )
+    if size < 0:
+        raise ValueError(f"a size cannot be negative, got {_shown(value)}")
+    return size
+
+
+MAX_SIZE = 2**50  # a pebibyte: past any machine's memory or disk
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    Field(le=MAX_SIZE),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": MAX_SIZE, "description": "Bytes."},
+                {
+                    "type": "string",
+                    "pattern": SIZE_PATTERN,
+                    "description": "A number with a unit: Ki, Mi, Gi, Ti (powers of 1024)"
+                    " or k, M, G, T (powers of 1000).",
+                },
+            ]
+        }
+    ),
+]

@@ -16,12 +16,23 @@ from pydantic import (
 )
 from pydantic_core import PydanticKnownError
 
-from graven.model import HealthCheck, ServiceConfig
+from graven.errors import UsageError
+from graven.model import (
+    DEFAULT_TMPFS_SIZE,
+    HealthCheck,
+    Resources,
+    ServiceConfig,
+    Tmpfs,
+    Volume,
+    check_mounts,
+)
 from graven.spec.fields import (
     ENV_NAME_PATTERN,
     Duration,
     EnvName,
+    Name,
     ShortDuration,
+    Size,
     StrictModel,
     check_env_value,
     env_values,
@@ -115,6 +126,82 @@ ServiceEnvMap = Annotated[
 ]
 
 
+class ResourcesSpec(StrictModel):
+    """Limits the runtime enforces on each instance (where the kernel lets it; 'graven
+    check' and 'graven status' say when it cannot)."""
+
+    memory: Size | None = Field(
+        default=None, description="Memory the instance may use (256Mi, 1Gi); killed above it."
+    )
+    pids: int | None = Field(
+        default=None, ge=1, le=4_194_304, description="Processes and threads, together."
+    )
+    cpu: float | None = Field(
+        default=None, ge=0.01, le=1024, description="Cores of CPU time: 0.5 is half a core."
+    )
+
+    def to_resources(self) -> Resources:
+        return Resources(memory=self.memory, pids=self.pids, cpu=self.cpu)
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesSpec:
+        _checked(self.to_resources)
+        return self
+
+
+class VolumeSpec(StrictModel):
+    """A writable path whose data outlives the instance."""
+
+    path: str = Field(description="Absolute path inside the instance.")
+    name: Name | None = Field(
+        default=None,
+        description="A named volume, kept under the state dir across replacements, rollbacks "
+        "and 'graven down' until 'graven volume rm NAME'.",
+    )
+    host: str | None = Field(default=None, description="Or a host directory, used as it is.")
+    read_only: bool = Field(default=False, description="Mount it read-only.")
+
+    def to_volume(self) -> Volume:
+        return Volume(
+            path=self.path,
+            name=self.name or "",
+            host_path=self.host or "",
+            read_only=self.read_only,
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> VolumeSpec:
+        _checked(self.to_volume)
+        return self
+
+
+def _tmpfs_item(v: Any) -> Any:
+    return {"path": v} if isinstance(v, str) else v
+
+
+class TmpfsSpec(StrictModel):
+    """A writable, size-bounded path that starts empty in every instance."""
+
+    path: str = Field(description="Absolute path inside the instance.")
+    size: Size = Field(default=DEFAULT_TMPFS_SIZE, description="At most this much (64Mi).")
+
+    def to_tmpfs(self) -> Tmpfs:
+        return Tmpfs(path=self.path, size=self.size)
+
+    @model_validator(mode="after")
+    def _check(self) -> TmpfsSpec:
+        _checked(self.to_tmpfs)
+        return self
+
+
+def _checked(make: Any) -> Any:
+    # The model's own checks, worded for the spec (pydantic locates a ValueError).
+    try:
+        return make()
+    except UsageError as exc:
+        raise ValueError(exc.message) from None
+
+
 def _env_file_list(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
@@ -157,6 +244,32 @@ class ServiceSpec(StrictModel):
         description="A rollout that completes no step for this long fails and goes back "
         "(manual gates, pauses and analysis windows do not count).",
     )
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    volumes: list[VolumeSpec] = Field(
+        default_factory=list,
+        description="Writable paths whose data outlives instances; everything else in an "
+        "instance is read-only.",
+    )
+    tmpfs: list[Annotated[TmpfsSpec, BeforeValidator(_tmpfs_item)]] = Field(
+        default_factory=list,
+        description="Writable paths that start empty in each instance: a path, or "
+        "{path, size}. /tmp is always one.",
+    )
+    isolation: Literal["auto", "required"] = Field(
+        default="auto",
+        description="'required': refuse to start an instance the runtime cannot seal (own "
+        "namespaces, read-only image root, no capabilities); 'auto' seals where the machine "
+        "can and says so in 'graven check' and 'graven status' where it cannot.",
+    )
+
+    @model_validator(mode="after")
+    def _mounts_apart(self) -> ServiceSpec:
+        _checked(
+            lambda: check_mounts(
+                tuple(v.to_volume() for v in self.volumes), tuple(t.to_tmpfs() for t in self.tmpfs)
+            )
+        )
+        return self
 
     def to_config(self) -> ServiceConfig:
         h = self.health
@@ -182,4 +295,8 @@ class ServiceSpec(StrictModel):
             stop_grace=self.stop_grace,
             target=self.target,
             progress_deadline=self.progress_deadline,
+            resources=self.resources.to_resources(),
+            volumes=tuple(v.to_volume() for v in self.volumes),
+            tmpfs=tuple(t.to_tmpfs() for t in self.tmpfs),
+            isolation=self.isolation,
         )
