@@ -59,7 +59,10 @@ _RUNTIME_MOUNTS = frozenset({"proc", "dev", "tmp", "run"})
 # the image tree is bound where that uid can reach it.
 _STAGE = "/mnt"
 _STAGE_SHIM = (
-    f'mount --bind "$0" {_STAGE} && uid=$1 gid=$2 && shift 2 && '
+    f"set -e; mount -t tmpfs -o mode=0755 graven {_STAGE}; mkdir {_STAGE}/root; "
+    f'mount --bind "$0" {_STAGE}/root; uid=$1; gid=$2; n=$3; shift 3; i=0; '
+    f'while [ "$i" -lt "$n" ]; do mkdir {_STAGE}/v$i; mount --bind "$1" {_STAGE}/v$i; '
+    "shift; i=$((i + 1)); done; "
     'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"'
 )
 _CHILD_PID_WAIT = 10.0  # seconds bubblewrap may take to report its child
@@ -149,6 +152,19 @@ class ProcessRuntime:
         pid_file = inst_dir / "pid"
         env = self.environment(spec)
         isolation = self.isolation
+        if spec.isolation == "required" and not isolation.sealed:
+            raise RuntimeFailure(
+                f"{spec.instance_id}: the service requires isolation, and this machine cannot "
+                f"seal instances: {isolation.reason}",
+                hint="Install bubblewrap and allow user namespaces (or run graven as root), "
+                "or set 'isolation: auto' to run unsealed.",
+            )
+        if (spec.volumes or spec.tmpfs) and not isolation.sealed:
+            raise RuntimeFailure(
+                f"{spec.instance_id}: volumes and tmpfs need sealed instances, and this machine "
+                f"cannot seal: {isolation.reason}",
+                hint="Install bubblewrap and allow user namespaces (or run graven as root).",
+            )
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             if isolation.sealed:
@@ -172,6 +188,28 @@ class ProcessRuntime:
         self._started[proc.pid] = (proc.pid, pid_file)
         return Handle(pid=proc.pid, pid_start=started)
 
+    def volume_sources(self, spec: LaunchSpec, user: ImageUser | None) -> list[Path]:
+        """The host directory of each of ``spec``'s volumes, in order. A named volume
+        is made on first use under the state dir, owned by the instance's user."""
+        sources = []
+        for volume in spec.volumes:
+            if volume.host_path:
+                source = Path(volume.host_path)
+                if not source.is_dir():
+                    raise RuntimeFailure(
+                        f"{spec.instance_id}: volume {volume.path}: host directory "
+                        f"{source} does not exist",
+                        hint="Create it (writable by the instance's user), or use a named volume.",
+                    )
+            else:
+                source = volume_dir(self.state_dir, volume.name)
+                if not source.is_dir():
+                    source.mkdir(parents=True, mode=0o700)
+                    if user is not None and os.geteuid() == 0:
+                        os.chown(source, user.uid, user.gid)
+            sources.append(source)
+        return sources
+
     def sealed_argv(
         self,
         spec: LaunchSpec,
@@ -181,24 +219,38 @@ class ProcessRuntime:
         status_fd: int,
     ) -> list[str]:
         """The command line that starts the instance sealed, its root the image tree
-        at ``root`` (see the module docstring)."""
+        at ``root`` (see the module docstring), with the spec's volumes and tmpfs."""
         staged = os.geteuid() == 0 and user is not None and user.uid != 0
+        sources = self.volume_sources(spec, user)
         # bubblewrap runs as the instance's uid then, and that uid cannot walk the
-        # private state dir: a mount namespace of its own shows it the tree at STAGE.
-        seen_at = Path(_STAGE) if staged else root
+        # private state dir: a mount namespace of its own shows it the tree (and the
+        # volumes) under STAGE.
+        seen_at = Path(_STAGE) / "root" if staged else root
         argv = [self.isolation.bwrap, "--tmpfs", "/"]
         for name, target in _top_level(root):
             if target is not None:
                 argv += ["--symlink", target, f"/{name}"]
             else:
                 argv += ["--ro-bind", str(seen_at / name), f"/{name}"]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        own_tmpfs = {t.path for t in spec.tmpfs}
+        for default in ("/tmp", "/run"):
+            if default not in own_tmpfs:
+                argv += ["--tmpfs", default]
+        for tmpfs in spec.tmpfs:
+            _check_mount_point(spec, root, tmpfs.path)
+            argv += ["--size", str(tmpfs.size), "--tmpfs", tmpfs.path]
+        for index, (volume, source) in enumerate(zip(spec.volumes, sources, strict=True)):
+            _check_mount_point(spec, root, volume.path)
+            seen = Path(_STAGE) / f"v{index}" if staged else source
+            argv += ["--ro-bind" if volume.read_only else "--bind", str(seen), volume.path]
         argv += ["--remount-ro", "/"]
         argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         if user is not None and (user.uid != 0 or os.geteuid() != 0):
             argv += ["--unshare-user", "--uid", str(user.uid), "--gid", str(user.gid)]
+            argv += ["--disable-userns"]
         elif user is None:
-            argv += ["--unshare-user"]  # not root: bubblewrap needs one to do the rest
+            argv += ["--unshare-user", "--disable-userns"]  # not root: bubblewrap needs one
         argv += ["--hostname", spec.instance_id[:64], "--new-session", "--cap-drop", "ALL"]
         argv += ["--chdir", spec.image.config.workdir, "--json-status-fd", str(status_fd)]
         argv += ["--", *command]
@@ -211,6 +263,8 @@ class ProcessRuntime:
             str(root),
             str(user.uid),
             str(user.gid),
+            str(len(sources)),
+            *map(str, sources),
             *argv,
         ]
 
@@ -311,6 +365,23 @@ class ProcessRuntime:
         except OSError:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def volume_dir(state_dir: Path, name: str) -> Path:
+    """Where the named volume ``name`` keeps its data: under the state dir."""
+    return state_dir / "volumes" / name
+
+
+def _check_mount_point(spec: LaunchSpec, root: Path, path: str) -> None:
+    """A volume or tmpfs goes at the top of the instance's tree, or on a directory the
+    image has: inside the image's read-only tree none can be made."""
+    top = path.split("/")[1]
+    if "/" in path.lstrip("/") and (root / top).exists() and not (root / path.lstrip("/")).is_dir():
+        raise RuntimeFailure(
+            f"{spec.instance_id}: cannot mount {path}: the image has no directory there",
+            hint=f"Make {path} in the image (a 'run: mkdir -p {path}' step), or mount at a "
+            f"top-level path such as /{path.rsplit('/', 1)[1]}.",
+        )
 
 
 def read_pid_file(path: Path) -> tuple[int | None, int | None]:

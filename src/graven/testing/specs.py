@@ -13,6 +13,9 @@ from typing import Any
 
 import yaml
 
+# The example app is standard-library Python: it runs on this host's Python, which the
+# recipe puts into the image (instances see nothing of the host's).
+HELLO_BASE = "host-python"
 HELLO_STEPS: tuple[Mapping[str, str], ...] = (
     {"copy": "app", "to": "/app"},
     {"workdir": "/app"},
@@ -70,7 +73,7 @@ def hello_spec(*, comment: str = "", **service: Any) -> str:
     """The example service's whole spec; ``service`` as for ``hello_service``."""
     return render(
         {
-            "images": {"hello": {"steps": [dict(s) for s in HELLO_STEPS]}},
+            "images": {"hello": {"base": HELLO_BASE, "steps": [dict(s) for s in HELLO_STEPS]}},
             "services": {"hello": hello_service(**service)},
         },
         comment=comment,
