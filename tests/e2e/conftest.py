@@ -29,8 +29,8 @@ import pytest
 
 from graven import detached
 from graven.build.bases.host_python import host_python_base
-from graven.store.cas import ContentStore
 from graven.spec import scaffold
+from graven.store.cas import ContentStore
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import eventually, free_port
 from graven.testing.registry import Registry, running_registry

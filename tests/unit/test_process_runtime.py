@@ -11,13 +11,13 @@ from graven.errors import RuntimeFailure
 from graven.model import ImageConfig
 from graven.runtime.base import LaunchSpec
 from graven.runtime.image_user import ImageUser, resolve_image_user
-from graven.runtime.isolation import Isolation
+from graven.runtime.isolation import IsolationSupport
 from graven.runtime.process import ProcessRuntime, read_pid_file
 from graven.store.cas import ContentStore
 from graven.store.tree_model import SYMLINK_MODE, Tree, TreeEntry
 from tests.requires import need_tool
 
-UNSEALED = Isolation(False, reason="as on a machine without bubblewrap")
+UNSEALED = IsolationSupport(False, reason="as on a machine without bubblewrap")
 
 
 def launch(

@@ -47,7 +47,7 @@ from graven.errors import GravenError, RuntimeFailure
 from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.image_user import UNPRIVILEGED, ImageUser, resolve_image_user
-from graven.runtime.isolation import Isolation, probe
+from graven.runtime.isolation import IsolationSupport, probe
 from graven.store.base import ImageStore
 
 # Unsealed only: the instance writes its pid itself, before it becomes the entrypoint.
@@ -73,7 +73,9 @@ _ENTRY_HINT = "Fix the recipe's 'entrypoint' step, rebuild and deploy again."
 class ProcessRuntime:
     """Runtime adapter for sealed host processes (unsealed where the machine cannot)."""
 
-    def __init__(self, state_dir: Path, store: ImageStore, isolation: Isolation | None = None):
+    def __init__(
+        self, state_dir: Path, store: ImageStore, isolation: IsolationSupport | None = None
+    ):
         self.state_dir = state_dir
         self.store = store
         self._isolation = isolation
@@ -82,7 +84,7 @@ class ProcessRuntime:
         self._started: dict[int, tuple[int, Path]] = {}
 
     @property
-    def isolation(self) -> Isolation:
+    def isolation(self) -> IsolationSupport:
         """Whether instances started here are sealed (probed at first use)."""
         if self._isolation is None:
             self._isolation = probe()
