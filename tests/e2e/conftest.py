@@ -65,6 +65,7 @@ class Project:
         start_timeout: str | None = "20s",
         strategy: Mapping[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        volumes: list[dict[str, Any]] | None = None,
     ) -> None:
         """The example service's spec; ``env``: variables beside ``VERSION``."""
         (self.root / "graven.yaml").write_text(
@@ -76,6 +77,7 @@ class Project:
                 start_timeout=start_timeout,
                 strategy=strategy,
                 env=env,
+                volumes=volumes or (),
             )
         )
         # A new version is a new image, not only new config.

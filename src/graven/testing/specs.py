@@ -8,7 +8,7 @@ env value is always quoted as it must be.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -51,6 +51,7 @@ def hello_service(
     stop_grace: str = "5s",
     strategy: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    volumes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     health: dict[str, Any] = {"path": health_path, "interval": health_interval}
     if start_timeout is not None:
@@ -66,6 +67,8 @@ def hello_service(
     if strategy:
         service["strategy"] = dict(strategy)
     service["env"] = {"VERSION": version, **(env or {})}
+    if volumes:
+        service["volumes"] = [dict(v) for v in volumes]
     return service
 
 

@@ -44,6 +44,7 @@ _STDLIB_SKIP_TOP = frozenset({"site-packages", "dist-packages"})
 _STDLIB_SKIP_TOP_PREFIX = "config-"  # libpythonX.Y.a and the Makefile: for building C code
 _EMPTY_DIRS = ("dev", "proc", "sys", "tmp")  # mount points runtimes need in a read-only root
 _LOADED_ON_DEMAND = ("libgcc_s.so.1",)  # dlopen()ed by glibc (pthread_exit, backtraces)
+_ALIASES = ("python3", "python")  # names the interpreter answers to in the image
 _LDD_TIMEOUT = 30.0
 _PROBE_TIMEOUT = 30.0
 _MAX_SYMLINK_HOPS = 40
@@ -318,13 +319,19 @@ def make_host_python_base(
         f"  {len(libraries)} shared libraries for {len(objects)} binaries; "
         f"{len(library_dirs)} library directories",
     )
+    # 'python3 app.py' must find it by the names people use, whatever the host calls it.
+    here, called = posixpath.split(binary)
+    for alias in _ALIASES:
+        link = posixpath.join(here, alias)
+        if alias != called and link not in closure.files and link not in closure.links:
+            closure.links[link] = called
     rootfs = closure.tree(store, ignore)
     labels = {
         BASE_LABEL + "kind": "host-python",
         BASE_LABEL + "python.version": runtime.version,
         BASE_LABEL + "python.implementation": runtime.implementation,
     }
-    path_dirs = [posixpath.dirname(runtime.executable), *DEFAULT_IMAGE_PATH.split(":")]
+    path_dirs = [posixpath.dirname(runtime.executable), here, *DEFAULT_IMAGE_PATH.split(":")]
     config = ImageConfig(
         entrypoint=(runtime.executable,),
         env=(("PATH", ":".join(dict.fromkeys(path_dirs))),),
