@@ -55,6 +55,7 @@ from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
+from graven.runtime.isolation import describe_isolation
 
 log = logging.getLogger("graven.controller.api")
 
@@ -417,6 +418,7 @@ class Api:
         return StatusView(
             self.engine_status(wanted),
             state_dir=from_json(StateDirView, self.engine.upkeep.disk.report(), "state dir report"),
+            isolation=describe_isolation(self.engine.runtime),
         )
 
     def engine_status(self, wanted: str | None) -> tuple[ServiceStatus, ...]:

@@ -99,3 +99,9 @@ def probe() -> IsolationSupport:
             reason=f"user namespaces cannot be created{who}: {said[0].removeprefix('bwrap: ')}",
         )
     return IsolationSupport(True, bwrap=bwrap)
+
+
+def describe_isolation(runtime: object) -> str | None:
+    """What ``status`` says of how ``runtime`` runs instances here, if it seals."""
+    support = getattr(runtime, "isolation", None)
+    return support.describe() if isinstance(support, IsolationSupport) else None
