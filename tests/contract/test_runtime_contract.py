@@ -15,7 +15,7 @@ import pytest
 
 from graven.model import Image, ImageConfig
 from graven.runtime.base import Handle, LaunchSpec, Runtime
-from graven.runtime.isolation import Isolation
+from graven.runtime.isolation import IsolationSupport
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 from graven.store.tree_model import SYMLINK_MODE, Tree, TreeEntry
@@ -71,7 +71,7 @@ class FakeHarness:
 class ProcessHarness:
     """``isolation``: None to seal as this machine can (which must be sealed, here)."""
 
-    def __init__(self, tmp_path: Path, isolation: Isolation | None = None) -> None:
+    def __init__(self, tmp_path: Path, isolation: IsolationSupport | None = None) -> None:
         self.state_dir = tmp_path / "state"
         self.store = ContentStore(tmp_path / "store")
         self.isolation = isolation
@@ -144,7 +144,9 @@ class TestUnsealedProcessRuntime(RuntimeContract):
 
     @pytest.fixture
     def runtime_harness(self, tmp_path: Path) -> Iterator[RuntimeHarness]:
-        harness = ProcessHarness(tmp_path, Isolation(False, reason="as on a machine without it"))
+        harness = ProcessHarness(
+            tmp_path, IsolationSupport(False, reason="as on a machine without it")
+        )
         try:
             yield harness
         finally:

@@ -1,6 +1,5 @@
-"""The examples under ``examples/`` as e2e projects: copied to a temp dir, their image
-started from this host's Python (``graven base host-python``), their spec adjusted
-only where a test must (port, replicas, env, fast health checks).
+"""The examples under ``examples/`` as e2e projects: copied to a temp dir, their spec
+adjusted only where a test must (port, replicas, env, fast health checks).
 
 The examples run sealed (bubblewrap, the image as the read-only root, a non-root
 uid), so these tests need root and bwrap: off CI they skip without, under CI they fail.
@@ -24,7 +23,6 @@ from tests.e2e.conftest import Project, _kill_recorded, free_port
 from tests.requires import need_root, need_tool
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-PLACEHOLDER = "HOST_PYTHON"
 
 
 def example_project(tmp_path: Path, example: str) -> Iterator[Project]:
@@ -53,12 +51,9 @@ def write_spec(
     more_volumes: list[dict[str, Any]] | None = None,
     **env: str,
 ) -> None:
-    """The example's own spec, with this host's Python as the base, the project's port,
-    ``replicas``, fast health checks, ``more_volumes`` and ``env`` added to the
+    """The example's own spec, with the project's port, ``replicas``, fast health checks, ``more_volumes`` and ``env`` added to the
     service's."""
-    text = (EXAMPLES / example / "graven.yaml").read_text()
-    made = project.graven("base", "host-python", "-o", "json", timeout=300).json()
-    doc: dict[str, Any] = yaml.safe_load(text.replace(PLACEHOLDER, made["digest"]))
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / example / "graven.yaml").read_text())
     doc.pop("version")
     ((_name, service),) = doc["services"].items()
     service.update(

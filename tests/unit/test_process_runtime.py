@@ -10,17 +10,30 @@ from graven import detached
 from graven.errors import RuntimeFailure
 from graven.model import ImageConfig
 from graven.runtime.base import LaunchSpec
-from graven.runtime.process import ProcessRuntime
+from graven.runtime.image_user import ImageUser, resolve_image_user
+from graven.runtime.isolation import IsolationSupport
+from graven.runtime.process import ProcessRuntime, read_pid_file
 from graven.store.cas import ContentStore
-from graven.store.tree_model import Tree
+from graven.store.tree_model import SYMLINK_MODE, Tree, TreeEntry
+from tests.requires import need_tool
+
+UNSEALED = IsolationSupport(False, reason="as on a machine without bubblewrap")
 
 
 def launch(
     tmp_path: Path, entrypoint: tuple[str, ...], env: dict[str, str] | None = None
 ) -> tuple[ProcessRuntime, LaunchSpec]:
+    """An image of busybox (``sh`` is its applet), run unsealed: these tests are about
+    what the runtime says, the same either way; sealing has its own e2e suite."""
     store = ContentStore(tmp_path / "store")
-    image = store.put_image(store.put_tree(Tree.of([])), ImageConfig(entrypoint=entrypoint))
-    runtime = ProcessRuntime(tmp_path / "state", store)
+    root = store.place(
+        store.put_tree(Tree.of([])), "/bin/busybox", store.ingest(Path(need_tool("busybox")))
+    )
+    for applet in ("sh", "sleep"):
+        link = TreeEntry(applet, "symlink", SYMLINK_MODE, 7, target="busybox")
+        root = store.place(root, f"/bin/{applet}", link)
+    image = store.put_image(root, ImageConfig(entrypoint=entrypoint))
+    runtime = ProcessRuntime(tmp_path / "state", store, UNSEALED)
     spec = LaunchSpec(
         instance_id="web-r1-0001",
         service="web",
@@ -40,15 +53,48 @@ def test_a_nul_byte_in_the_env_is_a_clear_start_failure(tmp_path: Path) -> None:
 
 
 def test_a_missing_program_is_a_clear_start_failure(tmp_path: Path) -> None:
-    runtime, spec = launch(tmp_path, ("no-such-program-anywhere",))
-    with pytest.raises(RuntimeFailure, match="neither in the image nor on the host PATH"):
+    runtime, spec = launch(tmp_path, ("python3", "app.py"))
+    with pytest.raises(RuntimeFailure, match="'python3' is not in the image") as err:
         runtime.start(spec)
+    assert "base: host-python" in (err.value.hint or "")
 
 
 def test_how_an_instance_ended_is_known(tmp_path: Path) -> None:
-    runtime, spec = launch(tmp_path, ("sh", "-c", "exit 3"))
+    runtime, spec = launch(tmp_path, ("sh", "-c", "sleep 0.5; exit 3"))
     handle = runtime.start(spec)
     assert detached.wait_until(lambda: not runtime.alive(handle), 10)
     assert runtime.exit_reason(handle) == "exited with code 3"
     runtime.forget(handle)
     assert runtime.exit_reason(handle) == ""
+
+
+def test_a_pid_file_is_a_bare_pid_or_bubblewraps_status_lines(tmp_path: Path) -> None:
+    path = tmp_path / "pid"
+    path.write_text("123\n")
+    assert read_pid_file(path) == (123, None)
+    path.write_text('{ "child-pid": 77, "pid-namespace": 1 }\n{ "exit-code": 143 }\n')
+    assert read_pid_file(path) == (77, 143)
+    path.write_text('{ "child-pi')  # being written
+    assert read_pid_file(path) == (None, None)
+    assert read_pid_file(tmp_path / "missing") == (None, None)
+
+
+def test_image_users_come_from_the_images_own_passwd_and_group(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/app:/bin/false\n")
+    (etc / "group").write_text("root:x:0:\nstaff:x:50:\n")
+    assert resolve_image_user(tmp_path, "app") == ImageUser(1000, 1001)
+    assert resolve_image_user(tmp_path, "app:staff") == ImageUser(1000, 50)
+    assert resolve_image_user(tmp_path, "1000") == ImageUser(1000, 1001)
+    assert resolve_image_user(tmp_path, "4242") == ImageUser(4242, 4242)
+    assert resolve_image_user(tmp_path, "4242:7") == ImageUser(4242, 7)
+    with pytest.raises(RuntimeFailure, match="'nobody' is not in the image's /etc/passwd"):
+        resolve_image_user(tmp_path, "nobody")
+    with pytest.raises(RuntimeFailure, match="'wheel' is not in the image's /etc/group"):
+        resolve_image_user(tmp_path, "app:wheel")
+    # Never the host's files, even through a symlink.
+    (etc / "passwd").unlink()
+    (etc / "passwd").symlink_to("/etc/passwd")
+    with pytest.raises(RuntimeFailure, match="'root' is not in the image's"):
+        resolve_image_user(tmp_path, "root")

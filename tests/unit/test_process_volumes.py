@@ -4,6 +4,7 @@ Also the argv it builds, and the paths it refuses before starting anything."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from graven.detached import wait_until
 from graven.errors import RuntimeFailure
 from graven.model import ImageConfig, Tmpfs, Volume
 from graven.runtime.base import LaunchSpec
-from graven.runtime.process import ProcessRuntime, _mount_args
+from graven.runtime.image_user import ImageUser
+from graven.runtime.isolation import IsolationSupport
+from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
-from graven.volumes import Mount, check_mount_points
+from graven.volumes import check_mount_points
 from tests.contract.test_runtime_contract import make_image
 from tests.requires import missing
 
@@ -80,25 +83,44 @@ def test_an_instance_writes_its_volumes_and_tmpfs_and_nothing_else(tmp_path: Pat
     assert "size=1024k" in scratch
 
 
-def test_volume_binds_and_tmpfs_go_outer_first_and_staged_when_asked() -> None:
-    store_spec = LaunchSpec(
-        "web-r1-a",
-        "web",
-        1,
-        None,  # type: ignore[arg-type]  # only the mounts are read
-        (),
-        1,
-        tmpfs=(Tmpfs("/data/cache", size=4096), Tmpfs("/b")),
+def test_volume_binds_and_tmpfs_go_outer_first_and_staged_for_another_uid(
+    tmp_path: Path,
+) -> None:
+    store = ContentStore(tmp_path / "store")
+    runtime = ProcessRuntime(tmp_path / "state", store, IsolationSupport(True, bwrap="/bwrap"))
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    spec = dataclasses.replace(
+        probe_spec(runtime, conf, store),
+        tmpfs=(Tmpfs("/data/cache", size=4096), Tmpfs("/b", size=8192)),
     )
-    mounts = (Mount(Path("/s/v/data"), "/data", False), Mount(Path("/srv/c"), "/c", True))
-    assert _mount_args(mounts, store_spec, staged=False) == [
-        *("--size", str(64 * 1024 * 1024), "--tmpfs", "/b"),
-        *("--ro-bind", "/srv/c", "/c"),
-        *("--bind", "/s/v/data", "/data"),
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    data = str(tmp_path / "state" / "volumes" / "data" / "data")
+
+    def mounts(argv: list[str]) -> list[str]:
+        end = argv.index("--remount-ro")
+        return argv[end - 14 : end]
+
+    # As graven's own user: bubblewrap binds the volumes from where they are.
+    own = runtime.sealed_argv(spec, root, ["/bin/sh"], ImageUser(os.getuid(), os.getgid()), 3)
+    staged = os.geteuid() == 0 and os.getuid() != 0
+    assert mounts(own) == [
+        *("--size", "8192", "--tmpfs", "/b"),
+        *("--ro-bind", "/mnt/v1" if staged else str(conf), "/conf"),
+        *("--bind", "/mnt/v0" if staged else data, "/data"),
         *("--size", "4096", "--tmpfs", "/data/cache"),
     ]
-    staged = _mount_args(mounts, store_spec, staged=True)
-    assert staged[4:10] == ["--ro-bind", "/mnt/1", "/c", "--bind", "/mnt/0", "/data"]
+    if os.geteuid() != 0:
+        return
+    # As root for a non-root uid, which cannot walk the private state dir: a private
+    # mount namespace first binds each volume at /mnt/vN, in the same order.
+    other = ProcessRuntime(tmp_path / "other", store, IsolationSupport(True, bwrap="/bwrap"))
+    nobody = other.sealed_argv(spec, root, ["/bin/sh"], ImageUser(65534, 65534), 3)
+    after_root = nobody.index(str(root)) + 3
+    theirs = str(tmp_path / "other" / "volumes" / "data" / "data")
+    assert nobody[after_root : after_root + 3] == ["2", theirs, str(conf)]
+    assert mounts(nobody)[4:10] == ["--ro-bind", "/mnt/v1", "/conf", "--bind", "/mnt/v0", "/data"]
 
 
 def test_mount_paths_the_read_only_image_cannot_take_are_refused(tmp_path: Path) -> None:
@@ -133,13 +155,13 @@ def test_mount_paths_the_read_only_image_cannot_take_are_refused(tmp_path: Path)
 
 
 def test_unsealed_an_instance_with_volumes_is_refused_saying_why(tmp_path: Path) -> None:
-    from graven.runtime.isolation import Isolation
-
     store = ContentStore(tmp_path / "store")
-    runtime = ProcessRuntime(tmp_path / "state", store, Isolation(False, reason="no bwrap here"))
+    runtime = ProcessRuntime(
+        tmp_path / "state", store, IsolationSupport(False, reason="no bwrap here")
+    )
     host_dir = tmp_path / "conf"
     host_dir.mkdir()
-    with pytest.raises(RuntimeFailure, match="need a sealed instance.*no bwrap here") as err:
+    with pytest.raises(RuntimeFailure, match=r"need sealed instances.*no bwrap here") as err:
         runtime.start(probe_spec(runtime, host_dir, store))
     assert err.value.hint and "bubblewrap" in err.value.hint
     assert not (tmp_path / "state" / "volumes").exists()  # nothing made for it

@@ -44,16 +44,24 @@ def check(ctx: click.Context, output: str) -> None:
     Ports already taken by another program are warnings: the spec is valid, but a
     deploy could not start the service's router there until the port is freed.
     """
+    from graven.runtime.isolation import probe
+
     app = app_context(ctx)
     loaded = app.spec()
     spec = loaded.spec
-    warnings = _port_warnings(app, loaded)
+    support = probe()
+    warnings = [
+        *_port_warnings(app, loaded),
+        *_entrypoint_warnings(loaded),
+        *_isolation_warnings(loaded, support.reason),
+    ]
     data = {
         "file": str(loaded.path),
         "valid": True,
         "images": sorted(spec.images),
         "services": sorted(spec.services),
         "targets": sorted(spec.targets),
+        "isolation": support.to_dict(),
         "warnings": [w.to_dict() for w in warnings],
     }
     out = Output(output)
@@ -67,8 +75,66 @@ def check(ctx: click.Context, output: str) -> None:
             f"[green]ok[/] {d['file']}: {len(d['images'])} image(s), "
             f"{len(d['services'])} service(s), {len(d['targets'])} target(s)"
         )
+        shown = escape(support.describe())
+        con.print(
+            f"isolation: [green]{shown}[/]" if support.sealed else f"isolation: [yellow]{shown}[/]"
+        )
 
     out.emit(data, render)
+
+
+def _entrypoint_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
+    """An image from scratch whose entrypoint names a program by PATH (``python3``)
+    while no step copies anything onto a PATH directory: instances run with the image
+    as their root, so that program is not there."""
+    from graven.build.interpreter import DEFAULT_IMAGE_PATH, HOST_PYTHON_HINT
+    from graven.spec.recipe import SCRATCH, CopyStep, EntrypointStep, RunStep
+
+    path_dirs = DEFAULT_IMAGE_PATH.split(":")
+    found = []
+    for name, recipe in sorted(loaded.spec.images.items()):
+        if recipe.base != SCRATCH or any(isinstance(s, RunStep) for s in recipe.steps):
+            continue
+        targets = [s.to.rstrip("/") or "/" for s in recipe.steps if isinstance(s, CopyStep)]
+        for index, step in enumerate(recipe.steps):
+            if not isinstance(step, EntrypointStep) or "/" in step.entrypoint[0]:
+                continue
+            if any(
+                t == "/" or any(d.startswith(t) or t.startswith(d) for d in path_dirs)
+                for t in targets
+            ):
+                continue
+            key_path = f"images.{name}.steps[{index}].entrypoint"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"{step.entrypoint[0]!r} is not in an image that starts from scratch and "
+                    f"copies nothing onto its PATH; instances will not start. {HOST_PYTHON_HINT}",
+                )
+            )
+    return found
+
+
+def _isolation_warnings(loaded: LoadedSpec, reason: str) -> list[SpecProblem]:
+    """A service that requires isolation, on a machine that cannot seal instances."""
+    if not reason:
+        return []
+    found = []
+    for name, service in sorted(loaded.spec.services.items()):
+        if service.isolation == "required":
+            key_path = f"services.{name}.isolation"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"required, but instances cannot be sealed on this machine ({reason}):"
+                    " they will not start here",
+                )
+            )
+    return found
 
 
 # Routers listen on loopback (the spec's 'port' says so).

@@ -207,6 +207,11 @@ def status(view: StatusView, now: float) -> list[Line]:
     """``graven status``: each service's release, traffic, rollout and instances
     (their ages as of ``now``)."""
     lines = controller_stopped(view.controller) + state_dir_problem(view.state_dir)
+    if view.isolation is not None:
+        sealed = view.isolation == "sealed"
+        lines.append(
+            (f"isolation: {view.isolation}" if sealed else yellow(f"isolation: {view.isolation}"),)
+        )
     if not view.services:
         lines.append(("nothing deployed yet: run 'graven deploy -m WHY'",))
     for s in view.services:

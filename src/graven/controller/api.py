@@ -65,6 +65,7 @@ from graven.model import (
     Volume,
     release_id,
 )
+from graven.runtime.isolation import describe_isolation
 
 log = logging.getLogger("graven.controller.api")
 
@@ -432,6 +433,7 @@ class Api:
         return StatusView(
             self.engine_status(wanted),
             state_dir=from_json(StateDirView, self.engine.upkeep.disk.report(), "state dir report"),
+            isolation=describe_isolation(self.engine.runtime),
         )
 
     def engine_status(self, wanted: str | None) -> tuple[ServiceStatus, ...]:

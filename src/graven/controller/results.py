@@ -293,6 +293,8 @@ class StatusView:
     services: tuple[ServiceStatus, ...]
     controller: str | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
     state_dir: StateDirView | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
+    # How the runtime runs instances here: "sealed", or "none (why not)".
+    isolation: str | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)

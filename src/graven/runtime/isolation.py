@@ -27,7 +27,7 @@ NONE: Final = "none"
 _PROBE_TIMEOUT = 10.0
 
 
-class Isolation(NamedTuple):
+class IsolationSupport(NamedTuple):
     """How instances run here: ``sealed`` (with ``bwrap``, its path) or not (``reason``)."""
 
     sealed: bool
@@ -60,15 +60,17 @@ def bwrap_program() -> str | None:
 
 
 @functools.cache
-def probe() -> Isolation:
+def probe() -> IsolationSupport:
     """Can an instance be sealed here? Tried once per process (see the module doc)."""
     named = os.environ.get(BWRAP_ENV, "")
     if named == NONE:
-        return Isolation(False, reason=f"turned off by {BWRAP_ENV}=none")
+        return IsolationSupport(False, reason=f"turned off by {BWRAP_ENV}=none")
     bwrap = bwrap_program()
     if bwrap is None:
         where = named or "PATH"
-        return Isolation(False, reason=f"bubblewrap (bwrap) not found on {where}; install it")
+        return IsolationSupport(
+            False, reason=f"bubblewrap (bwrap) not found on {where}; install it"
+        )
     root = os.geteuid() == 0
     argv = [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL"]
@@ -88,12 +90,18 @@ def probe() -> Isolation:
             extra_groups=[] if root else None,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return Isolation(False, reason=f"{bwrap} cannot run: {exc}")
+        return IsolationSupport(False, reason=f"{bwrap} cannot run: {exc}")
     if done.returncode != 0:
         said = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         who = "" if root else " by this user (not root)"
-        return Isolation(
+        return IsolationSupport(
             False,
             reason=f"user namespaces cannot be created{who}: {said[0].removeprefix('bwrap: ')}",
         )
-    return Isolation(True, bwrap=bwrap)
+    return IsolationSupport(True, bwrap=bwrap)
+
+
+def describe_isolation(runtime: object) -> str | None:
+    """What ``status`` says of how ``runtime`` runs instances here, if it seals."""
+    support = getattr(runtime, "isolation", None)
+    return support.describe() if isinstance(support, IsolationSupport) else None

@@ -6,9 +6,7 @@ A sealed instance (see ``runtime/isolation.py`` for when this machine can seal):
   read-only tmpfs ``/`` holding a read-only bind of each of the image's top-level
   entries (so an image needs no mount points of its own), a fresh ``/proc`` and
   ``/dev``, its own writable tmpfs ``/tmp`` and ``/run``; the state dir, the ledger,
-  the host's ``/etc`` and other instances' files are not there to name; what the
-  service declares writable is mounted over it (``graven.volumes.prepare``: named
-  volumes and host directories bound, sized tmpfs);
+  the host's ``/etc`` and other instances' files are not there to name;
 - its own pid, ipc, uts, cgroup and mount namespaces (so it can signal no other
   process), and a user namespace when it runs as a non-root uid; the host's network,
   so it listens on ``HOST:PORT`` as before;
@@ -49,9 +47,9 @@ from graven.errors import GravenError, RuntimeFailure
 from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.image_user import UNPRIVILEGED, ImageUser, resolve_image_user
-from graven.runtime.isolation import Isolation, probe
+from graven.runtime.isolation import IsolationSupport, probe
 from graven.store.base import ImageStore
-from graven.volumes import Mount, check_mount_points, prepare
+from graven.volumes import check_mount_points, prepare
 
 # Unsealed only: the instance writes its pid itself, before it becomes the entrypoint.
 _PID_SHIM = 'echo $$ > "$0" && exec "$@"'
@@ -60,13 +58,12 @@ _RUNTIME_MOUNTS = frozenset({"proc", "dev", "tmp", "run"})
 # As root, bubblewrap runs as the instance's uid (the uid the host then sees; in its
 # user namespace it can still make the rest). First, in a private mount namespace,
 # the image tree is bound where that uid can reach it.
-# The volumes the instance mounts are bound there too, at STAGE/0, STAGE/1, ...
 _STAGE = "/mnt"
 _STAGE_SHIM = (
-    f"mount -t tmpfs -o mode=0755 graven-stage {_STAGE} && mkdir {_STAGE}/root && "
-    f'mount --bind "$0" {_STAGE}/root && uid=$1 gid=$2 n=$3 && shift 3 && i=0 && '
-    f'while [ "$i" -lt "$n" ]; do mkdir "{_STAGE}/$i" && mount --bind "$1" "{_STAGE}/$i" '
-    "|| exit 125; shift; i=$((i + 1)); done && "
+    f"set -e; mount -t tmpfs -o mode=0755 graven {_STAGE}; mkdir {_STAGE}/root; "
+    f'mount --bind "$0" {_STAGE}/root; uid=$1; gid=$2; n=$3; shift 3; i=0; '
+    f'while [ "$i" -lt "$n" ]; do mkdir {_STAGE}/v$i; mount --bind "$1" {_STAGE}/v$i; '
+    "shift; i=$((i + 1)); done; "
     'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"'
 )
 _CHILD_PID_WAIT = 10.0  # seconds bubblewrap may take to report its child
@@ -77,7 +74,9 @@ _ENTRY_HINT = "Fix the recipe's 'entrypoint' step, rebuild and deploy again."
 class ProcessRuntime:
     """Runtime adapter for sealed host processes (unsealed where the machine cannot)."""
 
-    def __init__(self, state_dir: Path, store: ImageStore, isolation: Isolation | None = None):
+    def __init__(
+        self, state_dir: Path, store: ImageStore, isolation: IsolationSupport | None = None
+    ):
         self.state_dir = state_dir
         self.store = store
         self._isolation = isolation
@@ -86,7 +85,7 @@ class ProcessRuntime:
         self._started: dict[int, tuple[int, Path]] = {}
 
     @property
-    def isolation(self) -> Isolation:
+    def isolation(self) -> IsolationSupport:
         """Whether instances started here are sealed (probed at first use)."""
         if self._isolation is None:
             self._isolation = probe()
@@ -156,21 +155,23 @@ class ProcessRuntime:
         pid_file = inst_dir / "pid"
         env = self.environment(spec)
         isolation = self.isolation
+        if spec.isolation == "required" and not isolation.sealed:
+            raise RuntimeFailure(
+                f"{spec.instance_id}: the service requires isolation, and this machine cannot "
+                f"seal instances: {isolation.reason}",
+                hint="Install bubblewrap and allow user namespaces (or run graven as root), "
+                "or set 'isolation: auto' to run unsealed.",
+            )
+        if (spec.volumes or spec.tmpfs) and not isolation.sealed:
+            raise RuntimeFailure(
+                f"{spec.instance_id}: volumes and tmpfs need sealed instances, and this machine "
+                f"cannot seal: {isolation.reason}",
+                hint="Install bubblewrap and allow user namespaces (or run graven as root).",
+            )
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
             if isolation.sealed:
-                uid, gid = (user.uid, user.gid) if user else (os.geteuid(), os.getegid())
-                check_mount_points(root, spec, runtime_dirs=_RUNTIME_MOUNTS)
-                mounts = prepare(self.state_dir, spec, uid, gid)
-                return self._start_sealed(
-                    spec, root, command, user, env, log.fileno(), pid_file, mounts
-                )
-            if spec.volumes or spec.tmpfs:
-                raise RuntimeFailure(
-                    f"{spec.instance_id}: its volumes and tmpfs need a sealed instance, and "
-                    f"this machine cannot seal: {isolation.reason}",
-                    hint="Run graven as root or where user namespaces work, with bubblewrap.",
-                )
+                return self._start_sealed(spec, root, command, user, env, log.fileno(), pid_file)
             # As named when that stays in the checkout (a multi-call binary reads its
             # name), else the real path: an absolute symlink would lead to the host's.
             named = root / command[0].lstrip("/")
@@ -190,6 +191,13 @@ class ProcessRuntime:
         self._started[proc.pid] = (proc.pid, pid_file)
         return Handle(pid=proc.pid, pid_start=started)
 
+    def volume_sources(self, spec: LaunchSpec, user: ImageUser | None) -> list[Path]:
+        """The host directory of each of ``spec``'s volumes, in order: a named volume
+        is made on first use under the state dir, owned by the instance's user
+        (``graven.volumes.prepare``, which also checks host directories)."""
+        uid, gid = (user.uid, user.gid) if user is not None else (os.geteuid(), os.getegid())
+        return [mount.source for mount in prepare(self.state_dir, spec, uid, gid)]
+
     def sealed_argv(
         self,
         spec: LaunchSpec,
@@ -197,13 +205,15 @@ class ProcessRuntime:
         command: list[str],
         user: ImageUser | None,
         status_fd: int,
-        mounts: tuple[Mount, ...] = (),
     ) -> list[str]:
         """The command line that starts the instance sealed, its root the image tree
-        at ``root`` (see the module docstring), with ``mounts`` and the spec's tmpfs."""
+        at ``root`` (see the module docstring), with the spec's volumes and tmpfs."""
         staged = os.geteuid() == 0 and user is not None and user.uid != 0
+        check_mount_points(root, spec, runtime_dirs=_RUNTIME_MOUNTS)
+        sources = self.volume_sources(spec, user)
         # bubblewrap runs as the instance's uid then, and that uid cannot walk the
-        # private state dir: a mount namespace of its own shows it the tree at STAGE.
+        # private state dir: a mount namespace of its own shows it the tree (and the
+        # volumes) under STAGE.
         seen_at = Path(_STAGE) / "root" if staged else root
         argv = [self.isolation.bwrap, "--tmpfs", "/"]
         for name, target in _top_level(root):
@@ -211,14 +221,25 @@ class ProcessRuntime:
                 argv += ["--symlink", target, f"/{name}"]
             else:
                 argv += ["--ro-bind", str(seen_at / name), f"/{name}"]
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
-        argv += _mount_args(mounts, spec, staged)
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        own_tmpfs = {t.path for t in spec.tmpfs}
+        for default in ("/tmp", "/run"):
+            if default not in own_tmpfs:
+                argv += ["--tmpfs", default]
+        mounts = [(t.path, ["--size", str(t.size), "--tmpfs", t.path]) for t in spec.tmpfs]
+        for index, (volume, source) in enumerate(zip(spec.volumes, sources, strict=True)):
+            seen = Path(_STAGE) / f"v{index}" if staged else source
+            bind = "--ro-bind" if volume.read_only else "--bind"
+            mounts.append((volume.path, [bind, str(seen), volume.path]))
+        for _path, mount in sorted(mounts):  # outer paths first: /data before /data/cache
+            argv += mount
         argv += ["--remount-ro", "/"]
         argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
         if user is not None and (user.uid != 0 or os.geteuid() != 0):
             argv += ["--unshare-user", "--uid", str(user.uid), "--gid", str(user.gid)]
+            argv += ["--disable-userns"]
         elif user is None:
-            argv += ["--unshare-user"]  # not root: bubblewrap needs one to do the rest
+            argv += ["--unshare-user", "--disable-userns"]  # not root: bubblewrap needs one
         argv += ["--hostname", spec.instance_id[:64], "--new-session", "--cap-drop", "ALL"]
         argv += ["--chdir", spec.image.config.workdir, "--json-status-fd", str(status_fd)]
         argv += ["--", *command]
@@ -231,8 +252,8 @@ class ProcessRuntime:
             str(root),
             str(user.uid),
             str(user.gid),
-            str(len(mounts)),
-            *(str(m.source) for m in mounts),
+            str(len(sources)),
+            *map(str, sources),
             *argv,
         ]
 
@@ -245,13 +266,12 @@ class ProcessRuntime:
         env: dict[str, str],
         log_fd: int,
         pid_file: Path,
-        mounts: tuple[Mount, ...] = (),
     ) -> Handle:
         # The pid file is bubblewrap's status stream: the child's pid as soon as it
         # exists, its exit code at the end (a file: nobody need keep reading it).
         status_fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            argv = self.sealed_argv(spec, root, command, user, status_fd, mounts)
+            argv = self.sealed_argv(spec, root, command, user, status_fd)
             with _spawning(spec, command[0]):
                 proc = detached.spawn(
                     argv, output=log_fd, env=env, pass_fds=(status_fd,), keep_exit_status=True
@@ -356,26 +376,6 @@ def read_pid_file(path: Path) -> tuple[int | None, int | None]:
             if isinstance(doc.get("exit-code"), int):
                 code = doc["exit-code"]
     return pid, code
-
-
-def _mount_args(mounts: tuple[Mount, ...], spec: LaunchSpec, staged: bool) -> list[str]:
-    """bubblewrap's volume binds and sized tmpfs, outer paths before inner ones."""
-    binds = [
-        (
-            m.target,
-            "--ro-bind" if m.read_only else "--bind",
-            f"{_STAGE}/{n}" if staged else str(m.source),
-        )
-        for n, m in enumerate(mounts)
-    ]
-    tmpfs = [(t.path, "--tmpfs", str(t.size)) for t in spec.tmpfs]
-    argv: list[str] = []
-    for target, kind, what in sorted(binds + tmpfs):
-        if kind == "--tmpfs":
-            argv += ["--size", what, "--tmpfs", target]
-        else:
-            argv += [kind, what, target]
-    return argv
 
 
 def _top_level(root: Path) -> list[tuple[str, str | None]]:
