@@ -25,10 +25,11 @@ def volume_group() -> None:
 def ls(ctx: click.Context, output: str) -> None:
     """List the named volumes, their size, the release that made each and the releases
     that use it now."""
-    from graven.controller.paths import state_db
+    from graven.controller.paths import require_access, state_db
     from graven.volumes import list_volumes, volumes_in_use
 
     app = app_context(ctx)
+    require_access(app.state_dir)
     records = list_volumes(app.state_dir)
     users: dict[str, list[str]] = {}
     if records and state_db(app.state_dir).exists():
@@ -54,10 +55,12 @@ def ls(ctx: click.Context, output: str) -> None:
 def rm(ctx: click.Context, name: str, message: str, force: bool, output: str) -> None:
     """Delete the named volume NAME and all its data (refused while a release that runs
     or is meant to run uses it). The next instance that needs it starts it empty."""
+    from graven.controller.paths import require_access
     from graven.controller.results import to_json
     from graven.volumes import find_volume
 
     app = app_context(ctx)
+    require_access(app.state_dir)
     find_volume(app.state_dir, name)  # a typo starts no controller
     result = app.controller().remove_volume(name, force=force, actor=actor(), message=message)
     Output(output).show(to_json(result), render_volumes.volume_removed(result))
