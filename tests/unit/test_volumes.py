@@ -230,3 +230,36 @@ def test_rm_forced_under_a_live_release_says_so(tmp_path: Path) -> None:
     assert (out.forced, out.used_by) == (True, ("web@r1",))
     assert not source.exists()
     assert world.state.ledger()[-1].details["used_by"] == ["web@r1"]
+
+
+def test_rm_refuses_a_volume_a_desired_release_needs_before_it_runs(tmp_path: Path) -> None:
+    # Desired but not started yet (or crash-looping): its next instance needs the volume.
+    world = World(tmp_path)
+    cfg = ServiceConfig(
+        replicas=1, port=18080, health=HealthCheck(start_timeout=5), volumes=(DATA,)
+    )
+    world.engine.commands.deploy("web", world.v1, "web", cfg, "ana@host", "first", {})
+    prepare(tmp_path, launch(DATA), UID, GID)
+    assert world.state.live_instances() == []
+    with pytest.raises(UsageError, match="in use by web@r1"):
+        asyncio.run(remove_command(world.engine, "data", force=False, actor="a", message="m"))
+    with pytest.raises(NotFoundError, match="no volume named 'other'"):
+        asyncio.run(remove_command(world.engine, "other", force=True, actor="a", message="m"))
+
+
+def test_a_removal_that_cannot_be_ledgered_does_not_happen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = World(tmp_path)
+    source = prepare(tmp_path, launch(DATA), UID, GID)[0].source
+    (source / "rows").write_text("kept")
+
+    def broken(*args: object, **kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(world.engine.commands, "record", broken)
+    with pytest.raises(OSError, match="No space left"):
+        asyncio.run(remove_command(world.engine, "data", force=False, actor="a", message="m"))
+    assert (source / "rows").read_text() == "kept"
+    assert [r.name for r in list_volumes(tmp_path)] == ["data"]
+    assert sorted(p.name for p in (tmp_path / "volumes").iterdir()) == ["data"]
