@@ -70,6 +70,11 @@ def write(path):
         f.write("probe was here\n")
 
 
+def write_bytes(directory, size):
+    with open(os.path.join(directory, "filler"), "wb") as f:
+        f.write(b"x" * size)
+
+
 def attempts(t):
     return {
         "write_root": lambda: write(os.path.join(t["root"], "probe-was-here")),
@@ -85,6 +90,9 @@ def attempts(t):
         "signal_other_instance": lambda: os.kill(t["other_pid"], signal.SIGTERM),
         "raise_capability": raise_capability,
         "become_root": lambda: os.setuid(0),
+        # Writable paths the service declares (when the targets name them).
+        "write_volume": lambda: write(os.path.join(t.get("volume", "/nonexistent"), "kept")),
+        "overfill_tmpfs": lambda: write_bytes(t.get("tmpfs", "/nonexistent"), 2 << 20),
         # Controls inside: what an instance may do.
         "write_tmp": lambda: write("/tmp/probe"),
         "read_app": lambda: open(os.path.join(t["app"], "probe.py")).read(),
@@ -146,7 +154,7 @@ FORBIDDEN = (
 ALLOWED = ("write_tmp", "read_app", "signal_itself")
 
 
-def probe_spec(port: int, *, user: str | None) -> str:
+def probe_spec(port: int, *, user: str | None, **sealing: Any) -> str:
     steps: list[dict[str, Any]] = [{"copy": "probe", "to": "/app"}, {"workdir": "/app"}]
     if user is not None:
         steps.append({"user": user})
@@ -159,6 +167,7 @@ def probe_spec(port: int, *, user: str | None) -> str:
         "drain_timeout": "2s",
         "stop_grace": "2s",
         "isolation": "required",
+        **sealing,
     }
     return render(
         {
@@ -312,7 +321,8 @@ def test_the_same_probe_unsealed_succeeds_at_every_attempt(tmp_path: Path) -> No
         for sleeper in sleepers:
             sleeper.kill()
             sleeper.wait()
-    assert answer == dict.fromkeys([*FORBIDDEN, *ALLOWED], "ok"), answer
+    tried = {k: answer[k] for k in [*FORBIDDEN, *ALLOWED]}
+    assert tried == dict.fromkeys([*FORBIDDEN, *ALLOWED], "ok"), answer
 
 
 def test_the_recipe_user_is_the_uid_the_host_sees(sealed: Project) -> None:
@@ -376,3 +386,26 @@ def test_a_program_the_image_lacks_fails_at_start_naming_the_fix(project: Projec
     said = result.stdout + result.stderr
     assert "entrypoint program 'python3' is not in the image" in said, said
     assert "base: host-python" in said
+
+
+def test_declared_volumes_and_tmpfs_are_the_writable_paths(sealed: Project) -> None:
+    project = sealed
+    spec = probe_spec(
+        project.port,
+        user=str(PROBE_UID),
+        volumes=[{"path": "/data", "name": "probe-data"}],
+        tmpfs=[{"path": "/scratch", "size": "1Mi"}],
+    )
+    (project.root / "graven.yaml").write_text(spec)
+    project.graven("deploy", "-m", "with a volume and a tmpfs", timeout=180)
+    first = instances(project)[0]
+    answer = ask(first["address"], {"root": "/", "app": "/app", "volume": "/data",
+                                    "tmpfs": "/scratch", "state_dir": "/x", "ledger": "/x",
+                                    "host_etc": "/etc", "other_file": "/x",
+                                    "controller_pid": 1, "other_pid": 1})  # fmt: skip
+    assert answer["write_volume"] == "ok", answer
+    assert answer["overfill_tmpfs"] == "ENOSPC", answer  # 2 MiB into a 1 MiB tmpfs
+    assert answer["write_root"] == "EROFS", answer  # the rest stays read-only
+    kept = project.state_dir / "volumes" / "probe-data" / "kept"
+    assert kept.read_text().startswith("probe was here")
+    assert (kept.parent.stat().st_uid, kept.stat().st_uid) == (PROBE_UID, PROBE_UID)

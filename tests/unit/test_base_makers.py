@@ -728,3 +728,26 @@ def test_debian_parameters_are_checked_before_anything_runs(
     monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
     with pytest.raises(UsageError, match="needs root"):
         make_debian_base(store, mirror="http://m.example/debian")
+
+
+def test_the_recipe_base_is_made_once_per_store_and_found_again(
+    host_python: tuple[ContentStore, Image, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graven.build.bases import host_python as maker
+
+    store, made, _ = host_python
+    first = maker.host_python_base(store)
+    assert first.digest == made.digest  # the same host files, the same image
+    assert first.config.entrypoint == made.config.entrypoint
+
+    def must_not_run(*args: object, **kwargs: object) -> Image:
+        raise AssertionError("the base was made again")
+
+    monkeypatch.setattr(maker, "make_host_python_base", must_not_run)
+    again = maker.host_python_base(store)
+    assert again.digest == first.digest
+    # The names people type find the interpreter inside the image.
+    for name in ("python3", "python"):
+        here = os.path.dirname(dict(made.config.labels)[LABEL_PATH])
+        entry = store.lookup(made.rootfs, f"{here}/{name}")
+        assert entry is not None and entry.type in ("symlink", "file"), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,55 @@ def test_image_users_come_from_the_images_own_passwd_and_group(tmp_path: Path) -
     (etc / "passwd").symlink_to("/etc/passwd")
     with pytest.raises(RuntimeFailure, match="'root' is not in the image's"):
         resolve_image_user(tmp_path, "root")
+
+
+def test_isolation_is_reported_plainly_when_it_cannot_be_had(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from graven.runtime import isolation
+
+    try:
+        monkeypatch.setenv("GRAVEN_BWRAP", "none")
+        isolation.probe.cache_clear()
+        off = isolation.probe()
+        assert off.describe() == "none (turned off by GRAVEN_BWRAP=none)"
+        assert off.to_dict() == {"mode": "none", "reason": "turned off by GRAVEN_BWRAP=none"}
+        monkeypatch.setenv("GRAVEN_BWRAP", "/nonexistent/bwrap")
+        isolation.probe.cache_clear()
+        missing = isolation.probe()
+        assert not missing.sealed
+        assert "bubblewrap (bwrap) not found on /nonexistent/bwrap" in missing.reason
+    finally:
+        isolation.probe.cache_clear()
+
+
+def test_the_sealed_command_line(tmp_path: Path) -> None:
+    """What bubblewrap is asked for, as exact arguments (no process is started)."""
+    runtime, spec = launch(tmp_path, ("sh", "-c", "true"))
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "app").mkdir()
+    (root / "proc").mkdir()  # the runtime's own mount point: never bound from the image
+    (root / "bin").symlink_to("usr/bin")
+    runtime = ProcessRuntime(tmp_path / "state", runtime.store, IsolationSupport(True, "/bwrap"))
+    argv = runtime.sealed_argv(spec, root, ["/bin/sh", "-c", "true"], None, 9)
+    as_nobody = runtime.sealed_argv(spec, root, ["/bin/sh"], ImageUser(65534, 65534), 9)
+
+    assert argv[:9] == ["/bwrap", "--tmpfs", "/", "--ro-bind", f"{root}/app", "/app",
+                        "--symlink", "usr/bin", "/bin"]  # fmt: skip
+    assert argv[9:12] == ["--ro-bind", f"{root}/usr", "/usr"]
+    joined = " ".join(argv)
+    for part in (
+        "--proc /proc --dev /dev --tmpfs /tmp --tmpfs /run --remount-ro /",
+        "--unshare-pid --unshare-ipc --unshare-uts --unshare-cgroup-try",
+        "--new-session --cap-drop ALL --chdir / --json-status-fd 9 -- /bin/sh -c true",
+    ):
+        assert part in joined
+    assert "--die-with-parent" not in argv  # instances outlive the controller
+    assert "--share-net" not in argv and "--unshare-net" not in argv  # the host's network
+    if os.geteuid() == 0:
+        # As root, bubblewrap runs as the instance's uid, seeing the image under /mnt.
+        assert as_nobody[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
+        assert as_nobody[8:13] == [str(root), "65534", "65534", "0", "/bwrap"]
+        assert "--ro-bind /mnt/root/usr /usr" in " ".join(as_nobody)
+        assert "--unshare-user --uid 65534 --gid 65534 --disable-userns" in " ".join(as_nobody)

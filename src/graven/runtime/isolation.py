@@ -72,6 +72,16 @@ def probe() -> IsolationSupport:
             False, reason=f"bubblewrap (bwrap) not found on {where}; install it"
         )
     root = os.geteuid() == 0
+    if root:
+        # As root, an instance's bubblewrap runs as its uid after a private mount
+        # namespace shows it the image under /mnt (runtime/process.py).
+        lacking = [tool for tool in ("unshare", "setpriv", "mount") if shutil.which(tool) is None]
+        if lacking:
+            return IsolationSupport(
+                False, reason=f"{', '.join(lacking)} not found (util-linux); install it"
+            )
+        if not Path("/mnt").is_dir():
+            return IsolationSupport(False, reason="no /mnt directory to stage images at")
     argv = [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
     argv += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--cap-drop", "ALL"]
     # As root, instances run as another uid in their own user namespace; as anyone

@@ -359,6 +359,13 @@ def _stat_line(path: str) -> str:
     return f"{path} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
+def host_python_inputs() -> list[str]:
+    """Host files whose change means the host-python base may be stale: what the no-op
+    build check watches (two stat calls), besides the spec and the copy sources."""
+    chosen = getattr(sys, "_base_executable", "") or sys.executable
+    return [os.path.realpath(chosen), _DPKG_STATUS]
+
+
 def host_python_key(python: str | None = None) -> str:
     """What the host-python base of ``python`` (default: the running interpreter's
     base) depends on, as cheaply as it can be known: the interpreter's and its
