@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from graven.testing.specs import render
+from graven.volumes import volume_data
 from tests.e2e.conftest import Project, _project, eventually
 from tests.requires import need_root, need_tool
 
@@ -406,6 +407,6 @@ def test_declared_volumes_and_tmpfs_are_the_writable_paths(sealed: Project) -> N
     assert answer["write_volume"] == "ok", answer
     assert answer["overfill_tmpfs"] == "ENOSPC", answer  # 2 MiB into a 1 MiB tmpfs
     assert answer["write_root"] == "EROFS", answer  # the rest stays read-only
-    kept = project.state_dir / "volumes" / "probe-data" / "kept"
+    kept = volume_data(project.state_dir, "probe-data") / "kept"
     assert kept.read_text().startswith("probe was here")
     assert (kept.parent.stat().st_uid, kept.stat().st_uid) == (PROBE_UID, PROBE_UID)
