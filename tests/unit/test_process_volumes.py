@@ -29,6 +29,7 @@ for where in /data /conf /scratch /nested/in/root /; do
 done
 cat /proc/self/mountinfo
 echo "probe done"
+sleep 30  # until stopped: an instance that ends at once is a failed start
 """
 
 
@@ -60,11 +61,12 @@ def test_an_instance_writes_its_volumes_and_tmpfs_and_nothing_else(tmp_path: Pat
     host_dir.mkdir()
     spec = probe_spec(runtime, host_dir, store)
     handle = runtime.start(spec)
+    log_file = runtime.log_path(spec.instance_id)
     try:
-        assert wait_until(lambda: not runtime.alive(handle), 30)
+        assert wait_until(lambda: "probe done" in log_file.read_text(), 30)
     finally:
         runtime.stop(handle, grace=0)
-    log = runtime.log_path(spec.instance_id).read_text()
+    log = log_file.read_text()
     assert "probe done" in log, log
     outcomes = [line for line in log.splitlines() if line.endswith(("written", "refused"))]
     assert outcomes == [
