@@ -31,6 +31,7 @@ from graven import detached
 from graven.build.bases.host_python import host_python_base
 from graven.spec import scaffold
 from graven.store.cas import ContentStore
+from graven.store.gc import run_gc
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import eventually, free_port
 from graven.testing.registry import Registry, running_registry
@@ -226,7 +227,11 @@ def seed_store(state_dir: Path, template: Path) -> None:
 def host_python_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A content store holding the host-python base, made once per session."""
     store = tmp_path_factory.mktemp("host-python") / "store"
-    host_python_base(ContentStore(store))
+    made = ContentStore(store)
+    host_python_base(made)
+    # Making it leaves intermediate trees behind, which a gc (grace 0) takes now: copied
+    # old into a test's store, they would count as garbage past any grace period.
+    run_gc(made, grace=0)
     return store
 
 

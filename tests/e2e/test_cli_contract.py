@@ -247,8 +247,8 @@ def test_check_warns_about_a_port_another_process_holds(project: Project) -> Non
     assert text.stdout.startswith("ok ")
     assert data["valid"] is True
     assert [(w["key_path"], w["line"]) for w in data["warnings"]] == [
-        ("services.hello.port", 13),
-        ("services.hello.strategy.preview_port", 22),
+        ("services.hello.port", 14),
+        ("services.hello.strategy.preview_port", 23),
     ]
     assert f"port {preview} on 127.0.0.1 is in use {me}" in data["warnings"][1]["message"]
     # Freed: no warning.
