@@ -32,6 +32,7 @@ VERBS: dict[str, str] = {
     "status": "graven.cli.status_cmds:status",
     "releases": "graven.cli.status_cmds:releases",
     "down": "graven.cli.deploy_cmds:down",
+    "volume": "graven.cli.volume_cmds:volume_group",
     "audit": "graven.cli.ledger_cmds:audit",
     "serve": "graven.cli.controller_cmds:serve",
     "demo": "graven.cli.project_cmds:demo",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+from graven.cli import render_volumes
 from graven.cli.lines import Line, Span, bold, cyan, dim, green, red, table, yellow
 from graven.cli.output import short
 
@@ -206,6 +207,11 @@ def status(view: StatusView, now: float) -> list[Line]:
     """``graven status``: each service's release, traffic, rollout and instances
     (their ages as of ``now``)."""
     lines = controller_stopped(view.controller) + state_dir_problem(view.state_dir)
+    if view.isolation is not None:
+        sealed = view.isolation == "sealed"
+        lines.append(
+            (f"isolation: {view.isolation}" if sealed else yellow(f"isolation: {view.isolation}"),)
+        )
     if not view.services:
         lines.append(("nothing deployed yet: run 'graven deploy -m WHY'",))
     for s in view.services:
@@ -222,6 +228,7 @@ def service_status(s: ServiceStatus, now: float) -> list[Line]:
     lines: list[Line] = [(bold(s.service), head)]
     if s.preview_url:
         lines.append((f"  preview {s.preview_url}",))
+    lines.extend(render_volumes.mounts(s.volumes))
     if s.releases:
         shares = (f"{r.release} {r.traffic_percent:g}% {r.role}" for r in s.releases)
         lines.append(("  traffic: " + " · ".join(shares),))

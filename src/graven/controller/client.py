@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         RolloutReply,
         ShutdownReply,
         StatusView,
+        VolumeRemoval,
     )
 
 T = TypeVar("T")
@@ -226,6 +227,14 @@ class ControllerClient:
         from graven.controller.results import DownResults
 
         return _decoded(DownResults, data, "/v1/down").results
+
+    def remove_volume(self, name: str, *, force: bool, actor: str, message: str) -> VolumeRemoval:
+        """Delete the named volume (refused while a release uses it, unless ``force``)."""
+        body = {"name": name, "force": force, "actor": actor, "message": message}
+        data = self.request("POST", "/v1/volume/rm", body)
+        from graven.controller.results import VolumeRemoval
+
+        return _decoded(VolumeRemoval, data, "/v1/volume/rm")
 
     def shutdown(self) -> ShutdownReply:
         data = self.request("POST", "/v1/shutdown", {})
