@@ -22,6 +22,7 @@ from graven import detached
 from graven.errors import RuntimeFailure
 from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
+from graven.runtime.limits import CgroupLimits, unenforced
 from graven.store.base import ImageStore
 
 # Runs inside the new mount namespace: make the checkout read-only, then become the entrypoint.
@@ -41,6 +42,7 @@ class ProcessRuntime:
         self.state_dir = state_dir
         self.store = store
         self.isolate = os.geteuid() == 0 and shutil.which("unshare") is not None
+        self.limits = CgroupLimits(state_dir)
 
     def _instance_dir(self, instance_id: str) -> Path:
         return self.state_dir / "instances" / instance_id
@@ -108,6 +110,7 @@ class ProcessRuntime:
             ]
         else:
             argv = ["/bin/sh", "-c", _PID_SHIM, pid_file, *command]
+        argv = self.limits.prepare(spec.instance_id, spec.resources, argv)
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -122,6 +125,10 @@ class ProcessRuntime:
         }
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
+            for missing in unenforced(spec.resources, self.limits.supported):
+                log.write(
+                    f"graven: {missing.controller} limit not enforced: {missing.reason}\n".encode()
+                )
             try:
                 proc = detached.spawn(argv, output=log, cwd=workdir, env=env, keep_exit_status=True)
             except OSError as exc:
@@ -165,12 +172,15 @@ class ProcessRuntime:
 
     def exit_reason(self, handle: Handle) -> str:
         """How a dead instance ended, when this process started it (else unknown)."""
+        if self.alive(handle):
+            return ""
         code = detached.exit_status(handle.pid)
-        return "" if code is None else detached.describe_exit(code)
+        return self.limits.explain(handle.pid, "" if code is None else detached.describe_exit(code))
 
     def forget(self, handle: Handle) -> None:
         """Drop what is kept about a dead instance."""
         detached.forget(handle.pid)
+        self.limits.release_pid(handle.pid)
 
     def stop(self, handle: Handle, grace: float) -> None:
         """SIGTERM the instance's process group, SIGKILL it after ``grace`` seconds."""
@@ -181,6 +191,7 @@ class ProcessRuntime:
                 f"not allowed to signal process group {handle.pid}: {exc}",
                 hint="Run graven as the user that started the instance.",
             ) from exc
+        self.limits.release_pid(handle.pid)
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
         path = self.log_path(instance_id)
