@@ -202,6 +202,8 @@ class CgroupLimits:
         gone = True
         for d in self.groups(instance_id):
             gone = remove_group(d) and gone
+            with contextlib.suppress(OSError):  # the state dir's level, once it is empty
+                d.parent.rmdir()
         return gone
 
     def release_pid(self, pid: int) -> None:
