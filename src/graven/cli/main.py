@@ -31,6 +31,7 @@ VERBS: dict[str, str] = {
     "abort": "graven.cli.deploy_cmds:abort",
     "status": "graven.cli.status_cmds:status",
     "releases": "graven.cli.status_cmds:releases",
+    "logs": "graven.cli.logs_cmds:logs",
     "down": "graven.cli.deploy_cmds:down",
     "audit": "graven.cli.ledger_cmds:audit",
     "serve": "graven.cli.controller_cmds:serve",
