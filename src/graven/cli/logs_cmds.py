@@ -78,6 +78,7 @@ def logs(
     Times are when the controller saw each line: it marks every log about once a
     second, so a time is at most about a second late, and --since never leaves out a
     line written after the time given (it may show one written up to a second before).
+    A line newer than the last mark shows its file's last write until it is marked.
     Lines of stopped instances stay readable while their directory is kept. With
     -o json: one document with every line, or one JSON object per line with -f.
     """
