@@ -35,6 +35,7 @@ VERBS: dict[str, str] = {
     "down": "graven.cli.deploy_cmds:down",
     "audit": "graven.cli.ledger_cmds:audit",
     "serve": "graven.cli.controller_cmds:serve",
+    "runtime": "graven.cli.runtime_cmds:runtime",
     "demo": "graven.cli.project_cmds:demo",
     "image": "graven.cli.image_cmds:image",
     "push": "graven.cli.registry_cmds:push",

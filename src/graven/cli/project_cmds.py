@@ -47,7 +47,7 @@ def check(ctx: click.Context, output: str) -> None:
     app = app_context(ctx)
     loaded = app.spec()
     spec = loaded.spec
-    warnings = _port_warnings(app, loaded)
+    warnings = _port_warnings(app, loaded) + _machine_warnings(loaded)
     data = {
         "file": str(loaded.path),
         "valid": True,
@@ -69,6 +69,16 @@ def check(ctx: click.Context, output: str) -> None:
         )
 
     out.emit(data, render)
+
+
+def _machine_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
+    """Service settings this machine cannot honour (resources:, isolation: required)."""
+    services = loaded.spec.services.values()
+    if not any(s.resources.to_resources().limited or s.isolation == "required" for s in services):
+        return []  # nothing asked: no probing
+    from graven.runtime.machine import probe_machine, spec_warnings
+
+    return spec_warnings(loaded, probe_machine())
 
 
 # Routers listen on loopback (the spec's 'port' says so).
