@@ -140,6 +140,7 @@ def test_following_reads_across_a_rotation_without_losing_or_repeating(log: Path
     write(log, "before\n")
     book.pass_once(log)
     seen, upto = read_log(log, "web-r1-0001", partial=False)
+    assert [ln.text for ln in seen] == ["before"]
     write(log, "z" * 5000 + "\nlast of the old segment\n")
     clock.at += 1
     assert book.pass_once(log)  # rotated
