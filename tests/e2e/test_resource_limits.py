@@ -6,6 +6,7 @@ the quota; a child that leaves the process group still dies with its instance.""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,24 @@ def test_the_cpu_quota_and_a_child_that_leaves_the_process_group(
     project.down_leaves_nothing()
     assert eventually(lambda: not pid_alive(child), 20), f"{child} outlived 'graven down'"
     assert not cpu.exists()
+
+
+def test_a_new_controller_sweeps_the_groups_of_instances_that_died_without_one(
+    project: Project, tmp_path: Path
+) -> None:
+    need_root("pids cgroups need root")
+    hostile(project, "memory", tmp_path / "never", {"pids": 64})
+    project.graven("deploy", "-m", "pids-limited")
+    inst = only_instance(project)
+    group = group_of("pids", inst["id"])
+    controller = project.controller_pid()
+    assert controller is not None
+    os.kill(controller, signal.SIGKILL)
+    assert eventually(lambda: not pid_alive(controller), 10)
+    os.killpg(inst["pid"], signal.SIGKILL)  # the instance dies while no controller runs
+    assert eventually(lambda: not (group / "cgroup.procs").read_text().split(), 10)
+    assert group.exists()  # nobody was there to remove it
+    project.graven("deploy", "-m", "pids-limited")  # starts a controller
+    assert not group.exists()
+    assert only_instance(project)["id"] != inst["id"]
+    assert group_of("pids", only_instance(project)["id"]).exists()
