@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from graven.cli.lines import plain
@@ -134,3 +135,26 @@ def test_check_warns_about_limits_and_isolation_the_machine_cannot_honour(tmp_pa
     )
     assert "cannot seal instances (isolation here: none (bubblewrap" in warnings[1].message
     assert spec_warnings(loaded, FULL) == []  # type: ignore[arg-type]
+
+
+def test_status_warns_about_limits_this_machine_cannot_enforce(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from graven.cli import render
+    from graven.model import MIB, Resources
+    from graven.runtime import limits
+    from tests.unit.test_cli_render_views import service
+
+    machine = (
+        LimitSupport("memory", False, "no memory cgroup is mounted"),
+        LimitSupport("pids", True),
+    )
+    monkeypatch.setattr(limits, "machine_support", lambda: machine)
+    assert limits.limit_warnings(Resources()) == ()
+    assert limits.limit_warnings(Resources(pids=8)) == ()
+    said = limits.limit_warnings(Resources(memory=64 * MIB, pids=8))
+    assert said == (
+        "resources.memory is not enforced on this machine: no memory cgroup is mounted",
+    )
+    shown = [plain(line) for line in render.service_status(service(warnings=said), 0.0)]
+    assert f"  warning: {said[0]}" in shown

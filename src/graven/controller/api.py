@@ -55,6 +55,7 @@ from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
 from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
+from graven.runtime.limits import limit_warnings
 
 log = logging.getLogger("graven.controller.api")
 
@@ -497,6 +498,7 @@ class Api:
                     next_start_in=round(left, 1) if left > 0 else None,
                     problem=self.engine.problems.get(name),
                     instances=tuple(instances),
+                    warnings=limit_warnings(release.config.resources) if release else (),
                 )
             )
         return tuple(out)

@@ -247,6 +247,8 @@ class ServiceStatus:
     next_start_in: float | None
     problem: str | None
     instances: tuple[InstanceStatus, ...]
+    # What the release asks that this machine cannot do (a limit it cannot enforce).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

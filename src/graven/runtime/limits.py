@@ -22,6 +22,7 @@ runtime writes that sentence into the instance's log when it starts it anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -89,6 +90,23 @@ def unenforced(resources: Resources, supported: list[LimitSupport]) -> list[Limi
     """The limits ``resources`` asks for that cannot be enforced here."""
     wanted = set(controllers_for(resources))
     return [s for s in supported if s.controller in wanted and not s.enforced]
+
+
+@functools.cache
+def machine_support() -> tuple[LimitSupport, ...]:
+    """``support`` for this machine, probed once per process."""
+    return tuple(support(detect()))
+
+
+def limit_warnings(resources: Resources) -> tuple[str, ...]:
+    """What ``graven status`` says of the limits ``resources`` asks that this machine
+    cannot enforce (instances start without them)."""
+    if not resources.limited:
+        return ()
+    return tuple(
+        f"resources.{s.controller} is not enforced on this machine: {s.reason}"
+        for s in unenforced(resources, list(machine_support()))
+    )
 
 
 class CgroupLimits:
