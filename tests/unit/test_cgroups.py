@@ -238,3 +238,19 @@ def test_a_group_that_cannot_be_written_is_a_runtime_failure(tmp_path: Path) -> 
     with pytest.raises(RuntimeFailure, match="cannot set its resource limits") as err:
         limits.prepare("web-r1-0001", Resources(memory=8 * MIB), ["/app/run"])
     assert err.value.hint and "graven runtime" in err.value.hint
+
+
+def test_prepare_on_cgroup_v2_enables_the_controllers_down_to_the_group(tmp_path: Path) -> None:
+    limits = CgroupLimits(tmp_path / "state", v2_layout(tmp_path))
+    limits.supported = support(limits.layout, root=True)
+    argv = limits.prepare("web-r1-0001", LIMITS, ["/app/run"])
+    (group,) = limits.groups("web-r1-0001")  # one unified group for every controller
+    assert group == tmp_path / "graven" / limits.key / "web-r1-0001"
+    for level in (tmp_path, tmp_path / "graven", tmp_path / "graven" / limits.key):
+        assert (level / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (group / "memory.max").read_text() == str(64 * MIB)
+    assert (group / "pids.max").read_text() == "32"
+    assert (group / "cpu.max").read_text() == "50000 100000"
+    assert argv[4:6] == [str(group / "cgroup.procs"), "--"]
+    (group / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    assert limits.events("web-r1-0001").oom_kills == 1
