@@ -254,3 +254,11 @@ def test_prepare_on_cgroup_v2_enables_the_controllers_down_to_the_group(tmp_path
     assert argv[4:6] == [str(group / "cgroup.procs"), "--"]
     (group / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
     assert limits.events("web-r1-0001").oom_kills == 1
+
+
+def test_pid_files_of_both_shapes_name_their_pid() -> None:
+    from graven.runtime.limits import pids_named
+
+    assert pids_named("4242\n") == {4242}
+    assert pids_named('{"child-pid": 77}\n{"exit-code": 1}\n') == {77}
+    assert pids_named("garbage\n{not json\n") == set()

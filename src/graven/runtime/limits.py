@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
 import time
@@ -208,9 +209,8 @@ class CgroupLimits:
     def instance_of_pid(self, pid: int) -> str | None:
         """The instance whose pid file names ``pid`` (each instance writes its own)."""
         for pid_file in (self.state_dir / "instances").glob("*/pid"):
-            with contextlib.suppress(OSError, ValueError):
-                if int(pid_file.read_text().strip()) == pid:
-                    return pid_file.parent.name
+            if pid in pids_named(_read(pid_file)):
+                return pid_file.parent.name
         return None
 
     def release(self, instance_id: str) -> bool:
@@ -227,6 +227,22 @@ class CgroupLimits:
         """``release`` the instance whose first process was ``pid``."""
         if (instance_id := self.instance_of_pid(pid)) is not None:
             self.release(instance_id)
+
+
+def pids_named(text: str) -> set[int]:
+    """The pids a pid file names: a bare pid per line (written by a shim), or
+    bubblewrap's JSON status lines (``{"child-pid": N}``)."""
+    found = set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.isdigit():
+            found.add(int(line))
+        elif line.startswith("{"):
+            with contextlib.suppress(ValueError, AttributeError):
+                child = json.loads(line).get("child-pid")
+                if isinstance(child, int):
+                    found.add(child)
+    return found
 
 
 def remove_group(d: Path, wait: float = _EMPTY_WAIT) -> bool:
