@@ -322,8 +322,7 @@ def spec_warnings(loaded: LoadedSpec, facts: MachineFacts) -> list[SpecProblem]:
                     loaded.line_of(key),
                     key,
                     f"required, but this machine cannot seal instances (isolation here: "
-                    f"{facts.sealing or 'none'}); a deploy would refuse to start them "
-                    "('graven runtime' says what to install)",
+                    f"{facts.sealing or 'none'}); 'graven runtime' says more",
                 )
             )
     return found
