@@ -1,9 +1,11 @@
-"""The Runtime port's contract against each adapter: FakeRuntime and ProcessRuntime
-(real processes from a real image in a content store)."""
+"""The Runtime port's contract against each adapter: FakeRuntime, ProcessRuntime
+(real processes from a real image in a content store) and RuncRuntime (real runc
+containers of a busybox image)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -14,10 +16,13 @@ import pytest
 from graven.model import Image, ImageConfig
 from graven.runtime.base import Handle, LaunchSpec, Runtime
 from graven.runtime.process import ProcessRuntime
+from graven.runtime.runc import RuncRuntime, find_init
 from graven.store.cas import ContentStore
 from graven.store.tree_model import Tree
+from graven.testing.busybox import busybox_image
 from graven.testing.contracts.runtime import RuntimeContract, RuntimeHarness
 from graven.testing.runtime import FakeRuntime
+from tests import requires
 
 # The instance: sets itself up, says it runs, then waits (60 s at most) for its exit
 # file (named by its pid: the shim execs, so the pid is the handle's) and exits with
@@ -102,6 +107,73 @@ class TestProcessRuntime(RuntimeContract):
     @pytest.fixture
     def runtime_harness(self, tmp_path: Path) -> Iterator[RuntimeHarness]:
         harness = ProcessHarness(tmp_path)
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+# ---------------------------------------------------------------------- runc
+
+# The runc instance talks through its own /tmp (a tmpfs inside the container, which the
+# harness reaches as /proc/PID/root/tmp from the host): it exits once /tmp/exit holds
+# a code. The image is busybox alone, so the contract runs against a real sealed root.
+RUNC_INSTANCE_SCRIPT = """\
+[ -n "$IGNORE_TERM" ] && trap '' TERM
+echo "started $GRAVEN_INSTANCE"
+i=0
+while [ ! -s /tmp/exit ] && [ "$i" -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
+exit "$(cat /tmp/exit 2>/dev/null || echo 9)"
+"""
+
+
+class RuncHarness:
+    def __init__(self, tmp_path: Path) -> None:
+        requires.need_root("runc containers need root")
+        requires.need_tool("runc")
+        if find_init() is None:
+            requires.missing("tini-static is not installed (scripts/setup installs it)")
+        self.state_dir = tmp_path / "state"
+        self.store = ContentStore(tmp_path / "store")
+        self.runtime: Runtime = RuncRuntime(self.state_dir, self.store)
+        self.image = busybox_image(
+            self.store,
+            tmp_path,
+            ImageConfig(entrypoint=("sh", "-c", RUNC_INSTANCE_SCRIPT), env=(("PATH", "/bin"),)),
+            busybox=requires.need_tool("busybox"),
+        )
+
+    def spec(self, instance_id: str, *, ignores_sigterm: bool = False) -> LaunchSpec:
+        env = (("IGNORE_TERM", "1"),) if ignores_sigterm else ()
+        return LaunchSpec(instance_id, "web", 1, self.image, env, 1)
+
+    def end(self, handle: Handle, code: int) -> None:
+        (Path(f"/proc/{handle.pid}/root/tmp") / "exit").write_text(str(code))
+
+    def crash(self, handle: Handle) -> None:
+        os.kill(handle.pid, signal.SIGKILL)
+
+    def restarted(self) -> Runtime:
+        return RuncRuntime(self.state_dir, self.store)
+
+    def close(self) -> None:
+        for instance_id, handle in self.runtime.orphans(set()):
+            with contextlib.suppress(Exception):
+                self.runtime.stop(handle, grace=0.0)
+            assert not self.runtime.alive(handle), f"{instance_id} survived the test"
+        # Instances that ended by themselves keep their container until forgotten, as
+        # the controller does once it has read how they ended.
+        for recorded in (self.state_dir / "instances").glob("*/handle"):
+            pid, started = json.loads(recorded.read_text())
+            self.runtime.forget(Handle(pid, started))
+        leftover = sorted(p.name for p in (self.state_dir / "runc").glob("*"))
+        assert leftover == [], f"runc still keeps containers {leftover}"
+
+
+class TestRuncRuntime(RuntimeContract):
+    @pytest.fixture
+    def runtime_harness(self, tmp_path: Path) -> Iterator[RuncHarness]:
+        harness = RuncHarness(tmp_path)
         try:
             yield harness
         finally:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from graven.cli.output import human_size
 from graven.reference import parse_reference
 from graven.store.cas import ContentStore
 from graven.store.oci_types import OCI_CONFIG, OCI_LAYER_GZIP
@@ -161,6 +162,46 @@ def test_push_sends_each_blob_once_and_skopeo_agrees(ws: Workspace, registry: Re
     text = ws.graven("push", "web", ref)
     assert text.stderr.count("skipped") == 4
     assert "pushed" in text.stdout and "0 B sent" in text.stdout
+
+
+def test_push_and_pull_json_keys_scripts_read(ws: Workspace, registry: Registry) -> None:
+    """The keys of push's and pull's JSON, pinned: scripts read them."""
+    ws.build()
+    ref = f"{registry.host}/keys/web:v1"
+    pushed = ws.graven("push", "web", ref, "-o", "json").json()
+    assert pushed.keys() == {
+        "name",
+        "reference",
+        "pinned",
+        "image",
+        "manifest_digest",
+        "media_type",
+        "bytes_sent",
+        "uploaded",
+        "skipped",
+        "mounted",
+        "blobs",
+    }
+    assert pushed["name"] == "web"
+    assert pushed["pinned"] == f"{registry.host}/keys/web@{pushed['manifest_digest']}"
+    assert {
+        b.keys() == {"digest", "media_type", "size", "action", "bytes"} for b in pushed["blobs"]
+    } == {True}
+    pulled = ws.graven("pull", ref, "-o", "json", state="fresh").json()
+    assert pulled.keys() == {
+        "reference",
+        "name",
+        "image",
+        "manifest_digest",
+        "bytes_received",
+        "blobs",
+    }
+    assert {b["action"] for b in pulled["blobs"]} == {"downloaded"}
+    text = ws.graven("pull", ref, "--name", "again", state="text")
+    assert text.stdout == (
+        f"pulled {pulled['reference']} as again  image {pulled['image']}  "
+        f"({human_size(pulled['bytes_received'])} received)\n"
+    )
 
 
 def test_a_changed_file_sends_only_its_layer(ws: Workspace, registry: Registry) -> None:

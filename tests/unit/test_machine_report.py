@@ -30,6 +30,7 @@ FULL = MachineFacts(
     sealing_probed=True,
     runc="/usr/sbin/runc",
     runc_version="runc version 1.1.5",
+    runc_init="/usr/bin/tini-static",
     max_user_namespaces=1000,
     overlayfs=True,
     cgroups=V1,
@@ -49,7 +50,7 @@ def test_a_machine_with_everything() -> None:
     assert json.loads(json.dumps(report.to_dict()))["runtimes"][1] == {
         "name": "runc",
         "available": True,
-        "detail": "runc version 1.1.5 (/usr/sbin/runc)",
+        "detail": "runc version 1.1.5 (/usr/sbin/runc); choose it with GRAVEN_RUNTIME=runc",
     }
 
 
@@ -94,6 +95,9 @@ def test_runc_that_does_not_run_or_lacks_root() -> None:
     )
     runc = unprivileged.feature("runc")
     assert runc is not None and not runc.available and runc.fix == "run graven as root"
+    no_init = report_of(MachineFacts(root=True, runc="/usr/sbin/runc", runc_version="runc 1.1"))
+    runc = no_init.feature("runc")
+    assert runc is not None and not runc.available and runc.fix == "apt-get install tini"
 
 
 def test_this_machine_can_be_probed() -> None:

@@ -6,50 +6,30 @@ Listed in ``graven.cli.main.VERBS``, which registers it on the root group.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from graven.cli.context import app_context
 from graven.cli.options import output_option
-from graven.cli.output import Output, human_size
-from graven.model import Image
-from graven.store.cas import ContentStore
+from graven.cli.output import Output
+
+if TYPE_CHECKING:
+    from graven.build.bases.common import MadeBase
 
 
-def _summary(store: ContentStore, image: Image, **extra: Any) -> dict[str, Any]:
-    labels = dict(image.config.labels)
-    return {
-        "name": image.name,
-        "digest": str(image.digest),
-        "rootfs": str(image.rootfs),
-        "size": store.read_tree(image.rootfs).size,
-        "layers": len(image.layers),
-        "entrypoint": list(image.config.entrypoint),
-        "labels": labels,
-        "interpreter": {
-            key.removeprefix("dev.graven.interpreter."): value
-            for key, value in labels.items()
-            if key.startswith("dev.graven.interpreter.")
-        },
-        **extra,
-    }
-
-
-def _render(con: Any, d: Any) -> None:
-    how = " (reused: made earlier with the same parameters)" if d.get("cached") else ""
-    con.print(f"[green]base[/] {d['name']} {d['digest']}  {human_size(d['size'])}{how}")
-    interp = d["interpreter"]
-    if interp:
-        con.print(f"  interpreter: {interp.get('path')} ({interp.get('source')})")
-    con.print(f"  use it in a recipe: base: {{image: {d['name']}}}")
-
-
-def _progress(out: Output) -> Any:
+def _progress(out: Output) -> Callable[[str], None]:
     """Lines from tools (debootstrap) as progress, never read as rich markup."""
-    from rich.markup import escape
+    from graven.cli import render_local
 
-    return lambda text: out.progress(escape(text))
+    return lambda text: out.progress(render_local.tool_output(text))
+
+
+def _show(out: Output, base: MadeBase) -> None:
+    from graven.cli import render_local
+
+    out.show(base.to_dict(), render_local.base_made(base))
 
 
 def _packages(values: tuple[str, ...]) -> list[str]:
@@ -94,7 +74,9 @@ def debian(
 ) -> None:
     """Make a Debian root file system with debootstrap (needs root); made once per
     parameters, then reused."""
+    from graven.build.bases.common import MadeBase
     from graven.build.bases.debian import find_debian_base, make_debian_base
+    from graven.cli import render_local
 
     out = Output(output)
     store = app_context(ctx).store()
@@ -106,11 +88,11 @@ def debian(
         "mirror": mirror,
     }
     cached = not refresh and find_debian_base(store, **params) is not None
-    out.progress(f"[bold]base debian[/] {suite} ({variant})")
+    out.progress(render_local.making_base("debian", f"{suite} ({variant})"))
     image = make_debian_base(
         store, name=name, refresh=refresh, on_progress=_progress(out), **params
     )
-    out.emit(_summary(store, image, cached=cached), _render)
+    _show(out, MadeBase.of(store, image, cached=cached))
 
 
 @base_group.command("host-python")
@@ -134,12 +116,14 @@ def host_python(
 ) -> None:
     """Make an image of this host's Python: interpreter, standard library and the shared
     libraries they load, at their host paths."""
+    from graven.build.bases.common import MadeBase
     from graven.build.bases.host_python import make_host_python_base
+    from graven.cli import render_local
 
     out = Output(output)
     store = app_context(ctx).store()
-    out.progress("[bold]base host-python[/]")
+    out.progress(render_local.making_base("host-python"))
     image = make_host_python_base(
         store, python=python, name=name, include_bytecode=bytecode, on_progress=_progress(out)
     )
-    out.emit(_summary(store, image), _render)
+    _show(out, MadeBase.of(store, image))

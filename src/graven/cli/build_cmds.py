@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import click
 
@@ -33,6 +32,8 @@ def build(ctx: click.Context, images: tuple[str, ...], no_cache: bool, output: s
 @click.pass_context
 def images(ctx: click.Context, output: str) -> None:
     """List images in the store."""
+    from graven.cli import render_local
+
     listing = app_context(ctx).store().list_images()
     data = {
         "images": [
@@ -40,13 +41,4 @@ def images(ctx: click.Context, output: str) -> None:
             for name, img in listing
         ]
     }
-
-    def render(con: Any, d: Any) -> None:
-        from rich.table import Table
-
-        t = Table("NAME", "DIGEST", "ENTRYPOINT", box=None)
-        for i in d["images"]:
-            t.add_row(i["name"], i["digest"], " ".join(i["entrypoint"]))
-        con.print(t if d["images"] else "no images yet: run 'graven build'")
-
-    Output(output).emit(data, render)
+    Output(output).show(data, render_local.images(listing))

@@ -61,6 +61,7 @@ def _write_spec(directory: Path, port: int, version: str) -> None:
 
 def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     from graven.cli import deploy_cmds as cli
+    from graven.cli import render_local as view
     from graven.controller.client import ControllerClient
     from graven.controller.results import to_json
     from graven.spec import scaffold
@@ -72,7 +73,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     # A previous demo may still run here: take it down before rewriting its project.
     previous = ControllerClient(state_dir)
     if previous.alive():
-        out.progress("[dim]stopping the previous demo[/]")
+        out.progress(view.demo_note("stopping the previous demo"))
         for r in previous.down(None, actor=actor(), message="demo restart"):
             if r.rollout:
                 cli.wait_for_rollouts(app, {r.service: r.rollout}, Output("json"))
@@ -91,11 +92,13 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
         "stop everything": f"{base} down",
     }
 
-    out.progress(f"\n[bold]1. Build and deploy v1[/] (3 replicas) from {directory}/graven.yaml")
+    out.progress(
+        view.demo_phase("1. Build and deploy v1", f"(3 replicas) from {directory}/graven.yaml")
+    )
     first = _deploy(app, out, "demo: first deploy of v1")
     report["v1"] = first
 
-    out.progress(f"\n[bold]2. Deploy v2 while traffic flows[/] through {report['url']}")
+    out.progress(view.demo_phase("2. Deploy v2 while traffic flows", f"through {report['url']}"))
     write_atomic(directory / "app" / "RELEASE_NOTES", b"v2: the demo's second release\n")
     _write_spec(directory, port, "v2")
     app._loaded = None
@@ -103,7 +106,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
         report["v2"] = _deploy(app, out, "demo: roll out v2")
     report["deploy_traffic"] = _traffic(out, load.report, "during the v2 deploy")
 
-    out.progress("\n[bold]3. Roll back to v1 while traffic flows[/]")
+    out.progress(view.demo_phase("3. Roll back to v1 while traffic flows"))
     client = app.controller()
     with Load("127.0.0.1", port, clients=4, min_requests=requests_per_phase) as load:
         back = client.rollback("hello", actor=actor(), message="demo: roll back")
@@ -113,8 +116,9 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
         report["rollback"] = {"release": back.release, "state": done["state"]}
     report["rollback_traffic"] = _traffic(out, load.report, "during the rollback")
 
-    out.progress("\n[bold]4. Status[/]")
-    report["status"] = to_json(client.status())
+    out.progress(view.demo_phase("4. Status"))
+    status = client.status()
+    report["status"] = to_json(status)
     from graven.ledger.chain import verify_chain
 
     entries = app.state().ledger()
@@ -123,37 +127,16 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
     failed = report["deploy_traffic"]["failed"] + report["rollback_traffic"]["failed"]
     report["failed_requests"] = failed
 
-    def render(con: Any, d: Any) -> None:
-        from rich.table import Table
-
-        for s in d["status"]["services"]:
-            con.print(f"[bold]{s['service']}[/] serving {s['desired_release']} at {s['url']}")
-            for i in s["instances"]:
-                con.print(f"  {i['id']}  {i['state']}  {i['address']}  image {i['image'][:19]}")
-        con.print("\n[bold]5. Audit trail[/] (hash-chained, verified)")
-        t = Table("#", "WHO", "ACTION", "RELEASE", "WHY", box=None)
-        for e in d["audit"]:
-            t.add_row(str(e["seq"]), e["actor"], e["action"], e["release"], e["message"])
-        con.print(t)
-        color = "green" if d["failed_requests"] == 0 else "red"
-        con.print(
-            f"\n[{color}]failed requests: {d['deploy_traffic']['failed']} during deploy, "
-            f"{d['rollback_traffic']['failed']} during rollback[/]"
-        )
-        con.print(f"\nThe service is running: [bold]curl {d['url']}[/]")
-        activate = Path(sys.executable).parent / "activate"
-        con.print(
-            "Try these from any shell"
-            + (
-                f" (or run 'source {activate}' to type plain 'graven'):"
-                if activate.exists()
-                else ":"
-            )
-        )
-        for what, command in d["commands"].items():
-            con.print(f"  [bold]{command}[/]   # {what}")
-
-    out.emit(report, render)
+    activate = Path(sys.executable).parent / "activate"
+    tour = view.demo_tour(
+        status,
+        entries,
+        (report["deploy_traffic"]["failed"], report["rollback_traffic"]["failed"]),
+        report["url"],
+        report["commands"],
+        activate if activate.exists() else None,
+    )
+    out.show(report, tour)
     if failed:
         raise GravenError(f"{failed} request(s) failed during the demo's rollouts")
 
@@ -164,7 +147,7 @@ def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
     candidates = cli.release_candidates(app, ["hello"], out)
     client = app.controller()
     r = client.deploy(candidates[0], actor=actor(), message=message, details={})
-    out.progress(f"  release {r.release}")
+    out.progress((f"  release {r.release}",))
     if r.rollout:
         done = cli.wait_for_rollouts(app, {"hello": r.rollout}, out)[0]
         if done["state"] != "succeeded":
@@ -173,16 +156,15 @@ def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
 
 
 def _traffic(out: Output, report: LoadReport, phase: str) -> dict[str, Any]:
+    from graven.cli import render_local as view
+
     data = report.to_dict()
-    color = "green" if report.failed == 0 else "red"
     by_version: Counter[str] = Counter()
     for body, n in report.bodies.items():
         try:
             by_version[str(json.loads(body).get("version"))] += n
         except (ValueError, AttributeError):
             by_version["other"] += n
-    versions = ", ".join(f"{v}: {n}" for v, n in sorted(by_version.items()))
-    out.progress(
-        f"  [{color}]{report.sent} requests {phase}: {report.failed} failed[/]  ({versions})"
-    )
+    versions = sorted(by_version.items())
+    out.progress(view.demo_traffic(report.sent, report.failed, phase, versions))
     return data

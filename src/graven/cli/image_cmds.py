@@ -7,18 +7,19 @@ modules (the OCI writer, compression) load only when a command runs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from graven.cli.context import app_context
 from graven.cli.import_cmds import import_command
 from graven.cli.options import output_option
-from graven.cli.output import Output, human_size, short
+from graven.cli.output import Output, short
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
     from graven.store.oci_export.documents import LayerProgress
+    from graven.store.oci_export.layout import ExportResult
 
 
 @click.group("image")
@@ -73,8 +74,14 @@ def export(
       skopeo inspect oci:out:web
       podman run --rm oci:out:web
     """
+    from graven.cli import render_local
     from graven.store.oci_export.compress import check_compression
-    from graven.store.oci_export.layout import check_ref_name, export_archive, export_layout
+    from graven.store.oci_export.layout import (
+        ImageExport,
+        check_ref_name,
+        export_archive,
+        export_layout,
+    )
 
     if layout is None and archive is None:
         raise UsageError(
@@ -87,39 +94,38 @@ def export(
     ref = check_ref_name(ref_name or img.name or "latest")
     kind = check_compression(compression)
     label = img.name or short(img.digest)
-    out.progress(f"[bold]export[/] {label} {img.digest} as {ref!r}")
-    data: dict[str, Any] = {"image": str(img.digest), "name": img.name, "ref": ref}
-    result = None
+    out.progress(render_local.exporting(label, str(img.digest), ref))
+    written: ExportResult | None = None
+    archived: ExportResult | None = None
     with out.bar(f"export {label}") as bar:
 
         def on_layer(p: LayerProgress) -> None:
-            how = "[dim]cached[/]" if p.cached else "[cyan]written[/]"
             bar.update(completed=p.index + 1, total=p.count)
-            bar.line(
-                f"  layer {p.index + 1}/{p.count} {short(p.blob.digest)} "
-                f"{human_size(p.blob.size):>10} {kind:<4} {how}"
-            )
+            bar.line(render_local.layer_exported(p, kind))
 
         if layout is not None:
-            result = export_layout(store, img, layout, ref, kind, progress=on_layer)
-            data["layout"] = str(result.path.resolve())
-            data["blobs_written"] = result.blobs_written
-            data["blobs_reused"] = result.blobs_reused
+            written = export_layout(store, img, layout, ref, kind, progress=on_layer)
         if archive is not None:
             # Layers are cached by now when a layout was written too: no second compression.
             archived = export_archive(
-                store, img, archive, ref, kind, progress=None if result else on_layer
+                store, img, archive, ref, kind, progress=None if written else on_layer
             )
-            data["archive"] = str(archived.path.resolve())
-            result = result or archived
-    assert result is not None
-    data.update(compression=kind, **result.oci.to_dict())
+    documents = written or archived
+    assert documents is not None  # the usage check above asks for one or both
+    result = ImageExport(
+        img.digest,
+        img.name,
+        ref,
+        kind,
+        documents.oci,
+        layout=_resolved(written),
+        archive=_resolved(archived),
+    )
+    out.show(result.to_dict(), render_local.exported(result))
 
-    def render(con: Any, d: Any) -> None:
-        where = [f"oci:{d['layout']}:{d['ref']}"] if "layout" in d else []
-        if "archive" in d:
-            where.append(f"oci-archive:{d['archive']}:{d['ref']}")
-        con.print(f"[green]exported[/] {d['name'] or d['image']} -> {', '.join(where)}")
-        con.print(f"  manifest {d['manifest']['digest']}  ({len(d['layers'])} layer(s))")
 
-    out.emit(data, render)
+def _resolved(result: ExportResult | None) -> ExportResult | None:
+    """``result`` with its path absolute, as the verb reports it."""
+    from dataclasses import replace
+
+    return None if result is None else replace(result, path=result.path.resolve())

@@ -13,7 +13,7 @@ import click
 
 from graven.cli.context import app_context
 from graven.cli.options import output_option
-from graven.cli.output import Output, short
+from graven.cli.output import Output
 
 if TYPE_CHECKING:
     from graven.store.oci_import.policy import LayerImported
@@ -61,24 +61,21 @@ def import_command(
       graven image import out/ --ref web --name web
       graven image import image.tar -o json
     """
+    from graven.cli import render_local
     from graven.store.oci_import.layouts import import_layout
     from graven.store.oci_import.policy import ImportPolicy
 
     obj = app_context(ctx)
     out = Output(output)
     store = obj.store()
-    out.progress(f"[bold]import[/] {source}" + (f" ref {ref!r}" if ref else ""))
+    out.progress(render_local.importing(source, ref))
 
     policy = ImportPolicy(allow_devices=allow_devices, allow_setuid=allow_setuid)
     with out.bar(f"import {source.name}") as bar:
 
         def on_layer(p: LayerImported) -> None:
-            note = f", {p.devices_skipped} device node(s) left out" if p.devices_skipped else ""
             bar.update(completed=p.index + 1, total=p.count)
-            bar.line(
-                f"  layer {p.index + 1}/{p.count} {short(p.digest)} "
-                f"{p.size / 1024:>10,.0f} KiB {p.entries} entries{note}"
-            )
+            bar.line(render_local.layer_imported(p))
 
         img = import_layout(store, source, ref, name=name, policy=policy, progress=on_layer)
     data: dict[str, Any] = {
@@ -89,11 +86,4 @@ def import_command(
         "source": str(source.resolve()),
         "ref": ref,
     }
-
-    def render(con: Any, d: Any) -> None:
-        label = d["name"] or short(d["digest"])
-        con.print(f"[green]imported[/] {label} {d['digest']}  ({d['layers']} layer(s))")
-        if not d["name"]:
-            con.print("  name it with --name NAME, or use the digest above")
-
-    out.emit(data, render)
+    out.show(data, render_local.imported(img))

@@ -15,7 +15,7 @@ without it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from graven.cli.exits import write_json
@@ -65,11 +65,11 @@ class Output:
             self._err = rich_console(stderr=True)
         return self._err
 
-    def emit(self, data: Any, render: Callable[[Console, Any], None] | None = None) -> None:
+    def emit(self, data: Any) -> None:
+        """``data`` as JSON; nothing for people (a verb with a human view uses
+        :meth:`show`)."""
         if self.json:
             write_json(data)
-        elif render is not None:
-            render(self.out, data)
 
     def show(self, data: Any, lines: Iterable[Line]) -> None:
         """``data`` as JSON, or ``lines`` (a renderer's view of it) for people."""

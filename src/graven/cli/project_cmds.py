@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,17 +22,12 @@ if TYPE_CHECKING:
 @output_option
 def init(directory: Path, force: bool, output: str) -> None:
     """Scaffold graven.yaml and an example service in DIRECTORY."""
+    from graven.cli import render_local
     from graven.spec import scaffold
 
     written = scaffold(directory, force=force)
     data = {"directory": str(directory.resolve()), "written": [str(p) for p in written]}
-
-    def render(con: Any, d: Any) -> None:
-        for p in d["written"]:
-            con.print(f"[green]created[/] {p}")
-        con.print("\nNext: [bold]graven deploy -m 'first deploy'[/] in that directory.")
-
-    Output(output).emit(data, render)
+    Output(output).show(data, render_local.scaffolded(written))
 
 
 @click.command()
@@ -44,31 +39,16 @@ def check(ctx: click.Context, output: str) -> None:
     Ports already taken by another program are warnings: the spec is valid, but a
     deploy could not start the service's router there until the port is freed.
     """
+    from graven.cli import render_local
+    from graven.spec.summary import SpecSummary
+
     app = app_context(ctx)
     loaded = app.spec()
-    spec = loaded.spec
-    warnings = _port_warnings(app, loaded) + _machine_warnings(loaded)
-    data = {
-        "file": str(loaded.path),
-        "valid": True,
-        "images": sorted(spec.images),
-        "services": sorted(spec.services),
-        "targets": sorted(spec.targets),
-        "warnings": [w.to_dict() for w in warnings],
-    }
+    summary = SpecSummary.of(loaded, _port_warnings(app, loaded) + _machine_warnings(loaded))
     out = Output(output)
-
-    def render(con: Any, d: Any) -> None:
-        from rich.markup import escape
-
-        for warning in warnings:
-            out.err.print(f"[yellow]warning:[/] {escape(str(warning))}")
-        con.print(
-            f"[green]ok[/] {d['file']}: {len(d['images'])} image(s), "
-            f"{len(d['services'])} service(s), {len(d['targets'])} target(s)"
-        )
-
-    out.emit(data, render)
+    if not out.json:
+        out.err_lines.write_all(render_local.spec_warnings(summary.warnings))
+    out.show(summary.to_dict(), render_local.checked(summary))
 
 
 def _machine_warnings(loaded: LoadedSpec) -> list[SpecProblem]:

@@ -16,10 +16,11 @@ import click
 
 from graven.cli.context import app_context
 from graven.cli.options import output_option
-from graven.cli.output import Output, ProgressBar, human_size
+from graven.cli.output import Output, ProgressBar
 from graven.errors import UsageError
 
 if TYPE_CHECKING:
+    from graven.cli.lines import Line
     from graven.model import Digest, Image
     from graven.reference import RegistryRef
     from graven.store.cas import ContentStore
@@ -179,15 +180,11 @@ def _documents(out: Output, store: ContentStore, image: Image, compression: str)
         )
 
 
-def _blob_line(t: BlobTransfer) -> str:
+def _blob_line(t: BlobTransfer) -> Line:
+    from graven.cli import render_local
     from graven.store.oci_types import DOCKER_CONFIG, OCI_CONFIG
 
-    kind = "config" if t.media_type in (OCI_CONFIG, DOCKER_CONFIG) else "layer"
-    color = {"uploaded": "cyan", "downloaded": "cyan", "mounted": "green"}.get(t.action, "dim")
-    line = f"  [{color}]{t.action:<10}[/] {t.digest.short}  {kind:<6} {human_size(t.size):>9}"
-    if t.action == "mounted" and t.source:
-        line += f"  from {t.source}"
-    return line
+    return render_local.blob_moved(t, config=t.media_type in (OCI_CONFIG, DOCKER_CONFIG))
 
 
 @click.command()
@@ -218,6 +215,7 @@ def push(
     IMAGE is a local name, NAME@sha256:..., or a (short) digest. The tag defaults
     to 'latest'.
     """
+    from graven.cli import render_local
     from graven.reference import parse_reference
     from graven.store.registry.transfer import push_image
 
@@ -226,7 +224,7 @@ def push(
     store = app_context(ctx).store()
     img = store.resolve(image)
     label = img.name or img.digest.short
-    out.progress(f"[bold]push[/] {label} -> {ref}")
+    out.progress(render_local.pushing(label, str(ref)))
     oci = _documents(out, store, img, compression)
     total = sum({layer.digest: layer.size for layer in oci.layers}.values()) + len(oci.config)
     with out.bar(f"push {label}", total=total, unit="bytes") as bar:
@@ -241,17 +239,7 @@ def push(
             result = push_image(
                 store, img, ref, c, compression=compression, progress=transfers.done
             )
-    data = {"name": img.name, **result.to_dict()}
-
-    def render(con: Any, d: Any) -> None:
-        con.print(
-            f"[green]pushed[/] {d['reference']}  ({d['uploaded']} uploaded, "
-            f"{d['mounted']} mounted, {d['skipped']} already there; "
-            f"{human_size(d['bytes_sent'])} sent)"
-        )
-        con.print(f"pull with: graven pull {d['pinned']}")
-
-    out.emit(data, render)
+    out.show({"name": img.name, **result.to_dict()}, render_local.pushed(result))
 
 
 @click.command()
@@ -278,13 +266,14 @@ def pull(
     Every blob is verified as it arrives; the local name moves only once the whole
     image is in.
     """
+    from graven.cli import render_local
     from graven.reference import parse_reference
     from graven.store.registry.transfer import pull_image
 
     out = Output(output)
     ref = parse_reference(reference)
     store = app_context(ctx).store()
-    out.progress(f"[bold]pull[/] {ref}")
+    out.progress(render_local.pulling(str(ref)))
     with out.bar(f"pull {ref.repository}", unit="bytes") as bar:
         transfers = _Transfers(bar)
         with _client(
@@ -295,12 +284,4 @@ def pull(
             transfers=transfers if bar.shown else None,
         ) as c:
             result = pull_image(store, ref, c, name=name, progress=transfers.done)
-    data = result.to_dict()
-
-    def render(con: Any, d: Any) -> None:
-        con.print(
-            f"[green]pulled[/] {d['reference']} as {d['name']}  image {d['image']}  "
-            f"({human_size(d['bytes_received'])} received)"
-        )
-
-    out.emit(data, render)
+    out.show(result.to_dict(), render_local.pulled(result))

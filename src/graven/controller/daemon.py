@@ -41,6 +41,7 @@ from graven.ledger.state import open_state_store
 from graven.logfiles import RotatingStreamHandler, appends_to, log_limits
 from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
+from graven.runtime.base import Runtime
 from graven.runtime.limits import sweep_cgroups
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
@@ -143,6 +144,40 @@ def _router(state_dir: Path) -> Router:
     return EmbeddedRouter(state_dir)
 
 
+RUNTIMES = ("process", "runc")
+
+
+def _runtime(state_dir: Path, store: ContentStore) -> Runtime:
+    """How instances run: host processes, or runc containers with GRAVEN_RUNTIME=runc.
+
+    Like the router, the choice sticks to the state dir: a controller of the other kind
+    could not stop or adopt the instances that run there."""
+    recorded_file = state_dir / "runtime"
+    recorded = recorded_file.read_text().strip() if recorded_file.exists() else None
+    wanted = os.environ.get("GRAVEN_RUNTIME") or None
+    if recorded and wanted and recorded != wanted and _services_running(state_dir):
+        raise ControllerError(
+            f"this state dir runs its instances with the {recorded} runtime, not {wanted}",
+            hint="Run 'graven down' first to switch runtimes.",
+        )
+    kind = wanted or recorded or "process"
+    if kind not in RUNTIMES:
+        raise ControllerError(
+            f"GRAVEN_RUNTIME={kind!r} is not a runtime graven knows",
+            hint="Use 'process' (the default) or 'runc'.",
+        )
+    if kind == "runc":
+        from graven.runtime.runc import RuncRuntime
+
+        runtime: Runtime = RuncRuntime(state_dir, store)
+        RuncRuntime.check_machine()  # before anything is recorded: say now what is missing
+    else:
+        runtime = ProcessRuntime(state_dir, store)
+    if kind != recorded:
+        write_atomic(recorded_file, kind.encode(), mode=0o600)
+    return runtime
+
+
 def _services_running(state_dir: Path) -> bool:
     db = state_db(state_dir)
     if not db.exists():
@@ -162,7 +197,7 @@ async def _serve(state_dir: Path, idle: float | None) -> None:
         state_dir,
         state,
         store,
-        ProcessRuntime(state_dir, store),
+        _runtime(state_dir, store),
         _router(state_dir),
         clock,
     )

@@ -15,16 +15,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from graven.errors import SpecProblem
 from graven.runtime.cgroups import CgroupLayout, detect
 from graven.runtime.limits import LimitSupport, support
+from graven.runtime.runc import find_init, find_runc
 
 if TYPE_CHECKING:
     from graven.spec.loader import LoadedSpec
 
-RUNC_NAMES: Final = ("runc", "/usr/sbin/runc", "/usr/bin/runc")
 _PROBE_TIMEOUT = 10.0
 
 
@@ -41,6 +41,7 @@ class MachineFacts:
     runc: str | None = None
     runc_version: str = ""
     runc_error: str = ""
+    runc_init: str | None = None  # tini-static, the init runc instances run under
     max_user_namespaces: int | None = None
     overlayfs: bool = False
     cgroups: CgroupLayout = field(default_factory=CgroupLayout)
@@ -102,8 +103,17 @@ def report_of(facts: MachineFacts) -> MachineReport:
         runc = Feature(
             "runc", False, f"{facts.runc_version} found, but it needs root", "run graven as root"
         )
+    elif facts.runc_init is None:
+        runc = Feature(
+            "runc",
+            False,
+            f"{facts.runc_version} found, but tini-static (the instances' init) is not",
+            "apt-get install tini",
+        )
     else:
-        runc = Feature("runc", True, f"{facts.runc_version} ({facts.runc})")
+        runc = Feature(
+            "runc", True, f"{facts.runc_version} ({facts.runc}); choose it with GRAVEN_RUNTIME=runc"
+        )
     sealed = Feature(
         "sealed instances",
         facts.sealed,
@@ -204,7 +214,8 @@ def probe_machine() -> MachineFacts:
     bwrap = shutil.which("bwrap")
     bwrap_error = _try_bwrap(bwrap) if bwrap else ""
     probed, sealed, sealing = _sealing(root)
-    runc = next((p for p in map(shutil.which, RUNC_NAMES) if p), None)
+    runc = find_runc()
+    init = find_init()
     runc_version, runc_error = _runc_version(runc) if runc else ("", "")
     layout = detect()
     return MachineFacts(
@@ -217,6 +228,7 @@ def probe_machine() -> MachineFacts:
         runc=runc,
         runc_version=runc_version,
         runc_error=runc_error,
+        runc_init=None if init is None else str(init),
         max_user_namespaces=_read_int(Path("/proc/sys/user/max_user_namespaces")),
         overlayfs=_has_overlayfs(),
         cgroups=layout,

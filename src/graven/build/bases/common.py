@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
+from graven.build.interpreter import LABEL_PREFIX
 from graven.errors import GravenError
 from graven.model import Digest, Image, ImageConfig, canonical_json
 from graven.store.base import ImageStore
@@ -31,6 +33,45 @@ def store_base(store: ImageStore, rootfs: Digest, config: ImageConfig, name: str
     image = store.put_image(rootfs, config, layers)
     store.tag(name, image.digest)
     return replace(image, name=name)
+
+
+@dataclass(frozen=True)
+class MadeBase:
+    """A base image as ``graven base`` reports it: the image, the size of its files and,
+    where it is known, whether it was ``cached`` (made earlier with the same parameters)."""
+
+    image: Image
+    size: int
+    cached: bool | None = None
+
+    @classmethod
+    def of(cls, store: ImageStore, image: Image, *, cached: bool | None = None) -> MadeBase:
+        return cls(image, store.read_tree(image.rootfs).size, cached)
+
+    @property
+    def interpreter(self) -> dict[str, str]:
+        """The recorded interpreter's labels without their prefix (path, source, ...)."""
+        return {
+            key.removeprefix(LABEL_PREFIX): value
+            for key, value in self.image.config.labels
+            if key.startswith(LABEL_PREFIX)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        image = self.image
+        data: dict[str, Any] = {
+            "name": image.name,
+            "digest": str(image.digest),
+            "rootfs": str(image.rootfs),
+            "size": self.size,
+            "layers": len(image.layers),
+            "entrypoint": list(image.config.entrypoint),
+            "labels": dict(image.config.labels),
+            "interpreter": self.interpreter,
+        }
+        if self.cached is not None:
+            data["cached"] = self.cached
+        return data
 
 
 def located(where: str, error: GravenError) -> GravenError:

@@ -56,6 +56,35 @@ class FsckReport:
         """Every name whose image must be rebuilt or pulled again, sorted."""
         return tuple(sorted({*self.names, *(n for d in self.damaged for n in d.images)}))
 
+    @property
+    def next_step(self) -> str:
+        """What to do about what was found, in one sentence ("" when the store is sound)."""
+        if self.ok:
+            return ""
+        named = " ".join(self.images) or "IMAGE"
+        restore = (
+            f"rebuild the images built here ('graven build {named}') and pull again the ones "
+            "pulled ('graven pull REF --name IMAGE')"
+        )
+        if self.quarantine is not None:
+            return f"Now {restore}. Delete {self.quarantine} once you no longer need it."
+        return (
+            f"Run 'graven store fsck --repair' to quarantine what is damaged, then {restore}; "
+            "'graven gc' never deletes damaged data."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "damaged": [d.to_dict() for d in self.damaged],
+            "images": list(self.images),
+            "names": list(self.names),
+            "repaired": self.quarantine is not None,
+            "quarantine": str(self.quarantine) if self.quarantine else None,
+            "next": self.next_step,
+        }
+
 
 class FsckStore(RefStore):
     """Images and names plus the integrity check over everything."""

@@ -68,6 +68,44 @@ class ExportResult:
         }
 
 
+@dataclass(frozen=True)
+class ImageExport:
+    """What ``graven image export`` wrote: one image under one ref, into a layout, an
+    archive, or both (their documents are the same)."""
+
+    image: Digest
+    name: str
+    ref_name: str
+    compression: Compression
+    oci: OciImage
+    layout: ExportResult | None = None
+    archive: ExportResult | None = None
+
+    @property
+    def locations(self) -> list[str]:
+        """Where to read it from, as skopeo and podman name it."""
+        where = [f"oci:{self.layout.path}:{self.ref_name}"] if self.layout else []
+        if self.archive is not None:
+            where.append(f"oci-archive:{self.archive.path}:{self.ref_name}")
+        return where
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "image": str(self.image),
+            "name": self.name,
+            "ref": self.ref_name,
+            "compression": self.compression,
+            **self.oci.to_dict(),
+        }
+        if self.layout is not None:
+            data["layout"] = str(self.layout.path)
+            data["blobs_written"] = self.layout.blobs_written
+            data["blobs_reused"] = self.layout.blobs_reused
+        if self.archive is not None:
+            data["archive"] = str(self.archive.path)
+        return data
+
+
 def check_ref_name(ref_name: str) -> str:
     """``ref_name`` if it fits the image-spec's ``org.opencontainers.image.ref.name``."""
     if not is_valid_ref_name(ref_name):

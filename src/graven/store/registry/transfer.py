@@ -89,13 +89,17 @@ class PushResult:
     def count(self, action: BlobAction) -> int:
         return sum(b.action == action for b in self.blobs)
 
-    def to_dict(self) -> dict[str, Any]:
-        pinned = RegistryRef(
+    @property
+    def pinned(self) -> RegistryRef:
+        """Where the image now is, by its manifest digest (what to pull to get it)."""
+        return RegistryRef(
             self.reference.registry, self.reference.repository, digest=self.manifest_digest
         )
+
+    def to_dict(self) -> dict[str, Any]:
         return {
             "reference": str(self.reference),
-            "pinned": str(pinned),
+            "pinned": str(self.pinned),
             "image": str(self.image),
             "manifest_digest": str(self.manifest_digest),
             "media_type": self.media_type,
