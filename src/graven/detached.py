@@ -161,6 +161,7 @@ def spawn(
     env: dict[str, str] | None = None,
     pass_fds: Sequence[int] = (),
     keep_exit_status: bool = False,
+    credentials: tuple[int, int] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` detached: a new session, stdin from /dev/null, stdout and stderr
     to ``output`` (a log file; None inherits ours), no other descriptor but
@@ -169,6 +170,7 @@ def spawn(
 
     ``keep_exit_status``: keep the child's exit status after it ends until ``forget``
     (for callers that report how a process ended); otherwise it is dropped once reaped.
+    ``credentials``: run as that ``(uid, gid)`` with no supplementary groups (needs root).
     """
     import subprocess  # not on a lean CLI start that starts nothing
 
@@ -182,6 +184,9 @@ def spawn(
         start_new_session=True,
         close_fds=True,
         pass_fds=tuple(pass_fds),
+        user=None if credentials is None else credentials[0],
+        group=None if credentials is None else credentials[1],
+        extra_groups=None if credentials is None else [],
     )
     track(proc, keep_exit_status=keep_exit_status)
     return proc

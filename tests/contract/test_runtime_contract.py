@@ -1,6 +1,7 @@
-"""The Runtime port's contract against each adapter: FakeRuntime, ProcessRuntime
-(real processes from a real image in a content store) and RuncRuntime (real runc
-containers of a busybox image)."""
+"""The Runtime port's contract against each adapter: FakeRuntime, ProcessRuntime sealed
+by bubblewrap and unsealed (real processes from a real image in a content store:
+busybox, whose ``sh`` runs the instance script), and RuncRuntime (real runc containers
+of a busybox image)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,22 +17,23 @@ import pytest
 
 from graven.model import Image, ImageConfig
 from graven.runtime.base import Handle, LaunchSpec, Runtime
+from graven.runtime.isolation import IsolationSupport
 from graven.runtime.process import ProcessRuntime
 from graven.runtime.runc import RuncRuntime, find_init
 from graven.store.cas import ContentStore
-from graven.store.tree_model import Tree
+from graven.store.tree_model import SYMLINK_MODE, Tree, TreeEntry
 from graven.testing.busybox import busybox_image
 from graven.testing.contracts.runtime import RuntimeContract, RuntimeHarness
 from graven.testing.runtime import FakeRuntime
 from tests import requires
+from tests.requires import missing, need_tool
 
 # The instance: sets itself up, says it runs, then waits (60 s at most) for its exit
-# file (named by its pid: the shim execs, so the pid is the handle's) and exits with
-# the code written there. IGNORE_TERM makes SIGTERM do nothing (sleep inherits the
-# ignored signal, so only SIGKILL ends it).
+# file and exits with the code written there. IGNORE_TERM makes SIGTERM do nothing
+# (sleep inherits the ignored signal, so only SIGKILL ends it).
 INSTANCE_SCRIPT = """\
 [ -n "$IGNORE_TERM" ] && trap '' TERM
-EXIT_FILE="$EXIT_DIR/$$"
+EXIT_FILE="$EXIT_DIR/exit"
 echo "started $GRAVEN_INSTANCE"
 i=0
 while [ ! -s "$EXIT_FILE" ] && [ "$i" -lt 1200 ]; do sleep 0.05; i=$((i + 1)); done
@@ -39,9 +42,14 @@ exit "$(cat "$EXIT_FILE" 2>/dev/null || echo 9)"
 
 
 def make_image(store: ContentStore) -> Image:
-    return store.put_image(
-        store.put_tree(Tree.of([])), ImageConfig(entrypoint=("sh", "-c", INSTANCE_SCRIPT))
-    )
+    """An image of busybox alone: ``/bin/sh``, ``sleep`` and ``cat`` are its applets."""
+    busybox = need_tool("busybox")
+    root = store.put_tree(Tree.of([]))
+    root = store.place(root, "/bin/busybox", store.ingest(Path(busybox)))
+    for applet in ("sh", "sleep", "cat"):
+        link = TreeEntry(applet, "symlink", SYMLINK_MODE, len("busybox"), target="busybox")
+        root = store.place(root, f"/bin/{applet}", link)
+    return store.put_image(root, ImageConfig(entrypoint=("sh", "-c", INSTANCE_SCRIPT)))
 
 
 class FakeHarness:
@@ -66,28 +74,49 @@ class FakeHarness:
 
 
 class ProcessHarness:
-    def __init__(self, tmp_path: Path) -> None:
+    """``isolation``: None to seal as this machine can (which must be sealed, here)."""
+
+    def __init__(self, tmp_path: Path, isolation: IsolationSupport | None = None) -> None:
         self.state_dir = tmp_path / "state"
         self.store = ContentStore(tmp_path / "store")
-        self.runtime: Runtime = ProcessRuntime(self.state_dir, self.store)
+        self.isolation = isolation
+        process = ProcessRuntime(self.state_dir, self.store, isolation)
+        if isolation is None and not process.isolation.sealed:
+            missing(f"instances cannot be sealed here: {process.isolation.reason}")
+        self.runtime: Runtime = process
         self.image = make_image(self.store)
         self.exit_files = tmp_path / "exits"
-        self.exit_files.mkdir()
 
     def spec(self, instance_id: str, *, ignores_sigterm: bool = False) -> LaunchSpec:
-        env = [("EXIT_DIR", str(self.exit_files))]
+        # Sealed, an instance's /tmp is its own; unsealed, each gets a host directory.
+        exit_dir = Path("/tmp")
+        if self.isolation is not None:
+            exit_dir = self.exit_files / instance_id
+            exit_dir.mkdir(parents=True)
+        env = [("EXIT_DIR", str(exit_dir))]
         if ignores_sigterm:
             env.append(("IGNORE_TERM", "1"))
         return LaunchSpec(instance_id, "web", 1, self.image, tuple(env), 1)
 
     def end(self, handle: Handle, code: int) -> None:
-        (self.exit_files / str(handle.pid)).write_text(str(code))
+        # Written where the instance sees it: through its root, as the host sees that.
+        environ = Path(f"/proc/{handle.pid}/environ").read_bytes().split(b"\0")
+        exit_dir = next(e for e in environ if e.startswith(b"EXIT_DIR=")).decode()[9:]
+        path = Path(f"/proc/{handle.pid}/root") / exit_dir.lstrip("/") / "exit"
+        # As the instance's own uid: its /tmp belongs to its user namespace.
+        uid = os.stat(f"/proc/{handle.pid}").st_uid
+        as_user = {"user": uid, "group": uid, "extra_groups": []} if uid != os.getuid() else {}
+        subprocess.run(
+            ["/bin/sh", "-c", 'printf %s "$1" > "$0"', str(path), str(code)],
+            check=True,
+            **as_user,  # type: ignore[arg-type]
+        )
 
     def crash(self, handle: Handle) -> None:
         os.killpg(handle.pid, signal.SIGKILL)
 
     def restarted(self) -> Runtime:
-        return ProcessRuntime(self.state_dir, self.store)
+        return ProcessRuntime(self.state_dir, self.store, self.isolation)
 
     def close(self) -> None:
         """Stop what still runs, by the pid each instance recorded."""
@@ -104,9 +133,25 @@ class TestFakeRuntime(RuntimeContract):
 
 
 class TestProcessRuntime(RuntimeContract):
+    """Sealed by bubblewrap, as on every machine CI runs on."""
+
     @pytest.fixture
     def runtime_harness(self, tmp_path: Path) -> Iterator[RuntimeHarness]:
         harness = ProcessHarness(tmp_path)
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+class TestUnsealedProcessRuntime(RuntimeContract):
+    """Where a machine cannot seal: plain host processes from the checkout."""
+
+    @pytest.fixture
+    def runtime_harness(self, tmp_path: Path) -> Iterator[RuntimeHarness]:
+        harness = ProcessHarness(
+            tmp_path, IsolationSupport(False, reason="as on a machine without it")
+        )
         try:
             yield harness
         finally:

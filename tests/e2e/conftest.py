@@ -2,6 +2,11 @@
 
 Each test gets its own project and state dir; teardown stops everything the test
 started, by PID, even when the test failed half-way.
+
+The example service starts from ``base: host-python``, which costs seconds to make
+in each new state dir: ``host_python_store`` makes it once per test session, and each
+project's store starts as a hard-link copy of that store's blobs (immutable and
+read-only) with its small records copied, so a build finds the base made.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +28,10 @@ from typing import Any
 import pytest
 
 from graven import detached
+from graven.build.bases.host_python import host_python_base
 from graven.spec import scaffold
+from graven.store.cas import ContentStore
+from graven.store.gc import run_gc
 from graven.testing.cli import Result, clean_env, run_graven
 from graven.testing.net import eventually, free_port
 from graven.testing.registry import Registry, running_registry
@@ -57,6 +66,7 @@ class Project:
         start_timeout: str | None = "20s",
         strategy: Mapping[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        volumes: list[dict[str, Any]] | None = None,
     ) -> None:
         """The example service's spec; ``env``: variables beside ``VERSION``."""
         (self.root / "graven.yaml").write_text(
@@ -68,6 +78,7 @@ class Project:
                 start_timeout=start_timeout,
                 strategy=strategy,
                 env=env,
+                volumes=volumes or (),
             )
         )
         # A new version is a new image, not only new config.
@@ -190,8 +201,46 @@ def _kill_recorded(recorded: list[tuple[int, int | None]]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _project(root: Path, router: str, workers: int = 1) -> Iterator[Project]:
+def seed_store(state_dir: Path, template: Path) -> None:
+    """Start ``state_dir``'s content store as a copy of the store ``template``: blobs
+    hard-linked (content-addressed, read-only, never written in place) where both are
+    on one filesystem, the rest copied.
+    """
+    store = state_dir / "store"
+    for path in sorted(template.rglob("*")):
+        relative = path.relative_to(template)
+        if relative.parts[0] in ("tmp", "locks"):
+            continue
+        dest = store / relative
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif relative.parts[0] == "blobs":
+            try:
+                os.link(path, dest)
+            except OSError:  # another filesystem
+                shutil.copy2(path, dest)
+        else:
+            shutil.copy2(path, dest)
+
+
+@pytest.fixture(scope="session")
+def host_python_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A content store holding the host-python base, made once per session."""
+    store = tmp_path_factory.mktemp("host-python") / "store"
+    made = ContentStore(store)
+    host_python_base(made)
+    # Making it leaves intermediate trees behind, which a gc (grace 0) takes now: copied
+    # old into a test's store, they would count as garbage past any grace period.
+    run_gc(made, grace=0)
+    return store
+
+
+def _project(
+    root: Path, router: str, workers: int = 1, seed: Path | None = None
+) -> Iterator[Project]:
     scaffold(root)
+    if seed is not None:
+        seed_store(root / ".graven", seed)
     proj = Project(root, free_port(), router, workers)
     proj.write_spec()
     try:
@@ -205,16 +254,18 @@ def _project(root: Path, router: str, workers: int = 1) -> Iterator[Project]:
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Iterator[Project]:
-    yield from _project(tmp_path / "proj", "embedded")
+def project(tmp_path: Path, host_python_store: Path) -> Iterator[Project]:
+    yield from _project(tmp_path / "proj", "embedded", seed=host_python_store)
 
 
 @pytest.fixture(params=["embedded", "embedded-2-workers", "haproxy"])
-def routed_project(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Project]:
+def routed_project(
+    request: pytest.FixtureRequest, tmp_path: Path, host_python_store: Path
+) -> Iterator[Project]:
     """A project whose controller drives the embedded proxy (one process, then a
     supervisor with two workers), then HAProxy."""
     router, _, workers = request.param.partition("-")
-    yield from _project(tmp_path / "proj", router, 2 if workers else 1)
+    yield from _project(tmp_path / "proj", router, 2 if workers else 1, seed=host_python_store)
 
 
 @pytest.fixture

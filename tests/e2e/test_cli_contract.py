@@ -31,6 +31,7 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
         ("audit",),
         ("audit", "--verify"),
         ("rollback", "hello", "--to", "1"),
+        ("volume", "ls"),
         ("down", "hello"),
         ("down",),
     ]
@@ -46,6 +47,9 @@ def test_every_verb_speaks_json(project: Project, tmp_path: Path) -> None:
     bad = project.graven("releases", "nope", "-o", "json", check=False)
     assert bad.code == 2
     assert json.loads(bad.stdout)["error"]
+    gone = project.graven("volume", "rm", "nope", "-o", "json", check=False)
+    assert gone.code == 2
+    assert json.loads(gone.stdout)["error"] == "NotFoundError"
 
 
 def test_every_verb_has_help(project: Project) -> None:
@@ -70,6 +74,9 @@ def test_every_verb_has_help(project: Project) -> None:
     ]:
         assert verb in top
         assert "-o, --output" in project.graven(verb, "--help").stdout
+    assert "volume" in top
+    for sub in ("ls", "rm"):
+        assert "-o, --output" in project.graven("volume", sub, "--help").stdout
 
 
 def test_deploy_requires_a_reason(project: Project) -> None:
@@ -244,8 +251,8 @@ def test_check_warns_about_a_port_another_process_holds(project: Project) -> Non
     assert text.stdout.startswith("ok ")
     assert data["valid"] is True
     assert [(w["key_path"], w["line"]) for w in data["warnings"]] == [
-        ("services.hello.port", 13),
-        ("services.hello.strategy.preview_port", 22),
+        ("services.hello.port", 14),
+        ("services.hello.strategy.preview_port", 23),
     ]
     assert f"port {preview} on 127.0.0.1 is in use {me}" in data["warnings"][1]["message"]
     # Freed: no warning.

@@ -1,5 +1,5 @@
-"""A full disk is no silent outage: on a real small filesystem (a 16 MiB tmpfs as the
-state dir) ``graven status`` says the state dir is full, verbs that must write there
+"""A full disk is no silent outage: on a real small filesystem (a 400 MiB tmpfs as the
+state dir, room for the host-python base and two checkouts of the example) ``graven status`` says the state dir is full, verbs that must write there
 fail with a message and a hint instead of a traceback, the service keeps serving,
 and once there is room again everything works. Logs stay within their bounds."""
 
@@ -20,7 +20,7 @@ from tests.e2e.conftest import Project, _project, eventually, pid_alive
 
 pytestmark = [pytest.mark.e2e, pytest.mark.needs_root("mounting a small filesystem needs root")]
 
-FS_SIZE = "16m"
+FS_SIZE = "400m"
 LOG_MAX = 64 * 1024
 LOG_KEEP = 2
 FILLER = "filler"
@@ -52,8 +52,10 @@ def _unmount(path: Path) -> None:
 
 
 @pytest.fixture
-def small_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
-    """A project whose state dir is a 16 MiB tmpfs (unmounted after the project's own
+def small_project(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_python_store: Path
+) -> Iterator[Project]:
+    """A project whose state dir is a small tmpfs (unmounted after the project's own
     teardown has stopped everything in it)."""
     monkeypatch.setenv("GRAVEN_STATE_MIN_FREE", "1M")
     monkeypatch.setenv("GRAVEN_LOG_MAX_BYTES", str(LOG_MAX))
@@ -64,7 +66,7 @@ def small_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
         ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", str(state_dir)],
         check=True,
     )
-    project = _project(tmp_path / "proj", "embedded")
+    project = _project(tmp_path / "proj", "embedded", seed=host_python_store)
     try:
         yield next(project)
     finally:

@@ -58,8 +58,15 @@ def test_deploy_to_a_busy_port_fails_fast_with_the_reason(
 def test_a_crash_looping_instance_backs_off_is_ledgered_and_recovers(
     project: Project, tmp_path: Path
 ) -> None:
-    crash = tmp_path / "crash-now"
-    project.write_spec(replicas=1, env={"CRASH_FILE": str(crash)})
+    # A sealed instance sees no host path but its volumes: the signal dir is one.
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    crash = signals / "crash-now"
+    project.write_spec(
+        replicas=1,
+        env={"CRASH_FILE": "/signals/crash-now"},
+        volumes=[{"path": "/signals", "host": str(signals), "read_only": True}],
+    )
     project.graven("deploy", "-m", "first")
     (first,) = project.status()["instances"]
     crash.touch()  # every instance of the service now exits with code 3

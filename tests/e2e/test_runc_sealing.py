@@ -19,6 +19,7 @@ from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.runc import RuncRuntime, find_init
 from graven.store.cas import ContentStore
 from graven.testing.busybox import busybox_image
+from graven.volumes import volume_data
 from tests import requires
 
 pytestmark = [pytest.mark.e2e, pytest.mark.needs_root("runc containers need root")]
@@ -191,7 +192,7 @@ def test_a_named_volume_keeps_data_for_the_next_instance(sealed: Sealed) -> None
     readonly = (Volume("/data", name="notes", read_only=True),)
     _, third = sealed.run(attempt("write", "echo lost > /data/note"), volumes=readonly)
     assert results(third)["write"] == "refused"
-    assert (sealed.runtime.volume_dir("notes") / "note").read_text() == "kept\n"
+    assert (volume_data(sealed.runtime.state_dir, "notes") / "note").read_text() == "kept\n"
 
 
 # ---------------------------------------------------------------------- privileges

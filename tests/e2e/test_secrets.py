@@ -26,13 +26,13 @@ NOBODY = 65534
 
 
 @pytest.fixture
-def open_project() -> Iterator[Project]:
+def open_project(host_python_store: Path) -> Iterator[Project]:
     """A project under a directory other users may enter (pytest's tmp dirs are
     private), so that only the state dir's own modes keep them out."""
     base = Path(tempfile.mkdtemp(prefix="graven-secrets-"))
     base.chmod(0o755)
     try:
-        yield from _project(base / "proj", "embedded")
+        yield from _project(base / "proj", "embedded", seed=host_python_store)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

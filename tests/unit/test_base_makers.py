@@ -1,7 +1,7 @@
 """Base makers and interpreter recording.
 
 The host's Python becomes an image that runs under bubblewrap with the image as root;
-interpreters are resolved the way instances start them (image first, then the host);
+interpreters are resolved the way instances start them (inside the image only);
 a Debian base is made with a stand-in debootstrap (the real one runs in
 tests/e2e/test_debian_base.py), so normalization, caching and failures are checked in
 milliseconds.
@@ -41,6 +41,7 @@ from graven.build.interpreter import (
     Interpreter,
     interpreter_labels,
     interpreter_of,
+    program_in_image,
     resolve_in_image,
     with_interpreter_labels,
 )
@@ -130,31 +131,22 @@ def test_a_bare_name_is_searched_on_the_image_path_first(store: ContentStore) ->
     )
 
 
-def test_a_host_path_program_is_recorded_with_the_host_files_digest(store: ContentStore) -> None:
-    image = image_of(store, {"/app/app.py": b"print('hi')\n"}, ("sh", "-c", "true"))
-    host_sh = os.path.realpath(shutil.which("sh") or "/bin/sh")
-
-    found = interpreter_of(store, image)
-
-    assert found.source == "host"
-    assert found.path == host_sh
-    assert found.sha256 == sha256_of(host_sh)
-
-
-def test_an_absolute_path_missing_from_the_image_runs_from_the_host(store: ContentStore) -> None:
-    image = image_of(store, {}, ("/bin/sh",))
-
-    found = interpreter_of(store, image)
-
-    assert (found.source, found.path) == ("host", os.path.realpath("/bin/sh"))
+def test_a_program_only_the_host_has_is_not_found(store: ContentStore) -> None:
+    # Instances run with the image as their root: the host's sh or Python is not there.
+    for entrypoint in (("sh", "-c", "true"), ("/bin/sh",), (sys.executable, "app.py")):
+        image = image_of(store, {"/app/app.py": b"print('hi')\n"}, entrypoint)
+        with pytest.raises(NotFoundError, match=f"{entrypoint[0]!r} is not in the image") as e:
+            interpreter_of(store, image)
+        assert "base: host-python" in (e.value.hint or "")
+        assert interpreter_labels(store, image) == ()
 
 
-def test_a_known_host_interpreter_gets_its_version(store: ContentStore) -> None:
-    found = interpreter_of(store, image_of(store, {}, (sys.executable, "app.py")))
+def test_the_program_to_exec_keeps_the_name_it_was_found_by(store: ContentStore) -> None:
+    busybox = ELF + b"busybox"
+    layout: dict[str, bytes | Link] = {"/bin/busybox": busybox, "/bin/sh": Link("busybox")}
+    image = image_of(store, layout, ("sh", "-c", "true"))
 
-    assert found.source == "host"
-    assert found.path == os.path.realpath(sys.executable)
-    assert found.version == f"Python {sys.version.split()[0]}"
+    assert program_in_image(store, image.rootfs, image.config) == ("/bin/sh", "/bin/busybox")
 
 
 def test_a_shebang_script_in_the_image_is_followed_to_its_interpreter(
@@ -187,15 +179,13 @@ def test_env_shebangs_search_the_image_path_and_relative_entrypoints_the_workdir
     assert found == Interpreter("/usr/local/bin/node", "image", Digest.of_bytes(node))
 
 
-def test_a_script_whose_interpreter_the_image_lacks_runs_with_the_hosts(
+def test_a_script_whose_interpreter_the_image_lacks_is_not_found(
     store: ContentStore,
 ) -> None:
     image = image_of(store, {"/app/run.sh": b"#!/bin/sh\necho hi\n"}, ("/app/run.sh",))
 
-    found = interpreter_of(store, image)
-
-    assert (found.source, found.path) == ("host", os.path.realpath("/bin/sh"))
-    assert found.sha256 == sha256_of("/bin/sh")
+    with pytest.raises(NotFoundError, match="'#!/bin/sh', which is not in the image"):
+        interpreter_of(store, image)
 
 
 def test_unresolvable_entrypoints_raise_but_labels_stay_empty(store: ContentStore) -> None:
@@ -738,3 +728,26 @@ def test_debian_parameters_are_checked_before_anything_runs(
     monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
     with pytest.raises(UsageError, match="needs root"):
         make_debian_base(store, mirror="http://m.example/debian")
+
+
+def test_the_recipe_base_is_made_once_per_store_and_found_again(
+    host_python: tuple[ContentStore, Image, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graven.build.bases import host_python as maker
+
+    store, made, _ = host_python
+    first = maker.host_python_base(store)
+    assert first.digest == made.digest  # the same host files, the same image
+    assert first.config.entrypoint == made.config.entrypoint
+
+    def must_not_run(*args: object, **kwargs: object) -> Image:
+        raise AssertionError("the base was made again")
+
+    monkeypatch.setattr(maker, "make_host_python_base", must_not_run)
+    again = maker.host_python_base(store)
+    assert again.digest == first.digest
+    # The names people type find the interpreter inside the image.
+    for name in ("python3", "python"):
+        here = os.path.dirname(dict(made.config.labels)[LABEL_PATH])
+        entry = store.lookup(made.rootfs, f"{here}/{name}")
+        assert entry is not None and entry.type in ("symlink", "file"), name

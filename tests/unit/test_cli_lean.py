@@ -194,7 +194,7 @@ def test_a_missing_socket_is_controller_not_running(tmp_path: Path) -> None:
 class _InterruptedClient:
     """A controller client whose user presses Ctrl-C during the first poll."""
 
-    def request(self, method: str, path: str, body: object = None, **query: object) -> object:
+    def rollout(self, rollout_id: int) -> object:
         raise KeyboardInterrupt
 
 

@@ -4,7 +4,6 @@ styled lines: rendered into a StringIO (plain) and into a fake terminal (rich)."
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import pytest
 from rich.console import Console
@@ -13,6 +12,7 @@ from graven.build.builder import StepOutcome
 from graven.build.orchestrate import BuiltImage, StepRun
 from graven.cli import render
 from graven.cli.lines import Line, LineWriter, Span, unstyled
+from graven.controller.results import RollbackResult, RolloutView
 
 COLOR_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "COLUMNS")
 
@@ -87,17 +87,33 @@ def test_built_image_json_is_the_build_result_shape() -> None:
 # --- rollouts --------------------------------------------------------------------------
 
 
-def outcome(**result: Any) -> render.ServiceOutcome:
-    return render.ServiceOutcome.of({"service": "hello", "release": "hello@r1", **result})
+def rollout_view(state: str, progress: str = "", reason: str = "") -> RolloutView:
+    return RolloutView(
+        id=4,
+        service="hello",
+        kind="rollback",
+        from_release=2,
+        to_release=1,
+        state=state,
+        reason=reason,
+        progress=progress,
+        started_at=1700000000.0,
+        finished_at=None if state == "running" else 1700000001.0,
+    )
+
+
+def outcome(ended: RolloutView | None = None, *, changed: bool = True) -> render.ServiceOutcome:
+    change = RollbackResult(changed, "hello@r1", 4 if changed else None)
+    return render.ServiceOutcome.of("hello", change, ended)
 
 
 def test_how_each_rollout_ended() -> None:
     results = [
         outcome(changed=False),
-        outcome(rollout=4),
-        outcome(rollout_result={"state": "running", "progress": "paused: awaiting promote"}),
-        outcome(rollout_result={"state": "succeeded"}),
-        outcome(rollout_result={"state": "aborted", "reason": "health check failed"}),
+        outcome(),
+        outcome(rollout_view("running", "paused: awaiting promote")),
+        outcome(rollout_view("succeeded")),
+        outcome(rollout_view("aborted", reason="health check failed")),
     ]
     assert written(render.outcomes(results, "rollback", "http://127.0.0.1:8080/")) == (
         "hello: already at hello@r1; nothing to do\n"
@@ -138,14 +154,14 @@ def test_changes_recorded_and_rollout_progress() -> None:
 
 def test_text_is_never_read_as_markup() -> None:
     """A reason with brackets, backslashes or emoji codes prints as it is."""
-    odd = outcome(rollout_result={"state": "failed", "reason": r"[red]x[/] :smile: \[y]"})
+    odd = outcome(rollout_view("failed", reason=r"[red]x[/] :smile: \[y]"))
     assert written(render.outcomes([odd], "rollback", None)) == (
         "rollback hello failed: [red]x[/] :smile: \\[y]\n"
     )
 
 
 def test_a_terminal_gets_the_styles_rich_gives_the_same_markup() -> None:
-    line = render.outcomes([outcome(rollout_result={"state": "succeeded"})], "rollback", None)
+    line = render.outcomes([outcome(rollout_view("succeeded"))], "rollback", None)
     drawn = Tty()
     LineWriter(file=drawn).write(line[0])
     assert "\033[" in drawn.getvalue()

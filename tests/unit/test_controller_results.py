@@ -34,6 +34,8 @@ from graven.controller.results import (
     StateDirView,
     StatusView,
     StepView,
+    VolumeRemoval,
+    VolumeView,
     from_json,
     to_json,
 )
@@ -96,6 +98,7 @@ SERVICE = ServiceStatus(
     next_start_in=2.0,
     problem=None,
     instances=(INSTANCE,),
+    volumes=(VolumeView("/data", "web-data", "", False), VolumeView("/c", "", "/srv/c", True)),
 )
 PLAN = PlanView("web", 2, (StepView("start", "start a new instance of web@r2 (new-1)"),))
 
@@ -116,6 +119,7 @@ SAMPLES: list[Reply] = [
     StatusView((), controller="stopped"),
     HealthReply(ok=True, pid=99),
     ShutdownReply(ok=True),
+    VolumeRemoval("web-data", "/srv/.graven/volumes/web-data/data", 4096, True, ("web@r2",), 12),
 ]
 
 
@@ -180,6 +184,7 @@ def test_status_json_has_the_keys_it_always_had(world: World) -> None:
         "next_start_in",
         "problem",
         "instances",
+        "volumes",
         "warnings",
     ]
     assert list(service["instances"][0]) == [  # type: ignore[call-overload, index]

@@ -49,8 +49,8 @@ from typing import Any
 from graven.build import sandbox
 from graven.build.bases.resolve import resolve_base
 from graven.build.ignore import IGNORE_FILE, IgnoreRules
-from graven.build.interpreter import with_interpreter_labels
-from graven.errors import BuildError, StoreError, UsageError
+from graven.build.interpreter import program_in_image, with_interpreter_labels
+from graven.errors import BuildError, GravenError, StoreError, UsageError
 from graven.model import Digest, Image, ImageConfig, canonical_json, is_valid_name
 from graven.spec.recipe import (
     SCRATCH,
@@ -310,8 +310,15 @@ def build_image(
             " set one, so instances would not know what to run",
             hint="Add an 'entrypoint' step to the recipe.",
         )
-    # The interpreter the entrypoint runs (the image's own, or the host's, hashed) is
-    # part of what the image is: recorded in its labels, so in its digest.
+    # Instances run with the image as their root: a program the image lacks never
+    # runs. Said now; an image may still be meant for another root (a later base).
+    try:
+        program_in_image(store, state.rootfs, state.config())
+    except GravenError as e:
+        if on_progress is not None:
+            on_progress(f"warning: images.{name}: {e.message}; instances will not start. {e.hint}")
+    # The interpreter the entrypoint runs (hashed) is part of what the image is:
+    # recorded in its labels, so in its digest.
     config = with_interpreter_labels(store, state.rootfs, state.config())
     image = store.put_image(state.rootfs, config, state.layers)
     store.tag(name, image.digest)

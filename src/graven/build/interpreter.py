@@ -1,38 +1,35 @@
 """Which program an image's entrypoint really runs: the interpreter, recorded.
 
-An image whose entrypoint is ``python3 app.py`` depends on a Python the image may or
-may not hold. ``interpreter_of`` answers which file runs, resolving ``entrypoint[0]``
-the way instances start it:
+An image whose entrypoint is ``python3 app.py`` depends on a Python the image must
+hold: instances run with the image as their root, so nothing of the host's is there.
+``interpreter_of`` answers which file runs, resolving ``entrypoint[0]`` the way
+instances start it, inside the image only:
 
 - an absolute path is looked up inside the image (symlinks followed inside the image,
-  as a container runtime would); when the image lacks it, the host's file at that path
-  runs (the ``process`` runtime falls back to the host the same way);
-- a relative path (``./run.sh``) is relative to the image's workdir, inside the image;
-- a bare name (``python3``) is searched on the image's ``PATH`` inside the image first,
-  then on the host ``PATH``;
+  as a container runtime would);
+- a relative path (``./run.sh``) is relative to the image's workdir;
+- a bare name (``python3``) is searched on the image's ``PATH``;
 - a ``#!`` script is followed to its interpreter, and ``#!/usr/bin/env NAME`` to
-  ``NAME`` (on the image's ``PATH`` when that ``env`` is the image's, else the host's).
+  ``NAME`` on the image's ``PATH``.
+
+A program the image lacks is an error naming it, with the fix: ``base: host-python``
+puts this host's Python into the image (``graven.build.bases.host_python``), any
+other base or ``copy`` step can bring another program.
 
 The answer goes into the image's config labels at build time, so an image says which
-interpreter it was built to run with and whether that interpreter travels with it::
+interpreter it was built to run with, by content::
 
     dev.graven.interpreter.path     /usr/bin/python3.11
-    dev.graven.interpreter.source   image | host
+    dev.graven.interpreter.source   image
     dev.graven.interpreter.sha256   sha256:...   (the binary's content)
-    dev.graven.interpreter.version  3.11.2       (only when cheap to know)
+    dev.graven.interpreter.version  3.11.2       (only when a base maker knew it)
 
-A host interpreter's digest ties the image to that host's file: rebuilt on a host with
-another Python, the image gets another digest. That is the point (it is an input the
-image depends on), and why base images that carry their interpreter are preferred.
+The host-python base holds a copy of a host's interpreter: rebuilt on a host with
+another Python, the base and so the image get another digest. That is the point.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import shutil
-import subprocess
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -41,7 +38,6 @@ from typing import Literal
 from graven.errors import NotFoundError, UsageError
 from graven.model import Digest, Image, ImageConfig
 from graven.store.base import ImageStore
-from graven.store.cas.blobs import CHUNK_SIZE
 from graven.store.tree_model import TreeEntry
 
 LABEL_PREFIX = "dev.graven.interpreter."
@@ -57,21 +53,18 @@ _SHEBANG_BYTES = 256
 # Linux follows at most 4 nested script interpreters; one more is already an error.
 _MAX_SCRIPT_DEPTH = 5
 _MAX_SYMLINK_HOPS = 40
-# Interpreters whose ``--version`` is harmless and fast; nothing else is ever run.
-_VERSIONED = re.compile(r"^(python|pypy|node|nodejs|ruby|perl|bash)[0-9.]*\Z")
-_VERSION_TIMEOUT = 5.0
 
-Source = Literal["image", "host"]
+# Always "image" now: instances see nothing of the host. Kept as a label so a reader
+# of an image's config need not know when that changed.
+Source = Literal["image"]
 
 
 @dataclass(frozen=True)
 class Interpreter:
     """The file an image's entrypoint runs: where it is, where from, what content.
 
-    ``path`` is the file's real path (symlinks resolved) inside the image for source
-    ``image``, on the host for ``host``; ``sha256`` is the file's content digest;
-    ``version`` is set only when cheap to learn (a known host interpreter's
-    ``--version``, or what a base maker knows)."""
+    ``path`` is the file's real path (symlinks resolved) inside the image; ``sha256``
+    is the file's content digest; ``version`` is set only when a base maker knew it."""
 
     path: str
     source: Source
@@ -100,12 +93,12 @@ class Interpreter:
 
 @dataclass(frozen=True)
 class _Located:
-    """A program file found inside the image or on the host, with its first bytes."""
+    """A program file found inside the image, with its first bytes."""
 
-    path: str
-    source: Source
+    path: str  # its real path, symlinks resolved
     digest: Digest
     head: bytes
+    named: str = ""  # the path it was found at (argv[0] matters to multi-call binaries)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -115,7 +108,7 @@ def interpreter_of(store: ImageStore, image: Image) -> Interpreter:
     """The interpreter ``image``'s entrypoint runs (see the module docstring).
 
     UsageError when the image has no entrypoint; NotFoundError when the program is
-    neither in the image nor on the host, or a ``#!`` chain cannot be followed."""
+    not in the image, or a ``#!`` chain cannot be followed."""
     return resolve_interpreter(store, image.rootfs, image.config)
 
 
@@ -127,9 +120,7 @@ def resolve_interpreter(store: ImageStore, rootfs: Digest, config: ImageConfig) 
     for _ in range(_MAX_SCRIPT_DEPTH):
         shebang = _shebang(located.head)
         if shebang is None:
-            return Interpreter(
-                located.path, located.source, located.digest, _version(located, config)
-            )
+            return Interpreter(located.path, "image", located.digest, _version(located, config))
         located = _locate_script_interpreter(store, rootfs, config, located, *shebang)
     raise NotFoundError(
         f"entrypoint {config.entrypoint[0]!r}: more than {_MAX_SCRIPT_DEPTH - 1} nested "
@@ -141,9 +132,8 @@ def resolve_interpreter(store: ImageStore, rootfs: Digest, config: ImageConfig) 
 def interpreter_labels(store: ImageStore, image: Image) -> tuple[tuple[str, str], ...]:
     """The ``dev.graven.interpreter.*`` labels for ``image``, sorted by name.
 
-    Empty when there is nothing to record: no entrypoint, or a program found neither in
-    the image nor on this host (it may exist where the image runs; starting it is the
-    runtime's business, not the recorder's)."""
+    Empty when there is nothing to record: no entrypoint, or a program the image lacks
+    (the build says so: ``program_in_image``)."""
     try:
         return interpreter_of(store, image).labels()
     except (UsageError, NotFoundError):
@@ -209,21 +199,47 @@ def resolve_in_image(store: ImageStore, rootfs: Digest, path: str) -> tuple[str,
 
 # --- locating programs --------------------------------------------------------------------------
 
+HOST_PYTHON_HINT = (
+    "Instances run with the image as their root, so the program must be in the image: "
+    "start the recipe from 'base: host-python' for this host's Python, or bring the "
+    "program in with another base or a 'copy' step."
+)
+
+
+def program_in_image(store: ImageStore, rootfs: Digest, config: ImageConfig) -> tuple[str, str]:
+    """Where inside the image the program ``config``'s entrypoint starts is: the path
+    it is found at (what a runtime execs, so a multi-call binary sees its name) and
+    its real path (symlinks resolved inside the image). ``#!`` is not followed.
+    NotFoundError naming the program and the fix when the image lacks it, or it is not
+    executable."""
+    if not config.entrypoint:
+        raise UsageError("the image has no entrypoint: there is nothing to run")
+    found = _locate_entrypoint(store, rootfs, config, config.entrypoint[0])
+    resolved = resolve_in_image(store, rootfs, found.path)
+    if resolved is None or not resolved[1].mode & 0o111:
+        raise NotFoundError(
+            f"entrypoint program {config.entrypoint[0]!r} ({found.path} in the image) is not "
+            "executable",
+            hint="Make it executable (chmod +x) before copying it, or run it through its "
+            "interpreter ('python3 app.py').",
+        )
+    return found.named, found.path
+
 
 def _locate_entrypoint(
     store: ImageStore, rootfs: Digest, config: ImageConfig, program: str
 ) -> _Located:
     if program.startswith("/"):
-        found = _in_image(store, rootfs, program) or _on_host(program)
+        found = _in_image(store, rootfs, program)
     elif "/" in program:
-        # Relative to the workdir, inside the image only: so the process runtime runs it.
         found = _in_image(store, rootfs, str(PurePosixPath(config.workdir) / program))
     else:
-        found = _by_name(store, rootfs, config, program, image_first=True)
+        found = _by_name(store, rootfs, config, program)
     if found is None:
+        where = "" if "/" in program else " (on the image's PATH)"
         raise NotFoundError(
-            f"entrypoint program {program!r} is neither in the image nor on this host's PATH",
-            hint="Fix the recipe's 'entrypoint' step, or put the program into the image.",
+            f"entrypoint program {program!r} is not in the image{where}",
+            hint=HOST_PYTHON_HINT,
         )
     return found
 
@@ -236,20 +252,15 @@ def _locate_script_interpreter(
     interpreter: str,
     argument: str,
 ) -> _Located:
-    in_image = script.source == "image"
     if interpreter.startswith("/"):
-        found = (_in_image(store, rootfs, interpreter) if in_image else None) or _on_host(
-            interpreter
-        )
-    elif in_image:
-        found = _in_image(store, rootfs, str(PurePosixPath(config.workdir) / interpreter))
+        found = _in_image(store, rootfs, interpreter)
     else:
-        found = None
+        found = _in_image(store, rootfs, str(PurePosixPath(config.workdir) / interpreter))
     if found is None:
         raise NotFoundError(
-            f"{script.path} ({script.source}) starts with '#!{interpreter}', which is "
-            "neither in the image nor on this host",
-            hint="Install that interpreter in the image, or fix the script's '#!' line.",
+            f"{script.path} starts with '#!{interpreter}', which is not in the image",
+            hint="Put that interpreter into the image (for Python: 'base: host-python'), "
+            "or fix the script's '#!' line.",
         )
     if Path(found.path).name != "env" or not argument:
         return found
@@ -257,31 +268,25 @@ def _locate_script_interpreter(
     if name is None:
         return found
     program = (
-        _by_name(store, rootfs, config, name, image_first=found.source == "image")
-        if "/" not in name
-        else _in_image(store, rootfs, name) or _on_host(name)
+        _by_name(store, rootfs, config, name) if "/" not in name else _in_image(store, rootfs, name)
     )
     if program is None:
         raise NotFoundError(
-            f"{script.path} runs '{name}' through env, but no {name!r} is on the "
-            f"{found.source}'s PATH",
-            hint="Install it in the image, or name the interpreter by absolute path.",
+            f"{script.path} runs '{name}' through env, but no {name!r} is on the image's PATH",
+            hint="Put it into the image (for Python: 'base: host-python'), or name the "
+            "interpreter by absolute path.",
         )
     return program
 
 
-def _by_name(
-    store: ImageStore, rootfs: Digest, config: ImageConfig, name: str, *, image_first: bool
-) -> _Located | None:
-    if image_first:
-        image_path = dict(config.env).get("PATH", DEFAULT_IMAGE_PATH)
-        for directory in image_path.split(":"):
-            if directory.startswith("/"):
-                found = _in_image(store, rootfs, f"{directory.rstrip('/')}/{name}")
-                if found is not None:
-                    return found
-    host = shutil.which(name)
-    return _on_host(host) if host is not None else None
+def _by_name(store: ImageStore, rootfs: Digest, config: ImageConfig, name: str) -> _Located | None:
+    image_path = dict(config.env).get("PATH", DEFAULT_IMAGE_PATH)
+    for directory in image_path.split(":"):
+        if directory.startswith("/"):
+            found = _in_image(store, rootfs, f"{directory.rstrip('/')}/{name}")
+            if found is not None:
+                return found
+    return None
 
 
 def _in_image(store: ImageStore, rootfs: Digest, path: str) -> _Located | None:
@@ -293,23 +298,7 @@ def _in_image(store: ImageStore, rootfs: Digest, path: str) -> _Located | None:
         return None
     with store.open_blob(entry.digest) as f:
         head = f.read(_SHEBANG_BYTES)
-    return _Located(real, "image", entry.digest, head)
-
-
-def _on_host(path: str) -> _Located | None:
-    real = os.path.realpath(path)
-    h = hashlib.sha256()
-    try:
-        with Path(real).open("rb") as f:
-            if not f.seekable():  # a fifo or device: not a program
-                return None
-            head = f.read(_SHEBANG_BYTES)
-            h.update(head)
-            while chunk := f.read(CHUNK_SIZE):
-                h.update(chunk)
-    except OSError:  # missing, a directory, unreadable: not a program we can run
-        return None
-    return _Located(real, "host", Digest("sha256:" + h.hexdigest()), head)
+    return _Located(real, entry.digest, head, path)
 
 
 # --- scripts ---------------------------------------------------------------------------------
@@ -344,37 +333,13 @@ def _env_program(argument: str) -> str | None:
 
 
 def _version(located: _Located, config: ImageConfig) -> str | None:
-    """The version, when cheap: recorded already for this very file (a base maker knew
-    it), else asked of a well-known host interpreter. Never runs anything in an image."""
+    """The version when recorded already for this very file (a base maker knew it).
+    Nothing in an image is ever run to ask."""
     labels = dict(config.labels)
     if (
         labels.get(LABEL_PATH) == located.path
-        and labels.get(LABEL_SOURCE) == located.source
         and labels.get(LABEL_SHA256) == located.digest
         and labels.get(LABEL_VERSION)
     ):
         return labels[LABEL_VERSION]
-    return _host_version(located.path) if located.source == "host" else None
-
-
-def _host_version(path: str) -> str | None:
-    """``--version`` of a well-known interpreter on the host; None for anything else."""
-    if not _VERSIONED.match(Path(path).name):
-        return None
-    try:
-        done = subprocess.run(
-            [path, "--version"],
-            capture_output=True,
-            text=True,
-            timeout=_VERSION_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    for line in (done.stdout + done.stderr).splitlines():
-        if line.strip():
-            return line.strip()[:100]
     return None

@@ -181,15 +181,21 @@ def build_images(
 
 
 def read_paths(recipes: Mapping[str, Recipe], name: str) -> list[str]:
-    """Project paths image ``name`` depends on: the copy sources and base layouts of its
-    recipe and of the spec images it starts from. The no-op check watches them."""
+    """Paths image ``name`` depends on: the copy sources and base layouts of its recipe
+    and of the spec images it starts from (project-relative), and for ``host-python``
+    the host's interpreter and package database (absolute). The no-op check watches
+    them."""
     from graven.build.builder import spec_bases
-    from graven.spec.recipe import CopyStep, LayoutBase
+    from graven.spec.recipe import HOST_PYTHON, CopyStep, LayoutBase
 
     paths: list[str] = []
     for image in [name, *spec_bases(recipes, name)]:
         recipe = recipes[image]
         if isinstance(recipe.base, LayoutBase):
             paths.append(recipe.base.layout)
+        elif recipe.base == HOST_PYTHON:
+            from graven.build.bases.host_python import host_python_inputs
+
+            paths.extend(host_python_inputs())  # absolute: a Python upgrade is a change
         paths.extend(s.source for s in recipe.steps if isinstance(s, CopyStep))
     return list(dict.fromkeys(paths))

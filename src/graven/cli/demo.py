@@ -113,7 +113,7 @@ def run_demo(directory: Path, out: Output, requests_per_phase: int) -> None:
         if back.rollout is None:
             raise GravenError("demo rollback changed nothing: v1 should have been desired again")
         done = cli.wait_for_rollouts(app, {"hello": back.rollout}, out)[0]
-        report["rollback"] = {"release": back.release, "state": done["state"]}
+        report["rollback"] = {"release": back.release, "state": done.state}
     report["rollback_traffic"] = _traffic(out, load.report, "during the rollback")
 
     out.progress(view.demo_phase("4. Status"))
@@ -150,8 +150,8 @@ def _deploy(app: AppContext, out: Output, message: str) -> dict[str, Any]:
     out.progress((f"  release {r.release}",))
     if r.rollout:
         done = cli.wait_for_rollouts(app, {"hello": r.rollout}, out)[0]
-        if done["state"] != "succeeded":
-            raise GravenError(f"demo deploy {done['state']}: {done['reason']}")
+        if done.state != "succeeded":
+            raise GravenError(f"demo deploy {done.state}: {done.reason}")
     return {"release": r.release, "image": candidates[0]["image"]}
 
 

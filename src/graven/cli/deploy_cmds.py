@@ -14,8 +14,8 @@ from graven.cli.build_flow import build
 from graven.cli.context import AppContext, actor, app_context, source_commit
 from graven.cli.options import output_option
 from graven.cli.output import Output
-from graven.cli.rollouts import await_results, wait_rollouts
-from graven.controller.results import to_json
+from graven.cli.rollouts import await_rollouts, change_json, wait_rollouts
+from graven.controller.results import DeployResult, RolloutView, to_json
 from graven.errors import UsageError
 from graven.model import ReleaseId
 
@@ -66,9 +66,7 @@ def _config_and_secrets(app: AppContext, service: str) -> dict[str, Any]:
     return {"config": config, "secrets": env.secret}
 
 
-def wait_for_rollouts(
-    app: AppContext, rollouts: dict[str, int], out: Output
-) -> list[dict[str, Any]]:
+def wait_for_rollouts(app: AppContext, rollouts: dict[str, int], out: Output) -> list[RolloutView]:
     return wait_rollouts(app.controller(), rollouts, out.progress)
 
 
@@ -107,13 +105,6 @@ def _require_message(message: str | None, verb: str) -> str:
     return message.strip()
 
 
-def _finish(out: Output, data: dict[str, Any], results: list[dict[str, Any]], verb: str) -> None:
-    outcomes = [render.ServiceOutcome.of(r) for r in results]
-    out.show(data, render.outcomes(outcomes, verb, data.get("url")))
-    if render.any_failed(outcomes):
-        sys.exit(1)
-
-
 @click.command()
 @click.argument("services", nargs=-1)
 @click.option("-m", "--message", help="Why: recorded in the ledger (required).")
@@ -140,18 +131,22 @@ def deploy(
     commit = source_commit(app.spec().root)
     if commit:
         details["source_commit"] = commit
-    results = []
+    changes: list[tuple[str, DeployResult]] = []
     for c in candidates:
         r = client.deploy(c, actor=actor(), message=why, details=details)
         out.progress(render.change_recorded("deploy", c["service"], r.release, changed=r.changed))
-        results.append({"service": c["service"], **to_json(r)})
-    _await(app, out, results, no_wait)
+        changes.append((c["service"], r))
+    rollouts = {service: r.rollout for service, r in changes}
+    ended = await_rollouts(app.controller, rollouts, no_wait=no_wait, progress=out.progress)
     urls = {s.service: s.url for s in client.status().services}
-    _finish(out, {"results": results, "urls": urls, "url": urls.get(chosen[0])}, results, "deploy")
-
-
-def _await(app: AppContext, out: Output, results: list[dict[str, Any]], no_wait: bool) -> None:
-    await_results(app.controller, results, no_wait=no_wait, progress=out.progress)
+    url = urls.get(chosen[0])
+    results = [change_json(service, r, ended.get(service)) for service, r in changes]
+    outcomes = [render.ServiceOutcome.of(service, r, ended.get(service)) for service, r in changes]
+    out.show(
+        {"results": results, "urls": urls, "url": url}, render.outcomes(outcomes, "deploy", url)
+    )
+    if render.any_failed(outcomes):
+        sys.exit(1)
 
 
 @click.command()
@@ -198,20 +193,20 @@ def promote(ctx: click.Context, service: str, message: str, no_wait: bool, outpu
     r = client.promote(service, actor=actor(), message=message)
     out.progress(render.change_recorded("promote", service, r.release))
     data: dict[str, Any] = {"service": service, "rollout": r.rollout, "release": r.release}
-    if not no_wait:
-        # Until it finishes or pauses again.
-        data["rollout_result"] = wait_rollouts(
-            client,
-            {service: r.rollout},
-            out.progress,
-            ended=lambda ro: (
-                ro["state"] != "running"
-                or (ro["progress"].startswith("paused") and not ro["promoted"])
-            ),
-        )[0]
-
-    ro = data.get("rollout_result") or {}
-    out.show(data, [render.promoted(service, ro.get("state"), ro.get("progress", ""))])
+    if no_wait:
+        out.show(data, [render.promoted(service, None, "")])
+        return
+    # Until it finishes or pauses again.
+    [ro] = wait_rollouts(
+        client,
+        {service: r.rollout},
+        out.progress,
+        ended=lambda ro: (
+            ro.state != "running" or (ro.progress.startswith("paused") and not ro.promoted)
+        ),
+    )
+    data["rollout_result"] = to_json(ro)
+    out.show(data, [render.promoted(service, ro.state, ro.progress)])
 
 
 @click.command()
@@ -252,9 +247,11 @@ def down(ctx: click.Context, service: str | None, message: str, output: str) -> 
             return
     client = app.controller()
     downs = client.down(service, actor=actor(), message=message)
-    results = [to_json(r) for r in downs]
-    _await(app, out, results, False)
-    data: dict[str, Any] = {"results": results}
+    rollouts = {r.service: r.rollout for r in downs}
+    ended = await_rollouts(app.controller, rollouts, no_wait=False, progress=out.progress)
+    data: dict[str, Any] = {
+        "results": [change_json(r.service, r, ended.get(r.service)) for r in downs]
+    }
     if service is None:
         client.shutdown()
         data["controller"] = "stopped"

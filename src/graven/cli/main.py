@@ -33,6 +33,7 @@ VERBS: dict[str, str] = {
     "releases": "graven.cli.status_cmds:releases",
     "logs": "graven.cli.logs_cmds:logs",
     "down": "graven.cli.deploy_cmds:down",
+    "volume": "graven.cli.volume_cmds:volume_group",
     "audit": "graven.cli.ledger_cmds:audit",
     "serve": "graven.cli.controller_cmds:serve",
     "runtime": "graven.cli.runtime_cmds:runtime",

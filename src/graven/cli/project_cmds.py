@@ -40,25 +40,86 @@ def check(ctx: click.Context, output: str) -> None:
     deploy could not start the service's router there until the port is freed.
     """
     from graven.cli import render_local
+    from graven.runtime.isolation import probe
     from graven.spec.summary import SpecSummary
 
     app = app_context(ctx)
     loaded = app.spec()
-    summary = SpecSummary.of(loaded, _port_warnings(app, loaded) + _machine_warnings(loaded))
+    support = probe()
+    warnings = [
+        *_port_warnings(app, loaded),
+        *_entrypoint_warnings(loaded),
+        *_isolation_warnings(loaded, support.reason),
+        *_limit_warnings(loaded),
+    ]
+    summary = SpecSummary.of(loaded, warnings, isolation=support.to_dict())
     out = Output(output)
     if not out.json:
         out.err_lines.write_all(render_local.spec_warnings(summary.warnings))
     out.show(summary.to_dict(), render_local.checked(summary))
 
 
-def _machine_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
-    """Service settings this machine cannot honour (resources:, isolation: required)."""
-    services = loaded.spec.services.values()
-    if not any(s.resources.to_resources().limited or s.isolation == "required" for s in services):
+def _limit_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
+    """Resource limits the spec asks that this machine cannot enforce."""
+    if not any(s.resources.to_resources().limited for s in loaded.spec.services.values()):
         return []  # nothing asked: no probing
     from graven.runtime.machine import probe_machine, spec_warnings
 
     return spec_warnings(loaded, probe_machine())
+
+
+def _entrypoint_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
+    """An image from scratch whose entrypoint names a program by PATH (``python3``)
+    while no step copies anything onto a PATH directory: instances run with the image
+    as their root, so that program is not there."""
+    from graven.build.interpreter import DEFAULT_IMAGE_PATH, HOST_PYTHON_HINT
+    from graven.spec.recipe import SCRATCH, CopyStep, EntrypointStep, RunStep
+
+    path_dirs = DEFAULT_IMAGE_PATH.split(":")
+    found = []
+    for name, recipe in sorted(loaded.spec.images.items()):
+        if recipe.base != SCRATCH or any(isinstance(s, RunStep) for s in recipe.steps):
+            continue
+        targets = [s.to.rstrip("/") or "/" for s in recipe.steps if isinstance(s, CopyStep)]
+        for index, step in enumerate(recipe.steps):
+            if not isinstance(step, EntrypointStep) or "/" in step.entrypoint[0]:
+                continue
+            if any(
+                t == "/" or any(d.startswith(t) or t.startswith(d) for d in path_dirs)
+                for t in targets
+            ):
+                continue
+            key_path = f"images.{name}.steps[{index}].entrypoint"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"{step.entrypoint[0]!r} is not in an image that starts from scratch and "
+                    f"copies nothing onto its PATH; instances will not start. {HOST_PYTHON_HINT}",
+                )
+            )
+    return found
+
+
+def _isolation_warnings(loaded: LoadedSpec, reason: str) -> list[SpecProblem]:
+    """A service that requires isolation, on a machine that cannot seal instances."""
+    if not reason:
+        return []
+    found = []
+    for name, service in sorted(loaded.spec.services.items()):
+        if service.isolation == "required":
+            key_path = f"services.{name}.isolation"
+            found.append(
+                SpecProblem(
+                    str(loaded.path),
+                    loaded.line_of(key_path),
+                    key_path,
+                    f"required, but instances cannot be sealed on this machine ({reason}):"
+                    " they will not start here",
+                )
+            )
+    return found
 
 
 # Routers listen on loopback (the spec's 'port' says so).

@@ -11,9 +11,10 @@ and neither click nor rich is imported; user data is never parsed as markup.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
+from graven.cli import render_volumes
 from graven.cli.lines import Line, Span, bold, cyan, dim, green, red, table, yellow
 from graven.cli.output import short
 
@@ -22,9 +23,11 @@ if TYPE_CHECKING:
     from graven.build.orchestrate import BuiltImage
     from graven.controller.results import (
         AbortResult,
+        DeployResult,
         DownResult,
         InstanceStatus,
         PreviewResult,
+        RollbackResult,
         RolloutView,
         ServiceStatus,
         StateDirView,
@@ -76,17 +79,15 @@ class ServiceOutcome(NamedTuple):
     reason: str = ""
 
     @classmethod
-    def of(cls, result: Mapping[str, Any]) -> ServiceOutcome:
-        """From a verb's JSON result (the controller's reply, with ``rollout_result``
-        attached once waited for)."""
-        ended = result.get("rollout_result")
+    def of(
+        cls, service: str, change: DeployResult | RollbackResult, ended: RolloutView | None
+    ) -> ServiceOutcome:
+        """From the controller's reply to the change and, once waited for, how its
+        rollout ended."""
+        if ended is None:
+            return cls(service, change.changed, change.release)
         return cls(
-            service=result["service"],
-            changed=result.get("changed", True),
-            release=result.get("release"),
-            state=None if ended is None else ended.get("state", "failed"),
-            progress="" if ended is None else ended.get("progress", ""),
-            reason="" if ended is None else ended.get("reason", ""),
+            service, change.changed, change.release, ended.state, ended.progress, ended.reason
         )
 
 
@@ -206,6 +207,11 @@ def status(view: StatusView, now: float) -> list[Line]:
     """``graven status``: each service's release, traffic, rollout and instances
     (their ages as of ``now``)."""
     lines = controller_stopped(view.controller) + state_dir_problem(view.state_dir)
+    if view.isolation is not None:
+        sealed = view.isolation == "sealed"
+        lines.append(
+            (f"isolation: {view.isolation}" if sealed else yellow(f"isolation: {view.isolation}"),)
+        )
     if not view.services:
         lines.append(("nothing deployed yet: run 'graven deploy -m WHY'",))
     for s in view.services:
@@ -222,6 +228,7 @@ def service_status(s: ServiceStatus, now: float) -> list[Line]:
     lines: list[Line] = [(bold(s.service), head)]
     if s.preview_url:
         lines.append((f"  preview {s.preview_url}",))
+    lines.extend(render_volumes.mounts(s.volumes))
     if s.releases:
         shares = (f"{r.release} {r.traffic_percent:g}% {r.role}" for r in s.releases)
         lines.append(("  traffic: " + " · ".join(shares),))

@@ -49,7 +49,12 @@ def checked(summary: SpecSummary) -> list[Line]:
         f"{len(summary.images)} image(s), {len(summary.services)} service(s), "
         f"{len(summary.targets)} target(s)"
     )
-    return [(green("ok"), f" {summary.file}: {counts}")]
+    lines: list[Line] = [(green("ok"), f" {summary.file}: {counts}")]
+    if summary.isolation:
+        shown = summary.isolation_text
+        sealed = summary.isolation.get("mode") == "sealed"
+        lines.append(("isolation: ", green(shown) if sealed else yellow(shown)))
+    return lines
 
 
 def spec_warnings(warnings: Sequence[SpecProblem]) -> list[Line]:

@@ -22,7 +22,7 @@ def _status_data(
     """The status to show (after following running rollouts, with ``watch``), its
     JSON, and whether a rollout it followed failed or was aborted."""
     from graven.cli.rollouts import watch_status
-    from graven.controller.results import from_json, to_json
+    from graven.controller.results import to_json
 
     client = app.running_controller()  # a look starts no controller
     if client is None:
@@ -46,10 +46,9 @@ def _status_data(
     if not watch:
         view = client.status(service)
         return view, to_json(view), False
-    # The JSON is the controller's reply as it came; the view is decoded from it.
-    data, finished = watch_status(client, service, out.progress)
-    failed = any(ro["state"] not in ("succeeded", "running") for ro in finished)
-    return from_json(StatusView, data, "status"), data, failed
+    view, finished = watch_status(client, service, out.progress)
+    failed = any(ro.state not in ("succeeded", "running") for ro in finished)
+    return view, to_json(view), failed
 
 
 @click.command()

@@ -48,13 +48,24 @@ from graven.controller.results import (
     ShutdownReply,
     StateDirView,
     StatusView,
+    VolumeRemoval,
+    VolumeView,
     from_json,
     to_json,
 )
 from graven.controller.secret_store import is_secret_ref
 from graven.disk import disk_error
 from graven.errors import GravenError, NotFoundError, UsageError
-from graven.model import ConfigRecord, Digest, HealthCheck, InstanceState, ServiceConfig, release_id
+from graven.model import (
+    ConfigRecord,
+    Digest,
+    HealthCheck,
+    InstanceState,
+    ServiceConfig,
+    Volume,
+    release_id,
+)
+from graven.runtime.isolation import describe_isolation
 from graven.runtime.limits import limit_warnings
 
 log = logging.getLogger("graven.controller.api")
@@ -87,6 +98,10 @@ _TARGET_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 Body = Mapping[str, object]  # a request body, as parse_body checked it
 Query = dict[str, list[str]]
 Handler = Callable[[Body, Query], Awaitable[Reply]]
+
+
+def _volume_views(volumes: tuple[Volume, ...]) -> tuple[VolumeView, ...]:
+    return tuple(VolumeView(v.path, v.name, v.host_path, v.read_only) for v in volumes)
 
 
 def _health_of(state: InstanceState, mem: HealthMemory | None) -> str:
@@ -405,6 +420,7 @@ class Api:
             ("POST", "/v1/down"): self.down,
             ("POST", "/v1/promote"): self.promote,
             ("POST", "/v1/abort"): self.abort,
+            ("POST", "/v1/volume/rm"): self.volume_rm,
             ("POST", "/v1/shutdown"): self.shutdown,
         }
 
@@ -418,6 +434,7 @@ class Api:
         return StatusView(
             self.engine_status(wanted),
             state_dir=from_json(StateDirView, self.engine.upkeep.disk.report(), "state dir report"),
+            isolation=describe_isolation(self.engine.runtime),
         )
 
     def engine_status(self, wanted: str | None) -> tuple[ServiceStatus, ...]:
@@ -498,6 +515,7 @@ class Api:
                     next_start_in=round(left, 1) if left > 0 else None,
                     problem=self.engine.problems.get(name),
                     instances=tuple(instances),
+                    volumes=_volume_views(release.config.volumes) if release else (),
                     warnings=limit_warnings(release.config.resources) if release else (),
                 )
             )
@@ -588,6 +606,20 @@ class Api:
         message = field(body, "message", str)
         names = [service] if service else sorted(self.engine.state.services())
         return DownResults(tuple(self.engine.commands.down(n, actor, message) for n in names))
+
+    async def volume_rm(self, body: Body, query: Query) -> VolumeRemoval:
+        from graven.controller.volume_commands import remove_volume
+
+        name = field(body, "name", str)
+        if not _NAME_RE.fullmatch(name):
+            raise BadRequest(f"request body: 'name' must match {NAME_PATTERN}, got {_shown(name)}")
+        return await remove_volume(
+            self.engine,
+            name,
+            force=field(body, "force", bool, required=False) or False,
+            actor=field(body, "actor", str),
+            message=field(body, "message", str),
+        )
 
     async def shutdown(self, body: Body, query: Query) -> ShutdownReply:
         asyncio.get_running_loop().call_later(0.05, self.on_shutdown)

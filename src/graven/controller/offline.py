@@ -28,6 +28,7 @@ from graven.errors import NotFoundError
 from graven.ledger.state import StateStore, open_state_store
 from graven.router.base import Router
 from graven.runtime.base import Handle
+from graven.runtime.isolation import describe_isolation
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 
@@ -104,7 +105,12 @@ def stopped_status(state_dir: Path, service: str | None) -> StatusView:
             )
     finally:
         state.close()
-    return StatusView(services, controller=STOPPED, state_dir=state_dir_view)
+    return StatusView(
+        services,
+        controller=STOPPED,
+        state_dir=state_dir_view,
+        isolation=describe_isolation(engine.runtime),
+    )
 
 
 def stopped_plan(state_dir: Path, candidate: Mapping[str, object]) -> PreviewResult:

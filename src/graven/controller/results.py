@@ -82,6 +82,19 @@ class DownResults:
 
 
 @dataclass(frozen=True)
+class VolumeRemoval:
+    """What ``POST /v1/volume/rm`` answers: the named volume is deleted. ``used_by``
+    lists the releases that still used it (only with ``forced``)."""
+
+    name: str
+    path: str
+    size: int
+    forced: bool
+    used_by: tuple[str, ...]
+    ledger: int
+
+
+@dataclass(frozen=True)
 class PromoteResult:
     """What ``POST /v1/promote`` answers."""
 
@@ -229,6 +242,17 @@ class ReleaseShare:
 
 
 @dataclass(frozen=True)
+class VolumeView:
+    """A writable path of a service's instances in ``graven status``: a named volume
+    (``name``) or a host directory (``host``)."""
+
+    path: str
+    name: str
+    host: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """One service in ``graven status``."""
 
@@ -247,6 +271,7 @@ class ServiceStatus:
     next_start_in: float | None
     problem: str | None
     instances: tuple[InstanceStatus, ...]
+    volumes: tuple[VolumeView, ...] = ()
     # What the release asks that this machine cannot do (a limit it cannot enforce).
     warnings: tuple[str, ...] = ()
 
@@ -270,6 +295,8 @@ class StatusView:
     services: tuple[ServiceStatus, ...]
     controller: str | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
     state_dir: StateDirView | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
+    # How the runtime runs instances here: "sealed", or "none (why not)".
+    isolation: str | None = dataclasses.field(default=None, metadata=_OMIT_IF_NONE)
 
 
 @dataclass(frozen=True)
@@ -293,6 +320,7 @@ Reply = (
     | DownResults
     | PromoteResult
     | AbortResult
+    | VolumeRemoval
     | PreviewResult
     | RolloutReply
     | StatusView

@@ -306,8 +306,8 @@ def _has_overlayfs() -> bool:
 
 
 def spec_warnings(loaded: LoadedSpec, facts: MachineFacts) -> list[SpecProblem]:
-    """A warning for each service setting this machine cannot honour: a resource limit
-    it cannot enforce, ``isolation: required`` where instances cannot be sealed."""
+    """A warning for each resource limit a service asks that this machine cannot
+    enforce (``isolation: required`` is warned about beside, by the isolation probe)."""
     found: list[SpecProblem] = []
     missing = {s.controller: s for s in facts.limits if not s.enforced}
     for name, service in sorted(loaded.spec.services.items()):
@@ -324,17 +324,6 @@ def spec_warnings(loaded: LoadedSpec, facts: MachineFacts) -> list[SpecProblem]:
                     key,
                     f"cannot be enforced on this machine ({missing[controller].reason}); "
                     "instances start without it ('graven runtime' says more)",
-                )
-            )
-        if service.isolation == "required" and not facts.sealed:
-            key = f"services.{name}.isolation"
-            found.append(
-                SpecProblem(
-                    str(loaded.path),
-                    loaded.line_of(key),
-                    key,
-                    f"required, but this machine cannot seal instances (isolation here: "
-                    f"{facts.sealing or 'none'}); 'graven runtime' says more",
                 )
             )
     return found

@@ -34,7 +34,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Final
 
-from graven import detached
+from graven import detached, volumes
 from graven.atomic import write_atomic
 from graven.errors import RuntimeFailure
 from graven.model import Digest, Image
@@ -128,10 +128,6 @@ class RuncRuntime:
     def bundle_dir(self, instance_id: str) -> Path:
         return self._instance_dir(instance_id) / "bundle"
 
-    def volume_dir(self, name: str) -> Path:
-        """Where a named volume's data lives: under the state dir, outside any instance."""
-        return self.state_dir / "volumes" / name
-
     def checkout_dir(self, image: Image, tree: Digest) -> Path:
         # The image's own tree shares the checkout other runtimes use (and gc knows);
         # one with mount points added is a checkout of its own.
@@ -182,25 +178,10 @@ class RuncRuntime:
         return root
 
     def _volumes(self, spec: LaunchSpec, user: ImageUser) -> tuple[VolumeMount, ...]:
-        mounts = []
-        for volume in spec.volumes:
-            if volume.name:
-                source = self.volume_dir(volume.name)
-                if not source.is_dir():
-                    source.mkdir(parents=True, mode=0o700)
-                    # A new volume belongs to the instance's user: it writes there.
-                    os.chown(source, user.uid, user.gid)
-            else:
-                source = Path(volume.host_path)
-                if not source.is_dir():
-                    raise RuntimeFailure(
-                        f"{spec.instance_id}: volume {volume.path}: host directory "
-                        f"{source} does not exist",
-                        hint="Create it (owned by the image's user), or fix 'volumes' in "
-                        "graven.yaml.",
-                    )
-            mounts.append(VolumeMount(source, volume.path, volume.read_only))
-        return tuple(mounts)
+        # graven.volumes makes named volumes for the instance's user and refuses
+        # symlinked or missing sources, for every runtime alike.
+        mounts = volumes.prepare(self.state_dir, spec, user.uid, user.gid)
+        return tuple(VolumeMount(m.source, m.target, m.read_only) for m in mounts)
 
     def start(self, spec: LaunchSpec) -> Handle:
         runc, init = self.check_machine()

@@ -340,7 +340,7 @@ def _step_kind_text(got: Any) -> str:
 
 def _base_kind_text(got: Any) -> str:
     kinds = ", ".join(BASE_KINDS)
-    expected = f"expected 'scratch' or a mapping with one of {kinds}"
+    expected = f"expected 'scratch', 'host-python' or a mapping with one of {kinds}"
     if isinstance(got, str):
         kind, colon, rest = got.partition(":")
         if colon and kind.strip() in BASE_KINDS and rest.strip():

@@ -308,6 +308,8 @@ _TaggedStep = Annotated[
 # --- recipe bases ----------------------------------------------------------------------
 
 SCRATCH: Literal["scratch"] = "scratch"
+# This host's Python runtime closure, made once per store (graven.build.bases.host_python).
+HOST_PYTHON: Literal["host-python"] = "host-python"
 _DIGEST_TEXT = r"sha256:[0-9a-f]{64}"
 _DIGEST_RE = re.compile(rf"^{_DIGEST_TEXT}$")
 IMAGE_BASE_PATTERN = (
@@ -409,13 +411,14 @@ BASE_KINDS: dict[str, type[StrictModel]] = {
     "registry": RegistryBase,
 }
 BASE_KIND_ERROR = "base_kind"
-Base = Literal["scratch"] | ImageBase | LayoutBase | RegistryBase
+Base = Literal["scratch", "host-python"] | ImageBase | LayoutBase | RegistryBase
 
 
 def base_kind(value: Any) -> str | None:
-    """``scratch``, or the one key of ``BASE_KINDS`` a base has; None if neither."""
-    if value == SCRATCH:
-        return SCRATCH
+    """``scratch``, ``host-python``, or the one key of ``BASE_KINDS`` a base has; None
+    if neither."""
+    if value in (SCRATCH, HOST_PYTHON):
+        return str(value)
     if isinstance(value, dict):
         kinds = [k for k in value if k in BASE_KINDS]
         return kinds[0] if len(kinds) == 1 else None
@@ -427,13 +430,15 @@ def base_kind(value: Any) -> str | None:
 
 _TaggedBase = Annotated[
     Annotated[Literal["scratch"], Tag(SCRATCH)]
+    | Annotated[Literal["host-python"], Tag(HOST_PYTHON)]
     | Annotated[ImageBase, Tag("image")]
     | Annotated[LayoutBase, Tag("layout")]
     | Annotated[RegistryBase, Tag("registry")],
     Discriminator(
         base_kind,
         custom_error_type=BASE_KIND_ERROR,
-        custom_error_message="expected 'scratch' or a mapping with one of " + ", ".join(BASE_KINDS),
+        custom_error_message="expected 'scratch', 'host-python' or a mapping with one of "
+        + ", ".join(BASE_KINDS),
     ),
 ]
 
@@ -444,6 +449,8 @@ class Recipe(StrictModel):
     base: _TaggedBase = Field(
         default=SCRATCH,
         description="What the image starts from: 'scratch' (the empty tree, the default);"
+        " 'host-python' (this host's Python interpreter and standard library, so an"
+        " entrypoint such as 'python3 app.py' runs inside the image);"
         " {image: NAME} another image of this spec, or {image: sha256:...} /"
         " {image: NAME@sha256:...} one in the store; {layout: DIR, ref: NAME} an OCI image"
         " layout; {registry: HOST/REPO@sha256:...} a registry image pinned by digest."

@@ -3,7 +3,7 @@ invalid (a port another program holds)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +23,17 @@ class SpecSummary:
     services: tuple[str, ...]
     targets: tuple[str, ...]
     warnings: tuple[SpecProblem, ...] = ()
+    # How instances run on this machine: {"mode": "sealed"} or {"mode": "none", "reason": ...}
+    isolation: Mapping[str, str] | None = None
 
     @classmethod
-    def of(cls, loaded: LoadedSpec, warnings: Sequence[SpecProblem] = ()) -> SpecSummary:
+    def of(
+        cls,
+        loaded: LoadedSpec,
+        warnings: Sequence[SpecProblem] = (),
+        *,
+        isolation: Mapping[str, str] | None = None,
+    ) -> SpecSummary:
         spec = loaded.spec
         return cls(
             loaded.path,
@@ -33,7 +41,17 @@ class SpecSummary:
             tuple(sorted(spec.services)),
             tuple(sorted(spec.targets)),
             tuple(warnings),
+            isolation,
         )
+
+    @property
+    def isolation_text(self) -> str:
+        """``sealed``, or ``none (why)``."""
+        if not self.isolation:
+            return ""
+        mode = self.isolation.get("mode", "")
+        reason = self.isolation.get("reason", "")
+        return f"{mode} ({reason})" if reason else mode
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,5 +60,6 @@ class SpecSummary:
             "images": list(self.images),
             "services": list(self.services),
             "targets": list(self.targets),
+            **({"isolation": dict(self.isolation)} if self.isolation is not None else {}),
             "warnings": [w.to_dict() for w in self.warnings],
         }

@@ -8,11 +8,14 @@ env value is always quoted as it must be.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
 
+# The example app is standard-library Python: it runs on this host's Python, which the
+# recipe puts into the image (instances see nothing of the host's).
+HELLO_BASE = "host-python"
 HELLO_STEPS: tuple[Mapping[str, str], ...] = (
     {"copy": "app", "to": "/app"},
     {"workdir": "/app"},
@@ -48,6 +51,7 @@ def hello_service(
     stop_grace: str = "5s",
     strategy: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    volumes: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     health: dict[str, Any] = {"path": health_path, "interval": health_interval}
     if start_timeout is not None:
@@ -63,6 +67,8 @@ def hello_service(
     if strategy:
         service["strategy"] = dict(strategy)
     service["env"] = {"VERSION": version, **(env or {})}
+    if volumes:
+        service["volumes"] = [dict(v) for v in volumes]
     return service
 
 
@@ -70,7 +76,7 @@ def hello_spec(*, comment: str = "", **service: Any) -> str:
     """The example service's whole spec; ``service`` as for ``hello_service``."""
     return render(
         {
-            "images": {"hello": {"steps": [dict(s) for s in HELLO_STEPS]}},
+            "images": {"hello": {"base": HELLO_BASE, "steps": [dict(s) for s in HELLO_STEPS]}},
             "services": {"hello": hello_service(**service)},
         },
         comment=comment,

@@ -15,6 +15,7 @@ The image records its interpreter in its labels (``graven.build.interpreter``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -43,6 +44,7 @@ _STDLIB_SKIP_TOP = frozenset({"site-packages", "dist-packages"})
 _STDLIB_SKIP_TOP_PREFIX = "config-"  # libpythonX.Y.a and the Makefile: for building C code
 _EMPTY_DIRS = ("dev", "proc", "sys", "tmp")  # mount points runtimes need in a read-only root
 _LOADED_ON_DEMAND = ("libgcc_s.so.1",)  # dlopen()ed by glibc (pthread_exit, backtraces)
+_ALIASES = ("python3", "python")  # names the interpreter answers to in the image
 _LDD_TIMEOUT = 30.0
 _PROBE_TIMEOUT = 30.0
 _MAX_SYMLINK_HOPS = 40
@@ -317,13 +319,19 @@ def make_host_python_base(
         f"  {len(libraries)} shared libraries for {len(objects)} binaries; "
         f"{len(library_dirs)} library directories",
     )
+    # 'python3 app.py' must find it by the names people use, whatever the host calls it.
+    here, called = posixpath.split(binary)
+    for alias in _ALIASES:
+        link = posixpath.join(here, alias)
+        if alias != called and link not in closure.files and link not in closure.links:
+            closure.links[link] = called
     rootfs = closure.tree(store, ignore)
     labels = {
         BASE_LABEL + "kind": "host-python",
         BASE_LABEL + "python.version": runtime.version,
         BASE_LABEL + "python.implementation": runtime.implementation,
     }
-    path_dirs = [posixpath.dirname(runtime.executable), *DEFAULT_IMAGE_PATH.split(":")]
+    path_dirs = [posixpath.dirname(runtime.executable), here, *DEFAULT_IMAGE_PATH.split(":")]
     config = ImageConfig(
         entrypoint=(runtime.executable,),
         env=(("PATH", ":".join(dict.fromkeys(path_dirs))),),
@@ -335,3 +343,65 @@ def make_host_python_base(
     interpreter = replace(interpreter, version=f"Python {runtime.version}")
     config = with_interpreter_labels(store, rootfs, config, interpreter)
     return store_base(store, rootfs, config, name)
+
+
+# --- the recipe base 'host-python': made once per store ----------------------------------------
+
+HOST_BASE_SCHEMA = "graven.host-python-base/v1"
+_DPKG_STATUS = "/var/lib/dpkg/status"  # changes whenever a package is installed or upgraded
+
+
+def _stat_line(path: str) -> str:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return f"{path} missing"
+    return f"{path} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+def host_python_inputs() -> list[str]:
+    """Host files whose change means the host-python base may be stale: what the no-op
+    build check watches (two stat calls), besides the spec and the copy sources."""
+    chosen = getattr(sys, "_base_executable", "") or sys.executable
+    return [os.path.realpath(chosen), _DPKG_STATUS]
+
+
+def host_python_key(python: str | None = None) -> str:
+    """What the host-python base of ``python`` (default: the running interpreter's
+    base) depends on, as cheaply as it can be known: the interpreter's and its
+    standard library's identity (inode, size, times), and the package database's.
+    An upgrade of Python or of any package changes it, and the base is made again."""
+    import sysconfig
+
+    chosen = python or getattr(sys, "_base_executable", "") or sys.executable
+    paths = [os.path.realpath(chosen)]
+    if python is None:
+        paths += [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
+    paths.append(_DPKG_STATUS)
+    lines = [HOST_BASE_SCHEMA, sys.version if python is None else "", *map(_stat_line, paths)]
+    return f"{HOST_BASE_SCHEMA} " + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def host_python_base(store: ImageStore, *, on_progress: ProgressFn | None = None) -> Image:
+    """The image the recipe base ``host-python`` names: this host's Python closure
+    (``make_host_python_base`` of the interpreter graven runs on), made once and found
+    again in ``store`` while the host's Python is unchanged (``host_python_key``)."""
+    from graven.errors import GravenError
+
+    key = host_python_key()
+    text = store.cache_get(key)
+    if text is not None:
+        try:
+            doc = json.loads(text)
+            image = store.get_image(Digest(doc["image"]))
+            if doc.get("schema") == HOST_BASE_SCHEMA and all(
+                store.has(d) for d in {image.rootfs, *image.layers}
+            ):
+                return replace(image, name="host-python")
+        except (ValueError, KeyError, TypeError, GravenError):
+            pass  # a damaged or collected entry only costs making it again
+    say(on_progress, "making the host-python base (once per state dir)")
+    image = make_host_python_base(store, on_progress=on_progress)
+    doc = {"schema": HOST_BASE_SCHEMA, "image": str(image.digest)}
+    store.cache_put(key, json.dumps(doc, sort_keys=True))
+    return image

@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from graven.build.bases.common import located
+from graven.build.bases.host_python import host_python_base
 from graven.build.bases.layout import layout_base
 from graven.build.bases.registry import registry_base
 from graven.errors import BuildError, GravenError
 from graven.model import Image
-from graven.spec.recipe import ImageBase, LayoutBase, Recipe, RegistryBase
+from graven.spec.recipe import HOST_PYTHON, ImageBase, LayoutBase, Recipe, RegistryBase
 from graven.store.base import ImageStore
 
 
@@ -26,6 +27,8 @@ def resolve_base(
 ) -> Image | None:
     """The image ``recipe`` (of image ``name``) starts from; None for ``scratch``.
 
+    - ``host-python``: this host's Python closure, made once per store
+      (``host_python_base``);
     - ``{image: NAME}``: the image ``built[NAME]``, built earlier in this run;
     - ``{image: sha256:...}`` or ``{image: NAME@sha256:...}``: that image in ``store``;
     - ``{layout: DIR, ref: REF}``: imported from the OCI layout ``context_dir/DIR``, or
@@ -39,6 +42,11 @@ def resolve_base(
     or a digest that does not match a failure (exit 1)."""
     base = recipe.base
     where = f"images.{name}.base"
+    if base == HOST_PYTHON:
+        try:
+            return host_python_base(store, on_progress=on_progress)
+        except GravenError as e:
+            raise located(where, e) from None
     if isinstance(base, ImageBase):
         return _image_base(base, store, built or {}, f"{where}.image")
     if isinstance(base, LayoutBase):
