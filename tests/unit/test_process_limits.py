@@ -11,20 +11,28 @@ from graven import detached
 from graven.model import MIB, ImageConfig, Resources
 from graven.runtime.base import LaunchSpec
 from graven.runtime.cgroups import CgroupLayout, Hierarchy
+from graven.runtime.isolation import IsolationSupport
 from graven.runtime.limits import CgroupLimits, support
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
-from graven.store.tree_model import Tree
+from graven.store.tree_model import SYMLINK_MODE, Tree, TreeEntry
+from tests.requires import need_tool
 
 
 def launch(
     tmp_path: Path, script: str, resources: Resources, layout: CgroupLayout
 ) -> tuple[ProcessRuntime, LaunchSpec]:
     store = ContentStore(tmp_path / "store")
-    image = store.put_image(
-        store.put_tree(Tree.of([])), ImageConfig(entrypoint=("sh", "-c", script))
+    root = store.place(
+        store.put_tree(Tree.of([])), "/bin/busybox", store.ingest(Path(need_tool("busybox")))
     )
-    runtime = ProcessRuntime(tmp_path / "state", store)
+    for applet in ("sh", "sleep", "cat"):
+        link = TreeEntry(applet, "symlink", SYMLINK_MODE, 7, target="busybox")
+        root = store.place(root, f"/bin/{applet}", link)
+    image = store.put_image(root, ImageConfig(entrypoint=("sh", "-c", script)))
+    # Unsealed: these tests are about the groups, the same either way (the sealed
+    # runtime on real groups is in tests/e2e/test_resource_limits.py).
+    runtime = ProcessRuntime(tmp_path / "state", store, IsolationSupport(False, reason="test"))
     runtime.limits = CgroupLimits(tmp_path / "state", layout)
     runtime.limits.supported = support(layout, root=True)
     spec = LaunchSpec("web-r1-0001", "web", 1, image, (), 1, resources=resources)
