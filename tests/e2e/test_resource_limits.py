@@ -38,7 +38,7 @@ def _hog():
         while True:
             hoard.append(b"x" * (1 << 20))
     if kind == "fork":
-        read, _write = os.pipe()
+        read, write = os.pipe()
         children = refused = 0
         while refused < 20:
             try:
@@ -47,6 +47,7 @@ def _hog():
                 refused += 1
                 continue
             if pid == 0:
+                os.close(write)
                 os.read(read, 1)  # returns when the parent is gone
                 os._exit(0)
             children += 1
@@ -81,11 +82,23 @@ def hostile(project: Project, hog: str, trigger: Path, resources: dict[str, Any]
             "def main() -> int:\n", "def main() -> int:\n    __import__('hog').start()\n"
         )
         (app / "app.py").write_text(source)
-    project.write_spec(replicas=1, env={"HOG": hog, "HOG_FILE": str(trigger)})
+    # A sealed instance sees no host path but its volumes: the signal dir is one.
+    trigger.parent.mkdir(exist_ok=True)
+    trigger.parent.chmod(0o777)  # the instance may run as another uid
+    project.write_spec(replicas=1, env={"HOG": hog, "HOG_FILE": f"/signals/{trigger.name}"})
     doc = yaml.safe_load((project.root / "graven.yaml").read_text())
     doc.pop("version")
     doc["services"]["hello"]["resources"] = resources
+    doc["services"]["hello"]["volumes"] = [{"path": "/signals", "host": str(trigger.parent)}]
     (project.root / "graven.yaml").write_text(render(doc))
+
+
+def session_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[3])
 
 
 def group_of(controller: str, instance_id: str) -> Path:
@@ -102,7 +115,7 @@ def test_an_instance_past_its_memory_limit_is_killed_and_status_says_why(
     project: Project, tmp_path: Path
 ) -> None:
     need_root("memory cgroups need root")
-    trigger = tmp_path / "hog-now"
+    trigger = tmp_path / "signals" / "hog-now"
     hostile(project, "memory", trigger, {"memory": "32Mi"})
     project.graven("deploy", "-m", "memory-limited")
     first = only_instance(project)
@@ -133,7 +146,7 @@ def test_a_fork_bomb_stops_at_the_pids_limit_and_the_exit_names_it(
     project: Project, tmp_path: Path
 ) -> None:
     need_root("pids cgroups need root")
-    trigger = tmp_path / "bomb-now"
+    trigger = tmp_path / "signals" / "bomb-now"
     hostile(project, "fork", trigger, {"pids": 16})
     project.graven("deploy", "-m", "pids-limited")
     first = only_instance(project)
@@ -156,7 +169,7 @@ def test_the_cpu_quota_and_a_child_that_leaves_the_process_group(
     project: Project, tmp_path: Path
 ) -> None:
     need_root("cpu cgroups need root")
-    trigger = tmp_path / "escape-now"
+    trigger = tmp_path / "signals" / "escape-now"
     hostile(project, "escape", trigger, {"cpu": 0.5, "pids": 64})
     project.graven("deploy", "-m", "cpu-limited")
     inst = only_instance(project)
@@ -166,9 +179,12 @@ def test_the_cpu_quota_and_a_child_that_leaves_the_process_group(
     trigger.touch()
     escaped = Path(f"{trigger}.escaped")
     assert eventually(escaped.exists, 30)
-    child = int(escaped.read_text())
-    assert os.getpgid(child) != inst["pid"]  # truly out of the instance's group
-    assert str(child) in (cpu / "cgroup.procs").read_text().split()  # but not its cgroup
+    # The child's pid inside the instance's pid namespace is not the host's: find it in
+    # the group, as the one process in a session of its own.
+    members = [int(p) for p in (cpu / "cgroup.procs").read_text().split()]
+    sessions = {pid: session_of(pid) for pid in members}
+    (child,) = [p for p in members if sessions[p] not in (sessions[inst["pid"]], None)
+                and p != session_of(inst["pid"]) and sessions[p] == p]  # fmt: skip
     project.down_leaves_nothing()
     assert eventually(lambda: not pid_alive(child), 20), f"{child} outlived 'graven down'"
     assert not cpu.exists()
@@ -178,7 +194,7 @@ def test_a_new_controller_sweeps_the_groups_of_instances_that_died_without_one(
     project: Project, tmp_path: Path
 ) -> None:
     need_root("pids cgroups need root")
-    hostile(project, "memory", tmp_path / "never", {"pids": 64})
+    hostile(project, "memory", tmp_path / "signals" / "never", {"pids": 64})
     project.graven("deploy", "-m", "pids-limited")
     inst = only_instance(project)
     group = group_of("pids", inst["id"])
