@@ -8,10 +8,12 @@ import json
 import queue
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from graven.logtimes import marks_path, parse_marks
 from tests.e2e.conftest import Project, eventually
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +30,18 @@ def test_logs_tail_since_and_a_replaced_instance(project: Project) -> None:
     ids = {i["id"] for i in project.status()["instances"]}
     # Until the controller's first mark, a line's time is its file's last write (see
     # graven.logtimes); the first mark holds the 'serving' line to one time for good.
-    marks = [project.state_dir / "instances" / i / "log.marks" for i in ids]
-    assert eventually(lambda: all(m.exists() and m.read_text() for m in marks), 30)
+    logs = [project.state_dir / "instances" / i / "log" for i in ids]
+
+    def serving_marked(log: Path) -> bool:
+        data = log.read_bytes()
+        at = data.find(b"version v1 serving on")
+        if at < 0 or not marks_path(log).exists():
+            return False
+        end = data.index(b"\n", at) + 1
+        totals = [m.total for m in parse_marks(marks_path(log).read_text(errors="replace"))]
+        return bool(totals) and max(totals) >= end
+
+    assert eventually(lambda: all(serving_marked(log) for log in logs), 30)
     every = lines(project, "hello")
     assert {ln["instance"] for ln in every} == ids
     assert [ln["time"] for ln in every] == sorted(ln["time"] for ln in every)

@@ -93,6 +93,13 @@ def hostile(project: Project, hog: str, trigger: Path, resources: dict[str, Any]
     (project.root / "graven.yaml").write_text(render(doc))
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def session_of(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -183,8 +190,10 @@ def test_the_cpu_quota_and_a_child_that_leaves_the_process_group(
     # the group, as the one process in a session of its own.
     members = [int(p) for p in (cpu / "cgroup.procs").read_text().split()]
     sessions = {pid: session_of(pid) for pid in members}
-    (child,) = [p for p in members if sessions[p] not in (sessions[inst["pid"]], None)
-                and p != session_of(inst["pid"]) and sessions[p] == p]  # fmt: skip
+    found = [p for p in members if p != inst["pid"] and sessions[p] == p]
+    found = [p for p in found if _cmdline(p).split(b"\0")[1:2] == [b"app.py"]]
+    assert len(found) == 1, [(p, sessions[p], _cmdline(p)[:60]) for p in members] + [inst["pid"]]
+    (child,) = found
     project.down_leaves_nothing()
     assert eventually(lambda: not pid_alive(child), 20), f"{child} outlived 'graven down'"
     assert not cpu.exists()
