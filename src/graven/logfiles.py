@@ -64,12 +64,18 @@ def rotated(path: Path, n: int) -> Path:
 def rotate(path: Path, limits: LogLimits) -> bool:
     """Rotate the log at ``path`` if it is larger than ``limits.max_bytes``; True if it
     was rotated. A log that does not exist is left alone."""
+    return rotate_at(path, limits) is not None
+
+
+def rotate_at(path: Path, limits: LogLimits) -> int | None:
+    """``rotate``, telling the size the log had when it was rotated (its copy ends
+    there), or None when it was not rotated."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return False
+        return None
     if size <= limits.max_bytes:
-        return False
+        return None
     _drop_beyond(path, limits.keep)
     for n in range(limits.keep - 1, 0, -1):
         older = rotated(path, n)
@@ -78,7 +84,7 @@ def rotate(path: Path, limits: LogLimits) -> bool:
     if limits.keep:
         _copy_tail(path, rotated(path, 1), size, limits.max_bytes)
     os.truncate(path, 0)
-    return True
+    return size
 
 
 def _drop_beyond(path: Path, keep: int) -> None:

@@ -185,6 +185,7 @@ def test_status_json_has_the_keys_it_always_had(world: World) -> None:
         "problem",
         "instances",
         "volumes",
+        "warnings",
     ]
     assert list(service["instances"][0]) == [  # type: ignore[call-overload, index]
         "id",

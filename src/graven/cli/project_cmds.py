@@ -50,12 +50,22 @@ def check(ctx: click.Context, output: str) -> None:
         *_port_warnings(app, loaded),
         *_entrypoint_warnings(loaded),
         *_isolation_warnings(loaded, support.reason),
+        *_limit_warnings(loaded),
     ]
     summary = SpecSummary.of(loaded, warnings, isolation=support.to_dict())
     out = Output(output)
     if not out.json:
         out.err_lines.write_all(render_local.spec_warnings(summary.warnings))
     out.show(summary.to_dict(), render_local.checked(summary))
+
+
+def _limit_warnings(loaded: LoadedSpec) -> list[SpecProblem]:
+    """Resource limits the spec asks that this machine cannot enforce."""
+    if not any(s.resources.to_resources().limited for s in loaded.spec.services.values()):
+        return []  # nothing asked: no probing
+    from graven.runtime.machine import probe_machine, spec_warnings
+
+    return spec_warnings(loaded, probe_machine())
 
 
 def _entrypoint_warnings(loaded: LoadedSpec) -> list[SpecProblem]:

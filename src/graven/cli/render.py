@@ -234,6 +234,7 @@ def service_status(s: ServiceStatus, now: float) -> list[Line]:
         lines.append(("  traffic: " + " · ".join(shares),))
     if s.problem:
         lines.append(("  ", red("problem:"), f" {s.problem}"))
+    lines.extend(("  ", yellow("warning:"), f" {w}") for w in s.warnings)
     if s.restarts:
         what = red("crash-looping") if s.crash_looping else yellow("restarted")
         tail = f": {s.restarts} unexpected exits in a row, last: {s.last_exit}"

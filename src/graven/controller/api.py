@@ -66,6 +66,7 @@ from graven.model import (
     release_id,
 )
 from graven.runtime.isolation import describe_isolation
+from graven.runtime.limits import limit_warnings
 
 log = logging.getLogger("graven.controller.api")
 
@@ -515,6 +516,7 @@ class Api:
                     problem=self.engine.problems.get(name),
                     instances=tuple(instances),
                     volumes=_volume_views(release.config.volumes) if release else (),
+                    warnings=limit_warnings(release.config.resources) if release else (),
                 )
             )
         return tuple(out)

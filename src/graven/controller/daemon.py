@@ -42,6 +42,7 @@ from graven.logfiles import RotatingStreamHandler, appends_to, log_limits
 from graven.router.base import Router
 from graven.router.embedded import EmbeddedRouter
 from graven.runtime.base import Runtime
+from graven.runtime.limits import sweep_cgroups
 from graven.runtime.process import ProcessRuntime
 from graven.store.cas import ContentStore
 
@@ -201,6 +202,7 @@ async def _serve(state_dir: Path, idle: float | None) -> None:
         clock,
     )
     engine.adopt()
+    sweep_cgroups(state_dir)  # groups of instances that died with an earlier controller
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

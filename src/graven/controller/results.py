@@ -272,6 +272,8 @@ class ServiceStatus:
     problem: str | None
     instances: tuple[InstanceStatus, ...]
     volumes: tuple[VolumeView, ...] = ()
+    # What the release asks that this machine cannot do (a limit it cannot enforce).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from graven.disk import StateDirWatch
-from graven.logfiles import LogLimits, log_limits, rotate_all
+from graven.logfiles import LogLimits, log_limits
+from graven.logtimes import MarkBook
 
 log = logging.getLogger("graven.controller")
 
@@ -32,11 +33,19 @@ class Upkeep:
     def __init__(self, state_dir: Path, *, limits: LogLimits | None = None) -> None:
         self.disk = StateDirWatch(state_dir)
         self.limits = log_limits() if limits is None else limits
+        self.marks = MarkBook(self.limits)
 
     def pass_once(self, logs: list[Path]) -> None:
-        """Rotate the ``logs`` that are over the limit, then measure free space."""
-        for path in rotate_all(logs, self.limits):
-            log.debug("rotated %s (over %d bytes)", path, self.limits.max_bytes)
+        """Rotate the ``logs`` that are over the limit and mark the time on those that
+        grew (:mod:`graven.logtimes`), then measure free space. A log that cannot be
+        rotated or marked now is tried again on the next pass."""
+        for path in logs:
+            try:
+                if self.marks.pass_once(path):
+                    log.debug("rotated %s (over %d bytes)", path, self.limits.max_bytes)
+            except OSError:
+                continue
+        self.marks.forget(logs)
         self.disk.check()
 
 

@@ -48,6 +48,7 @@ from graven.model import release_id
 from graven.runtime.base import Handle, LaunchSpec
 from graven.runtime.image_user import NOBODY, ImageUser, image_user
 from graven.runtime.isolation import IsolationSupport, probe
+from graven.runtime.limits import CgroupLimits, unenforced
 from graven.store.base import ImageStore
 from graven.volumes import check_mount_points, prepare
 
@@ -83,6 +84,7 @@ class ProcessRuntime:
         # Handle pid -> the pid this process spawned (bubblewrap's outer process, or the
         # instance itself when unsealed) and the pid file: how an instance it started ended.
         self._started: dict[int, tuple[int, Path]] = {}
+        self.limits = CgroupLimits(state_dir)
 
     @property
     def isolation(self) -> IsolationSupport:
@@ -170,6 +172,11 @@ class ProcessRuntime:
             )
         # O_APPEND: the controller rotates the log by copy-truncate under the instance.
         with self.log_path(spec.instance_id).open("ab") as log:
+            for missing in unenforced(spec.resources, self.limits.supported):
+                log.write(
+                    f"graven: {missing.controller} limit not enforced: {missing.reason}\n".encode()
+                )
+            log.flush()
             if isolation.sealed:
                 return self._start_sealed(spec, root, command, user, env, log.fileno(), pid_file)
             # As named when that stays in the checkout (a multi-call binary reads its
@@ -179,6 +186,7 @@ class ProcessRuntime:
             program = named if inside else root / real.lstrip("/")
             host_command = [str(program), *command[1:]]
             argv = ["/bin/sh", "-c", _PID_SHIM, str(pid_file), *host_command]
+            argv = self.limits.prepare(spec.instance_id, spec.resources, argv)
             with _spawning(spec, command[0]):
                 proc = detached.spawn(
                     argv, output=log, cwd=root / workdir.lstrip("/"), env=env, keep_exit_status=True
@@ -272,6 +280,7 @@ class ProcessRuntime:
         status_fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             argv = self.sealed_argv(spec, root, command, user, status_fd)
+            argv = self.limits.prepare(spec.instance_id, spec.resources, argv)
             with _spawning(spec, command[0]):
                 proc = detached.spawn(
                     argv, output=log_fd, env=env, pass_fds=(status_fd,), keep_exit_status=True
@@ -313,7 +322,7 @@ class ProcessRuntime:
         """How a dead instance ended, when this process started it (else unknown)."""
         spawned = self._started.get(handle.pid)
         if spawned is None:
-            return ""
+            return "" if self.alive(handle) else self.limits.explain(handle.pid, "")
         outer, pid_file = spawned
         if outer != handle.pid and not self.alive(handle):
             # bubblewrap's outer process ends right after the instance it watched.
@@ -328,7 +337,7 @@ class ProcessRuntime:
             code = reported if reported is not None else code
             if code > _BWRAP_SIGNALLED:
                 code = _BWRAP_SIGNALLED - code
-        return detached.describe_exit(code)
+        return self.limits.explain(handle.pid, detached.describe_exit(code))
 
     def forget(self, handle: Handle) -> None:
         """Drop what is kept about a dead instance."""
@@ -336,6 +345,7 @@ class ProcessRuntime:
         if spawned is not None and detached.exit_status(spawned[0]) is not None:
             del self._started[handle.pid]
             detached.forget(spawned[0])
+        self.limits.release_pid(handle.pid)
 
     def stop(self, handle: Handle, grace: float) -> None:
         """SIGTERM the instance's process group, SIGKILL it after ``grace`` seconds."""
@@ -346,6 +356,7 @@ class ProcessRuntime:
                 f"not allowed to signal process group {handle.pid}: {exc}",
                 hint="Run graven as the user that started the instance.",
             ) from exc
+        self.limits.release_pid(handle.pid)
 
     def log_tail(self, instance_id: str, lines: int = 20) -> str:
         path = self.log_path(instance_id)
