@@ -7,7 +7,8 @@ and the ledger, write the host's /etc, touch another instance's files, signal th
 controller and another instance, raise a capability. Every attempt must fail. The very
 same probe run unsealed on the host, against stand-ins it may touch, succeeds at each:
 the attempts are real, so their failures inside mean something. The recipe's ``user:``
-is the uid the host sees in /proc/PID/status.
+is the uid the host sees in /proc/PID/status. The sealed cases run on both runtimes:
+the process runtime (bubblewrap) and runc.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from typing import Any
 
 import pytest
 
+from graven.runtime.runc import find_init
 from graven.testing.specs import render
 from graven.volumes import volume_data
 from tests.e2e.conftest import Project, _project, eventually
-from tests.requires import need_root, need_tool
+from tests.requires import missing, need_root, need_tool
 
 pytestmark = pytest.mark.e2e
 
@@ -178,10 +180,23 @@ def probe_spec(port: int, *, user: str | None, **sealing: Any) -> str:
     )
 
 
-@pytest.fixture
-def sealed(tmp_path: Path, host_python_store: Path) -> Iterator[Project]:
+@pytest.fixture(params=["process", "runc"])
+def sealed(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    host_python_store: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Project]:
+    """The hostile probe deployed on each runtime: bubblewrap-sealed processes, and
+    runc containers (the controller reads GRAVEN_RUNTIME from its environment)."""
     need_root("sealing as another uid is shown as root, as CI runs")
-    need_tool("bwrap")
+    if request.param == "runc":
+        need_tool("runc")
+        if find_init() is None:
+            missing("tini-static is not installed (scripts/setup installs it)")
+        monkeypatch.setenv("GRAVEN_RUNTIME", "runc")
+    else:
+        need_tool("bwrap")
     gen = _project(tmp_path / "proj", "embedded", seed=host_python_store)
     project = next(gen)
     try:
@@ -208,7 +223,8 @@ def ask(address: str, targets: dict[str, Any]) -> dict[str, str]:
 
 
 def app_pid(handle_pid: int) -> int:
-    """The app inside: the child of bubblewrap's init, the instance's handle."""
+    """The app inside: the child of the instance's init (bubblewrap's, or runc's
+    tini), which is the instance's handle."""
     children = Path(f"/proc/{handle_pid}/task/{handle_pid}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
@@ -403,7 +419,9 @@ def test_declared_volumes_and_tmpfs_are_the_writable_paths(sealed: Project) -> N
     answer = ask(first["address"], {"root": "/", "app": "/app", "volume": "/data",
                                     "tmpfs": "/scratch", "state_dir": "/x", "ledger": "/x",
                                     "host_etc": "/etc", "other_file": "/x",
-                                    "controller_pid": 1, "other_pid": 1})  # fmt: skip
+                                    # no such pid: pid 1 is the instance's own init,
+                                    # and runc's (tini) passes a SIGTERM on to the app
+                                    "controller_pid": 2**30, "other_pid": 2**30})  # fmt: skip
     assert answer["write_volume"] == "ok", answer
     assert answer["overfill_tmpfs"] == "ENOSPC", answer  # 2 MiB into a 1 MiB tmpfs
     assert answer["write_root"] == "EROFS", answer  # the rest stays read-only
