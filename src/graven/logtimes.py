@@ -202,9 +202,12 @@ def place_segments(files: list[tuple[Path, int, float]], marks: list[Mark]) -> l
 
 
 def stamp(end: int, marks_totals: list[int], marks: list[Mark], mtime: float) -> float:
-    """When the line ending at byte count ``end`` was written, at the latest."""
+    """When the line ending at byte count ``end`` was written, at the latest: the first
+    mark that covers it, else (a line no mark covers yet) the file's last write. Never
+    the smaller of the two: the file's mtime moves on as the instance writes, so a line
+    would change its time between two reads."""
     i = bisect.bisect_left(marks_totals, end)
-    return min(marks[i].at, mtime) if i < len(marks) else mtime
+    return marks[i].at if i < len(marks) else mtime
 
 
 def split_lines(

@@ -22,6 +22,7 @@ from graven.logtimes import (
     parse_since,
     read_log,
     select,
+    stamp,
 )
 
 LIMITS = LogLimits(max_bytes=4096, keep=2)
@@ -193,3 +194,14 @@ def test_the_view_names_instances_only_when_several_may_show() -> None:
     assert plain(log_lines(lines, several=True)[0]) == (
         "1970-01-01T00:00:00Z web-r1-aaaa  hello [bold]x[/bold]"
     )
+
+
+def test_a_marked_line_keeps_its_time_while_the_file_grows() -> None:
+    # The line ending at byte 10 is covered by the mark at t=5. The file's mtime was 3
+    # when first read and 9 later (the instance wrote more): the line's time is the
+    # mark's both times, not the smaller mtime of the first read.
+    marks = [Mark(5.0, 0, 20)]
+    totals = [m.total for m in marks]
+    assert stamp(10, totals, marks, mtime=3.0) == stamp(10, totals, marks, mtime=9.0) == 5.0
+    # A line past the last mark takes the file's last write.
+    assert stamp(30, totals, marks, mtime=9.0) == 9.0
