@@ -107,9 +107,13 @@ def results(log: str) -> dict[str, str]:
     return found
 
 
-# A probe: "name: ok" if the command succeeded, else "name: refused".
+# A probe: "name: ok" if the command succeeded, else "name: refused". The group keeps
+# the shell's own complaints (a failed '> FILE' is reported before the command's
+# '2>' applies) off the log, where they would land in the middle of a result line.
 def attempt(name: str, command: str) -> str:
-    return f'if {command} 2>/dev/null; then echo "{name}: ok"; else echo "{name}: refused"; fi'
+    return (
+        f'if {{ {command}; }} 2>/dev/null; then echo "{name}: ok"; else echo "{name}: refused"; fi'
+    )
 
 
 # ---------------------------------------------------------------------- users
